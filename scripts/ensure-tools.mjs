@@ -15,10 +15,15 @@ if (missing.length === 0) process.exit(0);
 const pkgs = missing.map((t) => t.pkg);
 const canApt = has('apt-get') && process.getuid?.() === 0;
 if (!canApt) {
-  console.error(`ferry tests need: ${pkgs.join(' ')} (Debian packages). Install them, e.g. sudo apt-get install -y ${pkgs.join(' ')}`);
+  console.error(
+    `ferry tests need: ${pkgs.join(' ')} (Debian packages). Install them, e.g. sudo apt-get install -y ${pkgs.join(' ')}`,
+  );
   process.exit(1);
 }
 console.log(`installing ${pkgs.join(' ')} with apt-get ...`);
 const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
 execFileSync('apt-get', ['update', '-qq'], { stdio: 'inherit', env });
-execFileSync('apt-get', ['install', '-y', '-qq', '--no-install-recommends', ...pkgs], { stdio: 'inherit', env });
+execFileSync('apt-get', ['install', '-y', '-qq', '--no-install-recommends', ...pkgs], {
+  stdio: 'inherit',
+  env,
+});

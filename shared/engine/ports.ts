@@ -35,8 +35,12 @@ export interface DiskTarget {
   readonly name: string;
   /** Smallest unit the target writes; descriptors are aligned to it (EBS 512 KiB, Azure 512 B). */
   readonly blockSize: number;
-  /** Prepares the target for a cycle (create/size the image, start the snapshot). Idempotent. */
-  open(sizeBytes: number, kind: CopyKind): Promise<void>;
+  /**
+   * Prepares the target for a cycle (staging area, a started snapshot). Idempotent. `resume` is
+   * true when the engine resumes this cycle from saved progress: chunks already written must
+   * survive; when false, anything left from an abandoned attempt is discarded.
+   */
+  open(sizeBytes: number, kind: CopyKind, resume: boolean): Promise<void>;
   /**
    * Writes one chunk: `data` is the descriptor's changed extents concatenated in order
    * (`descriptor.bytes` long). Must verify `sha256` (hex, over `data`) before it counts the chunk
@@ -45,8 +49,14 @@ export interface DiskTarget {
   writeChunk(descriptor: Descriptor, data: Uint8Array, sha256: string, signal?: AbortSignal): Promise<void>;
   /** Reads back what the target holds (validation, `ferry verify`). */
   read(offset: number, length: number, signal?: AbortSignal): Promise<Uint8Array>;
-  /** Makes the cycle's writes durable and final (fsync, CompleteSnapshot). */
-  commit(summary: DiskCommit): Promise<void>;
+  /**
+   * Makes the cycle's writes durable and final (apply staging, fsync, CompleteSnapshot). Must be
+   * idempotent: a crash between commit and publication re-runs it. Returns a target-specific
+   * reference that proves the whole disk (a manifest digest, a snapshot id).
+   */
+  commit(summary: DiskCommit): Promise<string | undefined>;
+  /** Called after the checkpoint is published: drop staging kept for a redo of `commit`. */
+  afterPublish?(): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -56,4 +66,63 @@ export interface DiskCommit {
   readonly bytes: number;
   /** SHA-256 (hex) over the per-chunk digests in sequence order. */
   readonly aggregateSha256: string;
+  /** The cycle's changed extents (normalised), for targets that apply a staged increment. */
+  readonly extents: readonly Extent[];
+}
+
+/** Durable progress of one disk within one cycle: everything below `watermark` is written and verified. */
+export interface DiskProgress {
+  readonly cycleId: string;
+  /** Identifies the plan (extents, chunk size); progress of another plan is never resumed. */
+  readonly fingerprint: string;
+  /** Every descriptor with seq < watermark is done. */
+  readonly watermark: number;
+  readonly bytesDone: number;
+  /** Hex SHA-256 of each descriptor below the watermark, in seq order (for the disk aggregate). */
+  readonly digests: readonly string[];
+}
+
+/** One disk of a published recovery checkpoint. */
+export interface CheckpointDisk {
+  readonly disk: string;
+  readonly source: string;
+  readonly target: string;
+  readonly sizeBytes: number;
+  readonly kind: CopyKind;
+  readonly chunks: number;
+  readonly bytes: number;
+  /** SHA-256 over the cycle's chunk digests in seq order. */
+  readonly aggregateSha256: string;
+  /** Target-specific proof of the whole disk (e.g. a manifest digest, a snapshot id). */
+  readonly targetRef?: string;
+}
+
+/** A validated, complete, consistent set of disks an operator can recover to. */
+export interface RecoveryCheckpoint {
+  readonly id: string;
+  readonly set: string;
+  readonly sequence: number;
+  readonly createdAt: string;
+  readonly parent: string | undefined;
+  readonly disks: readonly CheckpointDisk[];
+}
+
+/**
+ * Where progress and the checkpoint catalog live (a local directory, DynamoDB, ...).
+ * `saveProgress` must be atomic: after a crash the store holds the old record or the new one.
+ */
+export interface StateStore {
+  loadProgress(set: string, disk: string): Promise<DiskProgress | undefined>;
+  /** `appended` are the digests for seqs [previous watermark, new watermark), so saves stay O(interval). */
+  saveProgress(
+    set: string,
+    disk: string,
+    progress: Omit<DiskProgress, 'digests'>,
+    appended: readonly string[],
+  ): Promise<void>;
+  clearProgress(set: string, disk: string): Promise<void>;
+  /** Publishes exactly once: rejects if a checkpoint with this id or sequence already exists. */
+  publishCheckpoint(checkpoint: RecoveryCheckpoint): Promise<void>;
+  latestCheckpoint(set: string): Promise<RecoveryCheckpoint | undefined>;
+  listCheckpoints(set?: string): Promise<RecoveryCheckpoint[]>;
 }

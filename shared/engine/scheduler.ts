@@ -1,0 +1,187 @@
+// Grants descriptors to workers under two levels of backpressure: each disk's rolling window and
+// the node's in-flight budget, shared fairly. Synchronous and pure: the caller owns concurrency.
+import type { Descriptor } from './descriptors.ts';
+import { FerryError } from './errors.ts';
+
+/** A descriptor handed to a worker; its bytes are reserved until `complete` or `release`. */
+export interface Grant {
+  readonly disk: string;
+  readonly descriptor: Descriptor;
+  /** The disk had more work waiting when this was granted and its window was full afterwards. */
+  readonly windowLimited: boolean;
+}
+
+interface Lane {
+  readonly disk: string;
+  readonly pending: Iterator<Descriptor>;
+  /** Next descriptor pulled from `pending` but not yet granted (head of line). */
+  head: Descriptor | undefined;
+  /** Descriptors handed back (a worker gave up before finishing); granted before `pending`. */
+  readonly returned: Descriptor[];
+  /** Seqs granted and not yet completed or released. */
+  readonly outstanding: Set<number>;
+  window: number;
+  inflight: number;
+  exhausted: boolean;
+  /** Grants issued, for round-robin tie breaks. */
+  lastGrantTick: number;
+  /** Set when the budget, not the window, held this disk back on its last attempt. */
+  budgetLimited: boolean;
+}
+
+export interface LaneStats {
+  readonly disk: string;
+  readonly window: number;
+  readonly inflight: number;
+  readonly done: boolean;
+  /** Has descriptors waiting to be granted. */
+  readonly backlogged: boolean;
+  readonly budgetLimited: boolean;
+}
+
+/**
+ * Fairness rule: among disks that have work and window room, the one with the fewest bytes in
+ * flight goes next (max-min fairness). If that disk's next chunk does not fit the node budget,
+ * nothing is granted until completions free budget — a large disk cannot keep taking budget that
+ * a small disk is waiting for.
+ */
+export class Scheduler {
+  private readonly lanes = new Map<string, Lane>();
+  private inflightTotal = 0;
+  private tick = 0;
+
+  constructor(private readonly nodeBudget: number) {
+    if (!(nodeBudget > 0)) throw new FerryError(`node budget must be positive, got ${nodeBudget}`);
+  }
+
+  addDisk(disk: string, descriptors: Iterable<Descriptor>, window: number): void {
+    if (this.lanes.has(disk)) throw new FerryError(`disk ${disk} added twice`, { disk });
+    this.lanes.set(disk, {
+      disk,
+      pending: descriptors[Symbol.iterator](),
+      head: undefined,
+      returned: [],
+      outstanding: new Set(),
+      window,
+      inflight: 0,
+      exhausted: false,
+      lastGrantTick: -1,
+      budgetLimited: false,
+    });
+  }
+
+  /** Changes a disk's window. Shrinking below what is in flight only stops new grants until it drains. */
+  setWindow(disk: string, window: number): void {
+    this.lane(disk).window = window;
+  }
+
+  get inflight(): number {
+    return this.inflightTotal;
+  }
+
+  get budget(): number {
+    return this.nodeBudget;
+  }
+
+  /** Grants the next descriptor, or undefined when the windows or the budget are full (or all is granted). */
+  next(): Grant | undefined {
+    let best: Lane | undefined;
+    for (const lane of this.lanes.values()) {
+      const head = this.peek(lane);
+      if (head === undefined || lane.inflight + head.bytes > lane.window) continue;
+      if (
+        best === undefined ||
+        lane.inflight < best.inflight ||
+        (lane.inflight === best.inflight && lane.lastGrantTick < best.lastGrantTick)
+      ) {
+        best = lane;
+      }
+    }
+    if (best === undefined) return undefined;
+    const descriptor = this.peek(best)!;
+    if (this.inflightTotal + descriptor.bytes > this.nodeBudget) {
+      best.budgetLimited = true;
+      return undefined;
+    }
+    best.budgetLimited = false;
+    this.take(best);
+    best.outstanding.add(descriptor.seq);
+    best.inflight += descriptor.bytes;
+    best.lastGrantTick = this.tick++;
+    this.inflightTotal += descriptor.bytes;
+    const after = this.peek(best);
+    return {
+      disk: best.disk,
+      descriptor,
+      windowLimited: after !== undefined && best.inflight + after.bytes > best.window,
+    };
+  }
+
+  /** The grant's chunk is written and verified: its bytes are free for the next grant (ACK clock). */
+  complete(grant: Grant): void {
+    this.free(grant);
+  }
+
+  /** The worker gave up on the grant (abort, crash); the descriptor goes back to the front of its disk. */
+  release(grant: Grant): void {
+    this.free(grant);
+    this.lane(grant.disk).returned.push(grant.descriptor);
+  }
+
+  /** True when every descriptor of the disk has been granted and completed. */
+  isDone(disk: string): boolean {
+    const lane = this.lane(disk);
+    return lane.inflight === 0 && this.peek(lane) === undefined;
+  }
+
+  get allDone(): boolean {
+    for (const disk of this.lanes.keys()) if (!this.isDone(disk)) return false;
+    return true;
+  }
+
+  stats(disk: string): LaneStats {
+    const lane = this.lane(disk);
+    return {
+      disk,
+      window: lane.window,
+      inflight: lane.inflight,
+      done: this.isDone(disk),
+      backlogged: this.peek(lane) !== undefined,
+      budgetLimited: lane.budgetLimited,
+    };
+  }
+
+  private free(grant: Grant): void {
+    const lane = this.lane(grant.disk);
+    const bytes = grant.descriptor.bytes;
+    if (!lane.outstanding.delete(grant.descriptor.seq)) {
+      throw new FerryError(`grant for seq ${grant.descriptor.seq} released twice`, {
+        disk: grant.disk,
+        seq: grant.descriptor.seq,
+      });
+    }
+    lane.inflight -= bytes;
+    this.inflightTotal -= bytes;
+  }
+
+  private peek(lane: Lane): Descriptor | undefined {
+    if (lane.returned.length > 0) return lane.returned[lane.returned.length - 1];
+    if (lane.head === undefined && !lane.exhausted) {
+      const r = lane.pending.next();
+      if (r.done) lane.exhausted = true;
+      else lane.head = r.value;
+    }
+    return lane.head;
+  }
+
+  private take(lane: Lane): void {
+    if (lane.returned.length > 0) lane.returned.pop();
+    else lane.head = undefined;
+  }
+
+  private lane(disk: string): Lane {
+    const lane = this.lanes.get(disk);
+    if (!lane) throw new FerryError(`unknown disk ${disk}`, { disk });
+    return lane;
+  }
+}

@@ -1,0 +1,76 @@
+// Turns the URIs operators type (file:PATH, nbd://, nbd+unix://) into source and target adapters.
+import { readFile } from 'node:fs/promises';
+import { z } from 'zod';
+import { ChangeMapError, ConfigError } from '../engine/errors.ts';
+import type { Extent } from '../engine/extents.ts';
+import type { DiskSource, DiskTarget } from '../engine/ports.ts';
+import { FileSource } from './file-source.ts';
+import { FileTarget } from './file-target.ts';
+import { NbdSource } from './nbd/source.ts';
+
+export async function openSource(uri: string): Promise<DiskSource> {
+  if (uri.startsWith('nbd://') || uri.startsWith('nbd+unix://')) return NbdSource.open(uri);
+  return FileSource.open(filePath(uri, 'source'));
+}
+
+export function openTarget(uri: string): DiskTarget {
+  if (uri.startsWith('nbd')) {
+    throw new ConfigError(
+      `target ${uri}: NBD exports are sources; targets are file: images (or ferry:// nodes)`,
+      {
+        setting: 'target',
+      },
+    );
+  }
+  return new FileTarget(filePath(uri, 'target'));
+}
+
+/** `file:/abs`, `file:rel`, `file:///abs`, or a bare path. */
+export function filePath(uri: string, setting: string): string {
+  if (uri.startsWith('file://')) return decodeURIComponent(new URL(uri).pathname);
+  if (uri.startsWith('file:')) return uri.slice('file:'.length);
+  if (/^[a-z][a-z0-9+.-]*:\/\//i.test(uri)) {
+    throw new ConfigError(
+      `${setting} ${uri}: unsupported scheme (use file:PATH, nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH)`,
+      {
+        setting,
+      },
+    );
+  }
+  if (uri === '') throw new ConfigError(`${setting}: empty path`, { setting });
+  return uri;
+}
+
+const extentSchema = z.strictObject({
+  offset: z.number().int().nonnegative(),
+  length: z.number().int().nonnegative(),
+});
+const changeFileSchema = z.union([z.array(extentSchema), z.strictObject({ extents: z.array(extentSchema) })]);
+
+/** Reads a change map: a JSON list of {offset, length} (or {"extents": [...]}), as CBT or a diff gives. */
+export async function readChangeFile(path: string, disk: string): Promise<Extent[]> {
+  let value: unknown;
+  try {
+    value = JSON.parse(await readFile(path, 'utf8'));
+  } catch (err) {
+    throw new ChangeMapError(
+      `disk ${disk}: change map ${path} cannot be read as JSON: ${(err as Error).message}`,
+      {
+        disk,
+        cause: err,
+      },
+    );
+  }
+  const parsed = changeFileSchema.safeParse(value);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    const where = issue?.path.length ? ` at ${issue.path.join('.')}` : '';
+    throw new ChangeMapError(
+      `disk ${disk}: change map ${path} is invalid${where}: ${issue?.message ?? 'bad shape'}`,
+      {
+        disk,
+      },
+    );
+  }
+  return Array.isArray(parsed.data) ? parsed.data : parsed.data.extents;
+}
