@@ -1,5 +1,6 @@
 // Change maps -> descriptors: normalise changed extents, align them to the target's block size,
 // coalesce, and cut them into descriptors of at most chunk_size that carry their sub-extents.
+import { ChangeMapError, ConfigError } from './errors.ts';
 import type { Extent } from './extents.ts';
 
 /** One unit of work: a span of at most chunk_size bytes and the changed extents inside it. */
@@ -14,4 +15,173 @@ export interface Descriptor {
   readonly extents: readonly Extent[];
   /** Sum of the extents' lengths: the bytes that move and count against windows and budgets. */
   readonly bytes: number;
+}
+
+export interface NormalizeOptions {
+  /** The source disk's size in bytes; changes beyond it are clipped away. */
+  readonly diskSize: number;
+  /** The target's write unit (EBS 512 KiB, Azure 512 B); every extent is widened to it. */
+  readonly blockSize: number;
+  /** Names the disk in errors. */
+  readonly disk?: string;
+}
+
+export interface CutOptions {
+  /** Largest descriptor span; a multiple of the block size the extents were normalised to. */
+  readonly chunkSize: number;
+  /** First sequence number (default 0). */
+  readonly startSeq?: number;
+}
+
+const isCount = (n: number): boolean => Number.isSafeInteger(n) && n >= 0;
+
+/** Rounds down to a multiple of `unit`; `%` is exact for safe integers, unlike division. */
+const alignDown = (n: number, unit: number): number => n - (n % unit);
+
+const alignUp = (n: number, unit: number): number => {
+  const rest = n % unit;
+  return rest === 0 ? n : n - rest + unit;
+};
+
+function mapError(disk: string | undefined, offset: number, why: string): ChangeMapError {
+  const where = disk === undefined ? 'change map' : `change map of disk ${disk}`;
+  return new ChangeMapError(`${where}: extent at offset ${offset} ${why}`, { disk, offset });
+}
+
+/**
+ * Sorts, widens to whole blocks, clips to the disk and merges a change map. Accepts extents in any
+ * order, overlapping, touching, empty or beyond the disk, because change-tracking APIs return all of
+ * those. The last block of a disk whose size is not a multiple of `blockSize` comes out short.
+ * O(n log n) time and O(n) memory in the number of extents, whatever the disk's size.
+ */
+export function normalizeExtents(extents: Iterable<Extent>, opts: NormalizeOptions): Extent[] {
+  const { diskSize, blockSize, disk } = opts;
+  if (!Number.isSafeInteger(blockSize) || blockSize <= 0) {
+    throw new ConfigError(`block size ${blockSize} is not a positive whole number of bytes`, {
+      disk,
+      setting: 'blockSize',
+    });
+  }
+  if (!isCount(diskSize)) {
+    throw new ChangeMapError(`disk ${disk ?? '(unnamed)'}: size ${diskSize} is not a whole number of bytes`, {
+      disk,
+    });
+  }
+
+  const aligned: Extent[] = [];
+  for (const e of extents) {
+    const { offset, length } = e;
+    if (!isCount(offset)) throw mapError(disk, offset, 'has an offset that is not a whole number of bytes');
+    if (!isCount(length)) throw mapError(disk, offset, `has an invalid length ${length}`);
+    const end = offset + length;
+    if (!Number.isSafeInteger(end)) throw mapError(disk, offset, `with length ${length} ends beyond 2^53`);
+    if (length === 0 || offset >= diskSize) continue;
+    const start = alignDown(offset, blockSize);
+    // Clip before rounding up, so a change near 2^53 cannot round past a safe integer.
+    const stop = Math.min(alignUp(Math.min(end, diskSize), blockSize), diskSize);
+    aligned.push({ offset: start, length: stop - start });
+  }
+
+  aligned.sort((a, b) => a.offset - b.offset);
+
+  const merged: Extent[] = [];
+  let start = -1;
+  let stop = -1;
+  for (const e of aligned) {
+    if (e.offset <= stop) {
+      stop = Math.max(stop, e.offset + e.length);
+      continue;
+    }
+    if (stop > start) merged.push({ offset: start, length: stop - start });
+    start = e.offset;
+    stop = e.offset + e.length;
+  }
+  if (stop > start) merged.push({ offset: start, length: stop - start });
+  return merged;
+}
+
+/**
+ * Cuts normalised extents into descriptors, greedily: each starts at the first changed byte not yet
+ * taken and takes everything changed within chunkSize of it, splitting the extent that crosses the
+ * boundary. Lazy, so a 16 TiB full copy never holds all its descriptors at once.
+ * Throws if `extents` is not sorted and disjoint (it must come from normalizeExtents).
+ */
+export function* cutDescriptors(extents: readonly Extent[], opts: CutOptions): Generator<Descriptor> {
+  const { chunkSize } = opts;
+  let seq = opts.startSeq ?? 0;
+  if (!Number.isSafeInteger(chunkSize) || chunkSize <= 0) {
+    throw new ConfigError(`chunkSize ${chunkSize} is not a positive whole number of bytes`, {
+      setting: 'chunkSize',
+    });
+  }
+  if (!isCount(seq)) {
+    throw new ConfigError(`startSeq ${seq} is not a whole number`, { setting: 'startSeq' });
+  }
+
+  // Checks the normalised-input contract as each extent is reached: O(1) each, never a second pass.
+  let previousEnd = -1;
+  const enter = (k: number): number | undefined => {
+    const e = extents[k];
+    if (e === undefined) return undefined;
+    if (!isCount(e.offset) || !Number.isSafeInteger(e.length) || e.length <= 0 || e.offset <= previousEnd) {
+      const why = 'is empty, overlaps or touches the previous one: cut only normalised extents';
+      throw new ChangeMapError(`extent at offset ${e.offset} (length ${e.length}) ${why}`, {
+        offset: e.offset,
+      });
+    }
+    previousEnd = e.offset + e.length;
+    return e.offset;
+  };
+
+  let i = 0;
+  // Where the unsent part of extents[i] begins: an extent split at a chunk boundary resumes mid-way.
+  let cursor = enter(0) ?? 0;
+  while (i < extents.length) {
+    const offset = cursor;
+    const limit = offset + chunkSize;
+    const parts: Extent[] = [];
+    let bytes = 0;
+    let end = offset;
+    while (i < extents.length && cursor < limit) {
+      const e = extents[i]!;
+      const eEnd = e.offset + e.length;
+      end = Math.min(eEnd, limit);
+      parts.push({ offset: cursor, length: end - cursor });
+      bytes += end - cursor;
+      if (end < eEnd) {
+        cursor = end;
+        break;
+      }
+      i++;
+      cursor = enter(i) ?? cursor;
+    }
+    yield { seq: seq++, offset, length: end - offset, extents: parts, bytes };
+  }
+}
+
+/** Normalises a change map and cuts it into descriptors; see normalizeExtents and cutDescriptors. */
+export function planDescriptors(
+  extents: Iterable<Extent>,
+  opts: NormalizeOptions & { readonly chunkSize: number },
+): Generator<Descriptor> {
+  const { chunkSize, blockSize, disk } = opts;
+  // Checked here, not in cutDescriptors: only this function knows both sizes, and a chunk that is not
+  // whole blocks would leave cuts mid-block.
+  if (!Number.isSafeInteger(chunkSize) || chunkSize <= 0 || chunkSize % blockSize !== 0) {
+    throw new ConfigError(
+      `chunkSize ${chunkSize} is not a positive multiple of the block size ${blockSize}`,
+      {
+        disk,
+        setting: 'chunkSize',
+      },
+    );
+  }
+  return cutDescriptors(normalizeExtents(extents, opts), { chunkSize });
+}
+
+/** Counts normalised extents and the bytes they cover: what a cycle will move. */
+export function summarizeExtents(normalized: readonly Extent[]): { extents: number; bytes: number } {
+  let bytes = 0;
+  for (const e of normalized) bytes += e.length;
+  return { extents: normalized.length, bytes };
 }

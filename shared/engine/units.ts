@@ -57,5 +57,7 @@ export function formatBytes(bytes: number): string {
     i++;
   }
   const digits = i === 0 || value >= 100 ? 0 : value >= 10 ? 1 : 2;
-  return `${value.toFixed(digits)} ${units[i]}`;
+  // "32 MiB", not "32.0 MiB": trailing zeros read as false precision.
+  const text = value.toFixed(digits).replace(/\.0+$|(\.\d*?)0+$/, '$1');
+  return `${text} ${units[i]}`;
 }

@@ -16,11 +16,18 @@ import type {
 
 export class MemorySource implements DiskSource {
   reads = 0;
+  readonly allocatedExtents: (() => AsyncIterable<Extent>) | undefined;
   constructor(
     readonly data: Uint8Array,
     readonly name = 'mem:source',
-    private readonly allocated?: Extent[],
-  ) {}
+    allocated?: Extent[],
+  ) {
+    this.allocatedExtents = allocated
+      ? async function* () {
+          yield* allocated;
+        }
+      : undefined;
+  }
   get sizeBytes(): number {
     return this.data.length;
   }
@@ -29,11 +36,6 @@ export class MemorySource implements DiskSource {
     if (offset + length > this.data.length) throw new FerryError(`read past end at ${offset}`);
     return this.data.slice(offset, offset + length);
   }
-  allocatedExtents = this.allocated
-    ? async function* (this: MemorySource) {
-        yield* this.allocated!;
-      }.bind(this)
-    : undefined;
   async close(): Promise<void> {}
 }
 

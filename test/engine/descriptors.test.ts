@@ -1,0 +1,438 @@
+// Change maps -> descriptors: properties over random change maps, and the cases operators hit.
+import fc from 'fast-check';
+import { describe, expect, it } from 'vitest';
+import {
+  cutDescriptors,
+  type Descriptor,
+  normalizeExtents,
+  planDescriptors,
+  summarizeExtents,
+} from '../../shared/engine/descriptors.ts';
+import { ChangeMapError, ConfigError } from '../../shared/engine/errors.ts';
+import type { Extent } from '../../shared/engine/extents.ts';
+import { GiB, KiB, MiB, TiB } from '../../shared/engine/units.ts';
+
+const RUNS = 300;
+
+/** A disk, its target's block size, a chunk size and a messy change map, as CBT or a diff returns it. */
+interface Case {
+  diskSize: number;
+  blockSize: number;
+  chunkSize: number;
+  startSeq: number;
+  extents: Extent[];
+  shuffleSeed: number;
+}
+
+const caseArb: fc.Arbitrary<Case> = fc
+  .record({
+    blockShift: fc.integer({ min: 9, max: 20 }),
+    chunkBlocks: fc.integer({ min: 1, max: 16 }),
+    // Descriptors per disk stay small whatever the block size, so 300 runs stay quick.
+    diskChunks: fc.integer({ min: 0, max: 24 }),
+    startSeq: fc.nat({ max: 1000 }),
+    shuffleSeed: fc.integer(),
+  })
+  .chain(({ blockShift, chunkBlocks, diskChunks, startSeq, shuffleSeed }) => {
+    const blockSize = 2 ** blockShift;
+    const chunkSize = blockSize * chunkBlocks;
+    return fc
+      .integer({ min: 1, max: Math.max(1, diskChunks * chunkSize) + blockSize - 1 })
+      .chain((diskSize) => {
+        const offset = fc.nat({ max: diskSize + 2 * chunkSize });
+        const length = fc.oneof(
+          fc.constant(0),
+          fc.integer({ min: 1, max: 2 * blockSize }),
+          fc.integer({ min: 1, max: diskSize + chunkSize }),
+        );
+        const loose = fc.array(fc.record({ offset, length }), { maxLength: 40 });
+        // A chain of extents whose gaps are negative (overlap), zero (touching) or positive.
+        const chained = fc
+          .record({
+            start: offset,
+            links: fc.array(
+              fc.record({
+                gap: fc.oneof(fc.constant(0), fc.integer({ min: -blockSize, max: 3 * blockSize })),
+                length,
+              }),
+              { maxLength: 40 },
+            ),
+          })
+          .map(({ start, links }) => {
+            const out: Extent[] = [];
+            let at = start;
+            for (const { gap, length: l } of links) {
+              const o = Math.max(0, at + gap);
+              out.push({ offset: o, length: l });
+              at = o + l;
+            }
+            return out;
+          });
+        return fc.tuple(loose, chained).map(([a, b]) => ({
+          diskSize,
+          blockSize,
+          chunkSize,
+          startSeq,
+          extents: [...a, ...b],
+          shuffleSeed,
+        }));
+      });
+  });
+
+/** Deterministic Fisher-Yates, so a failing shuffle replays from fast-check's seed. */
+function shuffled<T>(items: readonly T[], seed: number): T[] {
+  const out = [...items];
+  let state = seed >>> 0 || 1;
+  for (let i = out.length - 1; i > 0; i--) {
+    state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
+    const j = state % (i + 1);
+    [out[i], out[j]] = [out[j]!, out[i]!];
+  }
+  return out;
+}
+
+/**
+ * The expected changed bytes, by a different route than the code under test: each extent widened to
+ * whole blocks straight from the definition, then the union taken with a coverage sweep over start and
+ * end events instead of sort-and-merge.
+ */
+function expectedUnion(c: Case): Extent[] {
+  const events: [number, number][] = [];
+  for (const e of c.extents) {
+    // Wholly beyond the disk is dropped before widening: it must not drag the last block in.
+    if (e.length === 0 || e.offset >= c.diskSize) continue;
+    const start = Math.floor(e.offset / c.blockSize) * c.blockSize;
+    const end = Math.min(Math.ceil((e.offset + e.length) / c.blockSize) * c.blockSize, c.diskSize);
+    if (start >= end) continue;
+    events.push([start, +1], [end, -1]);
+  }
+  // Starts before ends at the same place, so touching ranges come out as one.
+  events.sort((a, b) => a[0] - b[0] || b[1] - a[1]);
+  const union: Extent[] = [];
+  let depth = 0;
+  let openedAt = 0;
+  for (const [at, delta] of events) {
+    if (depth === 0 && delta > 0) openedAt = at;
+    depth += delta;
+    if (depth === 0) union.push({ offset: openedAt, length: at - openedAt });
+  }
+  return union;
+}
+
+/** Joins the descriptors' extents where they touch (a split extent continues in the next descriptor). */
+function coveredBy(descriptors: readonly Descriptor[]): Extent[] {
+  const out: Extent[] = [];
+  for (const e of descriptors.flatMap((d) => d.extents)) {
+    const last = out[out.length - 1];
+    if (last && last.offset + last.length === e.offset) {
+      out[out.length - 1] = { offset: last.offset, length: last.length + e.length };
+    } else {
+      out.push({ offset: e.offset, length: e.length });
+    }
+  }
+  return out;
+}
+
+function plan(c: Case, extents: readonly Extent[] = c.extents): Descriptor[] {
+  const normalized = normalizeExtents(extents, { diskSize: c.diskSize, blockSize: c.blockSize, disk: 'd0' });
+  return [...cutDescriptors(normalized, { chunkSize: c.chunkSize, startSeq: c.startSeq })];
+}
+
+describe('cutting a change map into descriptors (properties)', () => {
+  it('covers exactly the block-aligned, clipped changed bytes', () => {
+    fc.assert(
+      fc.property(caseArb, (c) => {
+        // Prepare
+        const expected = expectedUnion(c);
+        // Act
+        const descriptors = plan(c);
+        // Assess
+        expect(coveredBy(descriptors)).toEqual(expected);
+      }),
+      { numRuns: RUNS },
+    );
+  });
+
+  it('normalises to sorted, disjoint, non-touching, aligned extents inside the disk', () => {
+    fc.assert(
+      fc.property(caseArb, (c) => {
+        // Act
+        const normalized = normalizeExtents(c.extents, { diskSize: c.diskSize, blockSize: c.blockSize });
+        // Assess
+        expect(normalized).toEqual(expectedUnion(c));
+        normalized.forEach((e, i) => {
+          expect(e.length).toBeGreaterThan(0);
+          expect(e.offset % c.blockSize).toBe(0);
+          const end = e.offset + e.length;
+          expect(end % c.blockSize === 0 || end === c.diskSize).toBe(true);
+          expect(end).toBeLessThanOrEqual(c.diskSize);
+          const next = normalized[i + 1];
+          if (next) expect(end).toBeLessThan(next.offset);
+        });
+      }),
+      { numRuns: RUNS },
+    );
+  });
+
+  it('keeps descriptors in order, non-overlapping, with sorted disjoint extents inside their span', () => {
+    fc.assert(
+      fc.property(caseArb, (c) => {
+        // Act
+        const descriptors = plan(c);
+        // Assess
+        descriptors.forEach((d, i) => {
+          const next = descriptors[i + 1];
+          if (next) expect(d.offset + d.length).toBeLessThanOrEqual(next.offset);
+          expect(d.extents.length).toBeGreaterThan(0);
+          expect(d.extents[0]!.offset).toBe(d.offset);
+          const last = d.extents[d.extents.length - 1]!;
+          expect(last.offset + last.length).toBe(d.offset + d.length);
+          d.extents.forEach((e, j) => {
+            expect(e.length).toBeGreaterThan(0);
+            expect(e.offset).toBeGreaterThanOrEqual(d.offset);
+            expect(e.offset + e.length).toBeLessThanOrEqual(d.offset + d.length);
+            const after = d.extents[j + 1];
+            // Strictly before: touching extents would have been merged.
+            if (after) expect(e.offset + e.length).toBeLessThan(after.offset);
+          });
+        });
+      }),
+      { numRuns: RUNS },
+    );
+  });
+
+  it('never exceeds chunkSize and keeps every cut on a block boundary', () => {
+    fc.assert(
+      fc.property(caseArb, (c) => {
+        // Act
+        const descriptors = plan(c);
+        // Assess
+        for (const d of descriptors) {
+          expect(d.length).toBeGreaterThan(0);
+          expect(d.length).toBeLessThanOrEqual(c.chunkSize);
+          expect(d.offset % c.blockSize).toBe(0);
+          for (const e of d.extents) {
+            expect(e.offset % c.blockSize).toBe(0);
+            const end = e.offset + e.length;
+            expect(end % c.blockSize === 0 || end === c.diskSize).toBe(true);
+          }
+        }
+      }),
+      { numRuns: RUNS },
+    );
+  });
+
+  it('counts bytes as the sum of the extents, and packs greedily', () => {
+    fc.assert(
+      fc.property(caseArb, (c) => {
+        // Act
+        const descriptors = plan(c);
+        // Assess
+        descriptors.forEach((d, i) => {
+          expect(d.bytes).toBe(d.extents.reduce((sum, e) => sum + e.length, 0));
+          // Greedy: anything changed within chunkSize of a descriptor's start belongs to it.
+          const next = descriptors[i + 1];
+          if (next) expect(next.offset).toBeGreaterThanOrEqual(d.offset + c.chunkSize);
+        });
+      }),
+      { numRuns: RUNS },
+    );
+  });
+
+  it('is deterministic: the same map in any order gives identical descriptors', () => {
+    fc.assert(
+      fc.property(caseArb, (c) => {
+        // Prepare
+        const reordered = shuffled(c.extents, c.shuffleSeed);
+        // Act
+        const a = plan(c);
+        const b = plan(c, reordered);
+        // Assess
+        expect(b).toEqual(a);
+      }),
+      { numRuns: RUNS },
+    );
+  });
+
+  it('numbers descriptors densely from startSeq', () => {
+    fc.assert(
+      fc.property(caseArb, (c) => {
+        // Act
+        const descriptors = plan(c);
+        // Assess
+        expect(descriptors.map((d) => d.seq)).toEqual(descriptors.map((_, i) => c.startSeq + i));
+      }),
+      { numRuns: RUNS },
+    );
+  });
+});
+
+describe('normalizeExtents', () => {
+  it('widens to blocks, clips to the disk and merges overlapping and touching extents', () => {
+    // Prepare: a 10 KiB disk (its last 4 KiB block is 2 KiB short) and a messy map.
+    const extents: Extent[] = [
+      { offset: 9 * KiB, length: 4 * KiB }, // crosses the end of the disk
+      { offset: 100, length: 10 }, // widened to block 0
+      { offset: 4 * KiB, length: 0 }, // empty: dropped, not widened
+      { offset: 4 * KiB - 1, length: 1 }, // touches block 0 once widened
+      { offset: 20 * KiB, length: KiB }, // wholly beyond the disk
+    ];
+    // Act
+    const normalized = normalizeExtents(extents, { diskSize: 10 * KiB, blockSize: 4 * KiB });
+    // Assess
+    expect(normalized).toEqual([
+      { offset: 0, length: 4 * KiB },
+      { offset: 8 * KiB, length: 2 * KiB },
+    ]);
+    expect(summarizeExtents(normalized)).toEqual({ extents: 2, bytes: 6 * KiB });
+  });
+
+  it('drops a change wholly beyond the disk rather than widening it into the short last block', () => {
+    // Prepare: a 10 KiB disk whose last 4 KiB block is [8 KiB, 10 KiB).
+    const beyond = [{ offset: 10 * KiB, length: KiB }];
+    // Act
+    const normalized = normalizeExtents(beyond, { diskSize: 10 * KiB, blockSize: 4 * KiB });
+    // Assess
+    expect(normalized).toEqual([]);
+  });
+
+  it('names the disk and the offset when an offset is negative', () => {
+    // Prepare
+    const extents = [
+      { offset: 0, length: 4096 },
+      { offset: -4096, length: 4096 },
+    ];
+    // Act
+    const act = () => normalizeExtents(extents, { diskSize: GiB, blockSize: 4096, disk: 'vm-7/disk-1' });
+    // Assess
+    expect(act).toThrow(ChangeMapError);
+    expect(act).toThrow(/vm-7\/disk-1.*-4096/);
+    try {
+      act();
+    } catch (err) {
+      expect(err).toMatchObject({ name: 'ChangeMapError', disk: 'vm-7/disk-1', offset: -4096 });
+    }
+  });
+
+  it.each([
+    ['a fractional offset', { offset: 1.5, length: 512 }, /offset 1\.5/],
+    ['a NaN length', { offset: 512, length: Number.NaN }, /offset 512.*NaN/],
+    ['a negative length', { offset: 1024, length: -1 }, /offset 1024.*-1/],
+    ['an offset past 2^53', { offset: 2 ** 53, length: 512 }, /offset 9007199254740992/],
+    ['an end past 2^53', { offset: 2 ** 52, length: 2 ** 52 }, /offset 4503599627370496/],
+  ])('refuses %s with a ChangeMapError naming the disk and offset', (_what, extent, message) => {
+    // Act
+    const act = () => normalizeExtents([extent], { diskSize: TiB, blockSize: 512, disk: 'db-data' });
+    // Assess
+    expect(act).toThrow(ChangeMapError);
+    expect(act).toThrow(/db-data/);
+    expect(act).toThrow(message);
+  });
+
+  it('gives nothing for an empty map', () => {
+    // Act
+    const normalized = normalizeExtents([], { diskSize: TiB, blockSize: 512 * KiB });
+    // Assess
+    expect(normalized).toEqual([]);
+    expect([...cutDescriptors(normalized, { chunkSize: MiB })]).toEqual([]);
+    expect(summarizeExtents(normalized)).toEqual({ extents: 0, bytes: 0 });
+  });
+});
+
+describe('cutDescriptors', () => {
+  it('splits an extent that crosses a chunk boundary and packs small ones together', () => {
+    // Prepare
+    const extents: Extent[] = [
+      { offset: 0, length: 512 * KiB },
+      { offset: MiB, length: 1536 * KiB },
+      { offset: 2816 * KiB, length: 128 * KiB },
+    ];
+    // Act
+    const descriptors = [...cutDescriptors(extents, { chunkSize: MiB })];
+    // Assess: a change starting exactly at the chunk's end opens the next descriptor.
+    expect(descriptors).toEqual([
+      { seq: 0, offset: 0, length: 512 * KiB, extents: [{ offset: 0, length: 512 * KiB }], bytes: 512 * KiB },
+      { seq: 1, offset: MiB, length: MiB, extents: [{ offset: MiB, length: MiB }], bytes: MiB },
+      {
+        seq: 2,
+        offset: 2 * MiB,
+        length: 896 * KiB,
+        extents: [
+          { offset: 2 * MiB, length: 512 * KiB },
+          { offset: 2816 * KiB, length: 128 * KiB },
+        ],
+        bytes: 640 * KiB,
+      },
+    ]);
+  });
+
+  it('cuts a 16 TiB full copy lazily', () => {
+    // Prepare
+    const full = [{ offset: 0, length: 16 * TiB }];
+    // Act
+    const iterator = cutDescriptors(full, { chunkSize: MiB });
+    const first = [iterator.next().value, iterator.next().value];
+    // Assess
+    expect(first).toEqual([
+      { seq: 0, offset: 0, length: MiB, extents: [{ offset: 0, length: MiB }], bytes: MiB },
+      { seq: 1, offset: MiB, length: MiB, extents: [{ offset: MiB, length: MiB }], bytes: MiB },
+    ]);
+  });
+
+  it('refuses extents that are not normalised', () => {
+    // Prepare
+    const unsorted = [
+      { offset: 2 * MiB, length: MiB },
+      { offset: 0, length: MiB },
+    ];
+    // Act
+    const act = () => [...cutDescriptors(unsorted, { chunkSize: MiB })];
+    // Assess
+    expect(act).toThrow(ChangeMapError);
+    expect(act).toThrow(/offset 0/);
+  });
+});
+
+describe('planDescriptors on a fragmented terabyte disk', () => {
+  it('cuts 100k scattered 4 KiB changes, one per descriptor, at EBS block size', () => {
+    // Prepare: 100k changes 10 MiB apart, each at a different spot in its 512 KiB block, listed backwards.
+    const count = 100_000;
+    const extents: Extent[] = [];
+    for (let i = count - 1; i >= 0; i--)
+      extents.push({ offset: i * 10 * MiB + (i % 128) * 4 * KiB, length: 4 * KiB });
+    // Act
+    const descriptors = [
+      ...planDescriptors(extents, { diskSize: TiB, blockSize: 512 * KiB, chunkSize: MiB, disk: 'big' }),
+    ];
+    // Assess: each change widens to its own 512 KiB block, far from the next.
+    expect(descriptors).toHaveLength(count);
+    expect(descriptors.reduce((sum, d) => sum + d.bytes, 0)).toBe(count * 512 * KiB);
+    expect(descriptors[count - 1]).toEqual({
+      seq: count - 1,
+      offset: (count - 1) * 10 * MiB,
+      length: 512 * KiB,
+      extents: [{ offset: (count - 1) * 10 * MiB, length: 512 * KiB }],
+      bytes: 512 * KiB,
+    });
+  });
+
+  it('packs 100k 4 KiB changes 256 KiB apart four to a 1 MiB descriptor at 4 KiB blocks', () => {
+    // Prepare
+    const count = 100_000;
+    const extents = Array.from({ length: count }, (_, i) => ({ offset: i * 256 * KiB, length: 4 * KiB }));
+    // Act
+    const descriptors = [...planDescriptors(extents, { diskSize: TiB, blockSize: 4 * KiB, chunkSize: MiB })];
+    // Assess
+    expect(descriptors).toHaveLength(count / 4);
+    expect(descriptors.every((d) => d.extents.length === 4 && d.bytes === 16 * KiB)).toBe(true);
+    expect(descriptors[1]).toMatchObject({ offset: MiB, length: 768 * KiB + 4 * KiB });
+  });
+
+  it('refuses a chunk size that is not whole blocks', () => {
+    // Act
+    const act = () => planDescriptors([], { diskSize: TiB, blockSize: 512 * KiB, chunkSize: 768 * KiB });
+    // Assess
+    expect(act).toThrow(ConfigError);
+    expect(act).toThrow(/chunkSize 786432.*524288/);
+  });
+});
