@@ -6,10 +6,12 @@ import type { Extent } from '../engine/extents.ts';
 import type { DiskSource, DiskTarget } from '../engine/ports.ts';
 import { FileSource } from './file-source.ts';
 import { FileTarget } from './file-target.ts';
-import { NbdSource } from './nbd/source.ts';
 
 export async function openSource(uri: string): Promise<DiskSource> {
-  if (uri.startsWith('nbd://') || uri.startsWith('nbd+unix://')) return NbdSource.open(uri);
+  if (uri.startsWith('nbd://') || uri.startsWith('nbd+unix://')) {
+    const { NbdSource } = await import('./nbd/source.ts');
+    return NbdSource.open(uri);
+  }
   return FileSource.open(filePath(uri, 'source'));
 }
 

@@ -184,10 +184,11 @@ describe('replicate', () => {
 
   it('retries transient failures and throttles, steps the window down, and still completes', async () => {
     const { ports, events, clock } = setup();
-    const data = randomBytes(64 * MiB, 5);
+    // A third of all writes throttled, on a 400 ms target: the storm spans many evaluations.
+    const data = randomBytes(128 * MiB, 5);
     let n = 0;
     const target = new MemoryTarget({
-      latencyMs: 10,
+      latencyMs: 400,
       clock,
       beforeWrite: (d) => {
         n++;
