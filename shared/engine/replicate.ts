@@ -326,7 +326,10 @@ async function pump(
     const d = grant.descriptor;
     const { source, target } = run.job;
     const deps = { clock, random: ports.random, policy: retry, signal };
-    const onRetry = (err: unknown, attempt: number) => {
+    const report = (err: unknown, attempt: number) =>
+      emit({ type: 'retry', disk: grant.disk, offset: d.offset, attempt, error: errorMessage(err) });
+    // Only the target's failures steer the window: a flaky source is not a congested target.
+    const onWriteRetry = (err: unknown, attempt: number) => {
       const throttled = err instanceof TransferError && err.throttled;
       run.controller?.record({
         at: clock.now(),
@@ -337,9 +340,9 @@ async function pump(
         windowLimited: grant.windowLimited,
         nodePressure: false,
       });
-      emit({ type: 'retry', disk: grant.disk, offset: d.offset, attempt, error: errorMessage(err) });
+      report(err, attempt);
     };
-    const data = await withRetry(() => readChunk(source, d, signal), deps, onRetry);
+    const data = await withRetry(() => readChunk(source, d, signal), deps, report);
     const digest = sha256Hex(data);
     let latencyMs = 0;
     await withRetry(
@@ -349,7 +352,7 @@ async function pump(
         latencyMs = clock.now() - t0;
       },
       deps,
-      onRetry,
+      onWriteRetry,
     );
     run.bytesSent += d.bytes;
     run.controller?.record({

@@ -1,0 +1,237 @@
+// The `ferry` command as an operator runs it: replicate, checkpoints, verify, errors, and a run
+// killed with SIGKILL that resumes from its last intermediate checkpoint.
+import { type ChildProcess, spawn } from 'node:child_process';
+import { mkdtemp, open, readFile, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import type { ReplicationResult } from '../../shared/engine/replicate.ts';
+import { MiB } from '../../shared/engine/units.ts';
+import { createDiskImage, firstDifference, mutateDisk } from '../../shared/local/workload.ts';
+import { startNbdkit } from '../support/nbdkit.ts';
+
+const BIN = join(import.meta.dirname, '../../bin/ferry.mjs');
+
+interface Run {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+}
+
+function ferry(args: string[], onSpawn?: (child: ChildProcess) => void): Promise<Run> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (b) => {
+      stdout += b;
+    });
+    child.stderr.on('data', (b) => {
+      stderr += b;
+    });
+    child.on('error', reject);
+    child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr }));
+    onSpawn?.(child);
+  });
+}
+
+async function workdir(): Promise<string> {
+  return mkdtemp(join(tmpdir(), 'ferry-cli-'));
+}
+
+describe('ferry CLI', () => {
+  it('prints help', async () => {
+    const r = await ferry(['--help']);
+    expect(r.code).toBe(0);
+    expect(r.stdout).toMatch(/replicate/);
+    expect(r.stdout).toMatch(/checkpoints/);
+    expect(r.stdout).toMatch(/verify/);
+    expect(r.stdout).toMatch(/demo/);
+  });
+
+  it('replicates full then incremental, lists checkpoints, and verifies the replica', async () => {
+    // Prepare
+    const dir = await workdir();
+    const src = join(dir, 'src.img');
+    const dst = join(dir, 'dst.img');
+    const state = join(dir, 'state');
+    await createDiskImage(src, { size: 24 * MiB, seed: 3 });
+    // Act: full copy, then a fragmented incremental.
+    const full = await ferry(['replicate', '--source', `file:${src}`, '--target', `file:${dst}`, '--state', state, '--set', 'web', '--disk', 'os', '--json']);
+    expect(full.stderr).toBe('');
+    expect(full.code).toBe(0);
+    const changes = await mutateDisk(src, { size: 24 * MiB, seed: 9, smallWrites: 500 });
+    await writeFile(join(dir, 'changes.json'), JSON.stringify(changes));
+    const inc = await ferry([
+      'replicate',
+      '--source',
+      `file:${src}`,
+      '--target',
+      `file:${dst}`,
+      '--changed',
+      join(dir, 'changes.json'),
+      '--state',
+      state,
+      '--set',
+      'web',
+      '--disk',
+      'os',
+    ]);
+    // Assess
+    expect(inc.code).toBe(0);
+    expect(inc.stdout).toMatch(/checkpoint web#2 published/);
+    expect(inc.stderr).toMatch(/disk os: incremental copy/);
+    expect(await firstDifference(src, dst)).toBeUndefined();
+    const result = JSON.parse(full.stdout) as ReplicationResult;
+    expect(result.checkpoint.id).toBe('web#1');
+    const list = await ferry(['checkpoints', '--state', state, '--json']);
+    expect((JSON.parse(list.stdout) as { id: string }[]).map((c) => c.id)).toEqual(['web#1', 'web#2']);
+    const verify = await ferry(['verify', '--state', state, '--set', 'web']);
+    expect(verify.code).toBe(0);
+    expect(verify.stdout).toMatch(/disk os: OK/);
+
+    // Act: corrupt the replica behind Ferry's back.
+    const fh = await open(dst, 'r+');
+    await fh.write(Buffer.from('oops'), 0, 4, 5 * MiB + 100);
+    await fh.close();
+    const bad = await ferry(['verify', '--state', state, '--set', 'web']);
+    // Assess: the damaged MiB is named.
+    expect(bad.code).toBe(1);
+    expect(bad.stdout).toMatch(new RegExp(`disk os: MISMATCH at offsets ${5 * MiB}`));
+  });
+
+  it('refuses bad settings and inputs with one line naming what is wrong', async () => {
+    const dir = await workdir();
+    const src = join(dir, 'src.img');
+    await createDiskImage(src, { size: 4 * MiB, seed: 1 });
+    const base = ['replicate', '--source', `file:${src}`, '--target', `file:${join(dir, 'dst.img')}`, '--state', join(dir, 's')];
+
+    const window = await ferry([...base, '--window', '512KiB']);
+    expect(window.code).toBe(2);
+    expect(window.stderr).toMatch(/^ferry: .*window/);
+    expect(window.stderr.trim().split('\n')).toHaveLength(1);
+
+    const size = await ferry([...base, '--chunk-size', 'lots']);
+    expect(size.code).toBe(2);
+    expect(size.stderr).toMatch(/chunkSize: cannot read "lots" as a size/);
+
+    const missing = await ferry(['replicate', '--source', `file:${join(dir, 'nope.img')}`, '--target', `file:${join(dir, 'x.img')}`, '--state', join(dir, 's')]);
+    expect(missing.code).toBe(1);
+    expect(missing.stderr).toMatch(/nope\.img cannot be opened/);
+
+    await writeFile(join(dir, 'bad.json'), JSON.stringify([{ offset: 0, length: 4096 }, { offset: -1, length: 4096 }]));
+    const badMap = await ferry([...base, '--changed', join(dir, 'bad.json'), '--disk', 'db']);
+    expect(badMap.code).toBe(1);
+    expect(badMap.stderr).toMatch(/disk db: change map .*bad\.json is invalid at 1\.offset/);
+
+    const pairs = await ferry(['replicate', '--source', `file:${src}`, '--state', join(dir, 's')]);
+    expect(pairs.code).toBe(2);
+    expect(pairs.stderr).toMatch(/1 --source but 0 --target/);
+
+    // Nothing was published by any of the failures.
+    const list = await ferry(['checkpoints', '--state', join(dir, 's')]);
+    expect(list.stdout).toMatch(/no checkpoints/);
+  });
+
+  it('resumes a run killed with SIGKILL from its last intermediate checkpoint', async () => {
+    // Prepare: a 96 MiB disk served by nbdkit through a 160 Mbit/s rate limit (about 5 s to read),
+    // logging every read so the bytes each run fetched can be counted exactly.
+    const dir = await workdir();
+    const src = join(dir, 'src.img');
+    const dst = join(dir, 'dst.img');
+    const state = join(dir, 'state');
+    const size = 96 * MiB;
+    await createDiskImage(src, { size, seed: 21, allocated: 1 });
+    const interval = 8 * MiB;
+    const window = 16 * MiB;
+    const args = ['--target', `file:${dst}`, '--state', state, '--set', 'db', '--disk', 'sdb'];
+    const params = ['--checkpoint-interval', '8MiB', '--window', '16MiB', '--no-adaptive', '--json'];
+
+    const slow = await startNbdkit({
+      plugin: 'file',
+      args: [`file=${src}`, 'rate=160M', `logfile=${join(dir, 'run1.log')}`],
+      filters: ['log', 'rate'],
+    });
+    let run1: Run;
+    try {
+      // Act 1: start, wait until at least three intervals are durable, then kill -9.
+      run1 = await ferry(['replicate', '--source', slow.uri, ...args, ...params], (child) => {
+        const progress = join(state, 'progress', 'db', 'sdb.json');
+        const poll = setInterval(async () => {
+          const text = await readFile(progress, 'utf8').catch(() => undefined);
+          if (text && (JSON.parse(text) as { bytesDone: number }).bytesDone >= 3 * interval) {
+            clearInterval(poll);
+            child.kill('SIGKILL');
+          }
+        }, 20);
+        child.on('close', () => clearInterval(poll));
+      });
+    } finally {
+      await slow.stop();
+    }
+    expect(run1.signal).toBe('SIGKILL');
+
+    // Act 2: rerun the same cycle against an unthrottled server.
+    const fast = await startNbdkit({ plugin: 'file', args: [`file=${src}`, `logfile=${join(dir, 'run2.log')}`], filters: ['log'] });
+    let run2: Run;
+    try {
+      run2 = await ferry(['replicate', '--source', fast.uri, ...args, ...params]);
+    } finally {
+      await fast.stop();
+    }
+
+    // Assess: resumed, bit-exact, and the bytes read by both runs overlap by at most interval + window.
+    expect(run2.code).toBe(0);
+    const result = JSON.parse(run2.stdout) as ReplicationResult;
+    expect(result.disks[0]!.resumedBytes).toBeGreaterThanOrEqual(3 * interval);
+    expect(result.disks[0]!.resumedBytes + result.disks[0]!.bytesSent).toBe(size);
+    expect(await firstDifference(src, dst)).toBeUndefined();
+    const first = readRanges(await readFile(join(dir, 'run1.log'), 'utf8'));
+    const second = readRanges(await readFile(join(dir, 'run2.log'), 'utf8'));
+    const resent = overlap(first, second);
+    expect(resent).toBeLessThanOrEqual(interval + window);
+    const verify = await ferry(['verify', '--state', state, '--set', 'db']);
+    expect(verify.code).toBe(0);
+  });
+});
+
+type Range = [number, number];
+
+/** Read requests from an nbdkit log filter file, as [start, end) ranges. */
+function readRanges(log: string): Range[] {
+  const out: Range[] = [];
+  for (const m of log.matchAll(/Read id=\d+ offset=(0x[0-9a-f]+) count=(0x[0-9a-f]+)/g)) {
+    const start = Number(m[1]);
+    out.push([start, start + Number(m[2])]);
+  }
+  return out;
+}
+
+function merge(ranges: Range[]): Range[] {
+  const sorted = [...ranges].sort((a, b) => a[0] - b[0]);
+  const out: Range[] = [];
+  for (const r of sorted) {
+    const last = out[out.length - 1];
+    if (last && r[0] <= last[1]) last[1] = Math.max(last[1], r[1]);
+    else out.push([r[0], r[1]]);
+  }
+  return out;
+}
+
+/** Bytes present in both sets of ranges. */
+function overlap(a: Range[], b: Range[]): number {
+  const x = merge(a);
+  const y = merge(b);
+  let i = 0;
+  let j = 0;
+  let total = 0;
+  while (i < x.length && j < y.length) {
+    const lo = Math.max(x[i]![0], y[j]![0]);
+    const hi = Math.min(x[i]![1], y[j]![1]);
+    if (hi > lo) total += hi - lo;
+    if (x[i]![1] < y[j]![1]) i++;
+    else j++;
+  }
+  return total;
+}
