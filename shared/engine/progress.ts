@@ -53,6 +53,21 @@ export class DiskProgressTracker {
       this.bytesBelowWatermark += next.bytes;
       this.watermarkSeq++;
     }
+    return this.due;
+  }
+
+  /** Completed bytes below the watermark that are not yet durable. */
+  get unsaved(): number {
+    return this.bytesBelowWatermark - this.bytesAtLastSave;
+  }
+
+  /** Undurable bytes beyond one interval: a save is running behind the completions. */
+  get lag(): number {
+    return Math.max(0, this.unsaved - this.checkpointInterval);
+  }
+
+  /** A full interval has passed the watermark since the last durable save. */
+  get due(): boolean {
     return this.bytesBelowWatermark - this.bytesAtLastSave >= this.checkpointInterval;
   }
 

@@ -365,6 +365,7 @@ async function pump(
       nodePressure: scheduler.stats(grant.disk).budgetLimited,
     });
     if (run.tracker.complete(d.seq, d.bytes, digest)) saveProgress(run);
+    scheduler.setLag(grant.disk, run.tracker.lag);
   };
 
   /** Saves the disk's watermark and the digests below it; resolves to the bytes now durable. */
@@ -384,6 +385,9 @@ async function pump(
       .catch(fail)
       .finally(() => {
         run.saving = undefined;
+        scheduler.setLag(run.job.id, run.tracker.lag);
+        // The watermark may have passed another interval while this save was being written.
+        if (failure === undefined && run.tracker.due) saveProgress(run);
         notify();
       });
   };
@@ -461,7 +465,8 @@ async function pump(
     await Promise.allSettled([...active]);
     abort.abort();
     await tickTimer?.catch(() => {});
-    for (const run of runs.values()) await run.saving;
+    // A finished save may chain the next one; wait until none is running.
+    for (const run of runs.values()) while (run.saving) await run.saving;
     tick();
   }
 

@@ -20,6 +20,18 @@ interface Lane {
   readonly returned: Descriptor[];
   /** Seqs granted and not yet completed or released. */
   readonly outstanding: Set<number>;
+  /**
+   * Granted descriptors from the oldest unfinished one on, in grant order, with whether each is
+   * done. The window bounds their bytes (`span`), as TCP's send window is counted from the oldest
+   * unacknowledged byte: a straggler holds the window, so what a crash can lose beyond the last
+   * durable watermark never exceeds the window.
+   */
+  readonly ledger: { seq: number; bytes: number; done: boolean }[];
+  ledgerHead: number;
+  readonly ledgerIndex: Map<number, { seq: number; bytes: number; done: boolean }>;
+  span: number;
+  /** Completed bytes not yet durable beyond the checkpoint interval; they count against the window. */
+  lag: number;
   window: number;
   inflight: number;
   exhausted: boolean;
@@ -33,6 +45,8 @@ export interface LaneStats {
   readonly disk: string;
   readonly window: number;
   readonly inflight: number;
+  /** Bytes from the oldest unfinished grant to the newest: what the window bounds. */
+  readonly span: number;
   readonly done: boolean;
   /** Has descriptors waiting to be granted. */
   readonly backlogged: boolean;
@@ -62,6 +76,11 @@ export class Scheduler {
       head: undefined,
       returned: [],
       outstanding: new Set(),
+      ledger: [],
+      ledgerHead: 0,
+      ledgerIndex: new Map(),
+      span: 0,
+      lag: 0,
       window,
       inflight: 0,
       exhausted: false,
@@ -73,6 +92,15 @@ export class Scheduler {
   /** Changes a disk's window. Shrinking below what is in flight only stops new grants until it drains. */
   setWindow(disk: string, window: number): void {
     this.lane(disk).window = window;
+  }
+
+  /**
+   * Completed bytes of the disk that are past the checkpoint interval and not yet durable (a slow
+   * state store). They shrink the window until saved, so the bytes a crash can lose — undurable
+   * completions plus the span — stay within the interval plus the window.
+   */
+  setLag(disk: string, bytes: number): void {
+    this.lane(disk).lag = Math.max(0, bytes);
   }
 
   get inflight(): number {
@@ -88,7 +116,7 @@ export class Scheduler {
     let best: Lane | undefined;
     for (const lane of this.lanes.values()) {
       const head = this.peek(lane);
-      if (head === undefined || lane.inflight + head.bytes > lane.window) continue;
+      if (head === undefined || !this.fits(lane, head)) continue;
       if (
         best === undefined ||
         lane.inflight < best.inflight ||
@@ -106,6 +134,12 @@ export class Scheduler {
     best.budgetLimited = false;
     this.take(best);
     best.outstanding.add(descriptor.seq);
+    if (!best.ledgerIndex.has(descriptor.seq)) {
+      const entry = { seq: descriptor.seq, bytes: descriptor.bytes, done: false };
+      best.ledger.push(entry);
+      best.ledgerIndex.set(descriptor.seq, entry);
+      best.span += descriptor.bytes;
+    }
     best.inflight += descriptor.bytes;
     best.lastGrantTick = this.tick++;
     this.inflightTotal += descriptor.bytes;
@@ -113,13 +147,24 @@ export class Scheduler {
     return {
       disk: best.disk,
       descriptor,
-      windowLimited: after !== undefined && best.inflight + after.bytes > best.window,
+      windowLimited: after !== undefined && !this.fits(best, after),
     };
   }
 
   /** The grant's chunk is written and verified: its bytes are free for the next grant (ACK clock). */
   complete(grant: Grant): void {
     this.free(grant);
+    const lane = this.lane(grant.disk);
+    lane.ledgerIndex.get(grant.descriptor.seq)!.done = true;
+    while (lane.ledgerHead < lane.ledger.length && lane.ledger[lane.ledgerHead]!.done) {
+      const entry = lane.ledger[lane.ledgerHead++]!;
+      lane.ledgerIndex.delete(entry.seq);
+      lane.span -= entry.bytes;
+    }
+    if (lane.ledgerHead > 1024 && lane.ledgerHead * 2 > lane.ledger.length) {
+      lane.ledger.splice(0, lane.ledgerHead);
+      lane.ledgerHead = 0;
+    }
   }
 
   /** The worker gave up on the grant (abort, crash); the descriptor goes back to the front of its disk. */
@@ -145,10 +190,22 @@ export class Scheduler {
       disk,
       window: lane.window,
       inflight: lane.inflight,
+      span: lane.span,
       done: this.isDone(disk),
       backlogged: this.peek(lane) !== undefined,
       budgetLimited: lane.budgetLimited,
     };
+  }
+
+  /**
+   * A re-granted descriptor is already inside the span; a new one must fit beside it. An empty
+   * span always takes one descriptor, so a window shrunk below a chunk slows a disk, never stalls it.
+   */
+  private fits(lane: Lane, d: Descriptor): boolean {
+    if (lane.ledgerIndex.has(d.seq)) return true;
+    const withinWindow = lane.span === 0 || lane.span + d.bytes <= lane.window;
+    // A lagging save holds new grants until it lands; it always lands or fails the run.
+    return withinWindow && (lane.lag === 0 || lane.span + d.bytes + lane.lag <= lane.window);
   }
 
   private free(grant: Grant): void {

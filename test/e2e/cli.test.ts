@@ -58,7 +58,20 @@ describe('ferry CLI', () => {
     const state = join(dir, 'state');
     await createDiskImage(src, { size: 24 * MiB, seed: 3 });
     // Act: full copy, then a fragmented incremental.
-    const full = await ferry(['replicate', '--source', `file:${src}`, '--target', `file:${dst}`, '--state', state, '--set', 'web', '--disk', 'os', '--json']);
+    const full = await ferry([
+      'replicate',
+      '--source',
+      `file:${src}`,
+      '--target',
+      `file:${dst}`,
+      '--state',
+      state,
+      '--set',
+      'web',
+      '--disk',
+      'os',
+      '--json',
+    ]);
     expect(full.stderr).toBe('');
     expect(full.code).toBe(0);
     const changes = await mutateDisk(src, { size: 24 * MiB, seed: 9, smallWrites: 500 });
@@ -105,7 +118,15 @@ describe('ferry CLI', () => {
     const dir = await workdir();
     const src = join(dir, 'src.img');
     await createDiskImage(src, { size: 4 * MiB, seed: 1 });
-    const base = ['replicate', '--source', `file:${src}`, '--target', `file:${join(dir, 'dst.img')}`, '--state', join(dir, 's')];
+    const base = [
+      'replicate',
+      '--source',
+      `file:${src}`,
+      '--target',
+      `file:${join(dir, 'dst.img')}`,
+      '--state',
+      join(dir, 's'),
+    ];
 
     const window = await ferry([...base, '--window', '512KiB']);
     expect(window.code).toBe(2);
@@ -116,11 +137,25 @@ describe('ferry CLI', () => {
     expect(size.code).toBe(2);
     expect(size.stderr).toMatch(/chunkSize: cannot read "lots" as a size/);
 
-    const missing = await ferry(['replicate', '--source', `file:${join(dir, 'nope.img')}`, '--target', `file:${join(dir, 'x.img')}`, '--state', join(dir, 's')]);
+    const missing = await ferry([
+      'replicate',
+      '--source',
+      `file:${join(dir, 'nope.img')}`,
+      '--target',
+      `file:${join(dir, 'x.img')}`,
+      '--state',
+      join(dir, 's'),
+    ]);
     expect(missing.code).toBe(1);
     expect(missing.stderr).toMatch(/nope\.img cannot be opened/);
 
-    await writeFile(join(dir, 'bad.json'), JSON.stringify([{ offset: 0, length: 4096 }, { offset: -1, length: 4096 }]));
+    await writeFile(
+      join(dir, 'bad.json'),
+      JSON.stringify([
+        { offset: 0, length: 4096 },
+        { offset: -1, length: 4096 },
+      ]),
+    );
     const badMap = await ferry([...base, '--changed', join(dir, 'bad.json'), '--disk', 'db']);
     expect(badMap.code).toBe(1);
     expect(badMap.stderr).toMatch(/disk db: change map .*bad\.json is invalid at 1\.offset/);
@@ -173,7 +208,11 @@ describe('ferry CLI', () => {
     expect(run1.signal).toBe('SIGKILL');
 
     // Act 2: rerun the same cycle against an unthrottled server.
-    const fast = await startNbdkit({ plugin: 'file', args: [`file=${src}`, `logfile=${join(dir, 'run2.log')}`], filters: ['log'] });
+    const fast = await startNbdkit({
+      plugin: 'file',
+      args: [`file=${src}`, `logfile=${join(dir, 'run2.log')}`],
+      filters: ['log'],
+    });
     let run2: Run;
     try {
       run2 = await ferry(['replicate', '--source', fast.uri, ...args, ...params]);
@@ -182,7 +221,7 @@ describe('ferry CLI', () => {
     }
 
     // Assess: resumed, bit-exact, and the bytes read by both runs overlap by at most interval + window.
-    expect(run2.code).toBe(0);
+    expect(run2.code, run2.stderr).toBe(0);
     const result = JSON.parse(run2.stdout) as ReplicationResult;
     expect(result.disks[0]!.resumedBytes).toBeGreaterThanOrEqual(3 * interval);
     expect(result.disks[0]!.resumedBytes + result.disks[0]!.bytesSent).toBe(size);
@@ -192,7 +231,7 @@ describe('ferry CLI', () => {
     const resent = overlap(first, second);
     expect(resent).toBeLessThanOrEqual(interval + window);
     const verify = await ferry(['verify', '--state', state, '--set', 'db']);
-    expect(verify.code).toBe(0);
+    expect(verify.code, verify.stderr).toBe(0);
   });
 });
 

@@ -44,6 +44,17 @@ describe('Scheduler', () => {
           });
           const outstanding: Grant[] = [];
           const completed = new Map<string, Set<number>>();
+          const everGranted = new Map<string, Map<number, number>>();
+          // The window counts from the disk's oldest unfinished grant to its newest (TCP-style).
+          const span = (disk: string) => {
+            const granted = everGranted.get(disk) ?? new Map<number, number>();
+            const done = completed.get(disk) ?? new Set<number>();
+            let oldest = Number.POSITIVE_INFINITY;
+            for (const seq of granted.keys()) if (!done.has(seq)) oldest = Math.min(oldest, seq);
+            let bytes = 0;
+            for (const [seq, b] of granted) if (seq >= oldest) bytes += b;
+            return bytes;
+          };
           const check = () => {
             let total = 0;
             for (const g of outstanding) total += g.descriptor.bytes;
@@ -53,8 +64,18 @@ describe('Scheduler', () => {
           const grant = () => {
             const g = s.next();
             if (!g) return false;
-            // Assess at every grant: the disk's in-flight bytes fit the window in force.
-            expect(s.stats(g.disk).inflight).toBeLessThanOrEqual(windows.get(g.disk)!);
+            // Assess at every grant: the disk's in-flight bytes, and its span from the oldest
+            // unfinished chunk, fit the window in force (a lone chunk always goes).
+            const granted = everGranted.get(g.disk) ?? new Map<number, number>();
+            const regrant = granted.has(g.descriptor.seq);
+            granted.set(g.descriptor.seq, g.descriptor.bytes);
+            everGranted.set(g.disk, granted);
+            const stats = s.stats(g.disk);
+            expect(stats.span).toBe(span(g.disk));
+            expect(stats.inflight).toBeLessThanOrEqual(stats.span);
+            if (!regrant && stats.span !== g.descriptor.bytes) {
+              expect(stats.span).toBeLessThanOrEqual(windows.get(g.disk)!);
+            }
             outstanding.push(g);
             return true;
           };
