@@ -1,0 +1,218 @@
+// The SQS grant message: one descriptor of one disk leased to a worker, its wire schema and codec.
+import { z } from 'zod';
+import type { Descriptor } from '../../engine/descriptors.ts';
+import { type ErrorContext, FerryError } from '../../engine/errors.ts';
+import type { Extent } from '../../engine/extents.ts';
+
+/** Wire format version; a reader refuses any other rather than guess at its meaning. */
+export const GRANT_MESSAGE_VERSION = 1;
+
+// A 1 MiB descriptor of Azure 512 B pages, every other page changed, holds 512 extents; 1024 leaves
+// room for twice that and still keeps the worst-case body near 20 KiB. A denser change map must be
+// cut into smaller chunks: the encoder refuses rather than sending a grant a reader would refuse.
+export const MAX_GRANT_EXTENTS = 1024;
+
+// The same limit as the config's largest chunk (64 MiB): a grant never spans more than one chunk.
+export const MAX_GRANT_SPAN = 64 * 1024 * 1024;
+
+// Names (set, cycle, disk, lease) are identifiers, not prose; 256 characters hold an Azure disk
+// resource id. Bounding them is what makes the worst-case body size computable.
+export const MAX_GRANT_NAME_LENGTH = 256;
+
+// SendMessageBatch limits the sum of its entries' bodies to SQS's classic 256 KiB message limit, and
+// batches hold up to 10 entries: 24 KiB per grant means any 10 grants fit one batch with room to
+// spare. The worst case (1024 extents spread over 64 MiB, four 256-character names of 3-byte UTF-8
+// characters) encodes to about 18 KiB; the encoder asserts the limit on every grant anyway.
+export const MAX_GRANT_MESSAGE_BYTES = 24 * 1024;
+export const SQS_BATCH_LIMIT_BYTES = 256 * 1024;
+export const SQS_MAX_BATCH_ENTRIES = 10;
+if (MAX_GRANT_MESSAGE_BYTES * SQS_MAX_BATCH_ENTRIES > SQS_BATCH_LIMIT_BYTES) {
+  throw new Error('grant message limit does not let a full batch fit the SQS batch limit');
+}
+
+/** A grant as producers and consumers see it: which descriptor of which disk, under which lease. */
+export interface GrantMessage {
+  /** The replication set (protection plan) the disk belongs to. */
+  readonly set: string;
+  readonly cycleId: string;
+  readonly disk: string;
+  /** Extents in absolute disk offsets, exactly as the engine cut them. */
+  readonly descriptor: Descriptor;
+  /** Identifies this issue of the grant; completion and reclaim are conditional on it. */
+  readonly leaseId: string;
+  /** Epoch milliseconds after which the planner may reclaim the grant's bytes. */
+  readonly leaseExpiresAt: number;
+  /** 1 for the first issue; re-issues after a reclaim count up. */
+  readonly attempt: number;
+}
+
+/** A grant message that cannot be trusted: it is refused whole, never half-used. */
+export class GrantMessageError extends FerryError {
+  constructor(message: string, ctx: ErrorContext = {}) {
+    super(message, ctx);
+    this.name = 'GrantMessageError';
+  }
+}
+
+const name = z
+  .string()
+  .min(1)
+  .max(MAX_GRANT_NAME_LENGTH)
+  // Control characters would be escaped to six bytes each and make the size bound a lie; no real
+  // identifier has them.
+  .refine((s) => !/\p{Cc}/u.test(s), 'must not contain control characters');
+const count = z.number().int().nonnegative();
+
+/**
+ * Version 1 on the wire. `extents` is flat pairs `[start, length, start, length, ...]` with `start`
+ * relative to `offset`: two short numbers per extent instead of an object with two absolute offsets.
+ */
+const wireSchema = z.strictObject({
+  version: z.literal(GRANT_MESSAGE_VERSION),
+  set: name,
+  cycleId: name,
+  disk: name,
+  seq: count,
+  offset: count,
+  length: z.number().int().positive().max(MAX_GRANT_SPAN),
+  extents: z
+    .array(count)
+    .min(2)
+    .max(2 * MAX_GRANT_EXTENTS)
+    .refine((a) => a.length % 2 === 0, 'must hold [start, length] pairs'),
+  bytes: z.number().int().positive(),
+  leaseId: name,
+  leaseExpiresAt: count,
+  attempt: z.number().int().positive(),
+});
+
+type WireGrant = z.infer<typeof wireSchema>;
+
+function where(disk: unknown, seq: unknown): string {
+  const d = typeof disk === 'string' && disk.length > 0 ? disk.slice(0, MAX_GRANT_NAME_LENGTH) : '(unknown)';
+  const s = typeof seq === 'number' && Number.isSafeInteger(seq) ? String(seq) : '(unknown)';
+  return `grant for disk ${d} seq ${s}`;
+}
+
+function refuse(disk: unknown, seq: unknown, why: string, cause?: unknown): GrantMessageError {
+  return new GrantMessageError(`${where(disk, seq)}: ${why}`, {
+    disk: typeof disk === 'string' ? disk : undefined,
+    seq: typeof seq === 'number' ? seq : undefined,
+    cause,
+  });
+}
+
+/** The span and extent checks zod cannot express; shared by encode and decode so both refuse alike. */
+function checkExtents(w: WireGrant): Extent[] {
+  const spanEnd = w.offset + w.length;
+  if (!Number.isSafeInteger(spanEnd)) throw refuse(w.disk, w.seq, `span ends beyond 2^53`);
+  const extents: Extent[] = [];
+  let previousEnd = 0;
+  let sum = 0;
+  for (let i = 0; i < w.extents.length; i += 2) {
+    const start = w.extents[i]!;
+    const length = w.extents[i + 1]!;
+    const k = i / 2;
+    if (length === 0) throw refuse(w.disk, w.seq, `extent ${k} is empty`);
+    if (k > 0 && start < previousEnd) {
+      throw refuse(w.disk, w.seq, `extent ${k} at +${start} overlaps or precedes the one before it`);
+    }
+    const end = start + length;
+    if (end > w.length) {
+      throw refuse(
+        w.disk,
+        w.seq,
+        `extent ${k} [+${start}, +${end}) runs past the descriptor span of ${w.length} bytes`,
+      );
+    }
+    extents.push({ offset: w.offset + start, length });
+    previousEnd = end;
+    sum += length;
+  }
+  if (sum !== w.bytes) {
+    throw refuse(w.disk, w.seq, `bytes ${w.bytes} is not the sum of its extents (${sum})`);
+  }
+  return extents;
+}
+
+function describeIssues(error: z.ZodError): string {
+  const shown = error.issues.slice(0, 3).map((i) => `${i.path.join('.') || '(message)'}: ${i.message}`);
+  const more = error.issues.length > 3 ? ` (and ${error.issues.length - 3} more)` : '';
+  return shown.join('; ') + more;
+}
+
+/**
+ * Encodes a grant as a message body. Refuses (GrantMessageError) anything a reader would refuse,
+ * and any body over MAX_GRANT_MESSAGE_BYTES, so a bad grant fails at the planner, not in a worker.
+ */
+export function encodeGrant(grant: GrantMessage): string {
+  const d = grant.descriptor;
+  const extents: number[] = [];
+  for (const e of d.extents) extents.push(e.offset - d.offset, e.length);
+  const wire = {
+    version: GRANT_MESSAGE_VERSION,
+    set: grant.set,
+    cycleId: grant.cycleId,
+    disk: grant.disk,
+    seq: d.seq,
+    offset: d.offset,
+    length: d.length,
+    extents,
+    bytes: d.bytes,
+    leaseId: grant.leaseId,
+    leaseExpiresAt: grant.leaseExpiresAt,
+    attempt: grant.attempt,
+  };
+  const parsed = wireSchema.safeParse(wire);
+  if (!parsed.success) throw refuse(grant.disk, d.seq, describeIssues(parsed.error), parsed.error);
+  checkExtents(parsed.data);
+  const body = JSON.stringify(parsed.data);
+  const size = Buffer.byteLength(body, 'utf8');
+  if (size > MAX_GRANT_MESSAGE_BYTES) {
+    throw refuse(
+      grant.disk,
+      d.seq,
+      `encodes to ${size} bytes, over the ${MAX_GRANT_MESSAGE_BYTES}-byte grant message limit`,
+    );
+  }
+  return body;
+}
+
+/** Decodes and fully validates a message body; any defect is a GrantMessageError naming disk and seq. */
+export function decodeGrant(body: string): GrantMessage {
+  if (Buffer.byteLength(body, 'utf8') > MAX_GRANT_MESSAGE_BYTES) {
+    throw refuse(
+      undefined,
+      undefined,
+      `body is over the ${MAX_GRANT_MESSAGE_BYTES}-byte grant message limit`,
+    );
+  }
+  let raw: unknown;
+  try {
+    raw = JSON.parse(body);
+  } catch (err) {
+    throw refuse(undefined, undefined, 'body is not JSON', err);
+  }
+  // Best effort, only to name the grant in the error: nothing read here is trusted.
+  const loose = typeof raw === 'object' && raw !== null ? (raw as Record<string, unknown>) : {};
+  if (loose.version !== undefined && loose.version !== GRANT_MESSAGE_VERSION) {
+    throw refuse(
+      loose.disk,
+      loose.seq,
+      `message version ${String(loose.version)} is not supported (this reader knows ${GRANT_MESSAGE_VERSION})`,
+    );
+  }
+  const parsed = wireSchema.safeParse(raw);
+  if (!parsed.success) throw refuse(loose.disk, loose.seq, describeIssues(parsed.error), parsed.error);
+  const w = parsed.data;
+  const extents = checkExtents(w);
+  return {
+    set: w.set,
+    cycleId: w.cycleId,
+    disk: w.disk,
+    descriptor: { seq: w.seq, offset: w.offset, length: w.length, extents, bytes: w.bytes },
+    leaseId: w.leaseId,
+    leaseExpiresAt: w.leaseExpiresAt,
+    attempt: w.attempt,
+  };
+}

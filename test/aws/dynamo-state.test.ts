@@ -1,0 +1,516 @@
+// The DynamoDB state adapter against dynalite (contract suite, paging, budget, leases, locks) and SDK mocks (throttling, denial).
+import {
+  DynamoDBClient,
+  InternalServerError,
+  ProvisionedThroughputExceededException,
+  ThrottlingException,
+} from '@aws-sdk/client-dynamodb';
+import {
+  DeleteCommand,
+  DynamoDBDocumentClient,
+  GetCommand,
+  PutCommand,
+  QueryCommand,
+  UpdateCommand,
+} from '@aws-sdk/lib-dynamodb';
+import { mockClient } from 'aws-sdk-client-mock';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import {
+  DynamoBudget,
+  DynamoGrants,
+  DynamoPlanLocks,
+  DynamoWindows,
+} from '../../shared/aws/dynamo/budget.ts';
+import { StateConflictError } from '../../shared/aws/dynamo/errors.ts';
+import { DIGEST_PAGE_SIZE, keys, progressEpoch } from '../../shared/aws/dynamo/schema.ts';
+import { DynamoStateStore } from '../../shared/aws/dynamo/state-store.ts';
+import { FerryError, TransferError } from '../../shared/engine/errors.ts';
+import { checkpoint, stateStoreContract } from '../contract/state-store.ts';
+import { type Dynalite, startDynalite } from '../support/dynalite.ts';
+
+const MiB = 1 << 20;
+const digest = (i: number) => i.toString(16).padStart(64, '0');
+const digests = (from: number, to: number) => Array.from({ length: to - from }, (_, i) => digest(from + i));
+
+let db: Dynalite;
+beforeAll(async () => {
+  db = await startDynalite();
+});
+afterAll(async () => {
+  await db?.stop();
+});
+
+/** Each test gets its own table, so catalog listings and counters start empty. */
+async function fresh() {
+  const table = await db.createTable();
+  return { table, store: new DynamoStateStore(db.doc, table) };
+}
+
+stateStoreContract('dynamodb (dynalite)', async () => (await fresh()).store);
+
+describe('DynamoStateStore progress', () => {
+  it('round-trips 2,500 digests saved in uneven steps across several pages, in order', async () => {
+    const { store, table } = await fresh();
+    const ids = { cycleId: 'web#7', fingerprint: 'plan-a' };
+    // 700 leaves page 0 partial; 1,950 crosses into page 1 partially; 2,500 fills into page 2.
+    await store.saveProgress('web', 'os', { ...ids, watermark: 700, bytesDone: 700 }, digests(0, 700));
+    await store.saveProgress('web', 'os', { ...ids, watermark: 1950, bytesDone: 1950 }, digests(700, 1950));
+    await store.saveProgress('web', 'os', { ...ids, watermark: 2500, bytesDone: 2500 }, digests(1950, 2500));
+
+    const p = await store.loadProgress('web', 'os');
+    expect(p).toEqual({ ...ids, watermark: 2500, bytesDone: 2500, digests: digests(0, 2500) });
+    const epoch = progressEpoch(ids.cycleId, ids.fingerprint);
+    const pages = await db.doc.send(
+      new QueryCommand({
+        TableName: table,
+        KeyConditionExpression: 'pk = :pk AND begins_with(sk, :p)',
+        ExpressionAttributeValues: { ':pk': keys.progress('web', 'os').pk, ':p': `DIGESTS#${epoch}#` },
+      }),
+    );
+    expect(pages.Items?.map((i) => i.count)).toEqual([DIGEST_PAGE_SIZE, DIGEST_PAGE_SIZE, 500]);
+  });
+
+  it('removes the previous cycle pages once a new cycle is recorded, and everything on clear', async () => {
+    const { store, table } = await fresh();
+    await store.saveProgress(
+      's',
+      'd',
+      { cycleId: 's#1', fingerprint: 'f', watermark: 1200, bytesDone: 1 },
+      digests(0, 1200),
+    );
+    await store.saveProgress(
+      's',
+      'd',
+      { cycleId: 's#2', fingerprint: 'f', watermark: 3, bytesDone: 3 },
+      digests(5, 8),
+    );
+    const countItems = async () =>
+      (
+        await db.doc.send(
+          new QueryCommand({
+            TableName: table,
+            KeyConditionExpression: 'pk = :pk',
+            ExpressionAttributeValues: { ':pk': keys.progress('s', 'd').pk },
+          }),
+        )
+      ).Items?.length;
+    expect(await countItems()).toBe(2); // the record and one page of the new cycle
+    expect((await store.loadProgress('s', 'd'))?.digests).toEqual(digests(5, 8));
+    await store.clearProgress('s', 'd');
+    expect(await countItems()).toBe(0);
+    expect(await store.loadProgress('s', 'd')).toBeUndefined();
+  });
+
+  it('ignores pages left by a save that crashed before its record, and overwrites them next time', async () => {
+    const { store, table } = await fresh();
+    const ids = { cycleId: 's#1', fingerprint: 'f' };
+    await store.saveProgress('s', 'd', { ...ids, watermark: 1500, bytesDone: 1 }, digests(0, 1500));
+    // The crashed save had rewritten page 1 (same first 500 digests, then others) and added page 2.
+    const epoch = progressEpoch(ids.cycleId, ids.fingerprint);
+    const crashedPage1 = Buffer.concat([
+      ...digests(1000, 1500).map((d) => Buffer.from(d, 'hex')),
+      Buffer.alloc(500 * 32, 0xee),
+    ]);
+    await db.doc.send(
+      new PutCommand({
+        TableName: table,
+        Item: { ...keys.digestPage('s', 'd', epoch, 1), epoch, page: 1, count: 1000, digests: crashedPage1 },
+      }),
+    );
+    await db.doc.send(
+      new PutCommand({
+        TableName: table,
+        Item: {
+          ...keys.digestPage('s', 'd', epoch, 2),
+          epoch,
+          page: 2,
+          count: 10,
+          digests: Buffer.alloc(320, 0xee),
+        },
+      }),
+    );
+    expect((await store.loadProgress('s', 'd'))?.digests).toEqual(digests(0, 1500));
+    await store.saveProgress('s', 'd', { ...ids, watermark: 2100, bytesDone: 2 }, digests(1500, 2100));
+    expect((await store.loadProgress('s', 'd'))?.digests).toEqual(digests(0, 2100));
+  });
+
+  it('names the key when a digest page the record vouches for is missing', async () => {
+    const { store, table } = await fresh();
+    const ids = { cycleId: 's#1', fingerprint: 'f' };
+    await store.saveProgress('s', 'd', { ...ids, watermark: 1200, bytesDone: 1 }, digests(0, 1200));
+    const epoch = progressEpoch(ids.cycleId, ids.fingerprint);
+    await db.doc.send(new DeleteCommand({ TableName: table, Key: keys.digestPage('s', 'd', epoch, 1) }));
+    await expect(store.loadProgress('s', 'd')).rejects.toThrow(
+      new RegExp(`vouches for 1200 digests but page .*DIGESTS#${epoch}#00000001`),
+    );
+  });
+
+  it('rejects a malformed record with an error naming its key', async () => {
+    const { store, table } = await fresh();
+    await db.doc.send(
+      new PutCommand({
+        TableName: table,
+        Item: { ...keys.progress('s', 'd'), cycleId: 's#1', fingerprint: 'f', epoch: 'x', watermark: 'lots' },
+      }),
+    );
+    const err = await store.loadProgress('s', 'd').catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(FerryError);
+    expect((err as Error).message).toMatch(
+      /DISK#s#d \/ PROGRESS in table ferry-state-\d+ is malformed at watermark/,
+    );
+  });
+
+  it('lets one of several concurrent saves from the same state win; the others fail and change nothing', async () => {
+    const { store } = await fresh();
+    const ids = { cycleId: 's#1', fingerprint: 'f' };
+    await store.saveProgress('s', 'd', { ...ids, watermark: 2, bytesDone: 2 }, digests(0, 2));
+    const results = await Promise.allSettled(
+      Array.from({ length: 6 }, () =>
+        store.saveProgress('s', 'd', { ...ids, watermark: 4, bytesDone: 4 }, digests(2, 4)),
+      ),
+    );
+    expect(results.filter((r) => r.status === 'fulfilled')).toHaveLength(1);
+    for (const r of results) if (r.status === 'rejected') expect(r.reason).toBeInstanceOf(FerryError);
+    expect(await store.loadProgress('s', 'd')).toEqual({
+      ...ids,
+      watermark: 4,
+      bytesDone: 4,
+      digests: digests(0, 4),
+    });
+  });
+
+  it('refuses a save whose digests do not add up to its watermark', async () => {
+    const { store } = await fresh();
+    const ids = { cycleId: 's#1', fingerprint: 'f' };
+    await store.saveProgress('s', 'd', { ...ids, watermark: 2, bytesDone: 2 }, digests(0, 2));
+    await expect(
+      store.saveProgress('s', 'd', { ...ids, watermark: 5, bytesDone: 5 }, digests(2, 4)),
+    ).rejects.toThrow(/2 stored \+ 2 appended digests != watermark 5/);
+    expect((await store.loadProgress('s', 'd'))?.watermark).toBe(2);
+  });
+});
+
+describe('DynamoStateStore catalog and jobs', () => {
+  it('publishes a checkpoint exactly once under 8 concurrent publishers, keeping the winner intact', async () => {
+    const { store } = await fresh();
+    const attempts = Array.from({ length: 8 }, (_, i) => ({
+      ...checkpoint('race', 1),
+      createdAt: new Date(1_700_000_000_000 + i).toISOString(),
+    }));
+    const results = await Promise.allSettled(attempts.map((cp) => store.publishCheckpoint(cp)));
+    const won = results.flatMap((r, i) => (r.status === 'fulfilled' ? [attempts[i]] : []));
+    expect(won).toHaveLength(1);
+    for (const r of results) {
+      if (r.status === 'rejected') {
+        expect(r.reason).toBeInstanceOf(StateConflictError);
+        expect(String(r.reason.message)).toMatch(/race#1 is already published/);
+      }
+    }
+    expect(await store.listCheckpoints('race')).toEqual(won);
+  });
+
+  it('refuses a checkpoint id already used by another sequence, and pages long catalogs', async () => {
+    const { store } = await fresh();
+    await store.publishCheckpoint(checkpoint('web', 1));
+    await expect(store.publishCheckpoint({ ...checkpoint('web', 2), id: 'web#1' })).rejects.toThrow(
+      /web#1 is already published/,
+    );
+    for (let seq = 2; seq <= 12; seq++)
+      await store.publishCheckpoint(checkpoint('web', seq, `web#${seq - 1}`));
+    expect((await store.listCheckpoints('web')).map((c) => c.sequence)).toEqual(
+      Array.from({ length: 12 }, (_, i) => i + 1),
+    );
+    expect((await store.latestCheckpoint('web'))?.id).toBe('web#12');
+  });
+
+  it('moves a job between states only from the state it is in', async () => {
+    const { store } = await fresh();
+    const job = {
+      set: 'web',
+      cycleId: 'web#3',
+      plan: 'gold',
+      status: 'replicating' as const,
+      startedAt: '2026-01-01T00:00:00Z',
+      updatedAt: '2026-01-01T00:00:00Z',
+    };
+    await store.createJob(job);
+    await expect(store.createJob(job)).rejects.toBeInstanceOf(StateConflictError);
+    const results = await Promise.allSettled(
+      Array.from({ length: 8 }, () =>
+        store.updateJobStatus('web', 'web#3', 'replicating', 'finalizing', '2026-01-01T00:05:00Z'),
+      ),
+    );
+    expect(results.filter((r) => r.status === 'fulfilled')).toHaveLength(1);
+    const done = await store.updateJobStatus(
+      'web',
+      'web#3',
+      'finalizing',
+      'published',
+      '2026-01-01T00:06:00Z',
+      {
+        checkpointId: 'web#3',
+      },
+    );
+    expect(done).toMatchObject({ status: 'published', checkpointId: 'web#3' });
+    expect(await store.getJob('web', 'web#3')).toEqual(done);
+  });
+
+  it('stores replication sets and their disks (through a bare DynamoDBClient)', async () => {
+    const store = new DynamoStateStore(db.client, await db.createTable());
+    await store.putSet({ set: 'web', plan: 'gold', createdAt: '2026-01-01T00:00:00Z' });
+    await store.putDisk({
+      set: 'web',
+      disk: 'os',
+      source: 'ebs:snap-1',
+      target: 'ebs',
+      sizeBytes: 8 << 30,
+      blockSize: 524288,
+    });
+    await store.putDisk({
+      set: 'web',
+      disk: 'data',
+      source: 'ebs:snap-2',
+      target: 'ebs',
+      sizeBytes: 1 << 30,
+      blockSize: 524288,
+    });
+    expect(await store.getSet('web')).toEqual({
+      set: 'web',
+      plan: 'gold',
+      createdAt: '2026-01-01T00:00:00Z',
+    });
+    expect((await store.listDisks('web')).map((d) => d.disk)).toEqual(['data', 'os']);
+  });
+});
+
+describe('DynamoBudget', () => {
+  it('never passes its cap under 120 concurrent acquirers, and grants exactly what fits', async () => {
+    const table = await db.createTable();
+    const budget = new DynamoBudget(db.doc, { table, node: 'n1', capacityBytes: 32 * MiB });
+    const results = await Promise.all(Array.from({ length: 120 }, () => budget.acquire(MiB)));
+    const won = results.filter((r) => r !== false);
+    expect(won).toHaveLength(32);
+    for (const r of won) expect(r.inflight).toBeLessThanOrEqual(32 * MiB);
+    // Every successful acquirer saw a distinct total: the increments were serialised, not lost.
+    expect(new Set(won.map((r) => r.inflight)).size).toBe(32);
+    expect(await budget.inflight()).toBe(32 * MiB);
+  });
+
+  it('stays within [0, cap] under 150 concurrent mixed acquire/release calls and ends where it began', async () => {
+    const table = await db.createTable();
+    const cap = 24 * MiB;
+    const budget = new DynamoBudget(db.doc, { table, node: 'n1', capacityBytes: cap });
+    expect(await budget.acquire(4 * MiB)).toEqual({ inflight: 4 * MiB });
+    const seen: number[] = [];
+    await Promise.all(
+      Array.from({ length: 150 }, async (_, i) => {
+        const bytes = ((i % 5) + 1) * MiB;
+        const got = await budget.acquire(bytes);
+        if (got === false) return;
+        seen.push(got.inflight);
+        seen.push(await budget.release(bytes));
+      }),
+    );
+    expect(seen.length).toBeGreaterThan(0);
+    for (const v of seen) {
+      expect(v).toBeGreaterThanOrEqual(0);
+      expect(v).toBeLessThanOrEqual(cap);
+    }
+    expect(await budget.inflight()).toBe(4 * MiB);
+  });
+
+  it('refuses a release that would drive it negative, leaving it unchanged', async () => {
+    const table = await db.createTable();
+    const budget = new DynamoBudget(db.doc, { table, node: 'n1', capacityBytes: 8 * MiB });
+    await budget.acquire(MiB);
+    await expect(budget.release(2 * MiB)).rejects.toBeInstanceOf(StateConflictError);
+    expect(await budget.inflight()).toBe(MiB);
+    await expect(budget.acquire(9 * MiB)).rejects.toThrow(/can never fit/);
+  });
+});
+
+describe('DynamoGrants and DynamoWindows', () => {
+  async function setup(capacityBytes = 64 * MiB, windowBytes = 32 * MiB) {
+    const table = await db.createTable();
+    const budget = new DynamoBudget(db.doc, { table, node: 'n1', capacityBytes });
+    const windows = new DynamoWindows(db.doc, { table });
+    const grants = new DynamoGrants(db.doc, { table }, budget);
+    await windows.putWindow('web', 'os', { level: 2, windowBytes, updatedAt: 0 }, undefined);
+    return { table, budget, windows, grants };
+  }
+  const req = (seq: number, owner: string, expiresAt: number, bytes = MiB) => ({
+    set: 'web',
+    disk: 'os',
+    seq,
+    bytes,
+    owner,
+    expiresAt,
+    now: 0,
+  });
+
+  it('reclaims an expired lease exactly once under 8 concurrent reclaimers', async () => {
+    const { budget, windows, grants } = await setup();
+    await budget.acquire(5 * MiB); // another disk's bytes: must come through untouched
+    const before = await budget.inflight();
+    expect((await grants.grantLease(req(1, 'worker-a', 1000, MiB))).granted).toBe(true);
+    expect((await grants.grantLease(req(2, 'worker-b', 5000, 2 * MiB))).granted).toBe(true);
+    expect(await budget.inflight()).toBe(before + 3 * MiB);
+
+    const reclaimed = (
+      await Promise.all(Array.from({ length: 8 }, () => grants.reclaimExpired('web', 2000)))
+    ).flat();
+
+    expect(reclaimed.map((l) => l.seq)).toEqual([1]);
+    expect(await budget.inflight()).toBe(before + 2 * MiB);
+    expect((await windows.getWindow('web', 'os'))?.inflight).toBe(2 * MiB);
+    // The crashed worker's late completion finds its lease gone and returns nothing twice.
+    expect(await grants.completeGrant('web', 'os', 1, 'worker-a')).toBeUndefined();
+    expect(await grants.completeGrant('web', 'os', 2, 'worker-a')).toBeUndefined();
+    expect((await grants.completeGrant('web', 'os', 2, 'worker-b'))?.bytes).toBe(2 * MiB);
+    expect(await budget.inflight()).toBe(before);
+    expect((await windows.getWindow('web', 'os'))?.inflight).toBe(0);
+  });
+
+  it('leaves a renewed lease alone and lets completion and reclamation race with one winner', async () => {
+    const { budget, grants } = await setup();
+    await grants.grantLease(req(1, 'w', 1000));
+    expect(await grants.renewGrant('web', 'os', 1, 'w', 9000)).toBe(true);
+    expect(await grants.renewGrant('web', 'os', 1, 'other', 9000)).toBe(false);
+    expect(await grants.reclaimExpired('web', 2000)).toEqual([]);
+    const [completed, ...reclaims] = await Promise.all([
+      grants.completeGrant('web', 'os', 1, 'w'),
+      ...Array.from({ length: 4 }, () => grants.reclaimExpired('web', 10_000)),
+    ]);
+    const winners = (completed ? 1 : 0) + reclaims.flat().length;
+    expect(winners).toBe(1);
+    expect(await budget.inflight()).toBe(0);
+  });
+
+  it('answers window, budget and duplicate without leaking reserved bytes', async () => {
+    const { budget, windows, grants } = await setup(6 * MiB, 4 * MiB);
+    expect(await grants.grantLease(req(1, 'w', 100, 3 * MiB))).toMatchObject({
+      granted: true,
+      budgetInflight: 3 * MiB,
+    });
+    expect(await grants.grantLease(req(2, 'w', 100, 2 * MiB))).toEqual({ granted: false, reason: 'window' });
+    expect(await grants.grantLease(req(1, 'w2', 100, MiB))).toEqual({ granted: false, reason: 'duplicate' });
+    await windows.putWindow('web', 'data', { level: 0, windowBytes: 16 * MiB, updatedAt: 0 }, undefined);
+    expect(await grants.grantLease({ ...req(1, 'w', 100, 4 * MiB), disk: 'data' })).toEqual({
+      granted: false,
+      reason: 'budget',
+    });
+    expect(await budget.inflight()).toBe(3 * MiB);
+    expect((await windows.getWindow('web', 'os'))?.inflight).toBe(3 * MiB);
+    expect((await windows.getWindow('web', 'data'))?.inflight).toBe(0);
+    await expect(grants.grantLease({ ...req(1, 'w', 100), disk: 'nope' })).rejects.toThrow(/no window state/);
+  });
+
+  it('changes a window only from the version read, keeping its in-flight bytes', async () => {
+    const { windows, grants } = await setup();
+    await grants.grantLease(req(1, 'w', 100, 3 * MiB));
+    const v1 = await windows.getWindow('web', 'os');
+    expect(v1).toMatchObject({ level: 2, windowBytes: 32 * MiB, version: 1, inflight: 3 * MiB });
+    const v2 = await windows.putWindow('web', 'os', { level: 3, windowBytes: 48 * MiB, updatedAt: 5 }, 1);
+    expect(v2).toEqual({ level: 3, windowBytes: 48 * MiB, inflight: 3 * MiB, updatedAt: 5, version: 2 });
+    await expect(
+      windows.putWindow('web', 'os', { level: 1, windowBytes: 24 * MiB, updatedAt: 6 }, 1),
+    ).rejects.toThrow(/no longer version 1: concurrent modification/);
+    await expect(
+      windows.putWindow('web', 'os', { level: 1, windowBytes: 24 * MiB, updatedAt: 6 }, undefined),
+    ).rejects.toBeInstanceOf(StateConflictError);
+  });
+
+  it('never reserves past a window under 60 concurrent grants', async () => {
+    const { budget, windows, grants } = await setup(256 * MiB, 16 * MiB);
+    const results = await Promise.all(
+      Array.from({ length: 60 }, (_, i) => grants.grantLease(req(i, `w${i}`, 100))),
+    );
+    const granted = results.filter((r) => r.granted).length;
+    expect(granted).toBeGreaterThan(0);
+    expect(granted).toBeLessThanOrEqual(16);
+    expect((await windows.getWindow('web', 'os'))?.inflight).toBe(granted * MiB);
+    expect(await budget.inflight()).toBe(granted * MiB);
+  });
+});
+
+describe('DynamoPlanLocks', () => {
+  it('excludes a second owner until expiry, then allows takeover with a larger fence', async () => {
+    const locks = new DynamoPlanLocks(db.doc, { table: await db.createTable() });
+    const a = await locks.acquirePlanLock('gold', 'cycle-a', 1000, 0);
+    expect(a).toMatchObject({ owner: 'cycle-a', lockExpiresAt: 1000, fence: 1 });
+    expect(await locks.acquirePlanLock('gold', 'cycle-b', 1000, 500)).toBeUndefined();
+    expect((await locks.renewPlanLock('gold', 'cycle-a', 1000, 500))?.lockExpiresAt).toBe(1500);
+    expect(await locks.acquirePlanLock('gold', 'cycle-b', 1000, 1499)).toBeUndefined();
+
+    const b = await locks.acquirePlanLock('gold', 'cycle-b', 1000, 1500);
+    expect(b).toMatchObject({ owner: 'cycle-b', fence: 2 });
+    expect(await locks.renewPlanLock('gold', 'cycle-a', 1000, 1600)).toBeUndefined();
+    expect(await locks.releasePlanLock('gold', 'cycle-a')).toBe(false);
+    expect(await locks.releasePlanLock('gold', 'cycle-b')).toBe(true);
+    expect(await locks.getPlanLock('gold')).toBeUndefined();
+    expect(await locks.renewPlanLock('gold', 'cycle-b', 1000, 1700)).toBeUndefined();
+
+    const c = await locks.acquirePlanLock('gold', 'cycle-c', 1000, 1700);
+    expect(c?.fence).toBe(3);
+  });
+
+  it('lets exactly one of 8 concurrent cycles take a free lock', async () => {
+    const locks = new DynamoPlanLocks(db.doc, { table: await db.createTable() });
+    const results = await Promise.all(
+      Array.from({ length: 8 }, (_, i) => locks.acquirePlanLock('gold', `cycle-${i}`, 60_000, 0)),
+    );
+    const won = results.filter((r) => r !== undefined);
+    expect(won).toHaveLength(1);
+    expect((await locks.getPlanLock('gold'))?.owner).toBe(won[0]?.owner);
+  });
+});
+
+describe('DynamoDB errors (SDK mock)', () => {
+  const mocked = () => {
+    const doc = DynamoDBDocumentClient.from(
+      new DynamoDBClient({ region: 'us-east-1', credentials: { accessKeyId: 'x', secretAccessKey: 'y' } }),
+    );
+    return { doc, mock: mockClient(doc) };
+  };
+
+  it('turns throttling into a retryable, throttled TransferError', async () => {
+    const { doc, mock } = mocked();
+    mock
+      .on(GetCommand)
+      .rejects(new ThrottlingException({ message: 'Rate exceeded', $metadata: {} }))
+      .on(UpdateCommand)
+      .rejects(new ProvisionedThroughputExceededException({ message: 'slow down', $metadata: {} }));
+    const store = new DynamoStateStore(doc, 'ferry-prod');
+    const budget = new DynamoBudget(doc, { table: 'ferry-prod', node: 'n1', capacityBytes: 8 * MiB });
+
+    for (const call of [store.loadProgress('s', 'd'), budget.acquire(MiB)]) {
+      const err = await call.catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(TransferError);
+      expect(err).toMatchObject({ retryable: true, throttled: true });
+      expect((err as Error).message).toMatch(/table ferry-prod.*throttled/);
+    }
+  });
+
+  it('turns access denied into a permanent error naming the table, and a server error into a retryable one', async () => {
+    const { doc, mock } = mocked();
+    const denied = Object.assign(new Error('User is not authorized to perform: dynamodb:PutItem'), {
+      name: 'AccessDeniedException',
+      $metadata: {},
+    });
+    mock
+      .on(PutCommand)
+      .rejects(denied)
+      .on(GetCommand)
+      .rejects(new InternalServerError({ message: 'oops', $metadata: {} }));
+    const store = new DynamoStateStore(doc, 'ferry-prod');
+
+    const err = await store.publishCheckpoint(checkpoint('web', 1)).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(TransferError);
+    expect(err).toMatchObject({ retryable: false, throttled: false });
+    expect((err as Error).message).toMatch(/PutItem on table ferry-prod .*AccessDeniedException/);
+    expect((err as Error).cause).toBe(denied);
+
+    const transient = await store.loadProgress('s', 'd').catch((e: unknown) => e);
+    expect(transient).toMatchObject({ name: 'TransferError', retryable: true, throttled: false });
+  });
+});
