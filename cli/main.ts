@@ -3,7 +3,7 @@ import { readFile } from 'node:fs/promises';
 import { Command, Option } from 'commander';
 import { ConfigError, errorMessage, FerryError } from '../shared/engine/errors.ts';
 import type { ReplicationResult } from '../shared/engine/replicate.ts';
-import { formatBytes } from '../shared/engine/units.ts';
+import { formatBytes, parseSize } from '../shared/engine/units.ts';
 import { verifyFileImage } from '../shared/local/file-target.ts';
 import { type JobSpec, parseJobSpec, runLocalJob } from '../shared/local/run.ts';
 import { LocalStateStore } from '../shared/local/state-dir.ts';
@@ -116,6 +116,43 @@ program
   .action(async (o) => {
     const ok = await runDemo({ dir: o.dir, json: Boolean(o.json), scale: o.scale, log: out });
     if (!ok) process.exitCode = 1;
+  });
+
+program
+  .command('serve')
+  .description('run a replication node: sources replicate to it with --target ferry://HOST:PORT/DISK')
+  .requiredOption(
+    '--listen <host:port>',
+    'address to listen on, e.g. 127.0.0.1:7790 (port 0 picks a free one)',
+  )
+  .requiredOption('--target-dir <dir>', 'directory of the replicated images, one file per disk')
+  .option('--state <dir>', "where the node records each disk's last commit")
+  .option(
+    '--node-budget <size>',
+    'bytes held for all disks at once (credit plus chunks in flight), e.g. "256MiB"',
+  )
+  .action(async (o) => {
+    const { startNode } = await import('../shared/net/node.ts');
+    const node = await startNode({
+      listen: o.listen,
+      targetDir: o.targetDir,
+      ...(o.state !== undefined ? { stateDir: o.state } : {}),
+      ...(o.nodeBudget !== undefined ? { nodeBudget: parseSize(o.nodeBudget, 'nodeBudget') } : {}),
+      log: err,
+    });
+    out(`ferry node listening on ${node.address}`);
+    const signal = await new Promise<NodeJS.Signals>((resolve) => {
+      const stop = (s: NodeJS.Signals) => {
+        process.off('SIGINT', stop);
+        process.off('SIGTERM', stop);
+        resolve(s);
+      };
+      process.on('SIGINT', stop);
+      process.on('SIGTERM', stop);
+    });
+    err(`ferry node: ${signal}, stopping (sources are told to retry; writes in flight finish)`);
+    await node.close();
+    out('ferry node stopped');
   });
 
 function jobFromFlags(o: Record<string, unknown>): JobSpec {

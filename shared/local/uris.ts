@@ -5,7 +5,7 @@ import { ChangeMapError, ConfigError } from '../engine/errors.ts';
 import type { Extent } from '../engine/extents.ts';
 import type { DiskSource, DiskTarget } from '../engine/ports.ts';
 import { FileSource } from './file-source.ts';
-import { FileTarget } from './file-target.ts';
+import { FILE_TARGET_BLOCK_SIZE, FileTarget } from './file-target.ts';
 
 export async function openSource(uri: string): Promise<DiskSource> {
   if (uri.startsWith('nbd://') || uri.startsWith('nbd+unix://')) {
@@ -16,6 +16,7 @@ export async function openSource(uri: string): Promise<DiskSource> {
 }
 
 export function openTarget(uri: string): DiskTarget {
+  if (uri.startsWith('ferry://')) return remoteTarget(uri);
   if (uri.startsWith('nbd')) {
     throw new ConfigError(
       `target ${uri}: NBD exports are sources; targets are file: images (or ferry:// nodes)`,
@@ -25,6 +26,37 @@ export function openTarget(uri: string): DiskTarget {
     );
   }
   return new FileTarget(filePath(uri, 'target'));
+}
+
+/**
+ * A `ferry://HOST:PORT/DISK` replication node. The network code is loaded on first use, like the
+ * NBD source's; until then the target answers with the URI (without its query) and the node's
+ * block size, which the node confirms when it welcomes the connection.
+ */
+function remoteTarget(uri: string): DiskTarget {
+  let loaded: Promise<DiskTarget> | undefined;
+  let target: DiskTarget | undefined;
+  const load = () => {
+    loaded ??= import('../net/remote-target.ts').then(({ RemoteTarget }) => {
+      target = RemoteTarget.fromUri(uri);
+      return target;
+    });
+    return loaded;
+  };
+  return {
+    get name() {
+      return target?.name ?? uri.replace(/\?.*$/, '');
+    },
+    blockSize: FILE_TARGET_BLOCK_SIZE,
+    open: async (sizeBytes, kind, resume) => (await load()).open(sizeBytes, kind, resume),
+    writeChunk: async (d, data, sha256, signal) => (await load()).writeChunk(d, data, sha256, signal),
+    read: async (offset, length, signal) => (await load()).read(offset, length, signal),
+    commit: async (summary) => (await load()).commit(summary),
+    afterPublish: async () => (await load()).afterPublish?.(),
+    close: async () => {
+      if (loaded) await (await loaded).close();
+    },
+  };
 }
 
 /** `file:/abs`, `file:rel`, `file:///abs`, or a bare path. */

@@ -1,0 +1,797 @@
+// A disk target on a Ferry replication node (`ferry://host:port/disk`), streamed within the node's credit.
+import { randomBytes } from 'node:crypto';
+import net from 'node:net';
+import { performance } from 'node:perf_hooks';
+import type { Descriptor } from '../engine/descriptors.ts';
+import { AbortedError, ConfigError, errorMessage, FerryError, TransferError } from '../engine/errors.ts';
+import type { CopyKind, DiskCommit, DiskTarget } from '../engine/ports.ts';
+import {
+  type ChunkMeta,
+  diskNameProblem,
+  encodeChunkHead,
+  encodeFrame,
+  extentBatches,
+  type Frame,
+  type FrameOf,
+  FrameReader,
+  MAX_CHUNK_BYTES,
+  PROTOCOL_BLOCK_SIZE,
+  PROTOCOL_VERSION,
+  SESSION_ID_BYTES,
+} from './protocol.ts';
+
+/** Connections per disk when the URI does not say: enough to keep a long, fat link busy. */
+export const DEFAULT_CONNECTIONS = 4;
+/** More connections than this only adds sockets, not throughput. */
+export const MAX_CONNECTIONS = 16;
+// Connect plus HELLO/WELCOME must finish within this; a node that accepts but never answers is down.
+const DEFAULT_CONNECT_TIMEOUT_MS = 10_000;
+// Credit left unused this long goes back to the node, so a disk that has finished (and waits for
+// the other disks before its commit) does not hold budget that busy disks need. Far longer than
+// the gap between two chunks of a running disk; the price of a wrong guess is one WANT round trip.
+const DEFAULT_IDLE_RELEASE_MS = 500;
+// Reconnect backoff: from 50 ms, doubling, at most 2 s: a dropped connection is back within a round
+// trip or two, and a node that is down is probed every 2 s, well inside the engine's retry budget.
+const RECONNECT_BASE_MS = 50;
+const RECONNECT_MAX_MS = 2_000;
+// Opening a disk and committing it are not retried by the engine: do it here, a few times. Six
+// attempts span about 1.5 s of backoff: a node that has not yet seen a crashed source's connections
+// close (disk "busy") or that is restarting gets that long.
+const OPEN_ATTEMPTS = 6;
+const CONTROL_ATTEMPTS = 6;
+const KEEPALIVE_MS = 15_000;
+// close() waits this long for the node to hang up after CLOSE before destroying the sockets.
+const CLOSE_LINGER_MS = 2_000;
+
+export interface FerryUri {
+  readonly host: string;
+  readonly port: number;
+  readonly disk: string;
+  readonly connections: number;
+  /** The URI for messages and checkpoints: no client tuning. */
+  readonly name: string;
+}
+
+export interface RemoteTargetOptions {
+  readonly connections?: number;
+  readonly connectTimeoutMs?: number;
+  readonly idleReleaseMs?: number;
+}
+
+/** Parses `ferry://host:port/disk[?connections=N]`. */
+export function parseFerryUri(uri: string): FerryUri {
+  const fail = (why: string): never => {
+    throw new ConfigError(`target ${uri} ${why}`, { setting: 'target' });
+  };
+  let url: URL;
+  try {
+    url = new URL(uri);
+  } catch {
+    return fail('is not a valid URI (expected ferry://HOST:PORT/DISK)');
+  }
+  if (url.protocol !== 'ferry:') fail('is not a ferry:// URI');
+  if (url.username !== '' || url.password !== '') fail('must not carry a user or password');
+  if (url.hash !== '') fail('must not have a #fragment');
+  if (url.hostname === '') fail('has no host');
+  if (url.port === '') fail('has no port (ferry://HOST:PORT/DISK)');
+  const port = Number(url.port);
+  if (!(port >= 1 && port <= 65535)) fail(`has port ${url.port}`);
+  let disk: string;
+  try {
+    disk = decodeURIComponent(url.pathname.replace(/^\//, ''));
+  } catch {
+    return fail('has a badly %-encoded disk name');
+  }
+  const problem = diskNameProblem(disk);
+  if (problem !== undefined) fail(`names disk "${disk}", which ${problem}`);
+  let connections = DEFAULT_CONNECTIONS;
+  for (const [key, value] of url.searchParams) {
+    if (key !== 'connections') fail(`has an unknown parameter "${key}" (allowed: connections)`);
+    const n = /^\d{1,2}$/.test(value) ? Number(value) : Number.NaN;
+    if (!(n >= 1 && n <= MAX_CONNECTIONS)) fail(`has connections=${value}; expected 1..${MAX_CONNECTIONS}`);
+    connections = n;
+  }
+  // WHATWG URLs keep IPv6 literals in brackets; sockets want them bare.
+  const host = url.hostname.replace(/^\[(.*)\]$/, '$1');
+  return { host, port, disk, connections, name: `ferry://${url.hostname}:${port}/${disk}` };
+}
+
+/** A chunk handed to writeChunk, from queueing until the node answers for it. */
+interface Chunk {
+  readonly descriptor: Descriptor;
+  readonly data: Uint8Array;
+  readonly sha256: string;
+  /** It had to wait for credit: the node's window, not the source, was the limit. */
+  waited: boolean;
+  /** A WANT was sent for it (sent again if the connection that carried it is lost). */
+  wanted: boolean;
+  settled: boolean;
+  readonly settle: (err?: Error) => void;
+}
+
+/** One TCP connection to the node. */
+class Link {
+  conn = 0;
+  incarnation = '';
+  alive = false;
+  dead = false;
+  /** Chunks sent and not answered, by tag. */
+  readonly pending = new Map<number, Chunk>();
+  /** Bytes of `pending` (the least loaded connection takes the next chunk). */
+  outstanding = 0;
+  /** Credit this connection consumed (chunks, releases): compared with the node's loss report. */
+  consumed = 0;
+  nextTag = 1;
+  error: Error | undefined;
+  /** A commit-phase request waiting for its answer. */
+  control:
+    | { expect: 'committed' | 'done'; resolve: (f: Frame) => void; reject: (e: Error) => void }
+    | undefined;
+  readonly closed: Promise<void>;
+  reader!: FrameReader;
+
+  constructor(readonly socket: net.Socket) {
+    this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
+  }
+}
+
+export class RemoteTarget implements DiskTarget {
+  readonly name: string;
+  readonly blockSize = PROTOCOL_BLOCK_SIZE;
+  private readonly uri: FerryUri;
+  private readonly desired: number;
+  private readonly connectTimeoutMs: number;
+  private readonly idleReleaseMs: number;
+  /** Identifies this source's session for the disk; every connection presents it. */
+  private readonly session = randomBytes(SESSION_ID_BYTES).toString('hex');
+  private sizeBytes = 0;
+  private kind: CopyKind = 'full';
+  private opened = false;
+  private closed = false;
+  /** A failure no retry can fix (refused by the node): every later call fails with it. */
+  private fatal: Error | undefined;
+  private incarnation: string | undefined;
+  /** Credit: cumulative bytes granted by the node (as last heard) and consumed by this source. */
+  private granted = 0;
+  private consumed = 0;
+  private nodeWindow = 0;
+  private maxChunkBytes = MAX_CHUNK_BYTES;
+  /** Counts WANTs and RELEASEs so the node can tell which came last. */
+  private order = 0;
+  private readonly links = new Set<Link>();
+  private readonly connecting = new Set<Link>();
+  /** Chunks waiting for credit or a connection, in arrival order. */
+  private readonly queue: Chunk[] = [];
+  /** Lost connections awaiting the node's report of what it admitted from them: conn -> consumed. */
+  private readonly lost = new Map<number, number>();
+  /** Reports of lost connections not yet known here as lost: conn -> admitted. */
+  private readonly reports = new Map<number, number>();
+  private readonly linkWaiters: { resolve: (link: Link) => void; reject: (err: Error) => void }[] = [];
+  private maintaining = false;
+  /** Backoff waits in progress (reconnect, open, commit): close() ends them at once. */
+  private readonly pauses = new Set<() => void>();
+  private idleTimer: NodeJS.Timeout | undefined;
+  private lastActivity = 0;
+  private readonly aborts = new WeakMap<AbortSignal, Set<Chunk>>();
+
+  constructor(uri: FerryUri, opts: RemoteTargetOptions = {}) {
+    this.uri = uri;
+    this.name = uri.name;
+    this.desired = opts.connections ?? uri.connections;
+    this.connectTimeoutMs = opts.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
+    this.idleReleaseMs = opts.idleReleaseMs ?? DEFAULT_IDLE_RELEASE_MS;
+  }
+
+  static fromUri(uri: string, opts: RemoteTargetOptions = {}): RemoteTarget {
+    return new RemoteTarget(parseFerryUri(uri), opts);
+  }
+
+  /** What the source knows of the node's flow control, for progress and tests. */
+  stats(): {
+    connections: number;
+    granted: number;
+    consumed: number;
+    available: number;
+    nodeWindow: number;
+    queued: number;
+  } {
+    return {
+      connections: this.links.size,
+      granted: this.granted,
+      consumed: this.consumed,
+      available: this.granted - this.consumed,
+      nodeWindow: this.nodeWindow,
+      queued: this.queue.length,
+    };
+  }
+
+  async open(sizeBytes: number, kind: CopyKind, resume: boolean): Promise<void> {
+    if (this.opened) return;
+    if (this.closed) throw new FerryError(`${this.name}: target used after close()`);
+    this.sizeBytes = sizeBytes;
+    this.kind = kind;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await this.connect(resume);
+        break;
+      } catch (err) {
+        if (!isRetryable(err) || attempt >= OPEN_ATTEMPTS || this.closed) throw err;
+        await this.pause(backoff(attempt));
+      }
+    }
+    this.opened = true;
+    // The other connections join the session; any that fail are retried in the background.
+    await Promise.allSettled(Array.from({ length: this.desired - 1 }, () => this.connect(true)));
+    void this.maintain();
+  }
+
+  writeChunk(descriptor: Descriptor, data: Uint8Array, sha256: string, signal?: AbortSignal): Promise<void> {
+    if (this.fatal) return Promise.reject(this.fatal);
+    if (!this.opened || this.closed) {
+      return Promise.reject(new FerryError(`${this.name}: writeChunk() outside open()..close()`));
+    }
+    if (data.length !== descriptor.bytes || descriptor.bytes > this.maxChunkBytes) {
+      return Promise.reject(
+        new FerryError(
+          `${this.name}: chunk ${descriptor.seq} has ${data.length} bytes of data for ${descriptor.bytes} ` +
+            `(the node takes at most ${this.maxChunkBytes})`,
+          { seq: descriptor.seq, offset: descriptor.offset },
+        ),
+      );
+    }
+    if (signal?.aborted) return Promise.reject(new AbortedError());
+    this.lastActivity = performance.now();
+    return new Promise<void>((resolve, reject) => {
+      const chunk: Chunk = {
+        descriptor,
+        data,
+        sha256,
+        waited: false,
+        wanted: false,
+        settled: false,
+        settle: (err) => {
+          if (chunk.settled) return;
+          chunk.settled = true;
+          if (signal) this.unwatch(signal, chunk);
+          if (err) reject(err);
+          else resolve();
+        },
+      };
+      if (signal) this.watch(signal, chunk);
+      this.queue.push(chunk);
+      this.pump();
+    });
+  }
+
+  /**
+   * One abort listener per signal, not per chunk: the engine passes the same signal to every chunk
+   * of a run, and a window's worth of listeners on it trips Node's leak warning.
+   */
+  private watch(signal: AbortSignal, chunk: Chunk): void {
+    let chunks = this.aborts.get(signal);
+    if (chunks === undefined) {
+      const watched = new Set<Chunk>();
+      chunks = watched;
+      this.aborts.set(signal, watched);
+      signal.addEventListener(
+        'abort',
+        () => {
+          for (const c of [...watched]) {
+            const i = this.queue.indexOf(c);
+            if (i >= 0) this.queue.splice(i, 1);
+            // A chunk already sent stays pending: its ACK still has to be accounted for.
+            c.settle(new AbortedError());
+          }
+        },
+        { once: true },
+      );
+    }
+    chunks.add(chunk);
+  }
+
+  private unwatch(signal: AbortSignal, chunk: Chunk): void {
+    const chunks = this.aborts.get(signal);
+    chunks?.delete(chunk);
+    // The listener stays (it is once-only and holds nothing but this set); forget empty sets only
+    // when the signal has fired, so a later chunk of the same run reuses the listener.
+    if (chunks?.size === 0 && signal.aborted) this.aborts.delete(signal);
+  }
+
+  async read(): Promise<Uint8Array> {
+    throw new FerryError(
+      `${this.name}: a ferry:// target cannot be read from the source; run "ferry verify" on the node host`,
+    );
+  }
+
+  async commit(summary: DiskCommit): Promise<string | undefined> {
+    const reply = await this.control('commit', 'committed', async (link) => {
+      for (const batch of extentBatches(summary.extents)) await this.write(link, encodeFrame(batch));
+      await this.write(
+        link,
+        encodeFrame({
+          type: 'commit',
+          chunks: summary.chunks,
+          bytes: summary.bytes,
+          aggregateSha256: summary.aggregateSha256,
+          extentCount: summary.extents.length,
+        }),
+      );
+    });
+    const ref = (reply as FrameOf<'committed'>).targetRef;
+    return ref === '' ? undefined : ref;
+  }
+
+  async afterPublish(): Promise<void> {
+    await this.control('after publish', 'done', (link) =>
+      this.write(link, encodeFrame({ type: 'after-publish' })),
+    );
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.idleTimer) clearTimeout(this.idleTimer);
+    for (const wake of [...this.pauses]) wake();
+    const err = new FerryError(`${this.name}: target closed`);
+    for (const chunk of this.queue.splice(0)) chunk.settle(err);
+    for (const w of this.linkWaiters.splice(0)) w.reject(err);
+    for (const link of this.connecting) link.socket.destroy();
+    const links = [...this.links];
+    for (const link of links) {
+      if (!link.socket.destroyed) link.socket.end(encodeFrame({ type: 'close' }));
+      const linger = setTimeout(() => link.socket.destroy(), CLOSE_LINGER_MS);
+      linger.unref();
+      void link.closed.then(() => clearTimeout(linger));
+    }
+    await Promise.all([...links, ...this.connecting].map((l) => l.closed));
+  }
+
+  // ---- Connections ----
+
+  /** Opens one connection and says HELLO; resolves once the node welcomed it into the session. */
+  private connect(resume: boolean): Promise<Link> {
+    const socket = net.connect({ host: this.uri.host, port: this.uri.port });
+    socket.setNoDelay(true);
+    socket.setKeepAlive(true, KEEPALIVE_MS);
+    const link = new Link(socket);
+    this.connecting.add(link);
+    return new Promise<Link>((resolve, reject) => {
+      let welcomed = false;
+      const timer = setTimeout(
+        () => lost(this.transferError(`no WELCOME from the node within ${this.connectTimeoutMs} ms`, true)),
+        this.connectTimeoutMs,
+      );
+      const lost = (err: Error) => {
+        clearTimeout(timer);
+        if (welcomed) {
+          this.drop(link, err);
+          return;
+        }
+        this.connecting.delete(link);
+        socket.destroy();
+        reject(err);
+      };
+      link.reader = new FrameReader({
+        from: 'node',
+        onFrame: (frame) => {
+          if (welcomed) {
+            this.onFrame(link, frame);
+            return;
+          }
+          if (frame.type === 'error') {
+            lost(this.transferError(`the node refused the connection: ${frame.reason}`, frame.retryable));
+            return;
+          }
+          if (frame.type !== 'welcome') {
+            lost(
+              this.transferError(
+                `the node answered HELLO with ${frame.type.toUpperCase()}, not WELCOME`,
+                false,
+              ),
+            );
+            return;
+          }
+          clearTimeout(timer);
+          this.connecting.delete(link);
+          if (this.closed) {
+            socket.destroy();
+            reject(new FerryError(`${this.name}: target closed`));
+            return;
+          }
+          const refusal = this.adopt(link, frame);
+          if (refusal) {
+            lost(refusal);
+            return;
+          }
+          welcomed = true;
+          resolve(link);
+        },
+      });
+      socket.on('connect', () => {
+        socket.write(
+          encodeFrame({
+            type: 'hello',
+            version: PROTOCOL_VERSION,
+            disk: this.uri.disk,
+            sizeBytes: this.sizeBytes,
+            kind: this.kind,
+            resume,
+            session: this.session,
+          }),
+        );
+      });
+      socket.on('data', (buf: Buffer) => {
+        try {
+          link.reader.push(buf);
+        } catch (err) {
+          // A node that sends garbage is broken, not unlucky: tell it why and stop using it.
+          const message = errorMessage(err);
+          if (!socket.destroyed)
+            socket.end(encodeFrame({ type: 'error', retryable: false, reason: message }));
+          lost(this.transferError(`malformed frame from the node: ${message}`, false));
+        }
+      });
+      socket.on('error', (err) => {
+        link.error ??= err;
+      });
+      socket.on('close', () => {
+        const why = link.error ? errorMessage(link.error) : 'the node closed the connection';
+        lost(this.transferError(why, true, link.error));
+      });
+    });
+  }
+
+  /** Takes a welcomed connection into the session; returns why it cannot be used, if it cannot. */
+  private adopt(link: Link, welcome: FrameOf<'welcome'>): Error | undefined {
+    if (welcome.blockSize !== this.blockSize) {
+      return this.transferError(
+        `the node writes ${welcome.blockSize}-byte blocks, this source cuts ${this.blockSize}`,
+        false,
+      );
+    }
+    this.maxChunkBytes = Math.min(MAX_CHUNK_BYTES, welcome.maxChunkBytes);
+    link.conn = welcome.conn;
+    link.incarnation = welcome.incarnation;
+    if (welcome.incarnation !== this.incarnation) {
+      // The node started the session afresh (it had lost every connection of it): the old credit,
+      // and every connection still thought alive here, belong to a session that no longer exists.
+      this.incarnation = welcome.incarnation;
+      this.granted = welcome.granted;
+      this.consumed = 0;
+      this.lost.clear();
+      this.reports.clear();
+      for (const old of [...this.links])
+        this.drop(old, this.transferError('the node restarted the session', true));
+    } else {
+      this.granted = Math.max(this.granted, welcome.granted);
+    }
+    this.nodeWindow = welcome.window;
+    link.alive = true;
+    this.links.add(link);
+    for (const w of this.linkWaiters.splice(0)) w.resolve(link);
+    this.pump();
+    return undefined;
+  }
+
+  /** A connection is gone: fail what it carried (retryable), account for its credit, reconnect. */
+  private drop(link: Link, err: Error): void {
+    if (link.dead) return;
+    link.dead = true;
+    link.alive = false;
+    this.links.delete(link);
+    link.socket.destroy();
+    for (const chunk of link.pending.values()) chunk.settle(err);
+    link.pending.clear();
+    link.outstanding = 0;
+    link.control?.reject(err);
+    link.control = undefined;
+    if (link.incarnation === this.incarnation && link.consumed > 0) {
+      const admitted = this.reports.get(link.conn);
+      if (admitted !== undefined) {
+        this.reports.delete(link.conn);
+        this.consumed -= link.consumed - admitted;
+      } else {
+        this.lost.set(link.conn, link.consumed);
+      }
+    }
+    // A WANT may have gone down with it.
+    for (const chunk of this.queue) chunk.wanted = false;
+    if (!isRetryable(err)) this.fatal ??= err;
+    if (!this.closed) void this.maintain();
+    this.pump();
+  }
+
+  /** Keeps `desired` connections open, reconnecting with bounded backoff while the target is open. */
+  private async maintain(): Promise<void> {
+    if (this.maintaining) return;
+    this.maintaining = true;
+    try {
+      let failures = 0;
+      while (!this.closed && !this.fatal && this.links.size < this.desired) {
+        if (failures > 0) await this.pause(backoff(failures));
+        if (this.closed || this.fatal) break;
+        // Connections still being opened elsewhere (open()) are counted; open() calls this again after.
+        const missing = this.desired - this.links.size - this.connecting.size;
+        if (missing <= 0) break;
+        const results = await Promise.allSettled(Array.from({ length: missing }, () => this.connect(true)));
+        const failed = results.filter((r): r is PromiseRejectedResult => r.status === 'rejected');
+        if (failed.length < results.length) {
+          failures = 0;
+          continue;
+        }
+        failures++;
+        const err = failed[0]!.reason as Error;
+        if (!isRetryable(err)) {
+          this.fatal ??= err;
+          break;
+        }
+        // Nothing to send on: let the waiting chunks fail now (retryably) so the engine's retry
+        // policy, not an unbounded wait here, decides how long an outage may last.
+        if (this.links.size === 0)
+          this.failWaiting(this.transferError(`cannot reach the node: ${errorMessage(err)}`, true, err));
+      }
+    } finally {
+      this.maintaining = false;
+      if (this.fatal) this.failWaiting(this.fatal);
+    }
+  }
+
+  private failWaiting(err: Error): void {
+    for (const chunk of this.queue.splice(0)) chunk.settle(err);
+    for (const w of this.linkWaiters.splice(0)) w.reject(err);
+  }
+
+  private pause(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const wake = () => {
+        clearTimeout(timer);
+        this.pauses.delete(wake);
+        resolve();
+      };
+      const timer = setTimeout(wake, ms);
+      this.pauses.add(wake);
+    });
+  }
+
+  // ---- Frames from the node ----
+
+  private onFrame(link: Link, frame: Frame): void {
+    switch (frame.type) {
+      case 'ack':
+      case 'nack': {
+        const chunk = link.pending.get(frame.tag);
+        if (chunk === undefined)
+          throw new FerryError(`${frame.type.toUpperCase()} for tag ${frame.tag}, which is not in flight`);
+        link.pending.delete(frame.tag);
+        link.outstanding -= chunk.descriptor.bytes;
+        this.granted = Math.max(this.granted, frame.granted);
+        chunk.settle(frame.type === 'ack' ? undefined : this.nackError(frame, chunk.descriptor));
+        this.pump();
+        return;
+      }
+      case 'grant':
+        this.granted = Math.max(this.granted, frame.granted);
+        this.nodeWindow = frame.window;
+        this.pump();
+        return;
+      case 'conn-closed': {
+        if (link.incarnation !== this.incarnation) return;
+        const consumed = this.lost.get(frame.conn);
+        if (consumed !== undefined) {
+          this.lost.delete(frame.conn);
+          this.consumed -= consumed - frame.admitted;
+          this.pump();
+        } else if (this.reports.size < 10_000) {
+          // Reports repeat (to every connection, and to every joiner); only the first counts.
+          this.reports.set(frame.conn, frame.admitted);
+        }
+        return;
+      }
+      case 'committed':
+      case 'done': {
+        const control = link.control;
+        if (control === undefined || control.expect !== frame.type) {
+          throw new FerryError(`unexpected ${frame.type.toUpperCase()} frame`);
+        }
+        link.control = undefined;
+        control.resolve(frame);
+        return;
+      }
+      case 'error':
+        this.drop(link, this.transferError(`the node reported: ${frame.reason}`, frame.retryable));
+        return;
+      default:
+        throw new FerryError(`unexpected ${frame.type.toUpperCase()} frame`);
+    }
+  }
+
+  private nackError(frame: FrameOf<'nack'>, d: Descriptor): Error {
+    const where = `chunk ${d.seq} at offset ${d.offset}`;
+    const ctx = { seq: d.seq, offset: d.offset };
+    switch (frame.code) {
+      case 'checksum':
+        return new TransferError(
+          `${this.name}: the node received ${where} corrupted (checksum mismatch); not written`,
+          {
+            ...ctx,
+            retryable: true,
+          },
+        );
+      case 'throttled':
+        return new TransferError(`${this.name}: the node is busy: ${frame.reason}`, {
+          ...ctx,
+          retryable: true,
+          throttled: true,
+        });
+      case 'write-retryable':
+      case 'write-failed':
+        return new TransferError(`${this.name}: the node could not write ${where}: ${frame.reason}`, {
+          ...ctx,
+          retryable: frame.code === 'write-retryable',
+        });
+    }
+  }
+
+  // ---- Sending ----
+
+  /** Sends queued chunks while the credit lasts, each on the least loaded connection. */
+  private pump(): void {
+    if (this.fatal) this.failWaiting(this.fatal);
+    while (this.queue.length > 0 && this.links.size > 0) {
+      const head = this.queue[0]!;
+      if (this.granted - this.consumed < head.descriptor.bytes) {
+        // Everything queued is held back by the node's credit: the node's window is the limit.
+        for (const chunk of this.queue) chunk.waited = true;
+        if (!head.wanted) {
+          head.wanted = true;
+          this.sendControl({ type: 'want', bytes: head.descriptor.bytes, order: ++this.order });
+        }
+        break;
+      }
+      this.queue.shift();
+      this.send(this.leastLoaded(), head);
+    }
+    this.armIdleRelease();
+  }
+
+  private leastLoaded(): Link {
+    let best: Link | undefined;
+    for (const link of this.links) if (best === undefined || link.outstanding < best.outstanding) best = link;
+    return best!;
+  }
+
+  private send(link: Link, chunk: Chunk): void {
+    const d = chunk.descriptor;
+    const tag = link.nextTag;
+    link.nextTag = tag >= 0xffffffff ? 1 : tag + 1;
+    const meta: ChunkMeta = {
+      tag,
+      seq: d.seq,
+      offset: d.offset,
+      bytes: d.bytes,
+      waited: chunk.waited,
+      sha256: chunk.sha256,
+      extents: d.extents,
+    };
+    let head: Buffer;
+    try {
+      head = encodeChunkHead(meta, this.maxChunkBytes);
+    } catch (err) {
+      chunk.settle(
+        new FerryError(`${this.name}: chunk ${d.seq} cannot be sent: ${errorMessage(err)}`, {
+          seq: d.seq,
+          cause: err,
+        }),
+      );
+      return;
+    }
+    this.consumed += d.bytes;
+    link.consumed += d.bytes;
+    link.outstanding += d.bytes;
+    link.pending.set(tag, chunk);
+    // Credit bounds what sits in socket buffers: no more than the node granted is ever written.
+    link.socket.cork();
+    link.socket.write(head);
+    link.socket.write(chunk.data);
+    link.socket.uncork();
+  }
+
+  /** WANT and RELEASE go on any live connection; their `order` sorts them out at the node. */
+  private sendControl(frame: FrameOf<'want'> | FrameOf<'release'>): Link | undefined {
+    for (const link of this.links) {
+      if (link.socket.destroyed) continue;
+      link.socket.write(encodeFrame(frame));
+      return link;
+    }
+    return undefined;
+  }
+
+  private armIdleRelease(): void {
+    if (this.idleTimer || this.closed || this.queue.length > 0 || this.granted <= this.consumed) return;
+    const wait = Math.max(0, this.lastActivity + this.idleReleaseMs - performance.now());
+    this.idleTimer = setTimeout(() => {
+      this.idleTimer = undefined;
+      if (this.queue.length > 0 || this.closed) return;
+      if (performance.now() - this.lastActivity < this.idleReleaseMs) {
+        this.armIdleRelease();
+        return;
+      }
+      const unused = this.granted - this.consumed;
+      if (unused <= 0) return;
+      const link = this.sendControl({ type: 'release', bytes: unused, order: ++this.order });
+      if (link === undefined) return;
+      this.consumed += unused;
+      link.consumed += unused;
+    }, wait);
+    // Giving credit back is a courtesy to other disks; it must not keep a finished process alive.
+    this.idleTimer.unref();
+  }
+
+  /** Writes with backpressure: waits for the socket to drain (or fails if the connection is lost). */
+  private async write(link: Link, buf: Buffer): Promise<void> {
+    if (link.dead) throw link.error ?? this.transferError('the connection was lost', true);
+    if (link.socket.write(buf)) return;
+    await new Promise<void>((resolve, reject) => {
+      const onDrain = () => {
+        link.socket.off('close', onClose);
+        resolve();
+      };
+      const onClose = () => {
+        link.socket.off('drain', onDrain);
+        reject(this.transferError('the connection was lost', true));
+      };
+      link.socket.once('drain', onDrain);
+      link.socket.once('close', onClose);
+    });
+  }
+
+  /** A commit-phase request: idempotent at the node, so retried on another connection if one is lost. */
+  private async control(
+    what: string,
+    expect: 'committed' | 'done',
+    send: (link: Link) => Promise<void>,
+  ): Promise<Frame> {
+    for (let attempt = 1; ; attempt++) {
+      if (this.fatal) throw this.fatal;
+      if (this.closed) throw new FerryError(`${this.name}: target closed`);
+      try {
+        const link = await this.anyLink();
+        const reply = new Promise<Frame>((resolve, reject) => {
+          link.control = { expect, resolve, reject };
+        });
+        reply.catch(() => {}); // observed below; a send failure must not leave it unhandled
+        await send(link);
+        return await reply;
+      } catch (err) {
+        if (!isRetryable(err) || attempt >= CONTROL_ATTEMPTS) {
+          throw err instanceof FerryError
+            ? err
+            : this.transferError(`${what} failed: ${errorMessage(err)}`, false, err);
+        }
+        await this.pause(backoff(attempt));
+      }
+    }
+  }
+
+  private anyLink(): Promise<Link> {
+    for (const link of this.links) return Promise.resolve(link);
+    void this.maintain();
+    return new Promise((resolve, reject) => this.linkWaiters.push({ resolve, reject }));
+  }
+
+  private transferError(message: string, retryable: boolean, cause?: unknown): TransferError {
+    return new TransferError(`${this.name}: ${message}`, {
+      retryable,
+      ...(cause === undefined ? {} : { cause }),
+    });
+  }
+}
+
+function isRetryable(err: unknown): boolean {
+  return err instanceof TransferError && err.retryable;
+}
+
+/** Full jitter over an exponential ceiling, like the engine's retry. */
+function backoff(attempt: number): number {
+  return Math.floor(Math.random() * Math.min(RECONNECT_MAX_MS, RECONNECT_BASE_MS * 2 ** attempt));
+}
