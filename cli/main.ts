@@ -32,7 +32,12 @@ program
     collect,
     [],
   )
-  .option('--target <uri>', 'target image: file:PATH (repeatable, one per --source)', collect, [])
+  .option(
+    '--target <uri>',
+    'target: file:PATH image or ferry://HOST:PORT/DISK node (repeatable, one per --source)',
+    collect,
+    [],
+  )
   .option(
     '--changed <file>',
     'changed extents (JSON [{offset,length}]) per --source; omit for a full copy',

@@ -75,7 +75,7 @@ export async function runLocalJob(spec: JobSpec, opts: LocalRunOptions): Promise
         changed,
       });
     }
-    const params = resolveParams(spec.params, { targetBlockSize: blockSize });
+    const params = resolveParams(sourceSideParams(spec, blockSize), { targetBlockSize: blockSize });
     return await replicate(
       { set: spec.set, disks, params },
       {
@@ -89,4 +89,17 @@ export async function runLocalJob(spec: JobSpec, opts: LocalRunOptions): Promise
   } finally {
     await Promise.allSettled([...sources.map((s) => s.close()), ...targets.map((t) => t.close())]);
   }
+}
+
+/**
+ * Toward Ferry nodes the node is the flow control: it measures the link and grants credit from
+ * its own adaptive controller. A second controller on this side would steer on latency that
+ * includes waiting for credit, so unless the job says otherwise the source keeps a fixed window at
+ * the top level and lets the node's credit be the limit.
+ */
+function sourceSideParams(spec: JobSpec, targetBlockSize: number): Record<string, unknown> {
+  const remote = spec.disks.every((d) => d.target.startsWith('ferry://'));
+  if (!remote || 'window' in spec.params || 'adaptive' in spec.params) return spec.params;
+  const levels = resolveParams(spec.params, { targetBlockSize }).windowLevels;
+  return { ...spec.params, window: levels[levels.length - 1], adaptive: false };
 }
