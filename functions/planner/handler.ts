@@ -1,0 +1,57 @@
+// Planner Lambda: `prepare` opens a cycle, `tick` keeps it moving. A composition root only: parse the
+// event, build adapters once per container, call the planner logic.
+import type { Context } from 'aws-lambda';
+import {
+  type PlannerEnv,
+  type PrepareResult,
+  parseContract,
+  parseEnvironment,
+  plannerEventSchema,
+  type TickResult,
+} from '../contracts.ts';
+import { ebsPorts } from '../shared/ebs-binding.ts';
+import { type PlannerDeps, prepare, tick } from '../shared/planner.ts';
+import { clients, invoke, type Observability, powertools, remainingTime } from '../shared/runtime.ts';
+import { plannerDeps } from '../shared/wiring.ts';
+
+export interface PlannerRuntime {
+  readonly deps: PlannerDeps;
+  readonly obs: Observability;
+}
+
+/** The handler over given dependencies (the Lambda entry below, tests and the local run). */
+export function createPlannerHandler(runtime: () => PlannerRuntime) {
+  return async (event: unknown, context?: Context): Promise<PrepareResult | TickResult> => {
+    const { deps, obs } = runtime();
+    return invoke(obs, context, async (annotate) => {
+      const e = parseContract(plannerEventSchema, event, 'planner event');
+      annotate({ action: e.action, plan: e.cycle.plan, set: e.cycle.set, cycleId: e.cycle.cycleId });
+      const d: PlannerDeps = { ...deps, remainingMs: remainingTime(context) };
+      return e.action === 'prepare' ? prepare(d, e.cycle) : tick(d, e.cycle);
+    });
+  };
+}
+
+let container: PlannerRuntime | undefined;
+
+function fromEnvironment(): PlannerRuntime {
+  const env: PlannerEnv = parseEnvironment('planner', process.env);
+  const obs = powertools('ferry-planner');
+  const deps = plannerDeps(
+    {
+      dynamo: clients.dynamo(),
+      sqs: clients.sqs(),
+      ebs: ebsPorts(clients.ebs()),
+      log: obs.log,
+      meter: obs.meter,
+    },
+    env,
+  );
+  return { deps, obs };
+}
+
+/** Lambda entry: `{ action: 'prepare', cycle: CycleInput }` or `{ action: 'tick', cycle: CycleRef }`. */
+export const handler = createPlannerHandler(() => {
+  container ??= fromEnvironment();
+  return container;
+});

@@ -1,0 +1,196 @@
+// The snapshot differ: lists a source disk's changed blocks (or every block, for a first copy), cuts
+// them into descriptors with the engine's cutter and stores them in DynamoDB pages. Resumable at any
+// page boundary, so a disk of any size is diffed in invocations of bounded length.
+import { cutDescriptors } from '../../shared/engine/descriptors.ts';
+import { ChangeMapError } from '../../shared/engine/errors.ts';
+import type { Extent } from '../../shared/engine/extents.ts';
+import type { DifferResult, DiffTask } from '../contracts.ts';
+import type { CycleDiskRecord, CycleStore } from './cycle-store.ts';
+import { blockIndexes, MAX_BLOCK_TOKEN_CHARS, type PlannedDescriptor } from './descriptor-pages.ts';
+import { CycleStateError } from './errors.ts';
+import {
+  type ChangeLister,
+  EBS_BLOCK_SIZE,
+  type Log,
+  type Meter,
+  type Now,
+  type SourceBlockRef,
+} from './ports.ts';
+
+export interface DifferDeps {
+  readonly store: CycleStore;
+  readonly lister: ChangeLister;
+  readonly now: Now;
+  readonly log: Log;
+  readonly meter: Meter;
+  /** Milliseconds left in this invocation (Lambda context); the differ stops `marginMs` before. */
+  readonly remainingMs: () => number;
+  readonly marginMs: number;
+}
+
+/** Merges ascending block indexes into byte extents (adjacent blocks become one extent). */
+function blocksToExtents(blocks: readonly SourceBlockRef[]): Extent[] {
+  const out: Extent[] = [];
+  let start = -1;
+  let end = -1;
+  for (const b of blocks) {
+    if (b.index === end) {
+      end++;
+      continue;
+    }
+    if (end > start) out.push({ offset: start * EBS_BLOCK_SIZE, length: (end - start) * EBS_BLOCK_SIZE });
+    start = b.index;
+    end = b.index + 1;
+  }
+  if (end > start) out.push({ offset: start * EBS_BLOCK_SIZE, length: (end - start) * EBS_BLOCK_SIZE });
+  return out;
+}
+
+function result(rec: CycleDiskRecord, done: boolean): DifferResult {
+  return {
+    set: rec.set,
+    cycleId: rec.cycleId,
+    disk: rec.disk,
+    kind: rec.kind,
+    done,
+    descriptors: rec.diffSeq,
+    blocks: rec.diffBlocks,
+    bytes: rec.diffBytes,
+  };
+}
+
+/**
+ * Diffs one disk of a cycle. Returns counts only (never descriptors); `done: false` means it stopped
+ * before its deadline and must be invoked again with the same task. Idempotent: a repeated or
+ * resumed invocation rewrites the same pages.
+ */
+export async function runDiffer(deps: DifferDeps, task: DiffTask): Promise<DifferResult> {
+  const { store } = deps;
+  let rec = await store.requireCycleDisk(task.set, task.disk, task.cycleId);
+  if (rec.diffDone) return result(rec, true);
+  if (rec.state !== 'active') {
+    throw new CycleStateError(`disk ${rec.disk} of cycle ${rec.cycleId} is ${rec.state}: nothing to diff`, {
+      set: rec.set,
+      cycleId: rec.cycleId,
+      disk: rec.disk,
+    });
+  }
+  const where = { disk: rec.disk };
+  const { chunkSize, perPage } = rec;
+  if (rec.diffSeq % perPage !== 0) {
+    throw new CycleStateError(`differ of disk ${rec.disk} stopped mid-page (seq ${rec.diffSeq})`, {
+      set: rec.set,
+      cycleId: rec.cycleId,
+      disk: rec.disk,
+    });
+  }
+
+  // Blocks listed but not yet in a final descriptor; the last descriptor cut is held back here,
+  // because blocks of the next List page may still fall into its span.
+  let buffer: SourceBlockRef[] = [];
+  // Final descriptors not yet stored (fewer than a page, except just before a page is written).
+  const ready: PlannedDescriptor[] = [];
+  let nextSeq = rec.diffSeq;
+  const startSeq = rec.diffSeq;
+  let lastIndex = rec.diffStartBlock - 1;
+  let blocks = rec.diffBlocks;
+  let bytes = rec.diffBytes;
+
+  const cut = (final: boolean): void => {
+    if (buffer.length === 0) return;
+    const tokens = new Map(buffer.map((b) => [b.index, b.token]));
+    const cutNow = [...cutDescriptors(blocksToExtents(buffer), { chunkSize, startSeq: nextSeq })];
+    const keep = final ? cutNow : cutNow.slice(0, -1);
+    for (const d of keep) {
+      ready.push({ ...d, tokens: blockIndexes(d).map((i) => tokens.get(i)) });
+    }
+    nextSeq += keep.length;
+    if (final) {
+      buffer = [];
+    } else {
+      const heldFrom = Math.floor(cutNow.at(-1)!.offset / EBS_BLOCK_SIZE);
+      buffer = buffer.filter((b) => b.index >= heldFrom);
+    }
+  };
+
+  const storePage = async (count: number, done: boolean): Promise<void> => {
+    const page = ready.splice(0, count);
+    const firstSeq = rec.diffSeq;
+    if (page.length > 0) await store.putDescriptorPage(rec, firstSeq / perPage, page, deps.now());
+    for (const d of page) {
+      blocks += blockIndexes(d).length;
+      bytes += d.bytes;
+    }
+    // Listing resumes where the first descriptor not yet stored starts, or after the last block seen.
+    const resumeAt = ready[0]?.offset ?? (buffer[0] ? buffer[0].index * EBS_BLOCK_SIZE : undefined);
+    rec = await store.saveDiffProgress(rec, {
+      diffSeq: firstSeq + page.length,
+      diffStartBlock: resumeAt === undefined ? lastIndex + 1 : Math.floor(resumeAt / EBS_BLOCK_SIZE),
+      diffBlocks: blocks,
+      diffBytes: bytes,
+      done,
+    });
+    deps.meter.add('DescriptorsStored', 'Count', page.length);
+  };
+
+  const controller = new AbortController();
+  const pages = deps.lister.listBlocks({
+    disk: rec.disk,
+    snapshotId: rec.sourceSnapshotId,
+    previousSnapshotId: rec.previousSourceSnapshotId,
+    startingBlockIndex: rec.diffStartBlock,
+    signal: controller.signal,
+  });
+  try {
+    for await (const page of pages) {
+      if (page.volumeSizeGiB !== rec.volumeSizeGiB) {
+        throw new ChangeMapError(
+          `source snapshot ${rec.sourceSnapshotId} of disk ${rec.disk} is ${page.volumeSizeGiB} GiB, but the cycle was prepared for ${rec.volumeSizeGiB} GiB`,
+          where,
+        );
+      }
+      for (const b of page.blocks) {
+        if (!Number.isSafeInteger(b.index) || b.index <= lastIndex) {
+          throw new ChangeMapError(
+            `listing of snapshot ${rec.sourceSnapshotId} returned block ${b.index} after block ${lastIndex}: blocks must ascend`,
+            { ...where, offset: b.index * EBS_BLOCK_SIZE },
+          );
+        }
+        if (b.token !== undefined && (b.token.length === 0 || b.token.length > MAX_BLOCK_TOKEN_CHARS)) {
+          throw new ChangeMapError(
+            `block token of block ${b.index} of snapshot ${rec.sourceSnapshotId} is ${b.token.length} characters (1-${MAX_BLOCK_TOKEN_CHARS} stored)`,
+            { ...where, offset: b.index * EBS_BLOCK_SIZE },
+          );
+        }
+        lastIndex = b.index;
+        buffer.push(b);
+      }
+      cut(false);
+      while (ready.length >= perPage) await storePage(perPage, false);
+      // Stop only after storing something: an invocation that saved nothing would resume where it
+      // started and never finish.
+      if (deps.remainingMs() < deps.marginMs && rec.diffSeq > startSeq) {
+        deps.log.info('differ stopping before its deadline; invoke again to resume', {
+          disk: rec.disk,
+          descriptors: rec.diffSeq,
+          resumeAtBlock: rec.diffStartBlock,
+        });
+        return result(rec, false);
+      }
+    }
+  } finally {
+    // Stops the lister's paging if we leave early.
+    controller.abort();
+  }
+  cut(true);
+  while (ready.length > perPage) await storePage(perPage, false);
+  await storePage(ready.length, true);
+  deps.log.info('differ done', {
+    disk: rec.disk,
+    kind: rec.kind,
+    descriptors: rec.diffSeq,
+    blocks: rec.diffBlocks,
+    bytes: rec.diffBytes,
+  });
+  return result(rec, true);
+}
