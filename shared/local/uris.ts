@@ -12,6 +12,10 @@ export async function openSource(uri: string): Promise<DiskSource> {
     const { NbdSource } = await import('./nbd/source.ts');
     return NbdSource.open(uri);
   }
+  if (uri.startsWith('ebs://')) {
+    const { openEbsSourceUri } = await import('../aws/ebs/uri.ts');
+    return openEbsSourceUri(uri);
+  }
   return FileSource.open(filePath(uri, 'source'));
 }
 
