@@ -470,7 +470,6 @@ async function pump(
     tick();
   }
 
-  // Durable progress of whatever completed, so a rerun resumes instead of re-sending.
   // Durable progress of whatever completed: after a failure a rerun resumes instead of re-sending,
   // and after success a crash during commit resumes with every chunk already done.
   for (const run of runs.values()) await persist(run);

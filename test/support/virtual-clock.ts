@@ -7,6 +7,8 @@ interface Timer {
   at: number;
   seq: number;
   resolve: () => void;
+  reject: (err: Error) => void;
+  waiting: Set<Timer> | undefined;
 }
 
 export class VirtualClock implements Clock {
@@ -14,6 +16,8 @@ export class VirtualClock implements Clock {
   private seq = 0;
   private readonly timers: Timer[] = [];
   private scheduled = false;
+  /** One abort listener per signal (a run shares one signal across all its chunks). */
+  private readonly bySignal = new WeakMap<AbortSignal, Set<Timer>>();
 
   constructor(start = 0) {
     this.time = start;
@@ -26,19 +30,34 @@ export class VirtualClock implements Clock {
   sleep(ms: number, signal?: AbortSignal): Promise<void> {
     if (signal?.aborted) return Promise.reject(new AbortedError());
     return new Promise((resolve, reject) => {
-      const timer: Timer = { at: this.time + Math.max(0, ms), seq: this.seq++, resolve };
+      const waiting = signal ? this.waiting(signal) : undefined;
+      const timer: Timer = { at: this.time + Math.max(0, ms), seq: this.seq++, resolve, reject, waiting };
+      waiting?.add(timer);
       this.timers.push(timer);
-      signal?.addEventListener(
+      this.schedule();
+    });
+  }
+
+  private waiting(signal: AbortSignal): Set<Timer> {
+    let set = this.bySignal.get(signal);
+    if (set === undefined) {
+      const timers = new Set<Timer>();
+      set = timers;
+      this.bySignal.set(signal, timers);
+      signal.addEventListener(
         'abort',
         () => {
-          const i = this.timers.indexOf(timer);
-          if (i >= 0) this.timers.splice(i, 1);
-          reject(new AbortedError());
+          for (const timer of timers) {
+            const i = this.timers.indexOf(timer);
+            if (i >= 0) this.timers.splice(i, 1);
+            timer.reject(new AbortedError());
+          }
+          timers.clear();
         },
         { once: true },
       );
-      this.schedule();
-    });
+    }
+    return set;
   }
 
   /** setImmediate runs after every pending promise reaction: then only timers can move the run on. */
@@ -52,7 +71,11 @@ export class VirtualClock implements Clock {
       const first = this.timers[0]!;
       this.time = Math.max(this.time, first.at);
       // Fire every timer due at this instant together, in order.
-      while (this.timers.length > 0 && this.timers[0]!.at <= this.time) this.timers.shift()!.resolve();
+      while (this.timers.length > 0 && this.timers[0]!.at <= this.time) {
+        const timer = this.timers.shift()!;
+        timer.waiting?.delete(timer);
+        timer.resolve();
+      }
       if (this.timers.length > 0) this.schedule();
     });
   }
