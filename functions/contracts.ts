@@ -69,6 +69,14 @@ export const cycleInputSchema = z
     cycleId: cycleIdSchema,
     disks: z.array(cycleDiskInputSchema).min(1, { error: 'a cycle needs at least one disk' }).max(64),
     params: cycleParamsSchema.optional(),
+    /**
+     * When the cycle's execution started (ISO 8601, `$$.Execution.StartTime`), before its source
+     * snapshots were taken: the published checkpoint's age (the RPO metric) is measured from it, so
+     * it never looks younger than its data. Absent (a cycle started by hand): from prepare.
+     */
+    startedAt: z.iso
+      .datetime({ offset: true, error: 'expected an ISO 8601 date-time such as 2026-11-05T10:00:00Z' })
+      .optional(),
   })
   .superRefine((c, ctx) => {
     const seen = new Set<string>();
@@ -300,6 +308,19 @@ export const plannerEnvSchema = z.object({
   ),
   /** Customer-managed key for the target snapshots; absent: the account's EBS default. */
   KMS_KEY_ARN: z.string().startsWith('arn:').optional(),
+  // The deployment's tag on every target snapshot: IAM allows StartSnapshot only with it in the
+  // request (aws:RequestTag) and every later EBS call only on snapshots carrying it.
+  SNAPSHOT_TAG_KEY: z
+    .string({ error: 'SNAPSHOT_TAG_KEY must name the tag every target snapshot carries' })
+    .min(1)
+    .max(127)
+    .refine((key) => !key.toLowerCase().startsWith('aws:'), {
+      error: 'SNAPSHOT_TAG_KEY: the aws: prefix is reserved',
+    }),
+  SNAPSHOT_TAG_VALUE: z
+    .string({ error: 'SNAPSHOT_TAG_VALUE must be the value of the deployment tag (the stack name)' })
+    .min(1)
+    .max(255),
 });
 export const chunkWriterEnvSchema = z.object({
   ...common,

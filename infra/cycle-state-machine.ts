@@ -34,11 +34,15 @@ export const CHILD_KINDS = {
 
 /**
  * Errors the handlers throw (functions/shared/errors.ts names) that retrying cannot fix: they go
- * straight to the Catch. ConfigError comes from the engine when a plan's parameters are refused.
+ * straight to the Catch. The engine's ConfigError (a plan's parameters refused), ChangeMapError (a
+ * change map that cannot be cut into descriptors) and IntegrityError (data that does not match its
+ * checksum or descriptor) give the same answer however often they are asked.
  */
 export const PERMANENT_ERRORS = [
   'EventValidationError',
   'ConfigError',
+  'ChangeMapError',
+  'IntegrityError',
   'PlanBusyError',
   'PlanLockLostError',
   'CycleStateError',
@@ -386,6 +390,8 @@ export class CycleStateMachine extends Construct {
           'set.$': '$.set',
           // The execution name is the cycle id: unique per state machine and shown in the console.
           'cycleId.$': '$$.Execution.Name',
+          // Before the source snapshots were taken: the checkpoint's age (RPO metric) counts from it.
+          'startedAt.$': '$$.Execution.StartTime',
           'disks.$': '$.disks',
           ...(withParams ? { 'params.$': '$.params' } : {}),
         },

@@ -31,8 +31,6 @@ export interface FerryFunctionProps<F extends FunctionName> {
   readonly description: string;
   /** What the handler validates (functions/contracts.ts); defaults may be left out. */
   readonly environment: FunctionEnvironment<F>;
-  /** Extra variables outside the contract (not validated by the handler yet). */
-  readonly extraEnvironment?: Readonly<Record<string, string>>;
   readonly house: Omit<HouseEnvironment, 'NODE_OPTIONS' | 'POWERTOOLS_SERVICE_NAME'>;
   readonly memorySize: number;
   readonly timeout: Duration;
@@ -65,7 +63,6 @@ export class FerryFunction<F extends FunctionName> extends Construct {
       POWERTOOLS_SERVICE_NAME: serviceNameOf(props.name),
       // Stack traces point into the TypeScript sources.
       NODE_OPTIONS: '--enable-source-maps',
-      ...(props.extraEnvironment ?? {}),
     };
     for (const [key, value] of Object.entries(props.environment)) {
       if (value !== undefined) environment[key] = String(value);

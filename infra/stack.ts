@@ -18,6 +18,7 @@ import * as snsSubscriptions from 'aws-cdk-lib/aws-sns-subscriptions';
 import * as sqs from 'aws-cdk-lib/aws-sqs';
 import { NagSuppressions } from 'cdk-nag';
 import type { Construct } from 'constructs';
+import { TTL_ATTRIBUTE } from '../functions/shared/cycle-store.ts';
 import { tableDefinition } from '../shared/aws/dynamo/schema.ts';
 import { type FerryConfig, planParams } from './config.ts';
 import { CycleStateMachine } from './cycle-state-machine.ts';
@@ -149,6 +150,8 @@ export class FerryStack extends Stack {
       // The checkpoint catalog lives here: a stack deletion must not take it along.
       removalPolicy: RemovalPolicy.RETAIN,
       deletionProtection: true,
+      // Descriptor and completion pages and writer signals expire by this attribute (epoch seconds).
+      timeToLiveAttribute: TTL_ATTRIBUTE,
     });
     for (const gsi of definition.GlobalSecondaryIndexes ?? []) {
       this.table.addGlobalSecondaryIndex({
@@ -220,9 +223,10 @@ export class FerryStack extends Stack {
         QUEUE_URL: this.grantQueue.queueUrl,
         NODE_BUDGET: nodeBudget,
         KMS_KEY_ARN: snapshotKey.keyArn,
+        // The target snapshots must carry the tag StartSnapshot is allowed with (see IAM below).
+        SNAPSHOT_TAG_KEY: snapshotTag.key,
+        SNAPSHOT_TAG_VALUE: snapshotTag.value,
       },
-      // The target snapshots must carry the tag StartSnapshot is allowed with (see IAM below).
-      extraEnvironment: { SNAPSHOT_TAG_KEY: snapshotTag.key, SNAPSHOT_TAG_VALUE: snapshotTag.value },
       house,
       memorySize: 512,
       timeout: PLANNER_TIMEOUT,

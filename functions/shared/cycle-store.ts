@@ -55,6 +55,8 @@ type Client = DynamoDBDocumentClient | DynamoDBClient;
 // Descriptor and completion pages outlive their cycle by a month: long enough to investigate a
 // failed cycle, short enough that a year of hourly cycles does not pile up.
 export const PAGE_RETENTION_SECONDS = 30 * 24 * 60 * 60;
+/** The attribute (epoch seconds) DynamoDB's TTL deletes pages and signals by: the table's TTL setting. */
+export const TTL_ATTRIBUTE = 'expiresAt';
 // Signals only steer the next few ticks.
 export const SIGNAL_RETENTION_SECONDS = 24 * 60 * 60;
 // The controller's own bucket size (controller.ts bucketMs): signals are summed per bucket.
@@ -104,6 +106,8 @@ export const cycleItem = z.object({
   initialLevel: count,
   adaptive: z.boolean(),
   createdAt: count,
+  /** When the cycle's execution started (epoch ms), if the state machine said: the data's age. */
+  startedAt: count.optional(),
   state: z.enum(CYCLE_STATES),
   /** The first permanent failure recorded by anyone (writer, planner); the cycle cannot publish. */
   failure: z.string().optional(),
@@ -465,7 +469,7 @@ export class CycleStore {
             page,
             count: descriptors.length,
             body: encodePage(descriptors),
-            expiresAt: Math.floor(nowMs / 1000) + PAGE_RETENTION_SECONDS,
+            [TTL_ATTRIBUTE]: Math.floor(nowMs / 1000) + PAGE_RETENTION_SECONDS,
           },
         }),
       ),
@@ -512,7 +516,7 @@ export class CycleStore {
         '#s': `s${seq}`,
         '#cycle': 'cycleId',
         '#page': 'page',
-        '#expires': 'expiresAt',
+        '#expires': TTL_ATTRIBUTE,
         '#n': 'n',
       },
       ExpressionAttributeValues: {
@@ -612,7 +616,7 @@ export class CycleStore {
 
   async recordSignals(set: string, disk: string, cycleId: string, at: number, delta: Partial<SignalDelta>) {
     const bucket = Math.floor(at / SIGNAL_BUCKET_MS);
-    const names: Record<string, string> = { '#at': 'at', '#expires': 'expiresAt' };
+    const names: Record<string, string> = { '#at': 'at', '#expires': TTL_ATTRIBUTE };
     const values: Record<string, unknown> = {
       ':at': bucket * SIGNAL_BUCKET_MS,
       ':expires': Math.floor(at / 1000) + SIGNAL_RETENTION_SECONDS,

@@ -117,6 +117,7 @@ export function ebsPorts(client: EBSClient, opts: EbsBindingOptions = {}): EbsPo
         parentSnapshotId: req.parentSnapshotId,
         kmsKeyArn: req.kmsKeyArn,
         description: req.description,
+        tags: req.tags,
       });
       return { snapshotId: started.snapshotId, encrypted: started.encrypted };
     },

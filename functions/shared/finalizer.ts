@@ -127,6 +127,10 @@ export async function finalize(deps: FinalizerDeps, ref: CycleRef): Promise<Fina
   for (const d of disks) await store.setDiskState(set, d.disk, cycleId, 'published');
   await moveJob(deps, set, cycleId, 'published', { checkpointId: checkpoint.id });
   deps.meter.add('CheckpointsPublished', 'Count', 1);
+  // The RPO alarm's metric (infra CHECKPOINT_AGE_METRIC): how old this checkpoint's data is as it
+  // becomes current, per plan. Measured from the execution's start (before the source snapshots were
+  // taken) where the state machine passed it, so it never understates the age; else from prepare.
+  deps.meter.add('CheckpointAgeSeconds', 'Seconds', checkpointAgeSeconds(cycle, deps.now()), { plan });
   deps.log.info('recovery checkpoint published', {
     ...ctx,
     checkpointId: checkpoint.id,
@@ -160,6 +164,14 @@ export async function finalize(deps: FinalizerDeps, ref: CycleRef): Promise<Fina
   await releaseCycleLeases(deps, set, cycleId, cycle.disks);
   await deps.locks.releasePlanLock(plan, ref.lockOwner);
   return publishedResult(published, disks, validated);
+}
+
+/** Seconds from the point in time the checkpoint's data was taken (at the latest) to `now`. */
+export function checkpointAgeSeconds(
+  cycle: Pick<CycleRecord, 'startedAt' | 'createdAt'>,
+  now: number,
+): number {
+  return Math.max(0, Math.round((now - (cycle.startedAt ?? cycle.createdAt)) / 1000));
 }
 
 /**

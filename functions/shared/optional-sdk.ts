@@ -11,15 +11,31 @@ import { TransferError } from '../../shared/engine/errors.ts';
 import type { EventPublisher } from './ports.ts';
 
 // Variables, so neither tsc nor esbuild tries to resolve the packages at build time.
-const EVENTBRIDGE_MODULE = '@aws-sdk/client-eventbridge';
-const EC2_MODULE = '@aws-sdk/client-ec2';
+export const EVENTBRIDGE_MODULE = '@aws-sdk/client-eventbridge';
+export const EC2_MODULE = '@aws-sdk/client-ec2';
+export type OptionalSdkModule = typeof EVENTBRIDGE_MODULE | typeof EC2_MODULE;
 
 type Client = { send(command: unknown): Promise<unknown> };
 type ClientClass = new (config: Record<string, unknown>) => Client;
 type CommandClass = new (input: Record<string, unknown>) => unknown;
 
+// Modules a host other than the Lambda runtime provides in place of the SDK packages (the local run
+// of the state machine: EventBridge and EC2 bound to its local cloud). Never set in Lambda.
+const provided = new Map<OptionalSdkModule, Record<string, unknown>>();
+
+/**
+ * Provides `name` in place of the SDK package, with the same shape (`EventBridgeClient` +
+ * `PutEventsCommand`, `EC2Client` + `DescribeSnapshotsCommand`). For hosts that are not the Lambda
+ * runtime: call it before the first invocation (a container loads each module once).
+ */
+export function provideRuntimeModule(name: OptionalSdkModule, module: Record<string, unknown>): void {
+  provided.set(name, module);
+}
+
 /** Imports an optional SDK package once; undefined when it is not installed. */
-async function load(name: string): Promise<Record<string, unknown> | undefined> {
+async function load(name: OptionalSdkModule): Promise<Record<string, unknown> | undefined> {
+  const given = provided.get(name);
+  if (given !== undefined) return given;
   try {
     return (await import(name)) as Record<string, unknown>;
   } catch {

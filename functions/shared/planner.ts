@@ -47,6 +47,11 @@ export interface PlannerDeps extends GrantingDeps {
   readonly maxGrantsPerTick: number;
   readonly snapshotTimeoutMinutes: number;
   readonly kmsKeyArn: string | undefined;
+  /**
+   * The deployment's tag (SNAPSHOT_TAG_KEY=SNAPSHOT_TAG_VALUE) every target snapshot starts with:
+   * IAM allows StartSnapshot only with it and every later EBS call only on snapshots carrying it.
+   */
+  readonly snapshotTags: Readonly<Record<string, string>>;
   /** Cap on descriptors per page (tests use small pages to exercise paging). */
   readonly maxDescriptorsPerPage?: number;
   /** Milliseconds left in this invocation; granting stops `marginMs` before the deadline. */
@@ -122,6 +127,7 @@ export async function prepare(deps: PlannerDeps, input: CycleInput): Promise<Cyc
     initialLevel,
     adaptive: params.adaptive,
     createdAt: now,
+    ...(input.startedAt === undefined ? {} : { startedAt: Date.parse(input.startedAt) }),
     state: 'active',
     ticks: 0,
     idleTicks: 0,
@@ -147,6 +153,15 @@ export async function prepare(deps: PlannerDeps, input: CycleInput): Promise<Cyc
       description: `Ferry ${set}/${d.disk} cycle ${cycleId}`.slice(0, 255),
       timeoutMinutes: deps.snapshotTimeoutMinutes,
       kmsKeyArn: previous === undefined ? deps.kmsKeyArn : undefined,
+      // Deterministic for the cycle: a retried StartSnapshot with the same ClientToken must send
+      // the same parameters. The ferry:* keys name what the snapshot is a copy of.
+      tags: {
+        ...deps.snapshotTags,
+        'ferry:role': 'target',
+        'ferry:set': set,
+        'ferry:disk': d.disk,
+        'ferry:cycle': cycleId,
+      },
     });
     const record: CycleDiskRecord = {
       set,

@@ -80,6 +80,8 @@ export interface SnapshotWriter {
     description: string;
     timeoutMinutes: number;
     kmsKeyArn: string | undefined;
+    /** Tags the new snapshot carries from its start (IAM on snapshots is conditioned on them). */
+    tags?: Readonly<Record<string, string>> | undefined;
   }): Promise<{ snapshotId: string; encrypted: boolean }>;
   /**
    * Writes whole blocks (each EBS_BLOCK_SIZE long). Returns the blocks actually written, ascending:
@@ -122,11 +124,16 @@ export interface Log {
   error(message: string, extra?: Record<string, unknown>): void;
 }
 
-export type MetricUnitName = 'Count' | 'Bytes' | 'Milliseconds';
+export type MetricUnitName = 'Count' | 'Bytes' | 'Milliseconds' | 'Seconds';
 
-/** Metrics (Powertools Metrics fits through a two-line adapter). */
+/** Metrics (Powertools Metrics fits through a small adapter). */
 export interface Meter {
-  add(name: string, unit: MetricUnitName, value: number): void;
+  /**
+   * Adds one data point. Without `dimensions` it is aggregated with the invocation's other metrics
+   * (dimension `service` only); with them it is emitted on its own, carrying `service` and these
+   * (an alarm on one plan needs `plan`).
+   */
+  add(name: string, unit: MetricUnitName, value: number, dimensions?: Readonly<Record<string, string>>): void;
 }
 
 export const silentLog: Log = { debug() {}, info() {}, warn() {}, error() {} };

@@ -23,7 +23,9 @@ export const clients = {
     return dynamo;
   },
   sqs: (): SQSClient => {
-    sqs ??= new SQSClient({});
+    // The grant queue is in the function's region, so the client's own endpoint reaches it; and
+    // where AWS_ENDPOINT_URL_SQS names an emulator, that endpoint (not the queue URL's host) is used.
+    sqs ??= new SQSClient({ useQueueUrlAsEndpoint: false });
     return sqs;
   },
   // One retry layer: the adapter retries with backoff and reports throttling to the controller, so
@@ -46,7 +48,12 @@ export interface Observability {
   end(): void;
 }
 
-const UNITS = { Count: MetricUnit.Count, Bytes: MetricUnit.Bytes, Milliseconds: MetricUnit.Milliseconds };
+const UNITS = {
+  Count: MetricUnit.Count,
+  Bytes: MetricUnit.Bytes,
+  Milliseconds: MetricUnit.Milliseconds,
+  Seconds: MetricUnit.Seconds,
+};
 
 /** Powertools Logger + Metrics (EMF) for a function; service name and namespace from the environment. */
 export function powertools(serviceName: string): Observability {
@@ -63,7 +70,19 @@ export function powertools(serviceName: string): Observability {
       warn: (m, e) => logger.warn(m, e ?? {}),
       error: (m, e) => logger.error(m, e ?? {}),
     },
-    meter: { add: (name, unit, value) => metrics.addMetric(name, UNITS[unit], value) },
+    meter: {
+      add: (name, unit, value, dimensions) => {
+        if (dimensions === undefined) {
+          metrics.addMetric(name, UNITS[unit], value);
+          return;
+        }
+        // A metric with its own dimensions is its own EMF record (published at once); it keeps the
+        // default `service` dimension, which the alarms include.
+        const single = metrics.singleMetric();
+        single.addDimensions({ ...dimensions });
+        single.addMetric(name, UNITS[unit], value);
+      },
+    },
     begin(context) {
       logger.resetKeys();
       if (context !== undefined) logger.addContext(context);

@@ -80,6 +80,7 @@ export function plannerDeps(w: Wiring, env: PlannerEnv): PlannerDeps {
     maxGrantsPerTick: env.MAX_GRANTS_PER_TICK,
     snapshotTimeoutMinutes: env.SNAPSHOT_TIMEOUT_MINUTES,
     kmsKeyArn: env.KMS_KEY_ARN,
+    snapshotTags: { [env.SNAPSHOT_TAG_KEY]: env.SNAPSHOT_TAG_VALUE },
     ...(w.maxDescriptorsPerPage === undefined ? {} : { maxDescriptorsPerPage: w.maxDescriptorsPerPage }),
     ...(w.remainingMs === undefined ? {} : { remainingMs: w.remainingMs }),
     marginMs: env.DEADLINE_MARGIN_MS,

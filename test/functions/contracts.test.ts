@@ -195,4 +195,18 @@ describe('environments', () => {
       /WRITER_CONCURRENCY/,
     );
   });
+
+  it('requires the planner to know the deployment tag its target snapshots must carry', () => {
+    const env = { TABLE_NAME: 'ferry', QUEUE_URL: 'https://sqs.eu-west-1.amazonaws.com/1/q' };
+    expect(() => parseEnvironment('planner', env)).toThrow(/SNAPSHOT_TAG_KEY: .*SNAPSHOT_TAG_VALUE: /);
+    expect(() =>
+      parseEnvironment('planner', { ...env, SNAPSHOT_TAG_KEY: 'aws:stack', SNAPSHOT_TAG_VALUE: 'x' }),
+    ).toThrow(/the aws: prefix is reserved/);
+    const parsed = parseEnvironment('planner', {
+      ...env,
+      SNAPSHOT_TAG_KEY: 'ferry:deployment',
+      SNAPSHOT_TAG_VALUE: 'Ferry',
+    });
+    expect(parsed).toMatchObject({ SNAPSHOT_TAG_KEY: 'ferry:deployment', SNAPSHOT_TAG_VALUE: 'Ferry' });
+  });
 });

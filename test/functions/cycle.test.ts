@@ -16,6 +16,7 @@ import {
   type Emulators,
   lambdaContext,
   readSnapshot,
+  SNAPSHOT_TAG,
   sourceSnapshot,
   startEmulators,
 } from './support/harness.ts';
@@ -158,6 +159,46 @@ describe('a serverless replication cycle, full then incremental', () => {
     ).toBeUndefined();
     // Grants went out mostly from the writers (ACK-clocked), not only from the ticks.
     expect(d.metric('GrantsIssuedByTick')).toBeLessThan(d.metric('Grants_written'));
+  });
+
+  it('tags target snapshots with the deployment tag and reports each checkpoint’s age per plan', async () => {
+    // Prepare: a one-disk cycle whose execution started two minutes ago (its source snapshot was
+    // taken after that), and one started by hand without a start time.
+    const d = await deploy(e);
+    const src = await sourceSnapshot(e, diskB());
+    const startedAt = new Date(Date.now() - 120_000).toISOString();
+    const input: CycleInput = {
+      plan: 'plan-age',
+      set: 'age',
+      cycleId: 'g1',
+      startedAt,
+      disks: [{ disk: 'vol-b', sourceSnapshotId: src, volumeSizeGiB: 1 }],
+    };
+
+    // Act
+    const first = await driveCycle(e, d, input);
+    const second = await driveCycle(e, d, { ...input, cycleId: 'g2', startedAt: undefined });
+
+    // Assess: the target snapshot carries the deployment tag the planner's environment names.
+    expect(first.final.status).toBe('published');
+    expect(second.final.status).toBe('published');
+    const rec = await d.store.requireCycleDisk('age', 'vol-b', 'g1');
+    expect(e.emu.state.describeSnapshot(rec.targetSnapshotId)?.tags).toEqual([
+      { Key: SNAPSHOT_TAG.key, Value: SNAPSHOT_TAG.value },
+      { Key: 'ferry:role', Value: 'target' },
+      { Key: 'ferry:set', Value: 'age' },
+      { Key: 'ferry:disk', Value: 'vol-b' },
+      { Key: 'ferry:cycle', Value: 'g1' },
+    ]);
+    // One CheckpointAgeSeconds per publish, dimension plan (what the RPO alarm watches): measured
+    // from the execution's start when given, else from prepare.
+    const ages = d.dimensioned.filter((m) => m.name === 'CheckpointAgeSeconds');
+    expect(ages.map((m) => [m.unit, m.dimensions])).toEqual([
+      ['Seconds', { plan: 'plan-age' }],
+      ['Seconds', { plan: 'plan-age' }],
+    ]);
+    expect(ages[0]!.value).toBeGreaterThanOrEqual(120);
+    expect(ages[1]!.value).toBeLessThan(120);
   });
 
   it('resumes a differ stopped before its deadline and cuts the same descriptors', async () => {

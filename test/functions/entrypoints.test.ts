@@ -29,6 +29,8 @@ beforeAll(async () => {
   vi.stubEnv('TABLE_NAME', d.table);
   vi.stubEnv('QUEUE_URL', d.queueUrl);
   vi.stubEnv('NODE_BUDGET', '8 MiB');
+  vi.stubEnv('SNAPSHOT_TAG_KEY', 'ferry:deployment');
+  vi.stubEnv('SNAPSHOT_TAG_VALUE', 'FerryEnv');
 });
 afterAll(async () => {
   vi.unstubAllEnvs();
@@ -61,9 +63,19 @@ describe('Lambda entry points', () => {
     })) as CycleRef;
     const diffed = (await differ(ref.disks[0])) as DifferResult;
 
-    // Assess: a target snapshot was started in the emulator, and the differ cut two descriptors.
+    // Assess: a target snapshot was started in the emulator, tagged with the deployment's tag from
+    // the environment (IAM allows StartSnapshot only with it), and the differ cut two descriptors.
     const rec = await d.store.requireCycleDisk('env', 'vol-1', 'e1');
-    expect(e.emu.state.describeSnapshot(rec.targetSnapshotId)?.status).toBe('pending');
+    const target = e.emu.state.describeSnapshot(rec.targetSnapshotId);
+    expect(target?.status).toBe('pending');
+    expect(target?.tags).toEqual(
+      expect.arrayContaining([
+        { Key: 'ferry:deployment', Value: 'FerryEnv' },
+        { Key: 'ferry:role', Value: 'target' },
+        { Key: 'ferry:disk', Value: 'vol-1' },
+        { Key: 'ferry:cycle', Value: 'e1' },
+      ]),
+    );
     expect(diffed).toMatchObject({ done: true, descriptors: 2, blocks: 3, kind: 'full' });
   });
 

@@ -650,6 +650,8 @@ describe('the cycle state machine, run locally', () => {
           { disk: 'data', sourceSnapshotId: 'snap-0aaaaaaaaaaaaaaaa', volumeSizeGiB: 16 },
         ],
         params: { window: '32 MiB' },
+        // The execution's start: the checkpoint's age (the RPO metric) counts from it.
+        startedAt: expect.stringMatching(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$/),
       },
     });
     expect(diffCalls).toEqual(

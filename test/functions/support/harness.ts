@@ -118,6 +118,16 @@ export class RecordingPublisher implements EventPublisher {
 
 export const LEASE_SECONDS = 60;
 
+/** The deployment tag the planner puts on every target snapshot (infra sets the stack's). */
+export const SNAPSHOT_TAG = { key: 'ferry:deployment', value: 'FerryTest' } as const;
+
+export interface DimensionedMetric {
+  readonly name: string;
+  readonly unit: string;
+  readonly value: number;
+  readonly dimensions: Readonly<Record<string, string>>;
+}
+
 /** One isolated deployment: its own table, grant queue and handlers over the shared emulators. */
 export interface Deployment {
   readonly table: string;
@@ -134,6 +144,8 @@ export interface Deployment {
   writer(event: SQSEvent, context?: Context, ports?: EbsPorts): Promise<SQSBatchResponse>;
   /** Metric totals by name, from every handler of this deployment (e.g. `Grants_written`). */
   readonly metrics: Map<string, number>;
+  /** Every data point emitted with its own dimensions (e.g. `CheckpointAgeSeconds` per plan). */
+  readonly dimensioned: DimensionedMetric[];
   metric(name: string): number;
 }
 
@@ -161,6 +173,8 @@ export async function deploy(
     STUCK_TICKS: '40',
     MAX_GRANTS_PER_TICK: '64',
     EVENT_BUS_NAME: 'ferry-test',
+    SNAPSHOT_TAG_KEY: SNAPSHOT_TAG.key,
+    SNAPSHOT_TAG_VALUE: SNAPSHOT_TAG.value,
   };
   // What EC2 DescribeSnapshots would say, read from the emulator.
   const statusReader: SnapshotStatusReader = {
@@ -184,6 +198,7 @@ export async function deploy(
     },
   };
   const metrics = new Map<string, number>();
+  const dimensioned: DimensionedMetric[] = [];
   const wiring = {
     dynamo: e.ddb.client,
     sqs: e.sqs.client,
@@ -192,8 +207,10 @@ export async function deploy(
     now: clock.now,
     log: silentObservability.log,
     meter: {
-      add: (name: string, _unit: string, value: number) =>
-        metrics.set(name, (metrics.get(name) ?? 0) + value),
+      add: (name: string, unit: string, value: number, dimensions?: Readonly<Record<string, string>>) => {
+        metrics.set(name, (metrics.get(name) ?? 0) + value);
+        if (dimensions !== undefined) dimensioned.push({ name, unit, value, dimensions });
+      },
     },
     maxDescriptorsPerPage: opts.pageCap ?? 4,
     queueSleep: async () => {},
@@ -229,6 +246,7 @@ export async function deploy(
     finalizer: finalizer as Deployment['finalizer'],
     writer,
     metrics,
+    dimensioned,
     metric: (name: string) => metrics.get(name) ?? 0,
   };
 }

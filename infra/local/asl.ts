@@ -1,0 +1,86 @@
+// Turns the synthesized cycle state machine into plain ASL that aws-local-stepfunctions can validate
+// and run: CDK emits the definition as an Fn::Join of tokens; Ref / Fn::GetAtt are resolved here to
+// fixed fake values (a Lambda's ARN is named after its logical id, so a task state leads back to its
+// function in the template).
+import type { StateMachineDefinition } from 'aws-local-stepfunctions';
+
+export const FAKE = { partition: 'aws', region: 'us-east-1', account: '123456789012' } as const;
+
+/** The ARN a resource's Fn::GetAtt Arn resolves to: a Lambda ARN named after the logical id. */
+export const fakeArn = (logicalId: string): string =>
+  `arn:aws:lambda:${FAKE.region}:${FAKE.account}:function:${logicalId}`;
+
+/** The logical id a fakeArn names, or undefined for any other resource string. */
+export function logicalIdOfFakeArn(arn: string): string | undefined {
+  const prefix = `arn:aws:lambda:${FAKE.region}:${FAKE.account}:function:`;
+  return arn.startsWith(prefix) ? arn.slice(prefix.length) : undefined;
+}
+
+/** A CloudFormation template as JSON (what `Template.toJSON()` or a cloud assembly gives). */
+export interface TemplateJson {
+  readonly Resources: Record<string, { Type: string; Properties?: Record<string, unknown> }>;
+}
+
+/** A string, Ref, Fn::GetAtt or Fn::Join resolved to its plain (fake) value. */
+export function resolveToken(value: unknown): string {
+  if (typeof value === 'string') return value;
+  if (value !== null && typeof value === 'object') {
+    const v = value as Record<string, unknown>;
+    if (typeof v.Ref === 'string') {
+      if (v.Ref === 'AWS::Partition') return FAKE.partition;
+      if (v.Ref === 'AWS::Region') return FAKE.region;
+      if (v.Ref === 'AWS::AccountId') return FAKE.account;
+      if (v.Ref === 'AWS::URLSuffix') return 'amazonaws.com';
+      return v.Ref;
+    }
+    const getAtt = v['Fn::GetAtt'];
+    if (Array.isArray(getAtt) && typeof getAtt[0] === 'string') return fakeArn(getAtt[0]);
+    const join = v['Fn::Join'];
+    if (Array.isArray(join) && typeof join[0] === 'string' && Array.isArray(join[1])) {
+      return join[1].map(resolveToken).join(join[0]);
+    }
+  }
+  throw new Error(`cannot resolve CloudFormation token ${JSON.stringify(value)}`);
+}
+
+/** The state machine's definition as plain JSON (the template must hold exactly one state machine). */
+export function definitionFromTemplate(template: TemplateJson): StateMachineDefinition {
+  const machines = Object.values(template.Resources).filter(
+    (r) => r.Type === 'AWS::StepFunctions::StateMachine',
+  );
+  if (machines.length !== 1) throw new Error(`expected one state machine, found ${machines.length}`);
+  const text = resolveToken(machines[0]!.Properties?.DefinitionString);
+  return JSON.parse(text) as StateMachineDefinition;
+}
+
+/** Every state of a definition by name, Map item processors included. */
+export function allStates(def: StateMachineDefinition): Map<string, Record<string, unknown>> {
+  const out = new Map<string, Record<string, unknown>>();
+  const walk = (states: Record<string, unknown>) => {
+    for (const [name, state] of Object.entries(states)) {
+      const s = state as Record<string, unknown>;
+      out.set(name, s);
+      const processor = (s.ItemProcessor ?? s.Iterator) as { States?: Record<string, unknown> } | undefined;
+      if (processor?.States) walk(processor.States);
+    }
+  };
+  walk(def.States as Record<string, unknown>);
+  return out;
+}
+
+/**
+ * aws-local-stepfunctions 3 calls Promise.withResolvers, which Node 22 has and Node 20 does not.
+ * Installs the standard's behaviour where it is missing; a no-op elsewhere.
+ */
+export function ensurePromiseWithResolvers(): void {
+  const P = Promise as unknown as { withResolvers?: () => unknown };
+  P.withResolvers ??= () => {
+    let resolve: unknown;
+    let reject: unknown;
+    const promise = new Promise((a, b) => {
+      resolve = a;
+      reject = b;
+    });
+    return { promise, resolve, reject };
+  };
+}
