@@ -1,4 +1,4 @@
-// The `ferry` command line: replicate, checkpoints, verify, demo.
+// The `ferry` command line: replicate, checkpoints, verify, demo, local-cloud, serve.
 import { readFile } from 'node:fs/promises';
 import { Command, Option } from 'commander';
 import { ConfigError, errorMessage, FerryError } from '../shared/engine/errors.ts';
@@ -121,6 +121,38 @@ program
   .action(async (o) => {
     const ok = await runDemo({ dir: o.dir, json: Boolean(o.json), scale: o.scale, log: out });
     if (!ok) process.exitCode = 1;
+  });
+
+program
+  .command('local-cloud')
+  .description(
+    'run the deployed serverless path on this machine: the synthesized state machine with the real Lambda handlers on DynamoDB, SQS and EBS emulators; a full and incremental cycles, verified',
+  )
+  .addOption(
+    new Option('--incrementals <n>', 'incremental cycles after the full one').default(2).argParser(Number),
+  )
+  .option(
+    '--faults',
+    'inject faults into the first incremental: a killed writer, duplicate deliveries, throttling',
+  )
+  .option('--verbose', 'print every state the executions enter')
+  .option('--json', 'print the results as JSON')
+  .action(async (o) => {
+    if (!Number.isSafeInteger(o.incrementals) || o.incrementals < 0 || o.incrementals > 20)
+      throw new ConfigError('--incrementals must be a whole number from 0 to 20', {
+        setting: 'incrementals',
+      });
+    const { runLocalCloud } = await import('./local-cloud.ts');
+    const ok = await runLocalCloud({
+      incrementals: o.incrementals,
+      faults: Boolean(o.faults),
+      verbose: Boolean(o.verbose),
+      json: Boolean(o.json),
+      log: out,
+    });
+    // A writer "killed" by --faults is frozen, not gone (its handler's own deadline timer still
+    // runs, minutes long): leave now rather than wait for a Lambda that would no longer exist.
+    process.exit(ok ? 0 : 1);
   });
 
 program

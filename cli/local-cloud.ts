@@ -1,0 +1,172 @@
+// `ferry local-cloud`: the serverless path, watched on one machine. The state machine `cdk synth`
+// produces runs in aws-local-stepfunctions with the real Lambda handlers, on DynamoDB (dynalite),
+// SQS (fauxqs) and EBS (Ferry's emulator); EC2 volumes are buffers in memory. A two-disk plan
+// replicates a full cycle and incremental cycles, and every published checkpoint's snapshots are
+// read back block by block and compared with the volumes as they were snapshotted.
+import type { ExecutionOutcome, LocalCloudEvent } from '../infra/local/cloud.ts';
+import { formatBytes, MiB } from '../shared/engine/units.ts';
+
+export interface LocalCloudDemoOptions {
+  /** Incremental cycles after the full one. */
+  readonly incrementals: number;
+  /** Inject faults into the first incremental: a killed writer, duplicate deliveries, throttling. */
+  readonly faults: boolean;
+  /** Print every state the executions enter, not only the milestones. */
+  readonly verbose: boolean;
+  readonly json: boolean;
+  readonly log: (line: string) => void;
+}
+
+const PLAN = 'local-plan';
+const VOLUMES = [
+  { disk: 'root', size: 48 * MiB },
+  { disk: 'data', size: 96 * MiB },
+];
+
+interface CycleSummary {
+  readonly cycle: string;
+  readonly status: ExecutionOutcome['status'];
+  readonly checkpointId?: string;
+  readonly error?: string;
+  readonly childExecutions: number;
+  readonly writerInvocations: number;
+  readonly writersKilled: number;
+  readonly blocksWritten: number;
+  readonly throttled: number;
+  readonly seconds: number;
+  readonly verified: boolean;
+}
+
+/** Runs the demo; true when every cycle published a checkpoint equal to its volumes. */
+export async function runLocalCloud(opts: LocalCloudDemoOptions): Promise<boolean> {
+  // Development dependencies and test emulators: loaded only here, each missing one named.
+  const { checkLocalCloudPrerequisites, startLocalEmulators } = await import('../infra/local/emulators.ts');
+  await checkLocalCloudPrerequisites();
+  const [{ LocalCloud }, { fillRegion, scatterWrites, zeroBlock }] = await Promise.all([
+    import('../infra/local/cloud.ts'),
+    import('../infra/local/workload.ts'),
+  ]);
+  const log = opts.json ? () => {} : opts.log;
+
+  log('starting emulators: DynamoDB (dynalite), SQS (fauxqs), EBS direct APIs (Ferry emulator)');
+  const emulators = await startLocalEmulators();
+  const summaries: CycleSummary[] = [];
+  try {
+    log('synthesizing the stack (as cdk synth) and resolving the cycle state machine to plain ASL');
+    const cloud = await LocalCloud.start({ endpoints: emulators.endpoints, snapshots: emulators.snapshots });
+    try {
+      const volumes = VOLUMES.map((v) => ({ ...v, volumeId: cloud.ec2.createVolume(v.size) }));
+      const volume = (disk: string) => cloud.ec2.volume(volumes.find((v) => v.disk === disk)?.volumeId ?? '');
+      log(`volumes: ${volumes.map((v) => `${v.disk} ${v.volumeId} ${formatBytes(v.size)}`).join(', ')}`);
+
+      for (let n = 0; n <= opts.incrementals; n++) {
+        if (n === 0) {
+          fillRegion(volume('root'), 0, 12 * MiB, 1);
+          fillRegion(volume('data'), 8 * MiB, 32 * MiB, 2);
+          scatterWrites(volume('data'), 200, 64 * 1024, 3);
+        } else {
+          // A fragmented change map: scattered small writes, a region rewritten, a block zeroed.
+          scatterWrites(volume('root'), 300, 4096, 10 + n);
+          scatterWrites(volume('data'), 150, 16 * 1024, 20 + n);
+          fillRegion(volume('data'), (50 + n * 4) * MiB, 4 * MiB, 30 + n);
+          zeroBlock(volume('data'), 20 + n);
+        }
+        const name = `${PLAN}-${n === 0 ? 'full' : `incr-${n}`}-${Date.now()}`;
+        const expected = new Map(volumes.map((v) => [v.disk, Buffer.from(volume(v.disk))]));
+        const withFaults = opts.faults && n === 1;
+        if (withFaults)
+          log('faults: writer #1 killed after 2 blocks, every grant delivered twice, throttling');
+        const puts0 = emulators.ebs.counters.succeeded.PutSnapshotBlock;
+        const throttled0 = emulators.ebs.counters.throttled.PutSnapshotBlock;
+        log(`cycle ${name}: ${n === 0 ? 'full' : 'incremental'}`);
+        const outcome = await cloud.runExecution(
+          { plan: PLAN, set: PLAN, disks: volumes.map(({ disk, volumeId }) => ({ disk, volumeId })) },
+          {
+            name,
+            onEvent: (e) => report(e, opts.verbose, log),
+            ...(withFaults
+              ? {
+                  faults: {
+                    kill: { invocations: [1], afterPutBlocks: 2 },
+                    duplicateDeliveries: true,
+                    beforeInvoke: (k: number) => {
+                      if (k % 3 === 2) emulators.ebs.faults.throttleNext('PutSnapshotBlock', 4);
+                    },
+                  },
+                }
+              : {}),
+          },
+        );
+        let verified = false;
+        const output = outcome.output as { status?: string; checkpointId?: string } | undefined;
+        if (outcome.status === 'SUCCEEDED' && output?.status === 'published') {
+          const checkpoint = await cloud.latestCheckpoint(PLAN);
+          verified = checkpoint?.id === output.checkpointId;
+          for (const d of checkpoint?.disks ?? []) {
+            const want = expected.get(d.disk);
+            const compared = want === undefined ? undefined : await cloud.compareSnapshot(d.target, want);
+            const same = compared !== undefined && compared.differing.length === 0;
+            verified &&= same;
+            log(
+              `  verify ${d.disk}: snapshot ${d.target} read back (${compared?.blocksRead ?? 0} blocks) ${
+                same ? 'equals' : 'DIFFERS FROM'
+              } volume ${volumes.find((v) => v.disk === d.disk)?.volumeId}`,
+            );
+          }
+        }
+        const summary: CycleSummary = {
+          cycle: name,
+          status: outcome.status,
+          ...(output?.checkpointId === undefined ? {} : { checkpointId: output.checkpointId }),
+          ...(outcome.error === undefined ? {} : { error: `${outcome.error}: ${outcome.cause}` }),
+          childExecutions: outcome.children,
+          writerInvocations: outcome.writers.invocations,
+          writersKilled: outcome.writers.killed,
+          blocksWritten: emulators.ebs.counters.succeeded.PutSnapshotBlock - puts0,
+          throttled: emulators.ebs.counters.throttled.PutSnapshotBlock - throttled0,
+          seconds: Math.round(outcome.ms / 100) / 10,
+          verified,
+        };
+        summaries.push(summary);
+        log(
+          `  ${summary.status === 'SUCCEEDED' ? 'published' : 'FAILED'} ${summary.checkpointId ?? summary.error ?? ''} in ${summary.seconds} s: ${summary.blocksWritten} blocks written, ${summary.writerInvocations} writer invocations (${summary.writersKilled} killed), ${summary.throttled} throttled, ${summary.childExecutions} child executions; ${verified ? 'bit-exact' : 'NOT VERIFIED'}`,
+        );
+        if (!verified) break;
+      }
+    } finally {
+      await cloud.stop();
+    }
+  } finally {
+    await emulators.stop();
+  }
+  const ok = summaries.length === opts.incrementals + 1 && summaries.every((s) => s.verified);
+  if (opts.json) opts.log(JSON.stringify({ ok, cycles: summaries }, null, 2));
+  else log(ok ? 'every checkpoint verified bit-exact against its volumes' : 'local cloud run FAILED');
+  return ok;
+}
+
+/** Milestones: executions, Task states of the top-level execution, failures; all states if verbose. */
+function report(e: LocalCloudEvent, verbose: boolean, log: (line: string) => void): void {
+  const indent = '  '.repeat(1 + (e.kind === 'execution' || e.kind === 'state' ? e.depth : 0));
+  switch (e.kind) {
+    case 'execution':
+      if (e.type === 'ExecutionFailed')
+        log(`${indent}execution ${e.execution} failed: ${e.error}: ${e.cause}`);
+      else if (verbose || e.depth === 0) log(`${indent}execution ${e.execution}: ${e.type}`);
+      return;
+    case 'state':
+      if (e.type === 'StateFailed') log(`${indent}${e.state}: ${e.error}`);
+      else if (e.type === 'StateEntered' && (verbose || (e.depth === 0 && e.stateType === 'Task')))
+        log(`${indent}${e.state}`);
+      return;
+    case 'writer':
+      if (verbose || e.outcome !== 'ok')
+        log(
+          `${indent}chunk-writer #${e.n}: ${e.records} grants, ${e.outcome}${e.error ? ` (${e.error})` : ''}`,
+        );
+      return;
+    case 'announcement':
+      log(`${indent}EventBridge ${e.detailType}: ${String(e.detail.checkpointId ?? '')}`);
+      return;
+  }
+}
