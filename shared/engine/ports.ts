@@ -20,6 +20,11 @@ export interface DiskSource {
   /** Reads exactly `length` bytes at `offset`; rejects rather than returning short. */
   read(offset: number, length: number, signal?: AbortSignal): Promise<Uint8Array>;
   /**
+   * Optional: reads `dest.length` bytes at `offset` into `dest`. A chunk of many small extents is
+   * then read into one buffer, without a buffer (and a copy) per extent.
+   */
+  readInto?(offset: number, dest: Uint8Array, signal?: AbortSignal): Promise<void>;
+  /**
    * Extents that hold data, for full copies (NBD block status, sparse files); sorted, disjoint.
    * Absent when the source cannot tell: a full copy then reads the whole disk.
    */

@@ -480,6 +480,15 @@ async function readChunk(source: DiskSource, d: Descriptor, signal: AbortSignal)
   if (d.extents.length === 1) return source.read(d.offset, d.bytes, signal);
   const data = new Uint8Array(d.bytes);
   let at = 0;
+  if (source.readInto !== undefined) {
+    const reads: Promise<void>[] = [];
+    for (const e of d.extents) {
+      reads.push(source.readInto(e.offset, data.subarray(at, at + e.length), signal));
+      at += e.length;
+    }
+    await Promise.all(reads);
+    return data;
+  }
   const parts = await Promise.all(d.extents.map((e) => source.read(e.offset, e.length, signal)));
   for (const part of parts) {
     data.set(part, at);

@@ -156,8 +156,12 @@ export class NbdConnection {
     return this.failure === undefined && !this.closing && !this.draining;
   }
 
-  /** Reads exactly `length` bytes at `offset`, split into requests the server accepts. */
-  async read(offset: number, length: number, signal?: AbortSignal): Promise<Buffer> {
+  /**
+   * Reads exactly `length` bytes at `offset`, split into requests the server accepts. With `into`
+   * (exactly `length` bytes long) the replies land there, without a buffer of their own, when the
+   * range is aligned to the server's minimum block.
+   */
+  async read(offset: number, length: number, signal?: AbortSignal, into?: Uint8Array): Promise<Buffer> {
     this.checkRange('read', offset, length);
     if (signal?.aborted) throw this.aborted('read', offset, length);
     if (length === 0) return Buffer.alloc(0);
@@ -165,16 +169,23 @@ export class NbdConnection {
     // Servers may refuse requests not aligned to their minimum block: read the aligned range, return the middle.
     const start = offset - (offset % minimumBlock);
     const end = Math.min(Math.ceil((offset + length) / minimumBlock) * minimumBlock, sizeBytes);
-    const data = Buffer.allocUnsafe(end - start);
+    const direct =
+      into !== undefined && into.length === length && start === offset && end === offset + length;
+    const data = direct
+      ? Buffer.from(into.buffer, into.byteOffset, into.length)
+      : Buffer.allocUnsafe(end - start);
     const requests: Submitted[] = [];
     for (let at = start; at < end; at += maximumRead) {
       const size = Math.min(maximumRead, end - at);
       requests.push(this.submit(nbd.NBD_CMD_READ, at, size, data.subarray(at - start, at - start + size)));
     }
     await this.settle(requests, signal, 'read', offset, length);
-    return start === offset && end === offset + length
-      ? data
-      : data.subarray(offset - start, offset - start + length);
+    const out =
+      start === offset && end === offset + length
+        ? data
+        : data.subarray(offset - start, offset - start + length);
+    if (into !== undefined && !direct) into.set(out);
+    return out;
   }
 
   /**

@@ -91,6 +91,18 @@ export class NbdSource implements DiskSource {
     return connection.read(offset, length, signal);
   }
 
+  /** As `read`, into `dest` (its length is the length read): no buffer per read. */
+  async readInto(offset: number, dest: Uint8Array, signal?: AbortSignal): Promise<void> {
+    if (signal?.aborted) {
+      throw new AbortedError(`${this.name}: read of ${dest.length} bytes at offset ${offset} aborted`, {
+        disk: this.name,
+        offset,
+      });
+    }
+    const connection = this.pick() ?? (await this.reconnect());
+    await connection.read(offset, dest.length, signal, dest);
+  }
+
   /** Allocated (not hole) extents from base:allocation, sorted, disjoint, adjacent ones merged. */
   async *allocatedExtents(signal?: AbortSignal): AsyncIterable<Extent> {
     if (!this.reportsAllocation) {
