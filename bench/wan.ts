@@ -1,7 +1,7 @@
 // The WAN benchmark: Ferry (adaptive), Ferry pinned to stop-and-wait, nbdcopy, and Ferry source ->
 // `ferry serve`, side by side on the same emulated link, workload and machine. See bench/README.md.
 //
-//   npm run bench                  the full default run (about 25 minutes on 2 cores)
+//   npm run bench                  the full default run (96 cases, 5 supplements; on a quiet machine)
 //   npm run bench -- --quick       a subset (20 and 200 ms, sequential and 64 KiB fragments, 1 disk)
 //   npm run bench -- --help        every flag
 import { existsSync } from 'node:fs';
