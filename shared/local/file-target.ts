@@ -39,6 +39,13 @@ export class FileTarget implements DiskTarget {
   private mode: Mode = 'direct';
   private kind: CopyKind = 'full';
   private size = 0;
+  /**
+   * Manifest digests of regions a full copy's chunks covered whole, computed from the read-back as
+   * they were written (the link is the bottleneck then, not the CPU), so commit need not read them
+   * again. A cache: a region missing here (written before a resume, or shared by two chunks) is
+   * read and hashed at commit.
+   */
+  private readonly regionDigests = new Map<number, Buffer>();
 
   constructor(
     readonly path: string,
@@ -53,6 +60,7 @@ export class FileTarget implements DiskTarget {
   async open(sizeBytes: number, kind: CopyKind, resume: boolean): Promise<void> {
     this.size = sizeBytes;
     this.kind = kind;
+    this.regionDigests.clear();
     const imageSize = await sizeOf(this.path);
     const stagingExists = (await sizeOf(this.stagingPath)) !== undefined;
     if (kind === 'incremental' && imageSize !== sizeBytes) {
@@ -97,7 +105,8 @@ export class FileTarget implements DiskTarget {
       else await writeAll(fh, part, e.offset);
     }
     if (this.verifyWrites) {
-      if ((await readBackDigest(fh, d)) !== sha256) {
+      const span = await readAt(fh, d.offset, d.length, this.name);
+      if (extentsDigest(span, d) !== sha256) {
         throw new IntegrityError(
           `${this.name}: chunk ${d.seq} at offset ${d.offset} does not match its source checksum after writing`,
           {
@@ -106,6 +115,24 @@ export class FileTarget implements DiskTarget {
           },
         );
       }
+      // A full copy's image is this cycle's writes on a fresh sparse file (the staged one is applied
+      // to a fresh file too): a region inside this chunk's span holds exactly what was read back.
+      if (this.kind === 'full') this.noteRegions(d, span);
+    }
+  }
+
+  private noteRegions(d: Descriptor, span: Uint8Array): void {
+    const end = d.offset + d.length;
+    for (let r = Math.ceil(d.offset / MANIFEST_REGION); r * MANIFEST_REGION < end; r++) {
+      const from = r * MANIFEST_REGION;
+      const to = Math.min(from + MANIFEST_REGION, this.size);
+      if (to > end) break;
+      this.regionDigests.set(
+        r,
+        createHash('sha256')
+          .update(span.subarray(from - d.offset, to - d.offset))
+          .digest(),
+      );
     }
   }
 
@@ -126,7 +153,8 @@ export class FileTarget implements DiskTarget {
       this.path,
       this.manifestPath,
       this.size,
-      this.kind === 'full' ? undefined : summary.extents,
+      summary.extents,
+      this.kind === 'full' ? this.regionDigests : undefined,
     );
   }
 
@@ -200,29 +228,41 @@ export async function verifyFileImage(path: string, expectedRef: string | undefi
 }
 
 /**
- * Rewrites the image's manifest: every region when `touched` is undefined (full copy), otherwise
- * only the regions the cycle changed. Returns the reference recorded in the checkpoint.
+ * Rewrites the image's manifest and returns the reference recorded in the checkpoint. An increment
+ * (`full` undefined) re-hashes only the regions its extents touched. A full copy (`full`: the digests
+ * its chunks already gave) describes every region: those the copy never touched are zeros (it wrote
+ * a fresh sparse image), those in `full` are known, and only the rest are read and hashed.
  */
 async function updateManifest(
   imagePath: string,
   manifestPath: string,
   size: number,
-  touched: readonly Extent[] | undefined,
+  touched: readonly Extent[],
+  full: ReadonlyMap<number, Buffer> | undefined,
 ): Promise<string> {
   const regions = Math.ceil(size / MANIFEST_REGION);
-  let manifest: Buffer | undefined = touched
-    ? await readManifest(manifestPath).catch(() => undefined)
-    : undefined;
-  let indices: Iterable<number>;
+  let manifest: Buffer | undefined =
+    full === undefined ? await readManifest(manifestPath).catch(() => undefined) : undefined;
+  let indices: Iterable<number> = touchedRegions(touched);
   if (manifest === undefined || manifest.length !== regions * 32) {
     manifest = Buffer.alloc(regions * 32);
-    indices = range(regions);
-  } else {
-    indices = touchedRegions(touched!);
+    if (full === undefined) indices = range(regions);
+    else {
+      const zero = zeroRegionDigest(MANIFEST_REGION);
+      for (let i = 0; i < regions; i++) {
+        const length = Math.min(MANIFEST_REGION, size - i * MANIFEST_REGION);
+        (length === MANIFEST_REGION ? zero : zeroRegionDigest(length)).copy(manifest, i * 32);
+      }
+    }
   }
   const fh = await open(imagePath, 'r');
   try {
     for (const i of indices) {
+      const known = full?.get(i);
+      if (known !== undefined) {
+        known.copy(manifest, i * 32);
+        continue;
+      }
       const off = i * MANIFEST_REGION;
       const data = await readAt(fh, off, Math.min(MANIFEST_REGION, size - off), `file:${imagePath}`);
       createHash('sha256')
@@ -311,15 +351,24 @@ async function readAt(fh: FileHandle, offset: number, length: number, name: stri
 }
 
 /**
- * SHA-256 of the descriptor's extents as they are on disk now. One read of the whole span (at most
- * a chunk; holes between extents read as zeros and are skipped by the hash) rather than one per
- * extent, so a fragmented chunk costs one system call.
+ * SHA-256 of the descriptor's extents within `span`, the bytes of its whole span (at most a chunk)
+ * read back in one read rather than one per extent, so a fragmented chunk costs one system call.
  */
-async function readBackDigest(fh: FileHandle, d: Descriptor): Promise<string> {
-  const span = await readAt(fh, d.offset, d.length, 'staging');
+function extentsDigest(span: Uint8Array, d: Descriptor): string {
   const hash = createHash('sha256');
   for (const e of d.extents) hash.update(span.subarray(e.offset - d.offset, e.offset - d.offset + e.length));
   return hash.digest('hex');
+}
+
+const zeroDigests = new Map<number, Buffer>();
+/** The digest of `length` zero bytes (a region no chunk touched), computed once per length. */
+function zeroRegionDigest(length: number): Buffer {
+  let digest = zeroDigests.get(length);
+  if (digest === undefined) {
+    digest = createHash('sha256').update(Buffer.alloc(length)).digest();
+    zeroDigests.set(length, digest);
+  }
+  return digest;
 }
 
 // Extents up to this size are written synchronously (see writeChunk).

@@ -50,6 +50,45 @@ describe('FileTarget', () => {
     expect(report).toMatchObject({ ok: true, regions: 4, mismatches: [] });
   });
 
+  it('gives a sparse full copy the same manifest as hashing its image region by region', async () => {
+    // Regions covered whole by one chunk (hashed as written), a region shared by two chunks, holes no
+    // chunk touched (zeros, not read), and a short last region: a disk of 5.5 MiB.
+    const size = 5 * MiB + MiB / 2;
+    const image = new Uint8Array(size);
+    const written: Extent[][] = [
+      [{ offset: 0, length: MiB }],
+      [
+        { offset: MiB + 4096, length: 8192 },
+        { offset: 2 * MiB - 4096, length: 4096 },
+      ],
+      [{ offset: 2 * MiB, length: 4096 }],
+      [{ offset: 5 * MiB, length: MiB / 2 }],
+    ];
+    const path = join(await mkdtemp(join(tmpdir(), 'ferry-ft-')), 'disk.img');
+    const t = new FileTarget(path);
+    await t.open(size, 'full', false);
+    for (const [seq, extents] of written.entries()) {
+      const d = descriptor(seq, extents);
+      const data = randomBytes(d.bytes, seq + 10);
+      let at = 0;
+      for (const e of extents) {
+        image.set(data.subarray(at, at + e.length), e.offset);
+        at += e.length;
+      }
+      await t.writeChunk(d, data, sha256Hex(data));
+    }
+    const ref = await t.commit(commitOf(written.flat()));
+    await t.afterPublish();
+
+    expect(Buffer.from(await readFile(path)).equals(Buffer.from(image))).toBe(true);
+    expect(await verifyFileImage(path, ref)).toMatchObject({ ok: true, regions: 6, mismatches: [] });
+    const manifest = await readFile(`${path}.ferry-manifest`);
+    for (let r = 0; r < 6; r++) {
+      const region = image.subarray(r * MiB, Math.min((r + 1) * MiB, size));
+      expect(manifest.subarray(r * 32, r * 32 + 32).toString('hex'), `region ${r}`).toBe(sha256Hex(region));
+    }
+  });
+
   it('rejects a chunk whose checksum does not match, naming the offset', async () => {
     const path = join(await mkdtemp(join(tmpdir(), 'ferry-ft-')), 'disk.img');
     const t = new FileTarget(path);
