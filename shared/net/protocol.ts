@@ -52,6 +52,7 @@ import { FerryError } from '../engine/errors.ts';
 import type { Extent } from '../engine/extents.ts';
 import type { CopyKind } from '../engine/ports.ts';
 import { MiB } from '../engine/units.ts';
+import { ByteQueue } from './byte-queue.ts';
 
 export const MAGIC = 'FERRY';
 export const PROTOCOL_VERSION = 1;
@@ -749,56 +750,6 @@ function decodeChunkFixed(r: Reader): Omit<ChunkMeta, 'extents'> & { count: numb
 }
 
 // ---- Incremental reading ----
-
-/** FIFO of received buffers; takes views when one buffer holds what is asked, copies otherwise. */
-class ByteQueue {
-  private readonly chunks: Buffer[] = [];
-  private head = 0;
-  length = 0;
-
-  push(chunk: Buffer): void {
-    if (chunk.length === 0) return;
-    this.chunks.push(chunk);
-    this.length += chunk.length;
-  }
-
-  take(size: number): Buffer {
-    const first = this.chunks[0];
-    if (first !== undefined && first.length - this.head >= size) {
-      const view = first.subarray(this.head, this.head + size);
-      this.skip(size);
-      return view;
-    }
-    const out = Buffer.allocUnsafe(size);
-    this.copyTo(out, 0, size);
-    return out;
-  }
-
-  copyTo(target: Uint8Array, at: number, size: number): void {
-    let done = 0;
-    while (done < size) {
-      const chunk = this.chunks[0]!;
-      const n = Math.min(chunk.length - this.head, size - done);
-      target.set(chunk.subarray(this.head, this.head + n), at + done);
-      done += n;
-      this.skip(n);
-    }
-  }
-
-  private skip(size: number): void {
-    this.length -= size;
-    while (size > 0) {
-      const available = this.chunks[0]!.length - this.head;
-      if (size < available) {
-        this.head += size;
-        return;
-      }
-      size -= available;
-      this.chunks.shift();
-      this.head = 0;
-    }
-  }
-}
 
 export interface FrameReaderOptions {
   /** Who sends the bytes: frames that only the other side may send are refused. */

@@ -2,6 +2,7 @@
 import { connect as netConnect, type Socket } from 'node:net';
 import { AbortedError, errorMessage, TransferError } from '../../engine/errors.ts';
 import type { Extent } from '../../engine/extents.ts';
+import { ByteQueue } from '../../net/byte-queue.ts';
 import * as nbd from './protocol.ts';
 import type { NbdEndpoint } from './uri.ts';
 
@@ -757,73 +758,3 @@ const describe = (pending: Pending): string =>
   `${pending.command === nbd.NBD_CMD_READ ? 'read' : 'block status'} of ${pending.length} bytes at offset ${pending.offset}`;
 
 const isPowerOfTwo = (n: number): boolean => n > 0 && (n & (n - 1)) === 0;
-
-/** Bytes received and not yet parsed. Hands out payloads with at most one copy. */
-class ByteQueue {
-  private readonly chunks: Buffer[] = [];
-  /** Bytes of chunks[0] already consumed. */
-  private head = 0;
-  length = 0;
-
-  push(chunk: Buffer): void {
-    if (chunk.length === 0) return;
-    this.chunks.push(chunk);
-    this.length += chunk.length;
-  }
-
-  peekUInt32BE(): number {
-    const first = this.chunks[0]!;
-    if (first.length - this.head >= 4) return first.readUInt32BE(this.head);
-    const bytes = Buffer.alloc(4);
-    this.copy(bytes, 0, 4);
-    return bytes.readUInt32BE(0);
-  }
-
-  /** Removes `size` bytes; a view into the received chunk when one chunk holds them all. */
-  take(size: number): Buffer {
-    const first = this.chunks[0];
-    if (first !== undefined && first.length - this.head >= size) {
-      const view = first.subarray(this.head, this.head + size);
-      this.skip(size);
-      return view;
-    }
-    const bytes = Buffer.allocUnsafe(size);
-    this.copyTo(bytes, 0, size);
-    return bytes;
-  }
-
-  copyTo(target: Buffer, at: number, size: number): void {
-    this.copy(target, at, size);
-    this.skip(size);
-  }
-
-  skip(size: number): void {
-    this.length -= size;
-    while (size > 0) {
-      const available = this.chunks[0]!.length - this.head;
-      if (size < available) {
-        this.head += size;
-        return;
-      }
-      size -= available;
-      this.chunks.shift();
-      this.head = 0;
-    }
-  }
-
-  private copy(target: Buffer, at: number, size: number): void {
-    let index = 0;
-    let from = this.head;
-    for (let done = 0; done < size; ) {
-      const chunk = this.chunks[index]!;
-      const n = Math.min(chunk.length - from, size - done);
-      chunk.copy(target, at + done, from, from + n);
-      done += n;
-      from += n;
-      if (from === chunk.length) {
-        index++;
-        from = 0;
-      }
-    }
-  }
-}
