@@ -436,9 +436,10 @@ describe('rate limiter', () => {
 
   it('limits PutSnapshotBlock per snapshot and per account, and refuses unknown limits', async () => {
     const clock = new VirtualClock(0);
+    // Buckets hold BURST_SECONDS (0.1 s) of their rate: bursts of 2 per snapshot, 3 per account.
     const limiter = new EbsRateLimiter(clock, {
-      putSnapshotBlockPerSnapshot: 2,
-      putSnapshotBlockPerAccount: 3,
+      putSnapshotBlockPerSnapshot: 20,
+      putSnapshotBlockPerAccount: 30,
     });
     const done: [string, number][] = [];
     await Promise.all(
@@ -448,7 +449,7 @@ describe('rate limiter', () => {
     );
     // snap-a's third request waits for its own bucket; snap-b's second for the account's.
     expect(done.filter(([, t]) => t === 0)).toHaveLength(3);
-    expect(Math.max(...done.map(([, t]) => t))).toBeGreaterThanOrEqual(334);
+    expect(Math.max(...done.map(([, t]) => t))).toBeGreaterThanOrEqual(34);
     expect(() => new EbsRateLimiter(clock, { putPerSecond: 5 } as never)).toThrow(
       /unknown EBS rate limit putPerSecond/,
     );
