@@ -40,7 +40,7 @@ const PER_SNAPSHOT_RPS = 1000;
 /**
  * The service's token buckets hold this many seconds of their rate: a quota "per second" tolerates
  * a short burst, not a whole second's worth at once. AWS does not publish the burst; 0.2 s is the
- * harsher assumption (the adapter's own limiter assumes one second).
+ * harsher assumption than the adapter's own limiter, which paces with 0.1 s of burst.
  */
 const BURST_SECONDS = 0.2;
 /** A throttled call fails fast: the service answers without writing. */

@@ -9,7 +9,10 @@ export interface Descriptor {
   readonly seq: number;
   /** Start of the first changed extent (block-aligned). */
   readonly offset: number;
-  /** Span from `offset` to the end of the last extent; never more than chunk_size. */
+  /**
+   * Span from `offset` to the end of the last extent: inside one chunk_size-aligned cell of the
+   * disk, so never more than chunk_size.
+   */
   readonly length: number;
   /** Changed extents in absolute disk offsets: sorted, disjoint, block-aligned, inside the span. */
   readonly extents: readonly Extent[];
@@ -101,9 +104,12 @@ export function normalizeExtents(extents: Iterable<Extent>, opts: NormalizeOptio
 }
 
 /**
- * Cuts normalised extents into descriptors, greedily: each starts at the first changed byte not yet
- * taken and takes everything changed within chunkSize of it, splitting the extent that crosses the
- * boundary. Lazy, so a 16 TiB full copy never holds all its descriptors at once.
+ * Cuts normalised extents into descriptors: one per chunkSize-aligned cell of the disk that holds a
+ * change, taking everything changed in that cell and splitting extents at cell boundaries. Aligned
+ * cells rather than greedy spans from the first changed byte: no two descriptors share a cell, so a
+ * target whose own units (manifest regions, snapshot blocks) divide chunkSize sees each unit written
+ * by one chunk, and sequential copies cut the same either way. Lazy, so a 16 TiB full copy never
+ * holds all its descriptors at once.
  * Throws if `extents` is not sorted and disjoint (it must come from normalizeExtents).
  */
 export function* cutDescriptors(extents: readonly Extent[], opts: CutOptions): Generator<Descriptor> {
@@ -138,7 +144,7 @@ export function* cutDescriptors(extents: readonly Extent[], opts: CutOptions): G
   let cursor = enter(0) ?? 0;
   while (i < extents.length) {
     const offset = cursor;
-    const limit = offset + chunkSize;
+    const limit = alignDown(offset, chunkSize) + chunkSize;
     const parts: Extent[] = [];
     let bytes = 0;
     let end = offset;

@@ -40,12 +40,13 @@ export class FileTarget implements DiskTarget {
   private kind: CopyKind = 'full';
   private size = 0;
   /**
-   * Manifest digests of regions a full copy's chunks covered whole, computed from the read-back as
+   * Manifest digests of the regions a full copy's chunks touched, computed from the read-back as
    * they were written (the link is the bottleneck then, not the CPU), so commit need not read them
-   * again. A cache: a region missing here (written before a resume, or shared by two chunks) is
-   * read and hashed at commit.
+   * again. A region's digest assumes its bytes outside the noting chunk's span are zeros (a fresh
+   * sparse image); commit uses it only if the cycle changed nothing in that region outside the span,
+   * and otherwise (a region shared by two chunks, or written before a resume) reads and hashes it.
    */
-  private readonly regionDigests = new Map<number, Buffer>();
+  private readonly regionDigests = new Map<number, RegionDigest>();
 
   constructor(
     readonly path: string,
@@ -123,16 +124,17 @@ export class FileTarget implements DiskTarget {
 
   private noteRegions(d: Descriptor, span: Uint8Array): void {
     const end = d.offset + d.length;
-    for (let r = Math.ceil(d.offset / MANIFEST_REGION); r * MANIFEST_REGION < end; r++) {
+    for (let r = Math.floor(d.offset / MANIFEST_REGION); r * MANIFEST_REGION < end; r++) {
       const from = r * MANIFEST_REGION;
       const to = Math.min(from + MANIFEST_REGION, this.size);
-      if (to > end) break;
-      this.regionDigests.set(
-        r,
-        createHash('sha256')
-          .update(span.subarray(from - d.offset, to - d.offset))
-          .digest(),
-      );
+      const lo = Math.max(from, d.offset);
+      const hi = Math.min(to, end);
+      const digest = createHash('sha256')
+        .update(zeros(lo - from))
+        .update(span.subarray(lo - d.offset, hi - d.offset))
+        .update(zeros(to - hi))
+        .digest();
+      this.regionDigests.set(r, { digest, lo: d.offset, hi: end });
     }
   }
 
@@ -231,19 +233,20 @@ export async function verifyFileImage(path: string, expectedRef: string | undefi
  * Rewrites the image's manifest and returns the reference recorded in the checkpoint. An increment
  * (`full` undefined) re-hashes only the regions its extents touched. A full copy (`full`: the digests
  * its chunks already gave) describes every region: those the copy never touched are zeros (it wrote
- * a fresh sparse image), those in `full` are known, and only the rest are read and hashed.
+ * a fresh sparse image), those in `full` whose changes all lie in the noting chunk's span are known,
+ * and only the rest are read and hashed.
  */
 async function updateManifest(
   imagePath: string,
   manifestPath: string,
   size: number,
   touched: readonly Extent[],
-  full: ReadonlyMap<number, Buffer> | undefined,
+  full: ReadonlyMap<number, RegionDigest> | undefined,
 ): Promise<string> {
   const regions = Math.ceil(size / MANIFEST_REGION);
   let manifest: Buffer | undefined =
     full === undefined ? await readManifest(manifestPath).catch(() => undefined) : undefined;
-  let indices: Iterable<number> = touchedRegions(touched);
+  let indices: Iterable<TouchedRegion> = touchedRegions(touched);
   if (manifest === undefined || manifest.length !== regions * 32) {
     manifest = Buffer.alloc(regions * 32);
     if (full === undefined) indices = range(regions);
@@ -257,10 +260,10 @@ async function updateManifest(
   }
   const fh = await open(imagePath, 'r');
   try {
-    for (const i of indices) {
+    for (const { index: i, lo, hi } of indices) {
       const known = full?.get(i);
-      if (known !== undefined) {
-        known.copy(manifest, i * 32);
+      if (known !== undefined && known.lo <= lo && hi <= known.hi) {
+        known.digest.copy(manifest, i * 32);
         continue;
       }
       const off = i * MANIFEST_REGION;
@@ -297,18 +300,43 @@ async function readManifest(path: string): Promise<Buffer> {
   }
 }
 
-function* touchedRegions(extents: readonly Extent[]): Generator<number> {
-  let last = -1;
-  for (const e of extents) {
-    const first = Math.max(last + 1, Math.floor(e.offset / MANIFEST_REGION));
-    const end = Math.floor((e.offset + e.length - 1) / MANIFEST_REGION);
-    for (let i = first; i <= end; i++) yield i;
-    last = Math.max(last, end);
-  }
+/** A manifest region and the span of the cycle's changes inside it. */
+interface TouchedRegion {
+  readonly index: number;
+  lo: number;
+  hi: number;
 }
 
-function* range(n: number): Generator<number> {
-  for (let i = 0; i < n; i++) yield i;
+/** A region's digest noted from one chunk, whose span [lo, hi) it trusts to hold all the changes. */
+interface RegionDigest {
+  readonly digest: Buffer;
+  readonly lo: number;
+  readonly hi: number;
+}
+
+/** The regions that sorted, disjoint extents touch, in order, each with the span of its changes. */
+function* touchedRegions(extents: readonly Extent[]): Generator<TouchedRegion> {
+  let current: TouchedRegion | undefined;
+  for (const e of extents) {
+    const end = e.offset + e.length;
+    const last = Math.floor((end - 1) / MANIFEST_REGION);
+    for (let i = Math.floor(e.offset / MANIFEST_REGION); i <= last; i++) {
+      const lo = Math.max(e.offset, i * MANIFEST_REGION);
+      const hi = Math.min(end, (i + 1) * MANIFEST_REGION);
+      if (current?.index === i) {
+        current.hi = hi;
+        continue;
+      }
+      if (current !== undefined) yield current;
+      current = { index: i, lo, hi };
+    }
+  }
+  if (current !== undefined) yield current;
+}
+
+/** Every region, each as wholly changed: none is trusted from a chunk. */
+function* range(n: number): Generator<TouchedRegion> {
+  for (let i = 0; i < n; i++) yield { index: i, lo: i * MANIFEST_REGION, hi: (i + 1) * MANIFEST_REGION };
 }
 
 async function sizeOf(path: string): Promise<number | undefined> {
@@ -359,6 +387,10 @@ function extentsDigest(span: Uint8Array, d: Descriptor): string {
   for (const e of d.extents) hash.update(span.subarray(e.offset - d.offset, e.offset - d.offset + e.length));
   return hash.digest('hex');
 }
+
+const ZERO_REGION = Buffer.alloc(MANIFEST_REGION);
+/** `length` zero bytes, at most a region's worth, without allocating. */
+const zeros = (length: number): Uint8Array => ZERO_REGION.subarray(0, length);
 
 const zeroDigests = new Map<number, Buffer>();
 /** The digest of `length` zero bytes (a region no chunk touched), computed once per length. */

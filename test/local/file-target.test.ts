@@ -51,8 +51,9 @@ describe('FileTarget', () => {
   });
 
   it('gives a sparse full copy the same manifest as hashing its image region by region', async () => {
-    // Regions covered whole by one chunk (hashed as written), a region shared by two chunks, holes no
-    // chunk touched (zeros, not read), and a short last region: a disk of 5.5 MiB.
+    // A region covered whole by one chunk, regions one chunk touched in part (hashed as written, the
+    // rest zeros), a region shared by two chunks (read at commit), holes no chunk touched (zeros, not
+    // read), and a short last region: a disk of 5.5 MiB.
     const size = 5 * MiB + MiB / 2;
     const image = new Uint8Array(size);
     const written: Extent[][] = [
@@ -62,6 +63,8 @@ describe('FileTarget', () => {
         { offset: 2 * MiB - 4096, length: 4096 },
       ],
       [{ offset: 2 * MiB, length: 4096 }],
+      [{ offset: 3 * MiB + 4096, length: 4096 }],
+      [{ offset: 3 * MiB + MiB / 2, length: 8192 }],
       [{ offset: 5 * MiB, length: MiB / 2 }],
     ];
     const path = join(await mkdtemp(join(tmpdir(), 'ferry-ft-')), 'disk.img');
@@ -87,6 +90,34 @@ describe('FileTarget', () => {
       const region = image.subarray(r * MiB, Math.min((r + 1) * MiB, size));
       expect(manifest.subarray(r * 32, r * 32 + 32).toString('hex'), `region ${r}`).toBe(sha256Hex(region));
     }
+  });
+
+  it('re-hashes at commit a region that a chunk written before a resume shares with one written after', async () => {
+    const path = join(await mkdtemp(join(tmpdir(), 'ferry-ft-')), 'disk.img');
+    const image = new Uint8Array(SIZE);
+    const chunks = [
+      descriptor(0, [{ offset: MiB, length: 8192 }]),
+      descriptor(1, [{ offset: MiB + MiB / 2, length: 4096 }]),
+    ];
+    const write = async (t: FileTarget, d: Descriptor) => {
+      const data = randomBytes(d.bytes, d.seq + 20);
+      image.set(data, d.offset);
+      await t.writeChunk(d, data, sha256Hex(data));
+    };
+    const first = new FileTarget(path);
+    await first.open(SIZE, 'full', false);
+    await write(first, chunks[0]!);
+    await first.close(); // the run dies here
+
+    const resumed = new FileTarget(path);
+    await resumed.open(SIZE, 'full', true);
+    await write(resumed, chunks[1]!);
+    const ref = await resumed.commit(commitOf(chunks.flatMap((d) => d.extents)));
+    await resumed.afterPublish();
+
+    expect(await verifyFileImage(path, ref)).toMatchObject({ ok: true, mismatches: [] });
+    const manifest = await readFile(`${path}.ferry-manifest`);
+    expect(manifest.subarray(32, 64).toString('hex')).toBe(sha256Hex(image.subarray(MiB, 2 * MiB)));
   });
 
   it('rejects a chunk whose checksum does not match, naming the offset', async () => {
