@@ -2,13 +2,18 @@
 import { AbortedError, ConfigError, errorMessage, TransferError } from '../../engine/errors.ts';
 import type { Extent } from '../../engine/extents.ts';
 import type { DiskSource } from '../../engine/ports.ts';
-import { GiB } from '../../engine/units.ts';
-import { NbdConnection } from './connection.ts';
+import { MiB } from '../../engine/units.ts';
+import { type BlockStatusExtent, NbdConnection } from './connection.ts';
 import { NBD_FLAG_CAN_MULTI_CONN } from './protocol.ts';
 import { MAX_CONNECTIONS, type NbdUri, parseNbdUri } from './uri.ts';
 
-/** Block status is asked for this much of the disk at a time: replies stay small and extents flow early. */
-export const EXTENT_QUERY_BYTES = GiB;
+/**
+ * Block status is asked for this much of the disk at a time, EXTENT_QUERIES_IN_FLIGHT queries at once:
+ * replies stay small, and the server (which may take most of a second to describe a fragmented GiB)
+ * works on several parts of the disk in parallel instead of one after another, one round trip each.
+ */
+export const EXTENT_QUERY_BYTES = 128 * MiB;
+export const EXTENT_QUERIES_IN_FLIGHT = 8;
 
 export interface NbdSourceOptions {
   /** Connections to open; overrides the URI's `connections=N`. */
@@ -110,12 +115,24 @@ export class NbdSource implements DiskSource {
       return;
     }
     const step = this.opts.extentQueryBytes ?? EXTENT_QUERY_BYTES;
+    // Parts of the disk queried ahead, consumed in order; each promise is caught at once so that one
+    // failing while an earlier one is awaited is not an unhandled rejection (it is rethrown in turn).
+    const ahead: Promise<BlockStatusExtent[]>[] = [];
+    let next = 0;
+    const queryAhead = () => {
+      while (ahead.length < EXTENT_QUERIES_IN_FLIGHT && next < this.sizeBytes) {
+        const part = this.describe(next, Math.min(next + step, this.sizeBytes), signal);
+        part.catch(() => undefined);
+        ahead.push(part);
+        next += step;
+      }
+    };
     let run: Extent | undefined;
-    for (let at = 0; at < this.sizeBytes; ) {
-      const connection = this.pick() ?? (await this.reconnect());
-      const extents = await connection.blockStatus(at, Math.min(step, this.sizeBytes - at), signal);
+    queryAhead();
+    while (ahead.length > 0) {
+      const extents = await ahead.shift()!;
+      queryAhead();
       for (const extent of extents) {
-        at = extent.offset + extent.length;
         if (!extent.hole) {
           // Extents come back consecutive, so an allocated one extends the current run.
           run = { offset: run?.offset ?? extent.offset, length: (run?.length ?? 0) + extent.length };
@@ -126,6 +143,29 @@ export class NbdSource implements DiskSource {
       }
     }
     if (run !== undefined) yield run;
+  }
+
+  /** base:allocation of [from, to), in as many queries as the server needs, clipped to `to`. */
+  private async describe(from: number, to: number, signal?: AbortSignal): Promise<BlockStatusExtent[]> {
+    const out: BlockStatusExtent[] = [];
+    for (let at = from; at < to; ) {
+      const connection = this.pick() ?? (await this.reconnect());
+      const before = at;
+      for (const extent of await connection.blockStatus(at, to - at, signal)) {
+        const end = Math.min(extent.offset + extent.length, to);
+        if (end <= at) continue;
+        out.push(end === extent.offset + extent.length ? extent : { ...extent, length: end - extent.offset });
+        at = end;
+      }
+      if (at === before) {
+        throw new TransferError(`${this.name}: block status at offset ${at} described nothing`, {
+          disk: this.name,
+          offset: at,
+          retryable: false,
+        });
+      }
+    }
+    return out;
   }
 
   async close(): Promise<void> {
