@@ -451,8 +451,8 @@ async function runCase(
       'serve',
       '--listen',
       '127.0.0.1:0',
-      '--target-dir',
-      join(dir, 'out'),
+      '--target',
+      `file:${join(dir, 'out')}`,
     ]);
     nodePort = await new Promise<number>((resolvePort, reject) => {
       const timer = setTimeout(() => reject(new Error('ferry serve did not start in 30 s')), 30_000);
@@ -836,8 +836,8 @@ async function measureBaseline(dir: string): Promise<{ ferryRssMiB: number; node
     'serve',
     '--listen',
     '127.0.0.1:0',
-    '--target-dir',
-    dir,
+    '--target',
+    `file:${dir}`,
   ]);
   await new Promise<void>((res) => node.onLine('stdout', () => res()));
   await new Promise((res) => setTimeout(res, 500));

@@ -162,7 +162,10 @@ program
     '--listen <host:port>',
     'address to listen on, e.g. 127.0.0.1:7790 (port 0 picks a free one)',
   )
-  .requiredOption('--target-dir <dir>', 'directory of the replicated images, one file per disk')
+  .requiredOption(
+    '--target <uri>',
+    'where the node writes: file:DIR, a directory holding one image per disk, named after the disk',
+  )
   .option('--state <dir>', "where the node records each disk's last commit")
   .option(
     '--node-budget <size>',
@@ -172,7 +175,7 @@ program
     const { startNode } = await import('../shared/net/node.ts');
     const node = await startNode({
       listen: o.listen,
-      targetDir: o.targetDir,
+      targetDir: nodeTargetDir(o.target),
       ...(o.state !== undefined ? { stateDir: o.state } : {}),
       ...(o.nodeBudget !== undefined ? { nodeBudget: parseSize(o.nodeBudget, 'nodeBudget') } : {}),
       log: err,
@@ -191,6 +194,17 @@ program
     await node.close();
     out('ferry node stopped');
   });
+
+/** `ferry serve --target`: a node writes file images, so a `file:` directory (or a bare path). */
+function nodeTargetDir(uri: string): string {
+  if (/^(ferry|nbd|nbd\+unix|ebs|azure):/i.test(uri)) {
+    throw new ConfigError(
+      `target ${uri}: a ferry serve node writes file images into a directory; give it as file:DIR`,
+      { setting: 'target' },
+    );
+  }
+  return filePath(uri, 'target');
+}
 
 function jobFromFlags(o: Record<string, unknown>): JobSpec {
   const sources = o.source as string[];

@@ -134,8 +134,13 @@ export async function replicate(job: ReplicationJob, ports: ReplicationPorts): P
   const runs = new Map<string, DiskRun>();
 
   try {
-    for (const disk of job.disks) {
-      const run = await planDisk(disk, job.set, cycleId, params, state, signal);
+    // Disks are planned at once: each plan waits on round trips (block status, opening the target),
+    // and over a long link four disks planned one after another would start four times later.
+    const planned = await settleAll(
+      job.disks.map((disk) => planDisk(disk, job.set, cycleId, params, state, signal)),
+    );
+    for (const run of planned) {
+      const disk = run.job;
       runs.set(disk.id, run);
       scheduler.addDisk(disk.id, skipDone(run), run.controller?.window ?? params.window);
       emit({
@@ -151,7 +156,6 @@ export async function replicate(job: ReplicationJob, ports: ReplicationPorts): P
     await pump(scheduler, runs, { ...ports, signal, tickMs }, abort, emit);
 
     // Every disk is written and verified chunk by chunk; now check the whole before committing.
-    const disks: CheckpointDisk[] = [];
     for (const run of runs.values()) {
       const done = run.tracker.bytesDone;
       if (done !== run.bytesTotal) {
@@ -160,27 +164,33 @@ export async function replicate(job: ReplicationJob, ports: ReplicationPorts): P
           { disk: run.job.id },
         );
       }
-      const aggregateSha256 = run.aggregate.hex();
-      const chunks = run.tracker.watermark;
-      const targetRef = await run.job.target.commit({
-        chunks,
-        bytes: done,
-        aggregateSha256,
-        extents: run.extents,
-      });
-      disks.push({
-        disk: run.job.id,
-        source: run.job.source.name,
-        target: run.job.target.name,
-        sizeBytes: run.job.source.sizeBytes,
-        kind: run.kind,
-        chunks,
-        bytes: done,
-        aggregateSha256,
-        ...(targetRef === undefined ? {} : { targetRef }),
-      });
-      emit({ type: 'disk-done', disk: run.job.id, bytes: done, chunks });
     }
+    // Targets commit at once, as they planned: a commit is round trips too (a remote node, a snapshot).
+    const disks: CheckpointDisk[] = await settleAll(
+      [...runs.values()].map(async (run): Promise<CheckpointDisk> => {
+        const done = run.tracker.bytesDone;
+        const aggregateSha256 = run.aggregate.hex();
+        const chunks = run.tracker.watermark;
+        const targetRef = await run.job.target.commit({
+          chunks,
+          bytes: done,
+          aggregateSha256,
+          extents: run.extents,
+        });
+        return {
+          disk: run.job.id,
+          source: run.job.source.name,
+          target: run.job.target.name,
+          sizeBytes: run.job.source.sizeBytes,
+          kind: run.kind,
+          chunks,
+          bytes: done,
+          aggregateSha256,
+          ...(targetRef === undefined ? {} : { targetRef }),
+        };
+      }),
+    );
+    for (const d of disks) emit({ type: 'disk-done', disk: d.disk, bytes: d.bytes, chunks: d.chunks });
 
     const checkpoint: RecoveryCheckpoint = {
       id: cycleId,
@@ -213,6 +223,17 @@ export async function replicate(job: ReplicationJob, ports: ReplicationPorts): P
   } finally {
     ports.signal?.removeEventListener('abort', onOuterAbort);
   }
+}
+
+/**
+ * Awaits every promise, then returns their values in order or throws the first failure in order: no
+ * work is left running behind a failure, and which error is reported does not depend on timing.
+ */
+async function settleAll<T>(promises: readonly Promise<T>[]): Promise<T[]> {
+  const results = await Promise.allSettled(promises);
+  const failed = results.find((r) => r.status === 'rejected');
+  if (failed !== undefined) throw failed.reason;
+  return results.map((r) => (r as PromiseFulfilledResult<T>).value);
 }
 
 /** Normalises the disk's change map, resumes matching progress, and prepares its target. */

@@ -164,6 +164,10 @@ describe('ferry CLI', () => {
     expect(pairs.code).toBe(2);
     expect(pairs.stderr).toMatch(/1 --source but 0 --target/);
 
+    const serve = await ferry(['serve', '--listen', '127.0.0.1:0', '--target', 'nbd://localhost/disk']);
+    expect(serve.code).toBe(2);
+    expect(serve.stderr).toMatch(/target nbd:\/\/localhost\/disk: a ferry serve node writes file images/);
+
     // Nothing was published by any of the failures.
     const list = await ferry(['checkpoints', '--state', join(dir, 's')]);
     expect(list.stdout).toMatch(/no checkpoints/);

@@ -356,8 +356,8 @@ describe('ferry serve', () => {
       'serve',
       '--listen',
       '127.0.0.1:0',
-      '--target-dir',
-      images,
+      '--target',
+      `file:${images}`,
       '--node-budget',
       '64MiB',
     ]);

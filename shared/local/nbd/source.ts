@@ -42,7 +42,9 @@ export class NbdSource implements DiskSource {
 
   /**
    * Connects to the export. Opens the URI's (or `opts`') number of connections when the server advertises
-   * NBD_FLAG_CAN_MULTI_CONN, and only one otherwise, as the protocol asks.
+   * NBD_FLAG_CAN_MULTI_CONN, and only one otherwise, as the protocol asks. All are opened at once, since
+   * a handshake is several round trips: when the first reports that the server does not allow more,
+   * the others are closed before they carry a single command.
    */
   static async open(uri: string, opts: NbdSourceOptions = {}): Promise<NbdSource> {
     const parsed = parseNbdUri(uri);
@@ -50,9 +52,30 @@ export class NbdSource implements DiskSource {
     if (!Number.isInteger(wanted) || wanted < 1 || wanted > MAX_CONNECTIONS) {
       throw new ConfigError(`${parsed.name}: connections must be 1..${MAX_CONNECTIONS}, not ${wanted}`);
     }
-    const first = await connect(parsed, opts);
-    const count = first.info.transmissionFlags & NBD_FLAG_CAN_MULTI_CONN ? wanted : 1;
-    const others = await Promise.allSettled(Array.from({ length: count - 1 }, () => connect(parsed, opts)));
+    const [firstAttempt, ...extraAttempts] = Array.from({ length: wanted }, () => connect(parsed, opts));
+    // Their failures are read below, or do not matter once the first has failed: never unhandled.
+    for (const attempt of extraAttempts) attempt.catch(() => undefined);
+    const dismiss = () => {
+      for (const attempt of extraAttempts) attempt.then((c) => c.close()).catch(() => undefined);
+    };
+    let first: NbdConnection;
+    try {
+      first = await firstAttempt!;
+    } catch (err) {
+      dismiss();
+      throw err;
+    }
+    if ((first.info.transmissionFlags & NBD_FLAG_CAN_MULTI_CONN) === 0) {
+      dismiss();
+      return new NbdSource(
+        parsed,
+        opts,
+        [first],
+        first.info.sizeBytes,
+        first.info.allocationContext !== undefined,
+      );
+    }
+    const others = await Promise.allSettled(extraAttempts);
     const connections = [first];
     let failure: unknown;
     for (const result of others) {
@@ -62,7 +85,7 @@ export class NbdSource implements DiskSource {
     if (failure !== undefined) {
       await Promise.all(connections.map((c) => c.close()));
       throw new TransferError(
-        `${parsed.name}: opened ${connections.length} of ${count} connections: ${errorMessage(failure)} ` +
+        `${parsed.name}: opened ${connections.length} of ${wanted} connections: ${errorMessage(failure)} ` +
           '(the server may limit clients, e.g. qemu-nbd --shared; ?connections=1 asks for fewer)',
         {
           disk: parsed.name,
