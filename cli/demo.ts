@@ -126,7 +126,7 @@ export async function runDemo(opts: DemoOptions): Promise<boolean> {
     });
     log(
       `checkpoint ${result.checkpoint.id}: ${formatBytes(sent)} sent in ${seconds.toFixed(1)} s` +
-        `${changedExtents ? ` for ${changedExtents} changed extents` : ''} — replicas ${verified ? 'bit-identical to sources ✓' : 'DIFFER ✗'}`,
+        `${changedExtents ? ` for ${changedExtents} changed extents reported (overlapping ones merged before planning)` : ''} — replicas ${verified ? 'bit-identical to sources ✓' : 'DIFFER ✗'}`,
     );
     if (!verified) break;
   }
