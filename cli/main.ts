@@ -119,6 +119,11 @@ program
   .option('--json', 'print the results as JSON')
   .addOption(new Option('--scale <n>', 'disk size multiplier').default('1').argParser(Number))
   .action(async (o) => {
+    if (!Number.isFinite(o.scale) || o.scale <= 0 || o.scale > 64) {
+      throw new ConfigError(`--scale must be a number above 0 and at most 64, not ${o.scale}`, {
+        setting: 'scale',
+      });
+    }
     const ok = await runDemo({ dir: o.dir, json: Boolean(o.json), scale: o.scale, log: out });
     if (!ok) process.exitCode = 1;
   });

@@ -50,6 +50,24 @@ describe('ferry CLI', () => {
     expect(r.stdout).toMatch(/demo/);
   });
 
+  it("runs the README's demo: a base copy and two fragmented increments of three disks, each verified", async () => {
+    const dir = await workdir();
+    const r = await ferry(['demo', '--json', '--scale', '0.25', '--dir', dir]);
+    expect(r.code, r.stderr).toBe(0);
+    const report = JSON.parse(r.stdout) as {
+      ok: boolean;
+      cycles: { kind: string; changedExtents: number; bytesSent: number; verified: boolean }[];
+    };
+    expect(report.ok).toBe(true);
+    expect(report.cycles.map((c) => c.kind)).toEqual(['full', 'incremental', 'incremental']);
+    expect(report.cycles.every((c) => c.verified && c.bytesSent > 0)).toBe(true);
+    expect(report.cycles[1]!.changedExtents).toBeGreaterThan(1000);
+
+    const bad = await ferry(['demo', '--scale', '-1']);
+    expect(bad.code).toBe(2);
+    expect(bad.stderr).toMatch(/--scale must be a number above 0/);
+  });
+
   it('replicates full then incremental, lists checkpoints, and verifies the replica', async () => {
     // Prepare
     const dir = await workdir();
