@@ -19,6 +19,7 @@ import type {
 import { DiskProgressTracker } from './progress.ts';
 import { DEFAULT_RETRY_POLICY, type RetryPolicy, withRetry } from './retry.ts';
 import { type Grant, Scheduler } from './scheduler.ts';
+import { settleAll } from './settle.ts';
 
 export interface DiskJob {
   /** Stable id of the disk within its set (names state and checkpoint entries). */
@@ -223,17 +224,6 @@ export async function replicate(job: ReplicationJob, ports: ReplicationPorts): P
   } finally {
     ports.signal?.removeEventListener('abort', onOuterAbort);
   }
-}
-
-/**
- * Awaits every promise, then returns their values in order or throws the first failure in order: no
- * work is left running behind a failure, and which error is reported does not depend on timing.
- */
-async function settleAll<T>(promises: readonly Promise<T>[]): Promise<T[]> {
-  const results = await Promise.allSettled(promises);
-  const failed = results.find((r) => r.status === 'rejected');
-  if (failed !== undefined) throw failed.reason;
-  return results.map((r) => (r as PromiseFulfilledResult<T>).value);
 }
 
 /** Normalises the disk's change map, resumes matching progress, and prepares its target. */

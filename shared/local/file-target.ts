@@ -303,7 +303,7 @@ async function readManifest(path: string): Promise<Buffer> {
 /** A manifest region and the span of the cycle's changes inside it. */
 interface TouchedRegion {
   readonly index: number;
-  lo: number;
+  readonly lo: number;
   hi: number;
 }
 

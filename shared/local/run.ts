@@ -9,6 +9,7 @@ import {
   type ReplicationResult,
   replicate,
 } from '../engine/replicate.ts';
+import { settleAll } from '../engine/settle.ts';
 import { systemClock, systemRandom } from './clock.ts';
 import { LocalStateStore } from './state-dir.ts';
 import { openSource, openTarget, readChangeFile } from './uris.ts';
@@ -61,7 +62,7 @@ export async function runLocalJob(spec: JobSpec, opts: LocalRunOptions): Promise
   try {
     // Every disk's source opens at once: an NBD handshake is several round trips, and over a WAN
     // link four disks opened one after another would wait four times as long before the first byte.
-    const opened = await Promise.allSettled(
+    const opened = await settleAll(
       spec.disks.map(async (d) => {
         const changed = d.changed === undefined ? undefined : await readChangeFile(d.changed, d.id);
         const rawSource = await openSource(d.source);
@@ -69,13 +70,9 @@ export async function runLocalJob(spec: JobSpec, opts: LocalRunOptions): Promise
         return { d, changed, rawSource };
       }),
     );
-    const failed = opened.find((r) => r.status === 'rejected');
-    if (failed !== undefined) throw failed.reason;
     const disks: DiskJob[] = [];
     let blockSize = 0;
-    for (const r of opened) {
-      if (r.status !== 'fulfilled') continue;
-      const { d, changed, rawSource } = r.value;
+    for (const { d, changed, rawSource } of opened) {
       const rawTarget = openTarget(d.target);
       targets.push(rawTarget);
       blockSize = Math.max(blockSize, rawTarget.blockSize);
