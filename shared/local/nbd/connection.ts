@@ -380,7 +380,10 @@ export class NbdConnection {
     return { pending, done };
   }
 
-  /** Waits for all `requests`; on abort rejects at once and leaves their replies to be discarded. */
+  /**
+   * Waits for all `requests`; on abort rejects them at once and leaves their replies to be discarded.
+   * Kept lean: a fragmented chunk is one request per 4 KiB extent, thousands of them in flight.
+   */
   private async settle(
     requests: readonly Submitted[],
     signal: AbortSignal | undefined,
@@ -388,21 +391,20 @@ export class NbdConnection {
     offset: number,
     length: number,
   ): Promise<void> {
-    const done = Promise.all(requests.map((r) => r.done));
+    const done = requests.length === 1 ? requests[0]!.done : Promise.all(requests.map((r) => r.done));
     if (signal === undefined) {
       await done;
       return;
     }
-    let onAbort!: () => void;
-    const aborted = new Promise<never>((_, reject) => {
-      onAbort = () => {
-        for (const r of requests) r.pending.abandoned = true;
-        reject(this.aborted(what, offset, length));
-      };
+    const unwatch = this.watch(signal, () => {
+      const err = this.aborted(what, offset, length);
+      for (const r of requests) {
+        r.pending.abandoned = true;
+        r.pending.reject(err);
+      }
     });
-    const unwatch = this.watch(signal, onAbort);
     try {
-      await Promise.race([done, aborted]);
+      await done;
     } finally {
       unwatch();
     }
