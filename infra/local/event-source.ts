@@ -158,10 +158,9 @@ export class LocalEventSource {
     this.stats.records += event.Records.length;
     if (faults?.duplicateDeliveries) await this.sendDuplicates(event);
     faults?.beforeInvoke?.(n);
-    const kill =
-      faults?.kill !== undefined && faults.kill.invocations.includes(n)
-        ? { afterPutBlocks: faults.kill.afterPutBlocks }
-        : undefined;
+    const kill = faults?.kill?.invocations.includes(n)
+      ? { afterPutBlocks: faults.kill.afterPutBlocks }
+      : undefined;
     const result = await this.opts.invoke(event, kill);
     const done = toDelete(event, result, this.opts.reportBatchItemFailures);
     await this.deleteMessages(done);
