@@ -146,7 +146,7 @@ export class EbsRateLimiter {
   }
 }
 
-/** A bucket holding BURST_SECONDS of `rate` (at least one request). */
+/** A bucket holding BURST_SECONDS of `rate`, at least one request (an Infinity rate never waits). */
 function bucket(clock: Clock, rate: number): TokenBucket {
-  return new TokenBucket(clock, rate, Number.isFinite(rate) ? Math.max(1, rate * BURST_SECONDS) : 1);
+  return new TokenBucket(clock, rate, Math.max(1, rate * BURST_SECONDS));
 }
