@@ -1,0 +1,92 @@
+// Fault matrix: the source process (`ferry replicate`) killed with SIGKILL at named points of a
+// cycle, through the engine's crash hook FERRY_TEST_CRASH_AT (deterministic: no timing involved).
+// Two-disk sets, so "during commit of disk 1 of 2" is a real state: one disk applied, one not.
+import { describe } from 'vitest';
+import { expectKilled, FaultSet, faultCase, reportTable } from './support.ts';
+
+const TWO_DISKS = { disks: ['os', 'data'], size: 16 * 1024 * 1024 } as const;
+
+/** A two-disk set with a published full copy and a pending incremental cycle. */
+async function incrementalSet(name: string, seed: number): Promise<FaultSet> {
+  const set = await FaultSet.create(name, { ...TWO_DISKS, seed });
+  await set.seed();
+  await set.mutate(seed);
+  return set;
+}
+
+describe('kill -9 of the source process at named points (FERRY_TEST_CRASH_AT)', () => {
+  reportTable('kill -9 of the source process at named points');
+
+  faultCase('crash after planning', 'SIGKILL at "planned", incremental, 2 disks', async () => {
+    const set = await incrementalSet('crash-planned', 11);
+    const run = await set.replicate({ crashAt: 'planned' });
+    expectKilled(run, 'planned');
+    const outcome = await set.checkContract(run);
+    await set.remove();
+    return outcome;
+  });
+
+  faultCase(
+    'crash mid-transfer',
+    'SIGKILL at "mid-transfer" (first durable progress), incremental',
+    async () => {
+      const set = await incrementalSet('crash-mid', 12);
+      const run = await set.replicate({ crashAt: 'mid-transfer' });
+      expectKilled(run, 'mid-transfer');
+      const outcome = await set.checkContract(run);
+      await set.remove();
+      return outcome;
+    },
+  );
+
+  faultCase('crash during commit of disk 1 of 2', 'SIGKILL at "commit:0", incremental, 2 disks', async () => {
+    const set = await incrementalSet('crash-commit0', 13);
+    const run = await set.replicate({ crashAt: 'commit:0' });
+    expectKilled(run, 'commit:0');
+    const outcome = await set.checkContract(run);
+    await set.remove();
+    return outcome;
+  });
+
+  faultCase(
+    'crash during commit of a re-seeding full copy',
+    'SIGKILL at "commit:0", full copy over published images, 2 disks',
+    async () => {
+      // A full copy over images that hold a checkpoint: committing it replaces every byte, so the
+      // previous checkpoint survives a crash only if the old image is kept until publication.
+      const set = await incrementalSet('crash-reseed', 14);
+      for (const d of set.disks) d.changed = undefined;
+      const run = await set.replicate({ crashAt: 'commit:0' });
+      expectKilled(run, 'commit:0');
+      const outcome = await set.checkContract(run);
+      await set.remove();
+      return outcome;
+    },
+  );
+
+  faultCase('crash after commit, before publish', 'SIGKILL at "before-publish", 2 disks', async () => {
+    const set = await incrementalSet('crash-prepublish', 15);
+    const run = await set.replicate({ crashAt: 'before-publish' });
+    expectKilled(run, 'before-publish');
+    const outcome = await set.checkContract(run);
+    await set.remove();
+    return outcome;
+  });
+
+  faultCase(
+    'crash after publish, before cleanup',
+    'SIGKILL at "after-publish", then the next cycle',
+    async (_ctx, row) => {
+      const set = await incrementalSet('crash-postpublish', 16);
+      const run = await set.replicate({ crashAt: 'after-publish' });
+      expectKilled(run, 'after-publish');
+      const outcome = await set.checkContract(run);
+      // What the crash left behind (staging, progress) must not leak into the next cycle.
+      await set.mutate(17);
+      await set.cycle('the cycle after a crash after publish');
+      row.note('next cycle bit-exact');
+      await set.remove();
+      return outcome;
+    },
+  );
+});
