@@ -64,6 +64,22 @@ export class TransferError extends FerryError {
   }
 }
 
+/**
+ * The checkpoint catalog cannot be trusted as it is: an entry is damaged. `path` names the entry,
+ * `sequence` its checkpoint number (from its name), so a caller can tell whether it is the latest.
+ */
+export class CatalogError extends FerryError {
+  readonly path: string;
+  readonly sequence: number | undefined;
+
+  constructor(message: string, ctx: ErrorContext & { path: string; sequence?: number }) {
+    super(message, ctx);
+    this.name = 'CatalogError';
+    this.path = ctx.path;
+    this.sequence = ctx.sequence;
+  }
+}
+
 /** The run was cancelled (AbortSignal); nothing is published. */
 export class AbortedError extends FerryError {
   constructor(message = 'replication aborted', ctx: ErrorContext = {}) {

@@ -18,7 +18,7 @@ export function isValidName(value: unknown): value is string {
 }
 
 /** Returns `value` if it is a valid name, or throws a ConfigError naming the setting and the rule. */
-export function checkName(kind: NameKind, value: unknown, where = kind): string {
+export function checkName(kind: NameKind, value: unknown, where: string = kind): string {
   if (isValidName(value)) return value;
   const shown = typeof value === 'string' ? JSON.stringify(value) : String(value);
   throw new ConfigError(`${where}: ${kind} name ${shown} is not allowed (${NAME_RULE})`, {

@@ -45,22 +45,46 @@ export interface DiskTarget {
    * true when the engine resumes this cycle from saved progress: chunks already written must
    * survive; when false, anything left from an abandoned attempt is discarded.
    */
-  open(sizeBytes: number, kind: CopyKind, resume: boolean): Promise<void>;
+  open(sizeBytes: number, kind: CopyKind, resume: boolean, cycleId?: string): Promise<void>;
+  /**
+   * Optional: proves, before a resume, that the target still holds what the durable progress
+   * record vouches for: this cycle's writes (`cycleId` stamped by `open`) and, for every chunk
+   * below the watermark, data whose SHA-256 is the recorded digest. Returns undefined when it does,
+   * or the reason it does not; the engine then restarts the cycle instead of skipping those chunks.
+   * Targets without it are trusted (they keep their own ledger).
+   */
+  checkResume?(claim: ResumeClaim, signal?: AbortSignal): Promise<string | undefined>;
   /**
    * Writes one chunk: `data` is the descriptor's changed extents concatenated in order
    * (`descriptor.bytes` long). Must verify `sha256` (hex, over `data`) before it counts the chunk
    * as written, and be idempotent: a chunk may be written again after a crash or retry.
    */
   writeChunk(descriptor: Descriptor, data: Uint8Array, sha256: string, signal?: AbortSignal): Promise<void>;
+  /**
+   * Optional durability barrier: every chunk whose `writeChunk` has resolved is on stable storage
+   * when this resolves. The engine calls it before each progress save, so a progress record never
+   * vouches for data a power loss could take back.
+   */
+  flush?(): Promise<void>;
   /** Reads back what the target holds (validation, `ferry verify`). */
   read(offset: number, length: number, signal?: AbortSignal): Promise<Uint8Array>;
   /**
-   * Makes the cycle's writes durable and final (apply staging, fsync, CompleteSnapshot). Must be
+   * Makes the cycle's writes durable (apply staging, fsync, CompleteSnapshot). Must be
    * idempotent: a crash between commit and publication re-runs it. Returns a target-specific
-   * reference that proves the whole disk (a manifest digest, a snapshot id).
+   * reference that proves the whole disk (a manifest digest, a snapshot id). A target that changes
+   * the previous checkpoint's data in place keeps what it needs to undo that until `afterPublish`
+   * and implements `rollback`.
    */
   commit(summary: DiskCommit): Promise<string | undefined>;
-  /** Called after the checkpoint is published: drop staging kept for a redo of `commit`. */
+  /**
+   * Optional: undoes a `commit` whose checkpoint was not published, so the previous checkpoint is
+   * exactly as it was; keeps this cycle's staged writes, so a rerun can resume. Idempotent and
+   * crash-safe (a crash inside it is repaired by calling it again), and a no-op when nothing was
+   * committed. The engine calls it on every disk of the set when any commit or the publication
+   * fails, and on the next run after a crash between commit and publication.
+   */
+  rollback?(): Promise<void>;
+  /** Called after the checkpoint is published: drop staging and undo data kept for `commit`. */
   afterPublish?(): Promise<void>;
   close(): Promise<void>;
 }
@@ -73,6 +97,12 @@ export interface DiskCommit {
   readonly aggregateSha256: string;
   /** The cycle's changed extents (normalised), for targets that apply a staged increment. */
   readonly extents: readonly Extent[];
+}
+
+/** What a resume skips: the cycle and every chunk below the saved watermark with its digest. */
+export interface ResumeClaim {
+  readonly cycleId: string;
+  readonly chunks: readonly { readonly descriptor: Descriptor; readonly sha256: string }[];
 }
 
 /** Durable progress of one disk within one cycle: everything below `watermark` is written and verified. */
@@ -128,6 +158,30 @@ export interface StateStore {
   clearProgress(set: string, disk: string): Promise<void>;
   /** Publishes exactly once: rejects if a checkpoint with this id or sequence already exists. */
   publishCheckpoint(checkpoint: RecoveryCheckpoint): Promise<void>;
+  /**
+   * The set's last published checkpoint. Rejects with a CatalogError when the entry that would be
+   * the latest cannot be read: a cycle must never silently take an older one as its base.
+   */
   latestCheckpoint(set: string): Promise<RecoveryCheckpoint | undefined>;
   listCheckpoints(set?: string): Promise<RecoveryCheckpoint[]>;
+}
+
+/**
+ * A durable note that a set's commit is under way: written before any target changes the previous
+ * checkpoint's data, removed once the cycle is published and cleaned up, or rolled back. After a
+ * crash, whoever next uses the set finds it and finishes the job: rolls the targets back when the
+ * cycle was not published, or completes their clean-up when it was.
+ */
+export interface CommitIntent {
+  readonly set: string;
+  readonly cycleId: string;
+  /** The disks whose targets may hold undo data, with the target names to reopen them by. */
+  readonly disks: readonly { readonly disk: string; readonly target: string }[];
+}
+
+/** Where commit intents live; `begin` and `clear` must be atomic and durable when they resolve. */
+export interface CommitJournal {
+  begin(intent: CommitIntent): Promise<void>;
+  load(set: string): Promise<CommitIntent | undefined>;
+  clear(set: string): Promise<void>;
 }

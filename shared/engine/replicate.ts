@@ -3,17 +3,27 @@
 import type { ReplicationParams } from './config.ts';
 import { WindowController } from './controller.ts';
 import { cutDescriptors, type Descriptor, normalizeExtents } from './descriptors.ts';
-import { AbortedError, errorMessage, FerryError, IntegrityError, TransferError } from './errors.ts';
+import {
+  AbortedError,
+  CatalogError,
+  ConfigError,
+  errorMessage,
+  FerryError,
+  IntegrityError,
+  TransferError,
+} from './errors.ts';
 import type { Extent } from './extents.ts';
 import { LinearAggregator, sha256Hex } from './integrity.ts';
 import type {
   CheckpointDisk,
   Clock,
+  CommitJournal,
   CopyKind,
   DiskSource,
   DiskTarget,
   Random,
   RecoveryCheckpoint,
+  ResumeClaim,
   StateStore,
 } from './ports.ts';
 import { DiskProgressTracker } from './progress.ts';
@@ -60,12 +70,32 @@ export type ReplicationEvent =
   | { type: 'retry'; disk: string; offset: number; attempt: number; error: string }
   | { type: 'checkpoint-saved'; disk: string; bytesDone: number }
   | { type: 'disk-done'; disk: string; bytes: number; chunks: number }
-  | { type: 'published'; checkpoint: RecoveryCheckpoint };
+  | { type: 'published'; checkpoint: RecoveryCheckpoint }
+  /** A resume was refused: the target no longer holds what the progress record vouched for. */
+  | { type: 'resume-refused'; disk: string; reason: string }
+  /** An interrupted commit of an earlier run was rolled back, or its clean-up finished. */
+  | { type: 'recovered'; cycleId: string; action: 'rolled-back' | 'completed'; disks: number }
+  | { type: 'rolled-back'; cycleId: string; reason: string };
+
+/**
+ * Named points of a cycle, reported to `ReplicationPorts.step` as the cycle passes them; the local
+ * runner's fault-injection hook kills the process at one of them to test crash recovery.
+ */
+export type CycleStep = 'planned' | 'mid-transfer' | `commit:${number}` | 'before-publish' | 'after-publish';
 
 export interface ReplicationPorts {
   readonly clock: Clock;
   readonly random: Random;
   readonly state: StateStore;
+  /**
+   * Makes a set's commit atomic across its disks when targets change data in place: without it a
+   * crash between two disks' commits leaves the previous checkpoint unverifiable until a rerun.
+   */
+  readonly journal?: CommitJournal;
+  /** Reopens a target by name, to recover an interrupted commit of disks not in this job. */
+  readonly reopenTarget?: (disk: string, target: string) => DiskTarget | undefined;
+  /** Told each named point of the cycle as it is passed (fault injection in tests). */
+  readonly step?: (step: CycleStep) => void | Promise<void>;
   readonly onEvent?: (event: ReplicationEvent) => void;
   readonly signal?: AbortSignal;
   readonly retry?: RetryPolicy;
@@ -128,17 +158,26 @@ export async function replicate(job: ReplicationJob, ports: ReplicationPorts): P
   ports.signal?.addEventListener('abort', onOuterAbort, { once: true });
   const signal = abort.signal;
 
-  const previous = await state.latestCheckpoint(job.set);
-  const sequence = (previous?.sequence ?? 0) + 1;
+  checkDistinctTargets(job);
+  // An earlier run that crashed between committing its disks and publishing (or cleaning up) left a
+  // commit intent: finish or undo it first, so this cycle starts from a published checkpoint.
+  const jobTargets = new Map(job.disks.map((d) => [d.id, d.target]));
+  await recoverCommit(job.set, {
+    ...ports,
+    reopenTarget: (disk, target) =>
+      jobTargets.get(disk)?.name === target ? jobTargets.get(disk) : ports.reopenTarget?.(disk, target),
+  });
+  const { previous, sequence } = await cycleBase(job, state);
   const cycleId = `${job.set}#${sequence}`;
   const scheduler = new Scheduler(params.nodeBudget);
   const runs = new Map<string, DiskRun>();
+  const step = async (name: CycleStep) => ports.step?.(name);
 
   try {
     // Disks are planned at once: each plan waits on round trips (block status, opening the target),
     // and over a long link four disks planned one after another would start four times later.
     const planned = await settleAll(
-      job.disks.map((disk) => planDisk(disk, job.set, cycleId, params, state, signal)),
+      job.disks.map((disk) => planDisk(disk, job.set, cycleId, params, state, signal, emit)),
     );
     for (const run of planned) {
       const disk = run.job;
@@ -154,6 +193,7 @@ export async function replicate(job: ReplicationJob, ports: ReplicationPorts): P
       });
     }
 
+    await step('planned');
     await pump(scheduler, runs, { ...ports, signal, tickMs }, abort, emit);
 
     // Every disk is written and verified chunk by chunk; now check the whole before committing.
@@ -166,47 +206,61 @@ export async function replicate(job: ReplicationJob, ports: ReplicationPorts): P
         );
       }
     }
-    // Targets commit at once, as they planned: a commit is round trips too (a remote node, a snapshot).
-    const disks: CheckpointDisk[] = await settleAll(
-      [...runs.values()].map(async (run): Promise<CheckpointDisk> => {
-        const done = run.tracker.bytesDone;
-        const aggregateSha256 = run.aggregate.hex();
-        const chunks = run.tracker.watermark;
-        const targetRef = await run.job.target.commit({
-          chunks,
-          bytes: done,
-          aggregateSha256,
-          extents: run.extents,
-        });
-        return {
-          disk: run.job.id,
-          source: run.job.source.name,
-          target: run.job.target.name,
-          sizeBytes: run.job.source.sizeBytes,
-          kind: run.kind,
-          chunks,
-          bytes: done,
-          aggregateSha256,
-          ...(targetRef === undefined ? {} : { targetRef }),
-        };
-      }),
-    );
-    for (const d of disks) emit({ type: 'disk-done', disk: d.disk, bytes: d.bytes, chunks: d.chunks });
-
-    const checkpoint: RecoveryCheckpoint = {
-      id: cycleId,
+    // The set commits as one: the intent is durable before any target touches the previous
+    // checkpoint's data, and any failure before publication rolls every disk back to it.
+    const targets = [...runs.values()].map((run) => ({ disk: run.job.id, target: run.job.target }));
+    await ports.journal?.begin({
       set: job.set,
-      sequence,
-      createdAt: new Date(clock.now()).toISOString(),
-      parent: previous?.id,
-      disks,
-    };
-    await state.publishCheckpoint(checkpoint);
-    emit({ type: 'published', checkpoint });
-    for (const run of runs.values()) {
-      await state.clearProgress(job.set, run.job.id);
-      await run.job.target.afterPublish?.();
+      cycleId,
+      disks: targets.map((t) => ({ disk: t.disk, target: t.target.name })),
+    });
+    let checkpoint: RecoveryCheckpoint | undefined;
+    let disks: CheckpointDisk[] = [];
+    try {
+      // Targets commit at once, as they planned: a commit is round trips too (a node, a snapshot).
+      disks = await settleAll(
+        [...runs.values()].map(async (run, index): Promise<CheckpointDisk> => {
+          const done = run.tracker.bytesDone;
+          const aggregateSha256 = run.aggregate.hex();
+          const chunks = run.tracker.watermark;
+          const targetRef = await run.job.target.commit({
+            chunks,
+            bytes: done,
+            aggregateSha256,
+            extents: run.extents,
+          });
+          await step(`commit:${index}`);
+          return {
+            disk: run.job.id,
+            source: run.job.source.name,
+            target: run.job.target.name,
+            sizeBytes: run.job.source.sizeBytes,
+            kind: run.kind,
+            chunks,
+            bytes: done,
+            aggregateSha256,
+            ...(targetRef === undefined ? {} : { targetRef }),
+          };
+        }),
+      );
+      checkpoint = {
+        id: cycleId,
+        set: job.set,
+        sequence,
+        createdAt: new Date(clock.now()).toISOString(),
+        parent: previous?.id,
+        disks,
+      };
+      await step('before-publish');
+      await state.publishCheckpoint(checkpoint);
+    } catch (err) {
+      if ((await undoCommit(job.set, cycleId, targets, { ...ports, emit }, err)) !== 'published') throw err;
     }
+    if (checkpoint === undefined) throw new FerryError(`${cycleId}: published without a checkpoint record`);
+    for (const d of disks) emit({ type: 'disk-done', disk: d.disk, bytes: d.bytes, chunks: d.chunks });
+    emit({ type: 'published', checkpoint });
+    await step('after-publish');
+    await finishCommit(job.set, targets, { ...ports });
 
     return {
       checkpoint,
@@ -226,6 +280,144 @@ export async function replicate(job: ReplicationJob, ports: ReplicationPorts): P
   }
 }
 
+/** Two disks on one target would overwrite each other; a source that is its own target, itself. */
+function checkDistinctTargets(job: ReplicationJob): void {
+  const seen = new Map<string, string>();
+  for (const d of job.disks) {
+    const other = seen.get(d.target.name);
+    if (other !== undefined) {
+      throw new ConfigError(`disks ${other} and ${d.id} have the same target ${d.target.name}`, {
+        disk: d.id,
+        setting: 'target',
+      });
+    }
+    seen.set(d.target.name, d.id);
+  }
+  for (const d of job.disks) {
+    const owner = seen.get(d.source.name);
+    if (owner !== undefined) {
+      throw new ConfigError(
+        owner === d.id
+          ? `disk ${d.id}: source and target are the same (${d.source.name})`
+          : `disk ${d.id}: its source ${d.source.name} is the target of disk ${owner}`,
+        { disk: d.id, setting: 'source' },
+      );
+    }
+  }
+}
+
+/**
+ * The checkpoint this cycle builds on and the sequence it will publish as. A damaged latest catalog
+ * entry is no base for an increment (its images moved on without a readable record); full copies
+ * of every disk need no base and take the next sequence after it.
+ */
+async function cycleBase(
+  job: ReplicationJob,
+  state: StateStore,
+): Promise<{ previous: RecoveryCheckpoint | undefined; sequence: number }> {
+  try {
+    const previous = await state.latestCheckpoint(job.set);
+    return { previous, sequence: (previous?.sequence ?? 0) + 1 };
+  } catch (err) {
+    if (!(err instanceof CatalogError) || err.sequence === undefined) throw err;
+    const incremental = job.disks.filter((d) => d.changed !== undefined).map((d) => d.id);
+    if (incremental.length > 0) {
+      throw new CatalogError(
+        `${err.message}. It is the latest checkpoint of set ${job.set}, the base of an incremental ` +
+          `cycle (disks ${incremental.join(', ')}): restore the file from a backup, or run a full copy ` +
+          `of every disk (without change maps) to start checkpoint #${err.sequence + 1}`,
+        { path: err.path, sequence: err.sequence, cause: err },
+      );
+    }
+    return { previous: undefined, sequence: err.sequence + 1 };
+  }
+}
+
+type CommitPorts = Pick<ReplicationPorts, 'state' | 'journal' | 'reopenTarget' | 'onEvent'>;
+
+/**
+ * Finishes what a crashed run left between committing a set and cleaning up after publication:
+ * rolls every target back when the cycle was not published, or completes the clean-up when it
+ * was. Idempotent; a no-op without a journal or an intent. `ferry verify` calls it too, so the
+ * checkpoint it checks is the one the images hold.
+ */
+export async function recoverCommit(set: string, ports: CommitPorts): Promise<void> {
+  const intent = await ports.journal?.load(set);
+  if (intent === undefined) return;
+  const targets = intent.disks.map(({ disk, target }) => {
+    const t = ports.reopenTarget?.(disk, target);
+    if (t === undefined) {
+      throw new FerryError(
+        `set ${set}: the commit of ${intent.cycleId} was interrupted, and disk ${disk}'s target ${target} ` +
+          'cannot be reopened here to finish it; run the same job again',
+        { disk },
+      );
+    }
+    return { disk, target: t };
+  });
+  const latest = await ports.state.latestCheckpoint(set);
+  if (latest?.id === intent.cycleId) {
+    await finishCommit(set, targets, ports);
+    ports.onEvent?.({
+      type: 'recovered',
+      cycleId: intent.cycleId,
+      action: 'completed',
+      disks: targets.length,
+    });
+    return;
+  }
+  for (const { target } of targets) await target.rollback?.();
+  await ports.journal?.clear(set);
+  ports.onEvent?.({
+    type: 'recovered',
+    cycleId: intent.cycleId,
+    action: 'rolled-back',
+    disks: targets.length,
+  });
+}
+
+/** After publication: targets drop their staging and undo data, progress goes, then the intent. */
+async function finishCommit(
+  set: string,
+  targets: readonly { disk: string; target: DiskTarget }[],
+  ports: CommitPorts,
+): Promise<void> {
+  for (const { disk, target } of targets) {
+    await target.afterPublish?.();
+    await ports.state.clearProgress(set, disk);
+  }
+  await ports.journal?.clear(set);
+}
+
+/**
+ * A commit or the publication failed: put every disk back to the previous checkpoint. The
+ * publication may in fact have happened (an error after the entry was written): look before undoing,
+ * and say so, since a published cycle is finished, not undone.
+ * A rollback that fails leaves the intent, so the next run (or `ferry verify`) tries again.
+ */
+async function undoCommit(
+  set: string,
+  cycleId: string,
+  targets: readonly { disk: string; target: DiskTarget }[],
+  ports: CommitPorts & { emit: (e: ReplicationEvent) => void },
+  cause: unknown,
+): Promise<'published' | 'rolled-back'> {
+  try {
+    const latest = await ports.state.latestCheckpoint(set).catch(() => undefined);
+    if (latest?.id === cycleId) return 'published';
+    for (const { target } of targets) await target.rollback?.();
+    await ports.journal?.clear(set);
+    ports.emit({ type: 'rolled-back', cycleId, reason: errorMessage(cause) });
+    return 'rolled-back';
+  } catch (err) {
+    throw new FerryError(
+      `${errorMessage(cause)}; rolling the set back to its previous checkpoint failed too (${errorMessage(err)}): ` +
+        'the next ferry replicate or verify on this state directory rolls it back again',
+      { cause: err },
+    );
+  }
+}
+
 /** Normalises the disk's change map, resumes matching progress, and prepares its target. */
 async function planDisk(
   disk: DiskJob,
@@ -234,6 +426,7 @@ async function planDisk(
   params: ReplicationParams,
   state: StateStore,
   signal: AbortSignal,
+  emit: (e: ReplicationEvent) => void,
 ): Promise<DiskRun> {
   const { source, target } = disk;
   const kind: CopyKind = disk.changed === undefined ? 'full' : 'incremental';
@@ -246,12 +439,41 @@ async function planDisk(
   const bytesTotal = extents.reduce((sum, e) => sum + e.length, 0);
   const fingerprint = planFingerprint(kind, source.sizeBytes, target.blockSize, params.chunkSize, extents);
 
-  const saved = await state.loadProgress(set, disk.id);
-  const resume = saved !== undefined && saved.cycleId === cycleId && saved.fingerprint === fingerprint;
+  // A damaged progress record is no reason to fail: the cycle starts over from the last checkpoint.
+  let saved = await state.loadProgress(set, disk.id).catch((err: unknown) => {
+    emit({ type: 'resume-refused', disk: disk.id, reason: errorMessage(err) });
+    return undefined;
+  });
+  if (saved !== undefined && (saved.cycleId !== cycleId || saved.fingerprint !== fingerprint)) {
+    saved = undefined; // another cycle's or another plan's progress: never resumed
+  }
+  if (saved !== undefined && target.checkResume !== undefined) {
+    // Skipping chunks is a claim that the target holds them: let the target prove it, or start over.
+    const reason = await target.checkResume(
+      resumeClaim(cycleId, extents, params.chunkSize, saved.digests),
+      signal,
+    );
+    if (reason !== undefined) {
+      emit({ type: 'resume-refused', disk: disk.id, reason });
+      saved = undefined;
+    }
+  }
+  // Progress that is not resumed must not survive: the next save would extend its digests.
+  if (saved === undefined) await state.clearProgress(set, disk.id);
+  const resume = saved !== undefined;
   const aggregate = new LinearAggregator();
-  if (resume) for (const d of saved.digests) aggregate.add(d);
+  if (saved !== undefined) for (const d of saved.digests) aggregate.add(d);
 
-  await target.open(source.sizeBytes, kind, resume);
+  try {
+    await target.open(source.sizeBytes, kind, resume, cycleId);
+  } catch (err) {
+    throw err instanceof FerryError && err.disk !== undefined
+      ? err
+      : new FerryError(`disk ${disk.id}: target ${target.name}: ${errorMessage(err)}`, {
+          disk: disk.id,
+          cause: err,
+        });
+  }
   const controller = params.adaptive
     ? new WindowController({ levels: params.windowLevels, initial: params.window })
     : undefined;
@@ -264,10 +486,10 @@ async function planDisk(
     kind,
     extents,
     bytesTotal,
-    resumedBytes: resume ? saved.bytesDone : 0,
+    resumedBytes: saved?.bytesDone ?? 0,
     tracker: new DiskProgressTracker(
       params.checkpointInterval,
-      resume ? { watermark: saved.watermark, bytesDone: saved.bytesDone } : undefined,
+      saved === undefined ? undefined : { watermark: saved.watermark, bytesDone: saved.bytesDone },
       (digest) => aggregate.add(digest),
     ),
     aggregate,
@@ -299,6 +521,22 @@ function planFingerprint(
     numbers[5 + 2 * i] = e.length;
   });
   return sha256Hex(new Uint8Array(numbers.buffer));
+}
+
+/** The chunks a resume would skip, each with the digest the progress record holds for it. */
+function resumeClaim(
+  cycleId: string,
+  extents: readonly Extent[],
+  chunkSize: number,
+  digests: readonly string[],
+): ResumeClaim {
+  const chunks: { descriptor: Descriptor; sha256: string }[] = [];
+  for (const descriptor of cutDescriptors(extents, { chunkSize })) {
+    const sha256 = digests[descriptor.seq];
+    if (sha256 === undefined) break;
+    chunks.push({ descriptor, sha256 });
+  }
+  return { cycleId, chunks };
 }
 
 /** The disk's descriptors from its resume point on (cutting is cheap next to sending). */
@@ -384,8 +622,12 @@ async function pump(
     const save = run.tracker.pendingSave();
     if (save.appended.length === 0) return save.bytesDone;
     const ids = { cycleId: run.cycleId, fingerprint: run.fingerprint };
+    // Data before the record that vouches for it: every chunk below this watermark has resolved its
+    // write, so after the flush a power loss cannot take back what the record says is done.
+    await run.job.target.flush?.();
     await ports.state.saveProgress(run.set, run.job.id, { ...ids, ...save }, save.appended);
     run.tracker.saved(save);
+    await ports.step?.('mid-transfer');
     return save.bytesDone;
   };
 

@@ -2,12 +2,14 @@
 // per-region manifest so a checkpoint's image can be re-verified without its source.
 import { createHash } from 'node:crypto';
 import { writeSync } from 'node:fs';
-import { type FileHandle, open, rename, rm, stat } from 'node:fs/promises';
+import { type FileHandle, link, open, readFile, rename, rm, stat } from 'node:fs/promises';
+import { dirname } from 'node:path';
+import { z } from 'zod';
 import type { Descriptor } from '../engine/descriptors.ts';
 import { FerryError, IntegrityError, TransferError } from '../engine/errors.ts';
 import type { Extent } from '../engine/extents.ts';
 import { sha256Hex } from '../engine/integrity.ts';
-import type { CopyKind, DiskCommit, DiskTarget } from '../engine/ports.ts';
+import type { CopyKind, DiskCommit, DiskTarget, ResumeClaim } from '../engine/ports.ts';
 import { MiB } from '../engine/units.ts';
 
 // 4 KiB: the filesystem and page-cache unit; change maps are aligned to it, so a 512-byte CBT
@@ -20,21 +22,51 @@ export const MANIFEST_REGION = MiB;
 export interface FileTargetOptions {
   /** Read every chunk back after writing and compare its hash (default true). */
   readonly verifyWrites?: boolean;
+  /**
+   * Commit is final: the manifest is installed and undo data dropped at once (a replication node,
+   * whose source publishes the checkpoint elsewhere and owns the set's atomicity). Default false.
+   */
+  readonly finalOnCommit?: boolean;
 }
 
 /**
  * Write modes. `direct`: a full copy into an image that holds no checkpoint yet. `staged`: the
- * image holds the last checkpoint, so chunks go to a sparse staging file and `commit` applies them;
- * the staging file is kept until publication, so a crash during apply is redone, never half-done.
+ * image holds the last checkpoint, so chunks go to a sparse staging file and `commit` applies them.
+ *
+ * Files beside the image `PATH`, and what each guarantees:
+ *   PATH.ferry-cycle.json     the cycle whose writes the cycle file (staging, or the image when
+ *                             direct) holds: written at open, checked before a resume
+ *   PATH.ferry-staging        this cycle's chunks at their disk offsets (sparse)
+ *   PATH.ferry-undo           an increment's undo log: the image's bytes under every extent the
+ *                             commit overwrites, durable (renamed into place) before the first write
+ *   PATH.ferry-undo-image     a re-seeding full copy's undo: the previous image, kept as a link while
+ *                             the staging file is renamed over PATH
+ *   PATH.ferry-manifest       per-MiB digests of the image of the last published checkpoint
+ *   PATH.ferry-manifest.next  the same for the committed cycle, installed once it is published
+ * Until publication `rollback` restores the previous image and manifest from these and keeps the
+ * staging file, so a rerun resumes; `afterPublish` installs the manifest and removes the rest.
  */
 type Mode = 'direct' | 'staged';
+
+const cycleRecordSchema = z.strictObject({
+  cycleId: z.string(),
+  mode: z.enum(['direct', 'staged']),
+  kind: z.enum(['full', 'incremental']),
+  size: z.number().int().nonnegative(),
+});
+type CycleRecord = z.infer<typeof cycleRecordSchema>;
 
 export class FileTarget implements DiskTarget {
   readonly name: string;
   readonly blockSize = FILE_TARGET_BLOCK_SIZE;
   private readonly stagingPath: string;
   private readonly manifestPath: string;
+  private readonly nextManifestPath: string;
+  private readonly cyclePath: string;
+  private readonly undoPath: string;
+  private readonly undoImagePath: string;
   private readonly verifyWrites: boolean;
+  private readonly finalOnCommit: boolean;
   private fh: FileHandle | undefined;
   private mode: Mode = 'direct';
   private kind: CopyKind = 'full';
@@ -55,15 +87,29 @@ export class FileTarget implements DiskTarget {
     this.name = `file:${path}`;
     this.stagingPath = `${path}.ferry-staging`;
     this.manifestPath = `${path}.ferry-manifest`;
+    this.nextManifestPath = `${path}.ferry-manifest.next`;
+    this.cyclePath = `${path}.ferry-cycle.json`;
+    this.undoPath = `${path}.ferry-undo`;
+    this.undoImagePath = `${path}.ferry-undo-image`;
     this.verifyWrites = opts.verifyWrites ?? true;
+    this.finalOnCommit = opts.finalOnCommit ?? false;
   }
 
-  async open(sizeBytes: number, kind: CopyKind, resume: boolean): Promise<void> {
+  async open(sizeBytes: number, kind: CopyKind, resume: boolean, cycleId = 'unnamed'): Promise<void> {
     this.size = sizeBytes;
     this.kind = kind;
     this.regionDigests.clear();
+    if (resume) {
+      // The engine resumes only after checkResume proved the cycle file holds the trusted chunks.
+      const record = await this.readCycleRecord();
+      if (record?.cycleId !== cycleId) {
+        throw new FerryError(`${this.name}: no record of cycle ${cycleId} to resume (${this.cyclePath})`);
+      }
+      this.mode = record.mode;
+      this.fh = await open(this.cycleFile(), 'r+');
+      return;
+    }
     const imageSize = await sizeOf(this.path);
-    const stagingExists = (await sizeOf(this.stagingPath)) !== undefined;
     if (kind === 'incremental' && imageSize !== sizeBytes) {
       throw new FerryError(
         imageSize === undefined
@@ -71,14 +117,50 @@ export class FileTarget implements DiskTarget {
           : `${this.name}: image is ${imageSize} bytes but the source disk is ${sizeBytes}; run a full copy to re-seed`,
       );
     }
-    if (resume) {
-      // Resume in the mode the interrupted attempt used: its staging file exists until publication.
-      this.mode = stagingExists ? 'staged' : 'direct';
-      this.fh = await open(this.mode === 'staged' ? this.stagingPath : this.path, 'r+');
-      return;
-    }
     this.mode = kind === 'full' && imageSize === undefined ? 'direct' : 'staged';
-    this.fh = await createSparse(this.mode === 'staged' ? this.stagingPath : this.path, sizeBytes);
+    // A fresh cycle: whatever an abandoned attempt left is discarded (its record first, so a crash
+    // here can never pair the old record with the new file).
+    // (Undo data is never left behind by a commit: the engine's recovery finishes or rolls back an
+    // interrupted one before a new cycle opens its targets.)
+    for (const p of [this.cyclePath, this.undoPath, this.undoImagePath, this.nextManifestPath]) {
+      await rm(p, { force: true });
+    }
+    this.fh = await createSparse(this.cycleFile(), sizeBytes);
+    await this.fh.sync();
+    await writeDurably(this.cyclePath, JSON.stringify({ cycleId, mode: this.mode, kind, size: sizeBytes }));
+  }
+
+  async checkResume(claim: ResumeClaim): Promise<string | undefined> {
+    const record = await this.readCycleRecord().catch((err) => err as Error);
+    if (record instanceof Error) return `${this.cyclePath} is unreadable (${record.message})`;
+    if (record === undefined)
+      return `${this.cyclePath} is missing: no record of which cycle the target holds`;
+    if (record.cycleId !== claim.cycleId) {
+      return `the target holds cycle ${record.cycleId}, not ${claim.cycleId}`;
+    }
+    const file = record.mode === 'staged' ? this.stagingPath : this.path;
+    const size = await sizeOf(file);
+    if (size !== record.size) {
+      return size === undefined ? `${file} is missing` : `${file} is ${size} bytes, not ${record.size}`;
+    }
+    // Hash every chunk the resume would skip: reading them back here costs local disk time only,
+    // and it is the one proof that they survived (a damaged or replaced file hashes differently).
+    const fh = await open(file, 'r');
+    try {
+      for (const { descriptor: d, sha256 } of claim.chunks) {
+        const span = await readAt(fh, d.offset, d.length, this.name).catch(() => undefined);
+        if (span === undefined || extentsDigest(span, d) !== sha256) {
+          return `chunk ${d.seq} at offset ${d.offset} in ${file} does not match its recorded digest`;
+        }
+      }
+    } finally {
+      await fh.close();
+    }
+    return undefined;
+  }
+
+  async flush(): Promise<void> {
+    await this.fh?.datasync();
   }
 
   async writeChunk(d: Descriptor, data: Uint8Array, sha256: string): Promise<void> {
@@ -150,19 +232,59 @@ export class FileTarget implements DiskTarget {
   async commit(summary: DiskCommit): Promise<string> {
     const fh = this.handle();
     await fh.sync();
-    if (this.mode === 'staged') await this.apply(summary.extents);
-    return updateManifest(
+    if (this.mode === 'staged' && this.kind === 'full') await this.swapInStaging();
+    else if (this.mode === 'staged') {
+      await this.writeUndo(summary.extents);
+      await this.apply(summary.extents);
+    }
+    const ref = await updateManifest(
       this.path,
       this.manifestPath,
+      this.nextManifestPath,
       this.size,
       summary.extents,
       this.kind === 'full' ? this.regionDigests : undefined,
     );
+    if (this.finalOnCommit) await this.installCommitted();
+    return ref;
+  }
+
+  /**
+   * Puts the image of the last published checkpoint back, from the undo data `commit` kept, and
+   * keeps the staging file so the cycle can resume. Works on a fresh instance (crash recovery),
+   * is idempotent, and each step is either done or redone by calling it again.
+   */
+  async rollback(): Promise<void> {
+    await this.close();
+    if ((await sizeOf(this.undoImagePath)) !== undefined) {
+      // Re-seed: the new image goes back to being the staging file, the old one back to PATH. If the
+      // swap never happened, PATH and the undo link are one file and rename() leaves both in place.
+      if ((await sizeOf(this.stagingPath)) === undefined) await rename(this.path, this.stagingPath);
+      await rename(this.undoImagePath, this.path);
+      await rm(this.undoImagePath, { force: true });
+    } else if ((await sizeOf(this.undoPath)) !== undefined) {
+      await restoreUndo(this.undoPath, this.path, this.name);
+      await rm(this.undoPath, { force: true });
+    }
+    await rm(`${this.undoPath}.tmp`, { force: true });
+    await rm(this.nextManifestPath, { force: true });
+    await syncDir(dirname(this.path));
   }
 
   async afterPublish(): Promise<void> {
     await this.close();
-    await rm(this.stagingPath, { force: true });
+    await this.installCommitted();
+    for (const p of [this.stagingPath, this.cyclePath]) await rm(p, { force: true });
+  }
+
+  /** The committed cycle becomes the image's truth: its manifest goes in, the undo data goes. */
+  private async installCommitted(): Promise<void> {
+    // The manifest first: until it is installed, the undo data stays for a rollback.
+    if ((await sizeOf(this.nextManifestPath)) !== undefined) {
+      await rename(this.nextManifestPath, this.manifestPath);
+      await syncDir(dirname(this.path));
+    }
+    for (const p of [this.undoPath, this.undoImagePath]) await rm(p, { force: true });
   }
 
   async close(): Promise<void> {
@@ -173,21 +295,80 @@ export class FileTarget implements DiskTarget {
   /** Copies the staged extents into the image. Idempotent: staging stays until publication. */
   private async apply(extents: readonly Extent[]): Promise<void> {
     const staging = this.handle();
-    const image =
-      this.kind === 'full' ? await createSparse(this.path, this.size) : await open(this.path, 'r+');
+    const image = await open(this.path, 'r+');
     try {
       for (const e of extents) {
         for (let off = e.offset; off < e.offset + e.length; off += MANIFEST_REGION) {
           const len = Math.min(MANIFEST_REGION, e.offset + e.length - off);
-          const part = await readAt(staging, off, len, this.name);
-          if (this.kind === 'full' && isZero(part)) continue;
-          await writeAll(image, part, off);
+          await writeAll(image, await readAt(staging, off, len, this.name), off);
         }
       }
       await image.sync();
     } finally {
       await image.close();
     }
+  }
+
+  /**
+   * Saves the image's bytes under every extent the increment will overwrite, in one file that is
+   * renamed into place only when complete and durable: if it exists, it is whole, and if it does
+   * not, the image has not been touched.
+   */
+  private async writeUndo(extents: readonly Extent[]): Promise<void> {
+    const index = Buffer.alloc(8 + extents.length * 16);
+    index.writeBigUInt64LE(BigInt(extents.length), 0);
+    extents.forEach((e, i) => {
+      index.writeBigUInt64LE(BigInt(e.offset), 8 + i * 16);
+      index.writeBigUInt64LE(BigInt(e.length), 16 + i * 16);
+    });
+    const tmp = `${this.undoPath}.tmp`;
+    const out = await open(tmp, 'w');
+    const image = await open(this.path, 'r');
+    try {
+      await writeAll(out, index, 0);
+      let at = index.length;
+      for (const e of extents) {
+        for (let off = e.offset; off < e.offset + e.length; off += MANIFEST_REGION) {
+          const len = Math.min(MANIFEST_REGION, e.offset + e.length - off);
+          await writeAll(out, await readAt(image, off, len, this.name), at);
+          at += len;
+        }
+      }
+      await out.sync();
+    } finally {
+      await image.close();
+      await out.close();
+    }
+    await rename(tmp, this.undoPath);
+    await syncDir(dirname(this.path));
+  }
+
+  /**
+   * A re-seeding full copy: the staging file is the whole new image, so it replaces the old one by
+   * rename; the old one stays linked as the undo image until publication.
+   */
+  private async swapInStaging(): Promise<void> {
+    if ((await sizeOf(this.undoImagePath)) === undefined) {
+      await link(this.path, this.undoImagePath);
+      await syncDir(dirname(this.path));
+    }
+    await rename(this.stagingPath, this.path);
+    await syncDir(dirname(this.path));
+  }
+
+  private cycleFile(): string {
+    return this.mode === 'staged' ? this.stagingPath : this.path;
+  }
+
+  private async readCycleRecord(): Promise<CycleRecord | undefined> {
+    let text: string;
+    try {
+      text = await readFile(this.cyclePath, 'utf8');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw err;
+    }
+    return cycleRecordSchema.parse(JSON.parse(text));
   }
 
   private handle(): FileHandle {
@@ -239,6 +420,7 @@ export async function verifyFileImage(path: string, expectedRef: string | undefi
 async function updateManifest(
   imagePath: string,
   manifestPath: string,
+  outPath: string,
   size: number,
   touched: readonly Extent[],
   full: ReadonlyMap<number, RegionDigest> | undefined,
@@ -276,15 +458,7 @@ async function updateManifest(
   } finally {
     await fh.close();
   }
-  const tmp = `${manifestPath}.tmp`;
-  const out = await open(tmp, 'w');
-  try {
-    await writeAll(out, manifest, 0);
-    await out.sync();
-  } finally {
-    await out.close();
-  }
-  await rename(tmp, manifestPath);
+  await writeDurably(outPath, manifest);
   return manifestDigest(manifest);
 }
 
@@ -337,6 +511,53 @@ function* touchedRegions(extents: readonly Extent[]): Generator<TouchedRegion> {
 /** Every region, each as wholly changed: none is trusted from a chunk. */
 function* range(n: number): Generator<TouchedRegion> {
   for (let i = 0; i < n; i++) yield { index: i, lo: i * MANIFEST_REGION, hi: (i + 1) * MANIFEST_REGION };
+}
+
+/** Writes a file whole or not at all (temporary file, fsync, rename, directory fsync). */
+async function writeDurably(path: string, data: string | Uint8Array): Promise<void> {
+  const tmp = `${path}.tmp`;
+  const out = await open(tmp, 'w');
+  try {
+    await writeAll(out, typeof data === 'string' ? Buffer.from(data) : data, 0);
+    await out.sync();
+  } finally {
+    await out.close();
+  }
+  await rename(tmp, path);
+  await syncDir(dirname(path));
+}
+
+async function syncDir(path: string): Promise<void> {
+  const fh = await open(path, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/** Writes an undo log's saved bytes back over the image (see FileTarget.writeUndo for its layout). */
+async function restoreUndo(undoPath: string, imagePath: string, name: string): Promise<void> {
+  const undo = await open(undoPath, 'r');
+  const image = await open(imagePath, 'r+');
+  try {
+    const count = Number(Buffer.from(await readAt(undo, 0, 8, name)).readBigUInt64LE(0));
+    const index = Buffer.from(await readAt(undo, 8, count * 16, name));
+    let at = 8 + count * 16;
+    for (let i = 0; i < count; i++) {
+      const offset = Number(index.readBigUInt64LE(i * 16));
+      const length = Number(index.readBigUInt64LE(i * 16 + 8));
+      for (let off = offset; off < offset + length; off += MANIFEST_REGION) {
+        const len = Math.min(MANIFEST_REGION, offset + length - off);
+        await writeAll(image, await readAt(undo, at, len, name), off);
+        at += len;
+      }
+    }
+    await image.sync();
+  } finally {
+    await image.close();
+    await undo.close();
+  }
 }
 
 async function sizeOf(path: string): Promise<number | undefined> {

@@ -1,21 +1,30 @@
 // Local composition root: a job spec (URIs, change files, parameters) -> adapters -> one engine cycle.
+import { constants } from 'node:fs';
+import { access, realpath, stat } from 'node:fs/promises';
+import { basename, dirname, join, resolve } from 'node:path';
 import { z } from 'zod';
 import { resolveParams } from '../engine/config.ts';
-import { ConfigError } from '../engine/errors.ts';
+import { ConfigError, errorMessage, FerryError } from '../engine/errors.ts';
+import { isValidName, NAME_RULE } from '../engine/names.ts';
 import type { DiskSource, DiskTarget } from '../engine/ports.ts';
 import {
+  type CycleStep,
   type DiskJob,
   type ReplicationEvent,
   type ReplicationResult,
+  recoverCommit,
   replicate,
 } from '../engine/replicate.ts';
 import { settleAll } from '../engine/settle.ts';
 import { systemClock, systemRandom } from './clock.ts';
+import { FileTarget } from './file-target.ts';
 import { LocalStateStore } from './state-dir.ts';
-import { openSource, openTarget, readChangeFile } from './uris.ts';
+import { filePath, openSource, openTarget, readChangeFile } from './uris.ts';
+
+const nameSchema = z.string().refine(isValidName, { message: `not a valid name (${NAME_RULE})` });
 
 export const diskSpecSchema = z.strictObject({
-  id: z.string().min(1).max(128),
+  id: nameSchema,
   source: z.string().min(1),
   target: z.string().min(1),
   /** Path of a change map (JSON extents); absent means a full copy. */
@@ -23,7 +32,7 @@ export const diskSpecSchema = z.strictObject({
 });
 
 export const jobSpecSchema = z.strictObject({
-  set: z.string().min(1).max(128).default('default'),
+  set: nameSchema.default('default'),
   disks: z.array(diskSpecSchema).min(1),
   params: z.record(z.string(), z.unknown()).default({}),
 });
@@ -45,7 +54,11 @@ export function parseJobSpec(value: unknown, origin: string): JobSpec {
   if (!parsed.success) {
     const issue = parsed.error.issues[0];
     const where = issue?.path.length ? ` at ${issue.path.join('.')}` : '';
-    throw new ConfigError(`${origin}${where}: ${issue?.message ?? 'invalid job'}`, { setting: origin });
+    const shown =
+      issue?.code === 'custom' && issue.input !== undefined ? ` ${JSON.stringify(issue.input)}` : '';
+    throw new ConfigError(`${origin}${where}:${shown} ${issue?.message ?? 'invalid job'}`, {
+      setting: origin,
+    });
   }
   const ids = new Set<string>();
   for (const d of parsed.data.disks) {
@@ -59,6 +72,10 @@ export function parseJobSpec(value: unknown, origin: string): JobSpec {
 export async function runLocalJob(spec: JobSpec, opts: LocalRunOptions): Promise<ReplicationResult> {
   const sources: DiskSource[] = [];
   const targets: DiskTarget[] = [];
+  // Everything that would only fail at the end is checked before a byte moves.
+  const state = new LocalStateStore(opts.stateDir);
+  await state.checkWritable();
+  await checkFiles(spec);
   try {
     // Every disk's source opens at once: an NBD handshake is several round trips, and over a WAN
     // link four disks opened one after another would wait four times as long before the first byte.
@@ -89,7 +106,10 @@ export async function runLocalJob(spec: JobSpec, opts: LocalRunOptions): Promise
       {
         clock: systemClock,
         random: systemRandom,
-        state: new LocalStateStore(opts.stateDir),
+        state,
+        journal: state,
+        reopenTarget: reopenForRecovery,
+        ...crashHook(),
         ...(opts.onEvent ? { onEvent: opts.onEvent } : {}),
         ...(opts.signal ? { signal: opts.signal } : {}),
       },
@@ -110,4 +130,116 @@ function sourceSideParams(spec: JobSpec, targetBlockSize: number): Record<string
   if (!remote || 'window' in spec.params || 'adaptive' in spec.params) return spec.params;
   const levels = resolveParams(spec.params, { targetBlockSize }).windowLevels;
   return { ...spec.params, window: levels[levels.length - 1], adaptive: false };
+}
+
+/**
+ * Finishes or rolls back a commit of the set that a crashed run left half done, so the images are
+ * those of the latest published checkpoint (`ferry verify` runs it before it checks them).
+ */
+export async function recoverLocalSet(
+  set: string,
+  stateDir: string,
+  onEvent?: (event: ReplicationEvent) => void,
+): Promise<void> {
+  const state = new LocalStateStore(stateDir);
+  await recoverCommit(set, {
+    state,
+    journal: state,
+    reopenTarget: reopenForRecovery,
+    ...(onEvent ? { onEvent } : {}),
+  });
+}
+
+/**
+ * A target named in a commit intent, for recovery. File images are reopened from their path. The
+ * other kinds commit without touching the previous checkpoint's data in this process (a ferry node
+ * commits on its side, an EBS commit is a new snapshot), so there is nothing to undo here.
+ */
+function reopenForRecovery(_disk: string, name: string): DiskTarget | undefined {
+  if (name.startsWith('file:')) return new FileTarget(filePath(name, 'target'));
+  const refuse = async (): Promise<never> => {
+    throw new FerryError(`${name}: opened for commit recovery only`);
+  };
+  return {
+    name,
+    blockSize: 1,
+    open: refuse,
+    writeChunk: refuse,
+    read: refuse,
+    commit: refuse,
+    close: async () => {},
+  };
+}
+
+/**
+ * Refuses, before anything is read or written, a job whose disks share a target file or whose
+ * source is a target file (through any path or link), and target folders that cannot be written.
+ */
+async function checkFiles(spec: JobSpec): Promise<void> {
+  const targetOwner = new Map<string, string>();
+  for (const d of spec.disks) {
+    if (!isFileUri(d.target)) continue;
+    const path = filePath(d.target, 'target');
+    const key = await fileKey(path);
+    const other = targetOwner.get(key);
+    if (other !== undefined) {
+      throw new ConfigError(`disks ${other} and ${d.id} have the same target file (${d.target})`, {
+        disk: d.id,
+        setting: 'target',
+      });
+    }
+    targetOwner.set(key, d.id);
+    try {
+      await access(dirname(resolve(path)), constants.W_OK);
+      await access(path, constants.W_OK).catch((err) => {
+        if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+      });
+    } catch (err) {
+      throw new FerryError(`disk ${d.id}: target ${d.target} cannot be written: ${errorMessage(err)}`, {
+        disk: d.id,
+        setting: 'target',
+        cause: err,
+      });
+    }
+  }
+  for (const d of spec.disks) {
+    if (!isFileUri(d.source)) continue;
+    const owner = targetOwner.get(await fileKey(filePath(d.source, 'source')));
+    if (owner !== undefined) {
+      throw new ConfigError(
+        owner === d.id
+          ? `disk ${d.id}: source and target are the same file (${d.source})`
+          : `disk ${d.id}: its source ${d.source} is the target of disk ${owner}`,
+        { disk: d.id, setting: 'source' },
+      );
+    }
+  }
+}
+
+const isFileUri = (uri: string): boolean =>
+  !/^[a-z][a-z0-9+.-]*:\/\//i.test(uri) || uri.startsWith('file://');
+
+/** One key per file, whatever path or link names it: device and inode if it exists, else its real path. */
+async function fileKey(path: string): Promise<string> {
+  try {
+    const st = await stat(path);
+    return `inode:${st.dev}:${st.ino}`;
+  } catch {
+    const dir = await realpath(dirname(resolve(path))).catch(() => dirname(resolve(path)));
+    return `path:${join(dir, basename(path))}`;
+  }
+}
+
+/**
+ * Fault injection for the crash tests: FERRY_TEST_CRASH_AT=<step> (planned, mid-transfer,
+ * commit:<disk index>, before-publish, after-publish) kills this process with SIGKILL there.
+ */
+function crashHook(): { step?: (step: CycleStep) => void } {
+  const at = process.env.FERRY_TEST_CRASH_AT;
+  if (at === undefined || at === '') return {};
+  return {
+    step: (step) => {
+      if (step === at) process.kill(process.pid, 'SIGKILL');
+    },
+  };
 }

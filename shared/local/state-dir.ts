@@ -3,11 +3,19 @@
 //   <dir>/progress/<set>/<disk>.json      watermark record, replaced atomically (write + rename)
 //   <dir>/progress/<set>/<disk>.digests   32-byte chunk digests below the watermark, appended
 //   <dir>/catalog/<set>/<sequence>.json   published checkpoints, created exactly once (link)
+//   <dir>/commit/<set>.json               a commit under way (CommitJournal), until published or undone
 import { type FileHandle, link, mkdir, open, readdir, readFile, rename, rm } from 'node:fs/promises';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { z } from 'zod';
-import { FerryError } from '../engine/errors.ts';
-import type { DiskProgress, RecoveryCheckpoint, StateStore } from '../engine/ports.ts';
+import { CatalogError, errorMessage, FerryError } from '../engine/errors.ts';
+import { checkName } from '../engine/names.ts';
+import type {
+  CommitIntent,
+  CommitJournal,
+  DiskProgress,
+  RecoveryCheckpoint,
+  StateStore,
+} from '../engine/ports.ts';
 
 const progressSchema = z.strictObject({
   cycleId: z.string(),
@@ -37,10 +45,34 @@ const checkpointSchema = z.strictObject({
   ),
 });
 
-/** Path-safe form of a set or disk id (ids come from operators and may hold '/' or ':'). */
-const safe = (id: string): string => encodeURIComponent(id);
+const intentSchema = z.strictObject({
+  set: z.string(),
+  cycleId: z.string(),
+  disks: z.array(z.strictObject({ disk: z.string(), target: z.string() })),
+});
 
-export class LocalStateStore implements StateStore {
+/** A catalog entry that could not be read, with the reason and what to do about it. */
+export interface DamagedEntry {
+  readonly path: string;
+  readonly set: string;
+  readonly sequence: number;
+  readonly reason: string;
+}
+
+/** A set's catalog as read: the entries that parse, and those that do not. */
+export interface CatalogView {
+  readonly checkpoints: RecoveryCheckpoint[];
+  readonly damaged: DamagedEntry[];
+}
+
+/**
+ * Set and disk names become folder and file names here, so they are checked again at this
+ * boundary whatever the caller checked: no name climbs out of its folder.
+ */
+const setName = (set: string): string => checkName('set', set, 'state directory');
+const diskName = (disk: string): string => checkName('disk', disk, 'state directory');
+
+export class LocalStateStore implements StateStore, CommitJournal {
   constructor(readonly dir: string) {}
 
   async loadProgress(set: string, disk: string): Promise<DiskProgress | undefined> {
@@ -70,7 +102,7 @@ export class LocalStateStore implements StateStore {
     appended: readonly string[],
   ): Promise<void> {
     const base = this.progressBase(set, disk);
-    await mkdir(join(this.dir, 'progress', safe(set)), { recursive: true });
+    await mkdir(join(this.dir, 'progress', setName(set)), { recursive: true });
     const previous = await this.loadRecord(base);
     const sameCycle = previous?.cycleId === progress.cycleId && previous.fingerprint === progress.fingerprint;
     const keep = sameCycle ? previous.watermark * 32 : 0;
@@ -104,7 +136,7 @@ export class LocalStateStore implements StateStore {
   }
 
   async publishCheckpoint(checkpoint: RecoveryCheckpoint): Promise<void> {
-    const dir = join(this.dir, 'catalog', safe(checkpoint.set));
+    const dir = join(this.dir, 'catalog', setName(checkpoint.set));
     await mkdir(dir, { recursive: true });
     const final = join(dir, `${String(checkpoint.sequence).padStart(8, '0')}.json`);
     const tmp = `${final}.${process.pid}.tmp`;
@@ -118,34 +150,110 @@ export class LocalStateStore implements StateStore {
       }
       throw err;
     } finally {
-      await rm(tmp, { force: true });
+      await rm(tmp, { force: true }).catch(() => {}); // the entry is published; a stray tmp is harmless
     }
+    await syncDir(dir);
   }
 
+  /**
+   * The latest entry of the set. Throws a CatalogError if the entry with the highest sequence is
+   * damaged: an older intact one is not the real last checkpoint, and must not be taken for it.
+   */
   async latestCheckpoint(set: string): Promise<RecoveryCheckpoint | undefined> {
-    const all = await this.listCheckpoints(set);
-    return all[all.length - 1];
+    const { checkpoints, damaged } = await this.readCatalog(set);
+    const latest = checkpoints[checkpoints.length - 1];
+    const worst = damaged[damaged.length - 1];
+    if (worst !== undefined && worst.sequence > (latest?.sequence ?? 0)) {
+      throw new CatalogError(
+        `catalog entry ${worst.path} (checkpoint #${worst.sequence}) is damaged: ${worst.reason}`,
+        {
+          path: worst.path,
+          sequence: worst.sequence,
+        },
+      );
+    }
+    return latest;
   }
 
+  /** Every readable checkpoint; damaged entries are left out (see `readCatalog` to list them). */
   async listCheckpoints(set?: string): Promise<RecoveryCheckpoint[]> {
+    return (await this.readCatalog(set)).checkpoints;
+  }
+
+  /**
+   * Reads the catalog of one set (or all), tolerating damaged entries: each is reported with its
+   * path and reason instead of making the whole catalog unreadable.
+   */
+  async readCatalog(set?: string): Promise<CatalogView> {
     const root = join(this.dir, 'catalog');
-    const sets = set === undefined ? ((await readdir(root).catch(notFound)) ?? []) : [safe(set)];
-    const out: RecoveryCheckpoint[] = [];
+    const sets = set === undefined ? ((await readdir(root).catch(notFound)) ?? []) : [setName(set)];
+    const checkpoints: RecoveryCheckpoint[] = [];
+    const damaged: DamagedEntry[] = [];
     for (const s of sets.sort()) {
       const files = ((await readdir(join(root, s)).catch(notFound)) ?? [])
         .filter((f) => /^\d+\.json$/.test(f))
         .sort();
       for (const f of files) {
         const path = join(root, s, f);
-        const cp = parseJson(checkpointSchema, await readFile(path, 'utf8'), path);
-        out.push({ ...cp, parent: cp.parent });
+        const sequence = Number(f.slice(0, -'.json'.length));
+        try {
+          const cp = parseJson(checkpointSchema, await readFile(path, 'utf8'), path);
+          if (cp.sequence !== sequence || cp.set !== decodeURIComponent(s)) {
+            throw new FerryError(
+              `holds checkpoint #${cp.sequence} of set ${cp.set}, not #${sequence} of ${s}`,
+            );
+          }
+          checkpoints.push({ ...cp, parent: cp.parent });
+        } catch (err) {
+          damaged.push({ path, set: s, sequence, reason: errorMessage(err) });
+        }
       }
     }
-    return out;
+    return { checkpoints, damaged };
+  }
+
+  async begin(intent: CommitIntent): Promise<void> {
+    const path = this.intentPath(intent.set);
+    await mkdir(join(this.dir, 'commit'), { recursive: true });
+    await writeAtomic(path, JSON.stringify(intent));
+    await syncDir(join(this.dir, 'commit'));
+  }
+
+  async load(set: string): Promise<CommitIntent | undefined> {
+    const path = this.intentPath(set);
+    const text = await readFile(path, 'utf8').catch(notFound);
+    return text === undefined ? undefined : parseJson(intentSchema, text, path);
+  }
+
+  async clear(set: string): Promise<void> {
+    await rm(this.intentPath(set), { force: true });
+    await syncDir(join(this.dir, 'commit')).catch(notFound);
+  }
+
+  /**
+   * Fails early, with the real cause, if progress and the catalog could not be written here: an
+   * unwritable state directory must not be discovered after the whole copy.
+   */
+  async checkWritable(): Promise<void> {
+    const probe = join(this.dir, `.write-probe-${process.pid}`);
+    try {
+      await mkdir(this.dir, { recursive: true });
+      await writeFileSynced(probe, 'ferry');
+      await rm(probe, { force: true });
+    } catch (err) {
+      throw new FerryError(`state directory ${this.dir} is not writable: ${errorMessage(err)}`, {
+        setting: 'state',
+        cause: err,
+      });
+    }
+  }
+
+  private intentPath(set: string): string {
+    return join(this.dir, 'commit', `${setName(set)}.json`);
   }
 
   private progressBase(set: string, disk: string): string {
-    return join(this.dir, 'progress', safe(set), safe(disk));
+    return join(this.dir, 'progress', setName(set), diskName(disk));
   }
 
   private async loadRecord(base: string): Promise<z.infer<typeof progressSchema> | undefined> {
@@ -187,4 +295,15 @@ async function writeAtomic(path: string, text: string): Promise<void> {
   const tmp = `${path}.tmp`;
   await writeFileSynced(tmp, text);
   await rename(tmp, path);
+  await syncDir(dirname(path));
+}
+
+/** Makes a directory's entries (a created or renamed file) durable. */
+async function syncDir(path: string): Promise<void> {
+  const fh = await open(path, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
 }

@@ -9,6 +9,7 @@ import { type ControllerTunables, WindowController } from '../engine/controller.
 import type { Descriptor } from '../engine/descriptors.ts';
 import { ConfigError, errorMessage, FerryError, IntegrityError, TransferError } from '../engine/errors.ts';
 import type { Extent } from '../engine/extents.ts';
+import { isValidName, NAME_RULE } from '../engine/names.ts';
 import type { CopyKind } from '../engine/ports.ts';
 import { formatBytes } from '../engine/units.ts';
 import { FILE_TARGET_BLOCK_SIZE, FileTarget } from '../local/file-target.ts';
@@ -540,6 +541,11 @@ class Node implements ReplicationNode {
       this.refuse(conn, `disk name "${hello.disk}" ${problem}`, false);
       return;
     }
+    // The house rule for names (shared/engine/names.ts), on top of the protocol's own checks.
+    if (!isValidName(hello.disk)) {
+      this.refuse(conn, `disk name "${hello.disk}" is not allowed (${NAME_RULE})`, false);
+      return;
+    }
     if (this.closing) {
       this.refuse(conn, 'the node is shutting down', true);
       return;
@@ -626,7 +632,7 @@ class Node implements ReplicationNode {
         `file images use ${FILE_TARGET_BLOCK_SIZE}-byte blocks, the protocol ${PROTOCOL_BLOCK_SIZE}`,
       );
     }
-    const target = new FileTarget(join(this.opts.targetDir, hello.disk));
+    const target = new FileTarget(join(this.opts.targetDir, hello.disk), { finalOnCommit: true });
     await target.open(hello.sizeBytes, hello.kind, hello.resume);
     const controller = this.adaptive
       ? new WindowController({

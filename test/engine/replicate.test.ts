@@ -100,15 +100,18 @@ describe('replicate', () => {
     const shared = { latencyMs: 20, clock };
     let peak = 0;
     for (let i = 0; i < 4; i++) {
-      const t: MemoryTarget = new MemoryTarget({
-        ...shared,
-        beforeWrite: () => {
-          peak = Math.max(
-            peak,
-            targets.reduce((s, x) => s + x.inflight, 0),
-          );
+      const t: MemoryTarget = new MemoryTarget(
+        {
+          ...shared,
+          beforeWrite: () => {
+            peak = Math.max(
+              peak,
+              targets.reduce((s, x) => s + x.inflight, 0),
+            );
+          },
         },
-      });
+        `mem:d${i}`,
+      );
       targets.push(t);
       disks.push({
         id: `d${i}`,

@@ -3,8 +3,9 @@ import { mkdtemp, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { CatalogError } from '../../shared/engine/errors.ts';
 import { LocalStateStore } from '../../shared/local/state-dir.ts';
-import { stateStoreContract } from '../contract/state-store.ts';
+import { checkpoint, stateStoreContract } from '../contract/state-store.ts';
 import { MemoryStateStore } from '../support/memory.ts';
 
 stateStoreContract('memory', async () => new MemoryStateStore());
@@ -36,5 +37,71 @@ describe('LocalStateStore', () => {
     await store.saveProgress('s', 'd', { cycleId: 's#1', fingerprint: 'f', watermark: 0, bytesDone: 0 }, []);
     await writeFile(join(dir, 'progress', 's', 'd.json'), '{not json');
     await expect(store.loadProgress('s', 'd')).rejects.toThrow(/d\.json is not valid JSON/);
+  });
+
+  it('refuses set and disk names that would leave their folder', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'ferry-state-'));
+    const store = new LocalStateStore(dir);
+    const ids = { cycleId: 'x#1', fingerprint: 'f', watermark: 0, bytesDone: 0 };
+    for (const [set, disk] of [
+      ['..', 'd'],
+      ['s', '..'],
+      ['s', '../d'],
+      ['a/b', 'd'],
+      ['.hidden', 'd'],
+      ['s', ''],
+    ] as const) {
+      await expect(store.saveProgress(set, disk, ids, [])).rejects.toThrow(/name .* is not allowed/);
+    }
+    await expect(store.publishCheckpoint(checkpoint('..', 1))).rejects.toThrow(
+      /set name "\.\." is not allowed/,
+    );
+    await expect(store.listCheckpoints('../x')).rejects.toThrow(/not allowed/);
+  });
+
+  it('keeps working around a damaged catalog entry, and refuses to take an older one for the latest', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'ferry-state-'));
+    const store = new LocalStateStore(dir);
+    for (const n of [1, 2, 3])
+      await store.publishCheckpoint(checkpoint('web', n, n > 1 ? `web#${n - 1}` : undefined));
+    const entry = (n: number) => join(dir, 'catalog', 'web', `0000000${n}.json`);
+
+    // The oldest entry emptied: the others are listed, the damage is reported by path.
+    await writeFile(entry(1), '');
+    const view = await store.readCatalog('web');
+    expect(view.checkpoints.map((c) => c.id)).toEqual(['web#2', 'web#3']);
+    expect(view.damaged).toEqual([expect.objectContaining({ path: entry(1), sequence: 1 })]);
+    expect((await store.latestCheckpoint('web'))?.id).toBe('web#3');
+
+    // The latest entry damaged (truncated, or holding another checkpoint): no silent fallback to #2.
+    await writeFile(entry(3), '{"id": "web#3", "se');
+    const err = await store.latestCheckpoint('web').catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(CatalogError);
+    expect((err as CatalogError).sequence).toBe(3);
+    expect((err as CatalogError).message).toContain(entry(3));
+    await writeFile(entry(3), JSON.stringify(checkpoint('web', 2, 'web#1')));
+    await expect(store.latestCheckpoint('web')).rejects.toThrow(/holds checkpoint #2 of set web, not #3/);
+  });
+
+  it('records a commit intent durably until it is cleared', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'ferry-state-'));
+    const store = new LocalStateStore(dir);
+    expect(await store.load('s')).toBeUndefined();
+    const intent = { set: 's', cycleId: 's#4', disks: [{ disk: 'os', target: 'file:/dr/os.img' }] };
+    await store.begin(intent);
+    expect(await new LocalStateStore(dir).load('s')).toEqual(intent);
+    expect(await store.load('other')).toBeUndefined();
+    await store.clear('s');
+    expect(await store.load('s')).toBeUndefined();
+  });
+
+  it('says that a state directory cannot be written, with the cause', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'ferry-state-'));
+    await writeFile(join(dir, 'file'), 'x');
+    // A directory below a regular file cannot be created (ENOTDIR), as a read-only mount cannot.
+    await expect(new LocalStateStore(join(dir, 'file', 'state')).checkWritable()).rejects.toThrow(
+      /state directory .*file\/state is not writable: ENOTDIR/,
+    );
+    await new LocalStateStore(join(dir, 'ok')).checkWritable();
   });
 });
