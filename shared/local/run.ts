@@ -47,6 +47,8 @@ export interface LocalRunOptions {
   /** Wraps each opened target (tests use it to count or break writes). */
   readonly wrapTarget?: (target: DiskTarget, disk: string) => DiskTarget;
   readonly wrapSource?: (source: DiskSource, disk: string) => DiskSource;
+  /** Told each named point of the cycle (tests); FERRY_TEST_CRASH_AT is used when absent. */
+  readonly step?: (step: CycleStep) => void | Promise<void>;
 }
 
 export function parseJobSpec(value: unknown, origin: string): JobSpec {
@@ -109,7 +111,7 @@ export async function runLocalJob(spec: JobSpec, opts: LocalRunOptions): Promise
         state,
         journal: state,
         reopenTarget: reopenForRecovery,
-        ...crashHook(),
+        ...(opts.step ? { step: opts.step } : crashHook()),
         ...(opts.onEvent ? { onEvent: opts.onEvent } : {}),
         ...(opts.signal ? { signal: opts.signal } : {}),
       },
