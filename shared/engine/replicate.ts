@@ -223,12 +223,11 @@ export async function replicate(job: ReplicationJob, ports: ReplicationPorts): P
           const done = run.tracker.bytesDone;
           const aggregateSha256 = run.aggregate.hex();
           const chunks = run.tracker.watermark;
-          const targetRef = await run.job.target.commit({
-            chunks,
-            bytes: done,
-            aggregateSha256,
-            extents: run.extents,
-          });
+          const targetRef = await run.job.target
+            .commit({ chunks, bytes: done, aggregateSha256, extents: run.extents })
+            .catch((err: unknown) => {
+              throw inDisk(run.job, 'commit', err);
+            });
           await step(`commit:${index}`);
           return {
             disk: run.job.id,
@@ -464,16 +463,9 @@ async function planDisk(
   const aggregate = new LinearAggregator();
   if (saved !== undefined) for (const d of saved.digests) aggregate.add(d);
 
-  try {
-    await target.open(source.sizeBytes, kind, resume, cycleId);
-  } catch (err) {
-    throw err instanceof FerryError && err.disk !== undefined
-      ? err
-      : new FerryError(`disk ${disk.id}: target ${target.name}: ${errorMessage(err)}`, {
-          disk: disk.id,
-          cause: err,
-        });
-  }
+  await target.open(source.sizeBytes, kind, resume, cycleId).catch((err: unknown) => {
+    throw inDisk(disk, 'open', err);
+  });
   const controller = params.adaptive
     ? new WindowController({ levels: params.windowLevels, initial: params.window })
     : undefined;
@@ -748,6 +740,18 @@ async function readChunk(source: DiskSource, d: Descriptor, signal: AbortSignal)
     at += part.length;
   }
   return data;
+}
+
+/** A target's failure outside a chunk (opening, committing), with the disk and target named. */
+function inDisk(disk: DiskJob, what: string, err: unknown): unknown {
+  if ((err instanceof FerryError && err.disk !== undefined) || err instanceof AbortedError) return err;
+  return new FerryError(
+    `disk ${disk.id}: ${what} of target ${disk.target.name} failed: ${errorMessage(err)}`,
+    {
+      disk: disk.id,
+      cause: err,
+    },
+  );
 }
 
 function annotate(err: unknown, grant: Grant): unknown {
