@@ -6,7 +6,7 @@ import { formatBytes } from '../shared/engine/units.ts';
 
 export type Reporter = { onEvent(e: ReplicationEvent): void; stop(): void };
 
-interface DiskView {
+export interface DiskView {
   bytesDone: number;
   bytesTotal: number;
   rate: number;
@@ -17,17 +17,44 @@ interface DiskView {
 // without drowning it.
 const PLAIN_INTERVAL_MS = 2000;
 
-export function createReporter(mode: 'tty' | 'plain' | 'silent', log: (line: string) => void): Reporter {
+/** `stream` is where the bars are drawn (standard error unless a test gives its own terminal). */
+export function createReporter(
+  mode: 'tty' | 'plain' | 'silent',
+  log: (line: string) => void,
+  stream: NodeJS.WritableStream = process.stderr,
+): Reporter {
   if (mode === 'silent') return { onEvent() {}, stop() {} };
-  return mode === 'tty' ? ttyReporter() : plainReporter(log);
+  return mode === 'tty' ? ttyReporter(stream) : plainReporter(log);
 }
 
-const eta = (v: DiskView): string => {
+/** Time left at the current rate, "" while there is no rate to go by, "done" at the end. */
+export function formatEta(v: DiskView): string {
   if (v.bytesDone >= v.bytesTotal) return 'done';
-  if (v.rate <= 0) return '--';
+  if (!(v.rate > 0) || !Number.isFinite(v.rate)) return '';
   const s = Math.ceil((v.bytesTotal - v.bytesDone) / v.rate);
+  if (s >= 3600) return `${Math.floor(s / 3600)}h${String(Math.floor(s / 60) % 60).padStart(2, '0')}m`;
   return s >= 60 ? `${Math.floor(s / 60)}m${String(s % 60).padStart(2, '0')}s` : `${s}s`;
-};
+}
+
+// The bar's line. cli-progress fills {bar} and {percentage} itself, and also {total}, {value} and
+// {eta} (raw bytes, and seconds or "INF") over any payload field of the same name: the payload
+// therefore uses names of its own.
+export const BAR_FORMAT =
+  ' {disk} [{bar}] {percentage}% | {done} / {size} | {rate}/s | window {window}{timeLeft}';
+
+/** The payload of a disk's bar: sizes for people on both sides of the slash, no ETA without a rate. */
+export function barFields(disk: string, v: DiskView): Record<string, string> {
+  const eta = formatEta(v);
+  return {
+    disk: disk.padEnd(8),
+    done: formatBytes(v.bytesDone),
+    size: formatBytes(v.bytesTotal),
+    rate: formatBytes(v.rate),
+    // Not known until the first tick (the planned event has none).
+    window: v.window > 0 ? formatBytes(v.window) : '-',
+    timeLeft: eta === '' ? '' : eta === 'done' ? ' | done' : ` | ETA ${eta}`,
+  };
+}
 
 export function describeEvent(e: ReplicationEvent): string | undefined {
   switch (e.type) {
@@ -43,6 +70,14 @@ export function describeEvent(e: ReplicationEvent): string | undefined {
       return `disk ${e.disk}: complete and verified, ${formatBytes(e.bytes)} in ${e.chunks} chunks`;
     case 'published':
       return `checkpoint ${e.checkpoint.id} published (${e.checkpoint.disks.length} disks)`;
+    case 'resume-refused':
+      return `disk ${e.disk}: cannot resume (${e.reason}); the cycle starts over for this disk`;
+    case 'recovered':
+      return e.action === 'rolled-back'
+        ? `rolled back the interrupted commit of ${e.cycleId} (${e.disks} disks): the last checkpoint is intact`
+        : `finished the clean-up of ${e.cycleId}, published before a crash`;
+    case 'rolled-back':
+      return `commit of ${e.cycleId} failed (${e.reason}): every disk rolled back to the last checkpoint`;
     default:
       return undefined;
   }
@@ -60,9 +95,10 @@ function plainReporter(log: (line: string) => void): Reporter {
         if (now - (lastPrinted.get(e.disk) ?? 0) < PLAIN_INTERVAL_MS || v.bytesDone >= v.bytesTotal) return;
         lastPrinted.set(e.disk, now);
         const pct = v.bytesTotal === 0 ? 100 : Math.floor((100 * v.bytesDone) / v.bytesTotal);
+        const eta = formatEta(v);
         log(
           `disk ${e.disk}: ${formatBytes(v.bytesDone)} / ${formatBytes(v.bytesTotal)} (${pct}%) ` +
-            `${formatBytes(v.rate)}/s window ${formatBytes(v.window)} eta ${eta(v)}`,
+            `${formatBytes(v.rate)}/s window ${formatBytes(v.window)}${eta ? ` eta ${eta}` : ''}`,
         );
         return;
       }
@@ -73,11 +109,15 @@ function plainReporter(log: (line: string) => void): Reporter {
   };
 }
 
-function ttyReporter(): Reporter {
+function ttyReporter(stream: NodeJS.WritableStream): Reporter {
   const multi = new cliProgress.MultiBar(
     {
-      format: ' {disk} [{bar}] {percentage}% | {done} / {total} | {rate}/s | window {window} | ETA {eta}',
+      format: BAR_FORMAT,
+      stream,
       hideCursor: true,
+      // Redraw every bar on every update: cli-progress skips a bar whose text has not changed, and a
+      // line logged above the bars (multi.log) then overwrites the first bar instead of pushing it down.
+      forceRedraw: true,
       clearOnComplete: false,
       barsize: 24,
       autopadding: true,
@@ -85,32 +125,30 @@ function ttyReporter(): Reporter {
     cliProgress.Presets.shades_classic,
   );
   const bars = new Map<string, cliProgress.SingleBar>();
-  const payload = (disk: string, v: DiskView) => ({
-    disk: disk.padEnd(8),
-    done: formatBytes(v.bytesDone),
-    total: formatBytes(v.bytesTotal),
-    rate: formatBytes(v.rate),
-    window: formatBytes(v.window),
-    eta: eta(v),
-  });
   return {
     onEvent(e) {
       if (e.type === 'planned') {
         const v = { bytesDone: e.resumedBytes, bytesTotal: e.bytesTotal, rate: 0, window: 0 };
-        bars.set(e.disk, multi.create(Math.max(1, e.bytesTotal), e.resumedBytes, payload(e.disk, v)));
+        bars.set(e.disk, multi.create(Math.max(1, e.bytesTotal), e.resumedBytes, barFields(e.disk, v)));
         return;
       }
       if (e.type === 'progress') {
         const v = { bytesDone: e.bytesDone, bytesTotal: e.bytesTotal, rate: e.rate, window: e.window };
-        bars.get(e.disk)?.update(e.bytesDone, payload(e.disk, v));
+        bars.get(e.disk)?.update(e.bytesDone, barFields(e.disk, v));
         return;
       }
-      if (e.type === 'window' || e.type === 'retry' || e.type === 'published') {
+      // The bars show the rest; what changes a run's course is printed above them.
+      if (e.type !== 'checkpoint-saved' && e.type !== 'disk-done') {
         const line = describeEvent(e);
         if (line) multi.log(`${line}\n`);
       }
     },
     stop() {
+      // Nothing was drawn without a bar (stop() would still print an empty line).
+      if (bars.size === 0) return;
+      // multi.log only queues a line for the next redraw, and stop() does not redraw it: draw once
+      // more so the last lines logged (the checkpoint published) are not lost.
+      multi.update();
       multi.stop();
     },
   };
