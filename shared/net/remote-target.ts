@@ -3,11 +3,10 @@ import { randomBytes } from 'node:crypto';
 import net from 'node:net';
 import { performance } from 'node:perf_hooks';
 import type { Descriptor } from '../engine/descriptors.ts';
-import { AbortedError, ConfigError, errorMessage, FerryError, TransferError } from '../engine/errors.ts';
+import { AbortedError, errorMessage, FerryError, TransferError } from '../engine/errors.ts';
 import type { CopyKind, DiskCommit, DiskTarget } from '../engine/ports.ts';
 import {
   type ChunkMeta,
-  diskNameProblem,
   encodeChunkHead,
   encodeFrame,
   extentBatches,
@@ -19,11 +18,10 @@ import {
   PROTOCOL_VERSION,
   SESSION_ID_BYTES,
 } from './protocol.ts';
+import { type FerryUri, parseFerryUri } from './uri.ts';
 
-/** Connections per disk when the URI does not say: enough to keep a long, fat link busy. */
-export const DEFAULT_CONNECTIONS = 4;
-/** More connections than this only adds sockets, not throughput. */
-export const MAX_CONNECTIONS = 16;
+export { DEFAULT_CONNECTIONS, type FerryUri, MAX_CONNECTIONS, parseFerryUri } from './uri.ts';
+
 // Connect plus HELLO/WELCOME must finish within this; a node that accepts but never answers is down.
 const DEFAULT_CONNECT_TIMEOUT_MS = 10_000;
 // Credit left unused this long goes back to the node, so a disk that has finished (and waits for
@@ -43,57 +41,10 @@ const KEEPALIVE_MS = 15_000;
 // close() waits this long for the node to hang up after CLOSE before destroying the sockets.
 const CLOSE_LINGER_MS = 2_000;
 
-export interface FerryUri {
-  readonly host: string;
-  readonly port: number;
-  readonly disk: string;
-  readonly connections: number;
-  /** The URI for messages and checkpoints: no client tuning. */
-  readonly name: string;
-}
-
 export interface RemoteTargetOptions {
   readonly connections?: number;
   readonly connectTimeoutMs?: number;
   readonly idleReleaseMs?: number;
-}
-
-/** Parses `ferry://host:port/disk[?connections=N]`. */
-export function parseFerryUri(uri: string): FerryUri {
-  const fail = (why: string): never => {
-    throw new ConfigError(`target ${uri} ${why}`, { setting: 'target' });
-  };
-  let url: URL;
-  try {
-    url = new URL(uri);
-  } catch {
-    return fail('is not a valid URI (expected ferry://HOST:PORT/DISK)');
-  }
-  if (url.protocol !== 'ferry:') fail('is not a ferry:// URI');
-  if (url.username !== '' || url.password !== '') fail('must not carry a user or password');
-  if (url.hash !== '') fail('must not have a #fragment');
-  if (url.hostname === '') fail('has no host');
-  if (url.port === '') fail('has no port (ferry://HOST:PORT/DISK)');
-  const port = Number(url.port);
-  if (!(port >= 1 && port <= 65535)) fail(`has port ${url.port}`);
-  let disk: string;
-  try {
-    disk = decodeURIComponent(url.pathname.replace(/^\//, ''));
-  } catch {
-    return fail('has a badly %-encoded disk name');
-  }
-  const problem = diskNameProblem(disk);
-  if (problem !== undefined) fail(`names disk "${disk}", which ${problem}`);
-  let connections = DEFAULT_CONNECTIONS;
-  for (const [key, value] of url.searchParams) {
-    if (key !== 'connections') fail(`has an unknown parameter "${key}" (allowed: connections)`);
-    const n = /^\d{1,2}$/.test(value) ? Number(value) : Number.NaN;
-    if (!(n >= 1 && n <= MAX_CONNECTIONS)) fail(`has connections=${value}; expected 1..${MAX_CONNECTIONS}`);
-    connections = n;
-  }
-  // WHATWG URLs keep IPv6 literals in brackets; sockets want them bare.
-  const host = url.hostname.replace(/^\[(.*)\]$/, '$1');
-  return { host, port, disk, connections, name: `ferry://${url.hostname}:${port}/${disk}` };
 }
 
 /** A chunk handed to writeChunk, from queueing until the node answers for it. */
