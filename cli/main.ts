@@ -1,12 +1,14 @@
 // The `ferry` command line: replicate, checkpoints, verify, demo, local-cloud, serve.
 import { readFile } from 'node:fs/promises';
 import { Command, Option } from 'commander';
-import { ConfigError, errorMessage, FerryError } from '../shared/engine/errors.ts';
+import { unknownSettings } from '../shared/engine/config.ts';
+import { ChangeMapError, ConfigError, errorMessage } from '../shared/engine/errors.ts';
+import { checkName } from '../shared/engine/names.ts';
 import type { ReplicationResult } from '../shared/engine/replicate.ts';
 import { formatBytes, parseSize } from '../shared/engine/units.ts';
 import { verifyFileImage } from '../shared/local/file-target.ts';
-import { type JobSpec, parseJobSpec, runLocalJob } from '../shared/local/run.ts';
-import { LocalStateStore } from '../shared/local/state-dir.ts';
+import { type JobSpec, parseJobSpec, recoverLocalSet, runLocalJob } from '../shared/local/run.ts';
+import { type DamagedEntry, LocalStateStore } from '../shared/local/state-dir.ts';
 import { filePath } from '../shared/local/uris.ts';
 import { runDemo } from './demo.ts';
 import { createReporter } from './progress.ts';
@@ -68,7 +70,10 @@ program
   .option('--state <dir>', 'state directory', DEFAULT_STATE_DIR)
   .option('--json', 'print as JSON')
   .action(async (o) => {
-    const list = await new LocalStateStore(o.state).listCheckpoints(o.set);
+    const set = o.set === undefined ? undefined : checkName('set', o.set, '--set');
+    const { checkpoints: list, damaged } = await new LocalStateStore(o.state).readCatalog(set);
+    // A damaged entry is reported, never fatal: the intact ones are still the operator's to use.
+    for (const d of damaged) err(damagedEntryWarning(d));
     if (o.json) {
       out(JSON.stringify(list, null, 2));
       return;
@@ -92,8 +97,21 @@ program
   .option('--state <dir>', 'state directory', DEFAULT_STATE_DIR)
   .option('--json', 'print as JSON')
   .action(async (o) => {
-    const cp = await new LocalStateStore(o.state).latestCheckpoint(o.set);
-    if (!cp) throw new ConfigError(`no checkpoint for set "${o.set}" in ${o.state}`, { setting: 'set' });
+    const set = checkName('set', o.set, '--set');
+    // The images are the latest checkpoint's only once a commit a crash interrupted is undone.
+    await recoverLocalSet(set, o.state, (e) => {
+      if (e.type === 'recovered') {
+        err(
+          e.action === 'rolled-back'
+            ? `ferry: rolled back the interrupted commit of ${e.cycleId} (${e.disks} disk(s)) to the last checkpoint`
+            : `ferry: finished the clean-up of ${e.cycleId}, published before a crash`,
+        );
+      }
+    });
+    const store = new LocalStateStore(o.state);
+    for (const d of (await store.readCatalog(set)).damaged) err(damagedEntryWarning(d));
+    const cp = await store.latestCheckpoint(set);
+    if (!cp) throw new ConfigError(`no checkpoint for set "${set}" in ${o.state}`, { setting: 'set' });
     const reports = [];
     for (const d of cp.disks) {
       const report = await verifyFileImage(filePath(d.target, 'target'), d.targetRef);
@@ -117,7 +135,8 @@ program
   .description('build a small multi-disk workload, replicate a base copy and two incremental cycles, verify')
   .option('--dir <dir>', 'work directory (default: a fresh temporary directory)')
   .option('--json', 'print the results as JSON')
-  .addOption(new Option('--scale <n>', 'disk size multiplier').default('1').argParser(Number))
+  // Commander hands a default to the action as is, without argParser: it must be a number already.
+  .addOption(new Option('--scale <n>', 'disk size multiplier').default(1).argParser(Number))
   .action(async (o) => {
     if (!Number.isFinite(o.scale) || o.scale <= 0 || o.scale > 64) {
       throw new ConfigError(`--scale must be a number above 0 and at most 64, not ${o.scale}`, {
@@ -200,6 +219,11 @@ program
     out('ferry node stopped');
   });
 
+/** One line for a catalog entry that cannot be read: which file, why, and what to do. */
+function damagedEntryWarning(d: DamagedEntry): string {
+  return `ferry: warning: catalog entry ${d.path} (checkpoint #${d.sequence} of set ${d.set}) is damaged (${d.reason}); restore it from a backup, or move it aside if that checkpoint is not needed`;
+}
+
 /** `ferry serve --target`: a node writes file images, so a `file:` directory (or a bare path). */
 function nodeTargetDir(uri: string): string {
   if (/^(ferry|nbd|nbd\+unix|ebs|azure):/i.test(uri)) {
@@ -239,6 +263,9 @@ function jobFromFlags(o: Record<string, unknown>): JobSpec {
       setting: 'disk',
     });
   }
+  // Checked here as well as in the job schema so the message names the flag the operator typed.
+  checkName('set', o.set, '--set');
+  for (const id of ids) checkName('disk', id, '--disk');
   return parseJobSpec(
     {
       set: o.set,
@@ -261,8 +288,27 @@ async function jobFromFile(path: string, o: Record<string, unknown>): Promise<Jo
   } catch (e) {
     throw new ConfigError(`job file ${path}: ${errorMessage(e)}`, { setting: 'job' });
   }
+  refuseProtoKeys(value, `job file ${path}`);
   const spec = parseJobSpec(value, `job file ${path}`);
   return { ...spec, params: { ...spec.params, ...paramsFromFlags(o) } };
+}
+
+/**
+ * JSON.parse keeps a `"__proto__"` key as an own property, but schemas that copy an object (zod's
+ * records and objects) drop it without a word, so a setting spelt that way would vanish where every
+ * other unknown key is refused. Refuse it before any schema sees the file.
+ */
+function refuseProtoKeys(value: unknown, origin: string, path = ''): void {
+  if (typeof value !== 'object' || value === null) return;
+  if (Object.hasOwn(value, '__proto__')) {
+    if (path === 'params') throw unknownSettings(['__proto__'], origin);
+    throw new ConfigError(`${origin}: unknown key "__proto__"${path ? ` in ${path}` : ''}`, {
+      setting: path || 'job',
+    });
+  }
+  for (const [key, child] of Object.entries(value)) {
+    refuseProtoKeys(child, origin, Array.isArray(value) ? `${path}[${key}]` : path ? `${path}.${key}` : key);
+  }
 }
 
 function paramsFromFlags(o: Record<string, unknown>): Record<string, unknown> {
@@ -310,5 +356,7 @@ try {
   // One clear line naming what is at fault; the stack only when asked for.
   err(`ferry: ${errorMessage(e)}`);
   if (process.env.FERRY_DEBUG) console.error(e);
-  process.exitCode = e instanceof ConfigError ? 2 : e instanceof FerryError ? 1 : 1;
+  // Exit 2: the input is wrong (a setting, a name, a change map) and running again will not help
+  // until it is fixed; 1: anything else.
+  process.exitCode = e instanceof ConfigError || e instanceof ChangeMapError ? 2 : 1;
 }

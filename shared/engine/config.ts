@@ -66,6 +66,19 @@ function exact(bytes: number): string {
   return `${bytes} B`;
 }
 
+/**
+ * The error for settings nobody reads, listing the ones that exist. `origin` says where they came
+ * from ("job file erp.json") when the caller knows. Also used by readers that must refuse a key
+ * before a schema would drop it (`"__proto__"`).
+ */
+export function unknownSettings(keys: readonly string[], origin?: string): ConfigError {
+  const known = Object.keys(schema.shape).join(', ');
+  return new ConfigError(
+    `${origin ? `${origin}: ` : ''}unknown setting${keys.length > 1 ? 's' : ''} ${keys.join(', ')} (known: ${known})`,
+    { setting: keys[0] },
+  );
+}
+
 /** Every message names its setting, so it reads on its own in a log line. */
 function refuse(setting: string, message: string): never {
   throw new ConfigError(message, { setting });
@@ -84,13 +97,7 @@ export function resolveParams(input: unknown, opts: { targetBlockSize: number })
   const parsed = schema.safeParse(input ?? {});
   if (!parsed.success) {
     const issue = parsed.error.issues[0]!;
-    if (issue.code === 'unrecognized_keys') {
-      const keys = issue.keys.join(', ');
-      throw new ConfigError(
-        `unknown setting${issue.keys.length > 1 ? 's' : ''} ${keys} (known: ${Object.keys(schema.shape).join(', ')})`,
-        { setting: issue.keys[0] },
-      );
-    }
+    if (issue.code === 'unrecognized_keys') throw unknownSettings(issue.keys);
     // Same spelling as parseSize's messages for list items: windowLevels[2].
     const setting = issue.path
       .map((k, i) => (typeof k === 'number' ? `[${k}]` : `${i ? '.' : ''}${String(k)}`))

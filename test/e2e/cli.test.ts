@@ -1,16 +1,17 @@
-// The `ferry` command as an operator runs it: replicate, checkpoints, verify, errors, and a run
-// killed with SIGKILL that resumes from its last intermediate checkpoint.
+// The `ferry` command as an operator runs it: the README's `npm start`, replicate, checkpoints,
+// verify, errors, and a run killed with SIGKILL that resumes from its last intermediate checkpoint.
 import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdtemp, open, readFile, writeFile } from 'node:fs/promises';
+import { mkdtemp, open, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { join, relative } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import type { ReplicationResult } from '../../shared/engine/replicate.ts';
 import { MiB } from '../../shared/engine/units.ts';
 import { createDiskImage, firstDifference, mutateDisk } from '../../shared/local/workload.ts';
 import { startNbdkit } from '../support/nbdkit.ts';
 
-const BIN = join(import.meta.dirname, '../../bin/ferry.mjs');
+const ROOT = join(import.meta.dirname, '../..');
+const BIN = join(ROOT, 'bin/ferry.mjs');
 
 interface Run {
   code: number | null;
@@ -20,8 +21,12 @@ interface Run {
 }
 
 function ferry(args: string[], onSpawn?: (child: ChildProcess) => void): Promise<Run> {
+  return run(process.execPath, [BIN, ...args], onSpawn);
+}
+
+function run(command: string, args: string[], onSpawn?: (child: ChildProcess) => void): Promise<Run> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(command, args, { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (b) => {
@@ -50,9 +55,39 @@ describe('ferry CLI', () => {
     expect(r.stdout).toMatch(/demo/);
   });
 
-  it("runs the README's demo: a base copy and two fragmented increments of three disks, each verified", async () => {
+  it("runs the README's main command exactly as written: `npm start`, three cycles, every replica verified", async () => {
+    // Act: what the Quick start says to type, in the repository root, with no flags of our own.
+    const r = await run('npm', ['start']);
+    const dir = /^ferry demo in (\S+)$/m.exec(r.stdout)?.[1];
+    try {
+      // Assess
+      expect(r.code, r.stdout + r.stderr).toBe(0);
+      expect(dir).toBeDefined();
+      // Progress: each disk planned and completed in each cycle, and live lines in between.
+      for (const disk of ['os', 'data', 'logs']) {
+        expect(r.stdout.match(new RegExp(`^disk ${disk}: full copy, `, 'gm'))).toHaveLength(1);
+        expect(r.stdout.match(new RegExp(`^disk ${disk}: incremental copy, `, 'gm'))).toHaveLength(2);
+        expect(r.stdout.match(new RegExp(`^disk ${disk}: complete and verified`, 'gm'))).toHaveLength(3);
+      }
+      expect(r.stdout).toMatch(/^disk \w+: [\d.]+ \w*B \/ [\d.]+ \w*B \(\d+%\) /m);
+      // Three cycles, each published and each replica compared with its source byte for byte.
+      for (const n of [1, 2, 3]) {
+        expect(r.stdout).toMatch(
+          new RegExp(`^checkpoint demo#${n}: .* sent in .* replicas bit-identical to sources ✓$`, 'm'),
+        );
+      }
+      expect(r.stdout).not.toMatch(/MISMATCH|DIFFER|FAILED/);
+      expect(r.stdout).toMatch(/^demo passed: 3 checkpoints published and verified\.$/m);
+      // No AWS code runs in the demo, so no SDK notice either.
+      expect(r.stderr).not.toMatch(/NodeVersionSupportWarning|AWS SDK/);
+    } finally {
+      if (dir !== undefined) await rm(dir, { recursive: true, force: true });
+    }
+  }, 300_000); // Full scale (608 MiB, three cycles) takes about 30 s on a 2-core machine.
+
+  it('runs the demo smaller, as JSON, and refuses a bad --scale', async () => {
     const dir = await workdir();
-    const r = await ferry(['demo', '--json', '--scale', '0.25', '--dir', dir]);
+    const r = await ferry(['demo', '--json', '--scale', '0.05', '--dir', dir]);
     expect(r.code, r.stderr).toBe(0);
     const report = JSON.parse(r.stdout) as {
       ok: boolean;
@@ -66,6 +101,7 @@ describe('ferry CLI', () => {
     const bad = await ferry(['demo', '--scale', '-1']);
     expect(bad.code).toBe(2);
     expect(bad.stderr).toMatch(/--scale must be a number above 0/);
+    await rm(dir, { recursive: true, force: true });
   });
 
   it('replicates full then incremental, lists checkpoints, and verifies the replica', async () => {
@@ -175,8 +211,20 @@ describe('ferry CLI', () => {
       ]),
     );
     const badMap = await ferry([...base, '--changed', join(dir, 'bad.json'), '--disk', 'db']);
-    expect(badMap.code).toBe(1);
-    expect(badMap.stderr).toMatch(/disk db: change map .*bad\.json is invalid at 1\.offset/);
+    // A change map is input like a setting: exit 2, and the entry at fault named.
+    expect(badMap.code).toBe(2);
+    expect(badMap.stderr).toBe(
+      `ferry: disk db: change map ${join(dir, 'bad.json')} entry 1: offset -1 is negative\n`,
+    );
+    await writeFile(
+      join(dir, 'huge.json'),
+      '[{"offset": 0, "length": 4096}, {"offset": 1e999, "length": 1}]',
+    );
+    const huge = await ferry([...base, '--changed', join(dir, 'huge.json'), '--disk', 'db']);
+    expect(huge.code).toBe(2);
+    expect(huge.stderr).toMatch(
+      /^ferry: disk db: change map .*huge\.json entry 1: offset Infinity is not a finite number\n$/,
+    );
 
     const pairs = await ferry(['replicate', '--source', `file:${src}`, '--state', join(dir, 's')]);
     expect(pairs.code).toBe(2);
@@ -189,6 +237,115 @@ describe('ferry CLI', () => {
     // Nothing was published by any of the failures.
     const list = await ferry(['checkpoints', '--state', join(dir, 's')]);
     expect(list.stdout).toMatch(/no checkpoints/);
+  });
+
+  it('refuses set and disk names that could leave the state folder, naming the flag, before writing anything', async () => {
+    // Prepare
+    const dir = await workdir();
+    const src = join(dir, 'src.img');
+    await createDiskImage(src, { size: MiB, seed: 4 });
+    const state = join(dir, 'state');
+    const replicate = ['replicate', '--source', `file:${src}`, '--state', state];
+    const cases: { args: string[]; message: RegExp }[] = [
+      {
+        args: ['checkpoints', '--state', state, '--set', '..'],
+        message: /--set: set name "\.\." is not allowed/,
+      },
+      { args: ['verify', '--state', state, '--set', '..'], message: /--set: set name "\.\." is not allowed/ },
+      {
+        args: ['verify', '--state', state, '--set', 'a/b'],
+        message: /--set: set name "a\/b" is not allowed/,
+      },
+      {
+        args: [...replicate, '--target', `file:${join(dir, 'dst.img')}`, '--set', '..'],
+        message: /--set: set name "\.\." is not allowed/,
+      },
+      {
+        args: [...replicate, '--target', `file:${join(dir, 'dst.img')}`, '--disk', '../x'],
+        message: /--disk: disk name "\.\.\/x" is not allowed/,
+      },
+      { args: [...replicate, '--target', 'ferry://127.0.0.1:1/..'], message: /names disk "\.\."/ },
+      { args: [...replicate, '--target', 'ferry://127.0.0.1:1/../x'], message: /names disk "\.\.\/x"/ },
+      {
+        args: [...replicate, '--target', 'ferry://127.0.0.1:1/.hidden'],
+        message: /names disk "\.hidden", which is not allowed/,
+      },
+    ];
+    for (const c of cases) {
+      // Act
+      const r = await ferry(c.args);
+      // Assess: exit 2, one line that says what is wrong and what is allowed.
+      expect(r.code, `${c.args.join(' ')}: ${r.stderr}`).toBe(2);
+      expect(r.stderr).toMatch(c.message);
+      expect(r.stderr).toMatch(/^ferry: .*letters, digits.*\n$/);
+      expect(r.stderr.trim().split('\n'), r.stderr).toHaveLength(1);
+    }
+    // No file was written anywhere (an empty state folder may have been made), in particular none
+    // beside the state folder.
+    const files = (await readdir(dir, { recursive: true, withFileTypes: true }))
+      .filter((e) => !e.isDirectory())
+      .map((e) => relative(dir, join(e.parentPath, e.name)));
+    expect(files).toEqual(['src.img']);
+  });
+
+  it('refuses a "__proto__" key in a job file\'s params like any unknown setting', async () => {
+    // Prepare: JSON.parse keeps "__proto__" as an own key; a schema copying the object would drop it.
+    const dir = await workdir();
+    const src = join(dir, 'src.img');
+    await createDiskImage(src, { size: MiB, seed: 5 });
+    const job = (params: string) =>
+      `{"set": "s", "disks": [{"id": "d", "source": "file:${src}", "target": "file:${join(dir, 'dst.img')}"}], "params": ${params}}`;
+    await writeFile(join(dir, 'proto.json'), job('{"__proto__": {"window": "1KiB"}}'));
+    await writeFile(join(dir, 'bogus.json'), job('{"bogus": 1}'));
+    // Act
+    const proto = await ferry(['replicate', '--job', join(dir, 'proto.json'), '--state', join(dir, 'state')]);
+    const bogus = await ferry(['replicate', '--job', join(dir, 'bogus.json'), '--state', join(dir, 'state')]);
+    // Assess: both refused the same way, and nothing was copied.
+    expect(bogus.code).toBe(2);
+    expect(bogus.stderr).toMatch(/^ferry: .*unknown setting bogus \(known: chunkSize, /);
+    expect(proto.code, proto.stdout).toBe(2);
+    expect(proto.stderr).toMatch(
+      /^ferry: job file .*proto\.json: unknown setting __proto__ \(known: chunkSize, /,
+    );
+    expect(proto.stderr.trim().split('\n')).toHaveLength(1);
+    expect(await readdir(dir)).not.toContain('dst.img');
+  });
+
+  it('lists checkpoints as whole lines, the last one ended by a newline', async () => {
+    // Prepare: two checkpoints of a two-disk set.
+    const dir = await workdir();
+    const state = join(dir, 'state');
+    const args = ['--state', state, '--set', 'erp', '--json'];
+    for (const d of ['a', 'b']) await createDiskImage(join(dir, `${d}.img`), { size: MiB, seed: 6 });
+    const pair = (d: string) => [
+      '--source',
+      `file:${join(dir, `${d}.img`)}`,
+      '--target',
+      `file:${join(dir, `${d}-dr.img`)}`,
+      '--disk',
+      d,
+    ];
+    for (let i = 0; i < 2; i++) {
+      const r = await ferry(['replicate', ...pair('a'), ...pair('b'), ...args]);
+      expect(r.code, r.stderr).toBe(0);
+    }
+    const ids = JSON.parse((await ferry(['checkpoints', '--state', state, '--json'])).stdout) as {
+      id: string;
+      createdAt: string;
+    }[];
+    // Act
+    const list = await ferry(['checkpoints', '--state', state]);
+    // Assess: exactly these lines, each ended by "\n", nothing after the last disk line.
+    expect(list.code, list.stderr).toBe(0);
+    expect(list.stderr).toBe('');
+    const disk = (d: string) =>
+      `    ${d}: full 1 MiB file:${join(dir, `${d}.img`)} -> file:${join(dir, `${d}-dr.img`)}\n`;
+    expect(list.stdout).toBe(
+      ids
+        .map((cp) => `${cp.id}  ${cp.createdAt}  2 disk(s)  2 MiB replicated\n${disk('a')}${disk('b')}`)
+        .join(''),
+    );
+    expect(ids.map((cp) => cp.id)).toEqual(['erp#1', 'erp#2']);
   });
 
   it('resumes a run killed with SIGKILL from its last intermediate checkpoint', async () => {

@@ -1,6 +1,11 @@
 // The operational parameters: defaults, sizes as people write them, and every refusal naming its setting.
 import { describe, expect, it } from 'vitest';
-import { DEFAULT_PARAMS, describeParams, resolveParams } from '../../shared/engine/config.ts';
+import {
+  DEFAULT_PARAMS,
+  describeParams,
+  resolveParams,
+  unknownSettings,
+} from '../../shared/engine/config.ts';
 import { ConfigError } from '../../shared/engine/errors.ts';
 import { KiB, MiB } from '../../shared/engine/units.ts';
 
@@ -192,6 +197,27 @@ describe('resolveParams refusals', () => {
     // Assess
     expect(err.setting).toBe('windowSize');
     expect(err.message).toMatch(/unknown setting windowSize/);
+  });
+
+  it('rejects a "__proto__" key as it rejects any unknown key', () => {
+    // Prepare: JSON.parse makes "__proto__" an own key (an object literal would set the prototype).
+    const input = JSON.parse('{"window": "32 MiB", "__proto__": {"window": "1 KiB"}}');
+    // Act
+    const err = refusal(() => resolveParams(input, EBS));
+    // Assess
+    expect(err.setting).toBe('__proto__');
+    expect(err.message).toBe(
+      'unknown setting __proto__ (known: chunkSize, window, windowLevels, checkpointInterval, nodeBudget, adaptive)',
+    );
+  });
+
+  it('words unknown settings the same for readers that refuse them before a schema sees them', () => {
+    const err = unknownSettings(['__proto__'], 'job file erp.json');
+    expect(err).toBeInstanceOf(ConfigError);
+    expect(err.setting).toBe('__proto__');
+    expect(err.message).toBe(
+      'job file erp.json: unknown setting __proto__ (known: chunkSize, window, windowLevels, checkpointInterval, nodeBudget, adaptive)',
+    );
   });
 
   it('names every unknown key when there are several', () => {
