@@ -642,7 +642,8 @@ export class FaultSet {
       return 'published bit-exact';
     }
     // (b) nothing published.
-    const how = run.signal !== null ? 'killed' : 'refused';
+    // Exit 2 is a refused configuration; any other failure (or a signal) stopped a run under way.
+    const how = run.signal !== null ? 'killed' : run.code === 2 ? 'refused' : 'failed';
     if (run.signal === null) {
       // A failure is one clear line, never a stack trace.
       expect(run.stderr, `${what}: a failed run says why: ${describeRun(run)}`).toMatch(/^ferry: \S/m);

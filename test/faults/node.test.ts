@@ -1,0 +1,176 @@
+// Fault matrix: replication toward a real `ferry serve` node, and the node or the network failing
+// mid-transfer: the node killed with SIGKILL (then restarted on the same port), and every
+// connection cut mid-chunk by a user-space proxy in between (then let through again).
+import { mkdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { describe, expect } from 'vitest';
+import { startWanLink, type WanLink } from '../../shared/netem/wan-link.ts';
+import {
+  describeRun,
+  FaultSet,
+  faultCase,
+  NbdImage,
+  type Run,
+  reportTable,
+  type Served,
+  SLOW_PARAMS,
+  startServe,
+  workdir,
+} from './support.ts';
+
+// How long the node or the link stays down: long enough that the source sees its connections
+// fail and has to reconnect, far inside the source's retry budget.
+const DOWN_MS = 500;
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/**
+ * Waits until `ready()` holds while `running` has not ended; fails the case if the run ended first
+ * (the fault could not be injected mid-transfer).
+ */
+async function whileRunning(
+  running: Promise<Run>,
+  ready: () => Promise<boolean>,
+  what: string,
+): Promise<void> {
+  let ended: Run | undefined;
+  void running.then((r) => {
+    ended = r;
+  });
+  while (ended === undefined) {
+    if (await ready()) return;
+    await sleep(10);
+  }
+  throw new Error(`the run ended before ${what}: ${describeRun(ended)}`);
+}
+
+describe('a ferry serve node failing mid-transfer', () => {
+  reportTable('a ferry serve node failing mid-transfer');
+
+  faultCase(
+    'node killed mid-transfer',
+    'ferry serve SIGKILLed at the first durable progress record, restarted on its port',
+    async (_ctx, row) => {
+      const dir = await workdir('node-kill');
+      const images = join(dir, 'images');
+      const nodeState = join(dir, 'node-state');
+      await mkdir(images, { recursive: true });
+      let node: Served = await startServe({ images, state: nodeState });
+      const set = await FaultSet.create('node-kill', {
+        seed: 51,
+        node: { address: node.address, images },
+        params: SLOW_PARAMS,
+      });
+      const d = set.disks[0]!;
+      const nbd = await NbdImage.start(d.source, join(set.dir, 'src.sock'), { rate: '4M' });
+      try {
+        await set.seed();
+        await set.mutate(51);
+        d.sourceUri = nbd.uri;
+        const running = set.replicate();
+        await whileRunning(running, set.progressSaved(), 'the node could be killed');
+        await node.crash();
+        await sleep(DOWN_MS);
+        node = await startServe({ images, state: nodeState, port: node.port });
+        const run = await running;
+        row.note(run.code === 0 ? 'the source rode out the restart' : `the source failed: exit ${run.code}`);
+        await nbd.restart();
+        return await set.checkContract(run);
+      } finally {
+        await nbd.stop();
+        await node.stop();
+        await set.remove();
+      }
+    },
+  );
+
+  faultCase(
+    'node killed mid-transfer, down until the source gives up',
+    'ferry serve SIGKILLed at the first durable progress record, restarted after the run ended, rerun',
+    async (_ctx, row) => {
+      const dir = await workdir('node-down');
+      const images = join(dir, 'images');
+      const nodeState = join(dir, 'node-state');
+      let node: Served = await startServe({ images, state: nodeState });
+      const set = await FaultSet.create('node-down', {
+        seed: 53,
+        node: { address: node.address, images },
+        params: SLOW_PARAMS,
+      });
+      const d = set.disks[0]!;
+      const nbd = await NbdImage.start(d.source, join(set.dir, 'src.sock'), { rate: '4M' });
+      try {
+        await set.seed();
+        await set.mutate(53);
+        d.sourceUri = nbd.uri;
+        const running = set.replicate();
+        await whileRunning(running, set.progressSaved(), 'the node could be killed');
+        await node.crash();
+        const run = await running;
+        expect(run.code, `with its node gone the run cannot succeed: ${describeRun(run)}`).not.toBe(0);
+        row.note(`source gave up: ${run.stderr.trim().split('\n').at(-1)?.slice(0, 80)}`);
+        node = await startServe({ images, state: nodeState, port: node.port });
+        await nbd.restart();
+        return await set.checkContract(run);
+      } finally {
+        await nbd.stop();
+        await node.stop();
+        await set.remove();
+      }
+    },
+    180_000,
+  );
+
+  faultCase(
+    'connections dropped mid-chunk',
+    'every source-node connection cut by the proxy mid-chunk (8 Mbit/s link), link back after 0.5 s',
+    async (_ctx, row) => {
+      const dir = await workdir('link-cut');
+      const images = join(dir, 'images');
+      await mkdir(images, { recursive: true });
+      const node = await startServe({ images, state: join(dir, 'node-state') });
+      const target = { host: '127.0.0.1', port: node.port };
+      let link: WanLink = await startWanLink({ target, rttMs: 2, rateBitsPerSec: 1e9 });
+      const set = await FaultSet.create('link-cut', {
+        seed: 52,
+        node: { address: link.address, images },
+        params: SLOW_PARAMS,
+      });
+      try {
+        await set.seed();
+        await set.mutate(52);
+        link.setRate(8e6);
+        // Cut once progress is durable and chunk bytes are in the link: some chunk is then part way
+        // between source and node.
+        const saved = set.progressSaved();
+        let held = 0;
+        const running = set.replicate();
+        await whileRunning(
+          running,
+          async () => {
+            held = link.stats().heldBytesUp;
+            return held > 0 && (await saved());
+          },
+          'the link could be cut',
+        );
+        await link.close();
+        await sleep(DOWN_MS);
+        link = await startWanLink({
+          target,
+          rttMs: 2,
+          rateBitsPerSec: 1e9,
+          listen: { host: '127.0.0.1', port: link.port },
+        });
+        const run = await running;
+        row.note(
+          `${held} bytes were in the link when it was cut; ${run.code === 0 ? 'the source reconnected' : `the source failed: exit ${run.code}`}`,
+        );
+        return await set.checkContract(run);
+      } finally {
+        await link.close();
+        await node.stop();
+        await set.remove();
+      }
+    },
+  );
+});
