@@ -4,6 +4,7 @@
 import { cutDescriptors } from '../../shared/engine/descriptors.ts';
 import { ChangeMapError } from '../../shared/engine/errors.ts';
 import type { Extent } from '../../shared/engine/extents.ts';
+import { GiB } from '../../shared/engine/units.ts';
 import type { DifferResult, DiffTask } from '../contracts.ts';
 import type { CycleDiskRecord, CycleStore } from './cycle-store.ts';
 import { blockIndexes, MAX_BLOCK_TOKEN_CHARS, type PlannedDescriptor } from './descriptor-pages.ts';
@@ -76,6 +77,9 @@ export async function runDiffer(deps: DifferDeps, task: DiffTask): Promise<Diffe
     });
   }
   const where = { disk: rec.disk };
+  // Blocks of the volume the cycle was prepared for: a listed block at or past this index belongs to
+  // another (or a resized) volume, and is refused rather than cut into a descriptor past the end.
+  const volumeBlocks = (rec.volumeSizeGiB * GiB) / EBS_BLOCK_SIZE;
   const { chunkSize, perPage } = rec;
   if (rec.diffSeq % perPage !== 0) {
     throw new CycleStateError(`differ of disk ${rec.disk} stopped mid-page (seq ${rec.diffSeq})`, {
@@ -154,6 +158,16 @@ export async function runDiffer(deps: DifferDeps, task: DiffTask): Promise<Diffe
           throw new ChangeMapError(
             `listing of snapshot ${rec.sourceSnapshotId} returned block ${b.index} after block ${lastIndex}: blocks must ascend`,
             { ...where, offset: b.index * EBS_BLOCK_SIZE },
+          );
+        }
+        if (b.index >= volumeBlocks) {
+          const offset = b.index * EBS_BLOCK_SIZE;
+          throw new ChangeMapError(
+            `change map of disk ${rec.disk}: listing of snapshot ${rec.sourceSnapshotId} returned block ${b.index} ` +
+              `at offset ${offset} with length ${EBS_BLOCK_SIZE}, past the end of the disk ` +
+              `(${rec.volumeSizeGiB} GiB: ${rec.volumeSizeGiB * GiB} bytes, blocks 0 to ${volumeBlocks - 1}): ` +
+              'the listing is for another volume or for this one before a resize',
+            { ...where, offset },
           );
         }
         if (b.token !== undefined && (b.token.length === 0 || b.token.length > MAX_BLOCK_TOKEN_CHARS)) {

@@ -21,7 +21,10 @@ export interface Descriptor {
 }
 
 export interface NormalizeOptions {
-  /** The source disk's size in bytes; changes beyond it are clipped away. */
+  /**
+   * The source disk's size in bytes. A raw extent that ends beyond it is refused (ChangeMapError):
+   * the map describes another disk, or this disk before it was resized.
+   */
   readonly diskSize: number;
   /** The target's write unit (EBS 512 KiB, Azure 512 B); every extent is widened to it. */
   readonly blockSize: number;
@@ -46,15 +49,24 @@ const alignUp = (n: number, unit: number): number => {
   return rest === 0 ? n : n - rest + unit;
 };
 
-function mapError(disk: string | undefined, offset: number, why: string): ChangeMapError {
+/** Where an extent sits in the map as given: its 0-based position, and the disk when it is known. */
+function mapError(disk: string | undefined, index: number, offset: number, why: string): ChangeMapError {
   const where = disk === undefined ? 'change map' : `change map of disk ${disk}`;
-  return new ChangeMapError(`${where}: extent at offset ${offset} ${why}`, { disk, offset });
+  return new ChangeMapError(`${where}: entry ${index} at offset ${offset} ${why}`, { disk, offset });
 }
 
 /**
- * Sorts, widens to whole blocks, clips to the disk and merges a change map. Accepts extents in any
- * order, overlapping, touching, empty or beyond the disk, because change-tracking APIs return all of
- * those. The last block of a disk whose size is not a multiple of `blockSize` comes out short.
+ * Sorts, widens to whole blocks and merges a change map. Accepts extents in any order, overlapping,
+ * touching or empty, because change-tracking APIs return all of those.
+ * Refuses the first extent, in the map's own order, that is malformed or ends past the end of the
+ * disk (offset + length > diskSize), with a ChangeMapError naming the disk, the extent's 0-based
+ * position in the map, its offset and length, and the disk's size: such a map belongs to another
+ * disk or to this disk before a resize, and clipping it would publish a checkpoint that silently
+ * misses changes. An empty extent names no byte and is dropped, including one at offset == diskSize
+ * (it ends at the end, not past it); one that starts past the end is refused like any other, since
+ * it still says the map is for a bigger disk.
+ * Only the raw extents are checked: widening to the target's block size may reach past the end, so
+ * the last block of a disk whose size is not a multiple of `blockSize` comes out short.
  * O(n log n) time and O(n) memory in the number of extents, whatever the disk's size.
  */
 export function normalizeExtents(extents: Iterable<Extent>, opts: NormalizeOptions): Extent[] {
@@ -72,16 +84,28 @@ export function normalizeExtents(extents: Iterable<Extent>, opts: NormalizeOptio
   }
 
   const aligned: Extent[] = [];
+  let index = 0;
   for (const e of extents) {
+    const i = index++;
     const { offset, length } = e;
-    if (!isCount(offset)) throw mapError(disk, offset, 'has an offset that is not a whole number of bytes');
-    if (!isCount(length)) throw mapError(disk, offset, `has an invalid length ${length}`);
+    if (!isCount(offset))
+      throw mapError(disk, i, offset, 'has an offset that is not a whole number of bytes');
+    if (!isCount(length)) throw mapError(disk, i, offset, `has an invalid length ${length}`);
     const end = offset + length;
-    if (!Number.isSafeInteger(end)) throw mapError(disk, offset, `with length ${length} ends beyond 2^53`);
-    if (length === 0 || offset >= diskSize) continue;
+    if (!Number.isSafeInteger(end)) throw mapError(disk, i, offset, `with length ${length} ends beyond 2^53`);
+    if (end > diskSize) {
+      throw mapError(
+        disk,
+        i,
+        offset,
+        `with length ${length} ends at ${end}, past the end of the disk (${diskSize} bytes): ` +
+          'the map is for another disk or for this disk before a resize',
+      );
+    }
+    if (length === 0) continue;
     const start = alignDown(offset, blockSize);
-    // Clip before rounding up, so a change near 2^53 cannot round past a safe integer.
-    const stop = Math.min(alignUp(Math.min(end, diskSize), blockSize), diskSize);
+    // The raw extent is inside the disk; only the widening may reach past its end (a short last block).
+    const stop = Math.min(alignUp(end, blockSize), diskSize);
     aligned.push({ offset: start, length: stop - start });
   }
 

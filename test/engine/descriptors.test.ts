@@ -14,7 +14,11 @@ import { GiB, KiB, MiB, TiB } from '../../shared/engine/units.ts';
 
 const RUNS = 300;
 
-/** A disk, its target's block size, a chunk size and a messy change map, as CBT or a diff returns it. */
+/**
+ * A disk, its target's block size, a chunk size and a messy change map, as CBT or a diff returns it
+ * for this disk: every extent ends at or before the end of the disk (maps that reach past it are
+ * refused, see badCaseArb).
+ */
 interface Case {
   diskSize: number;
   blockSize: number;
@@ -39,21 +43,36 @@ const caseArb: fc.Arbitrary<Case> = fc
     return fc
       .integer({ min: 1, max: Math.max(1, diskChunks * chunkSize) + blockSize - 1 })
       .chain((diskSize) => {
-        const offset = fc.nat({ max: diskSize + 2 * chunkSize });
-        const length = fc.oneof(
-          fc.constant(0),
-          fc.integer({ min: 1, max: 2 * blockSize }),
-          fc.integer({ min: 1, max: diskSize + chunkSize }),
+        // Anywhere on the disk, often in its last blocks (the short last block, the exact end).
+        const offset = fc.oneof(
+          fc.nat({ max: diskSize }),
+          fc.integer({ min: Math.max(0, diskSize - 2 * blockSize), max: diskSize }),
         );
-        const loose = fc.array(fc.record({ offset, length }), { maxLength: 40 });
-        // A chain of extents whose gaps are negative (overlap), zero (touching) or positive.
+        // Empty, short, long, or exactly up to the end of the disk: never past it.
+        const lengthAt = (at: number) => {
+          const room = diskSize - at;
+          return fc.oneof(
+            fc.constant(0),
+            fc.integer({ min: 0, max: Math.min(room, 2 * blockSize) }),
+            fc.integer({ min: 0, max: room }),
+            fc.constant(room),
+          );
+        };
+        const extent = offset.chain((o) => lengthAt(o).map((length) => ({ offset: o, length })));
+        const loose = fc.array(extent, { maxLength: 40 });
+        // A chain of extents whose gaps are negative (overlap), zero (touching) or positive; a link
+        // that would leave the disk is pulled back inside it.
         const chained = fc
           .record({
             start: offset,
             links: fc.array(
               fc.record({
                 gap: fc.oneof(fc.constant(0), fc.integer({ min: -blockSize, max: 3 * blockSize })),
-                length,
+                length: fc.oneof(
+                  fc.constant(0),
+                  fc.integer({ min: 1, max: 2 * blockSize }),
+                  fc.integer({ min: 1, max: diskSize }),
+                ),
               }),
               { maxLength: 40 },
             ),
@@ -62,9 +81,10 @@ const caseArb: fc.Arbitrary<Case> = fc
             const out: Extent[] = [];
             let at = start;
             for (const { gap, length: l } of links) {
-              const o = Math.max(0, at + gap);
-              out.push({ offset: o, length: l });
-              at = o + l;
+              const o = Math.min(Math.max(0, at + gap), diskSize);
+              const length = Math.min(l, diskSize - o);
+              out.push({ offset: o, length });
+              at = o + length;
             }
             return out;
           });
@@ -78,6 +98,52 @@ const caseArb: fc.Arbitrary<Case> = fc
         }));
       });
   });
+
+/** An extent that reaches past the end of a disk of `diskSize` bytes, in the ways a wrong map does. */
+const pastEndArb = (diskSize: number): fc.Arbitrary<Extent> =>
+  fc.oneof(
+    // Crosses the end: starts inside (or at the end) and runs on past it.
+    fc.nat({ max: diskSize }).chain((offset) =>
+      fc.integer({ min: diskSize - offset + 1, max: diskSize - offset + 4 * MiB }).map((length) => ({
+        offset,
+        length,
+      })),
+    ),
+    // Wholly beyond, near or very far (10^15 on a small disk), empty or not.
+    fc.record({
+      offset: fc.oneof(
+        fc.integer({ min: diskSize + 1, max: diskSize + 4 * MiB }),
+        fc.integer({ min: diskSize + 1, max: 2 ** 50 }),
+      ),
+      length: fc.oneof(fc.constant(0), fc.integer({ min: 1, max: 4 * MiB })),
+    }),
+  );
+
+/** A map for the wrong (or a resized) disk: a good map with bad extents from position `at` on. */
+interface BadCase extends Case {
+  /** Position of the first extent past the end, in the map as given. */
+  at: number;
+}
+
+const badCaseArb: fc.Arbitrary<BadCase> = caseArb.chain((c) =>
+  fc
+    .record({
+      at: fc.nat({ max: c.extents.length }),
+      first: pastEndArb(c.diskSize),
+      // Later extents, good or bad: only the first bad one is named.
+      rest: fc.array(
+        fc.oneof(pastEndArb(c.diskSize), fc.constantFrom(...c.extents, { offset: 0, length: 0 })),
+        {
+          maxLength: 5,
+        },
+      ),
+    })
+    .map(({ at, first, rest }) => ({
+      ...c,
+      at,
+      extents: [...c.extents.slice(0, at), first, ...c.extents.slice(at), ...rest],
+    })),
+);
 
 /** Deterministic Fisher-Yates, so a failing shuffle replays from fast-check's seed. */
 function shuffled<T>(items: readonly T[], seed: number): T[] {
@@ -99,8 +165,7 @@ function shuffled<T>(items: readonly T[], seed: number): T[] {
 function expectedUnion(c: Case): Extent[] {
   const events: [number, number][] = [];
   for (const e of c.extents) {
-    // Wholly beyond the disk is dropped before widening: it must not drag the last block in.
-    if (e.length === 0 || e.offset >= c.diskSize) continue;
+    if (e.length === 0) continue;
     const start = Math.floor(e.offset / c.blockSize) * c.blockSize;
     const end = Math.min(Math.ceil((e.offset + e.length) / c.blockSize) * c.blockSize, c.diskSize);
     if (start >= end) continue;
@@ -139,7 +204,7 @@ function plan(c: Case, extents: readonly Extent[] = c.extents): Descriptor[] {
 }
 
 describe('cutting a change map into descriptors (properties)', () => {
-  it('covers exactly the block-aligned, clipped changed bytes', () => {
+  it('covers exactly the block-aligned changed bytes (the last block short on an odd-sized disk)', () => {
     fc.assert(
       fc.property(caseArb, (c) => {
         // Prepare
@@ -256,6 +321,44 @@ describe('cutting a change map into descriptors (properties)', () => {
     );
   });
 
+  it('accepts every map that stays inside the disk, extents ending exactly at its end included', () => {
+    fc.assert(
+      fc.property(caseArb, (c) => {
+        // Act
+        const act = () => [...planDescriptors(c.extents, { ...c, disk: 'd0' })];
+        // Assess
+        expect(act).not.toThrow();
+      }),
+      { numRuns: RUNS },
+    );
+  });
+
+  it('refuses a map with any extent past the end of the disk, naming the disk and the first such extent', () => {
+    fc.assert(
+      fc.property(badCaseArb, (c) => {
+        // Prepare
+        const first = c.extents[c.at]!;
+        // Act: planning is eager, so nothing is cut (or sent) from a map that is refused.
+        let thrown: unknown;
+        try {
+          planDescriptors(c.extents, { ...c, disk: 'd0' });
+        } catch (err) {
+          thrown = err;
+        }
+        // Assess
+        expect(thrown).toBeInstanceOf(ChangeMapError);
+        expect(thrown).toMatchObject({ disk: 'd0', offset: first.offset });
+        const message = (thrown as Error).message;
+        expect(message).toContain(
+          `disk d0: entry ${c.at} at offset ${first.offset} with length ${first.length}`,
+        );
+        expect(message).toContain(`past the end of the disk (${c.diskSize} bytes)`);
+        expect(message).not.toContain('\n');
+      }),
+      { numRuns: RUNS },
+    );
+  });
+
   it('numbers descriptors densely from startSeq', () => {
     fc.assert(
       fc.property(caseArb, (c) => {
@@ -270,14 +373,14 @@ describe('cutting a change map into descriptors (properties)', () => {
 });
 
 describe('normalizeExtents', () => {
-  it('widens to blocks, clips to the disk and merges overlapping and touching extents', () => {
+  it('widens to blocks, keeps the short last block and merges overlapping and touching extents', () => {
     // Prepare: a 10 KiB disk (its last 4 KiB block is 2 KiB short) and a messy map.
     const extents: Extent[] = [
-      { offset: 9 * KiB, length: 4 * KiB }, // crosses the end of the disk
+      { offset: 9 * KiB, length: KiB }, // ends exactly at the end: widened to the short last block
       { offset: 100, length: 10 }, // widened to block 0
       { offset: 4 * KiB, length: 0 }, // empty: dropped, not widened
       { offset: 4 * KiB - 1, length: 1 }, // touches block 0 once widened
-      { offset: 20 * KiB, length: KiB }, // wholly beyond the disk
+      { offset: 10 * KiB, length: 0 }, // empty at the very end: dropped, not refused
     ];
     // Act
     const normalized = normalizeExtents(extents, { diskSize: 10 * KiB, blockSize: 4 * KiB });
@@ -289,13 +392,84 @@ describe('normalizeExtents', () => {
     expect(summarizeExtents(normalized)).toEqual({ extents: 2, bytes: 6 * KiB });
   });
 
-  it('drops a change wholly beyond the disk rather than widening it into the short last block', () => {
-    // Prepare: a 10 KiB disk whose last 4 KiB block is [8 KiB, 10 KiB).
-    const beyond = [{ offset: 10 * KiB, length: KiB }];
+  it('refuses an extent far beyond the disk (a map for another disk), naming disk, position, offset, length and size', () => {
+    // Prepare: the case seen in the field: offset 10^15 on a 64 MiB disk.
+    const extents = [
+      { offset: 0, length: 4 * KiB },
+      { offset: 10 ** 15, length: 4 * KiB },
+    ];
     // Act
-    const normalized = normalizeExtents(beyond, { diskSize: 10 * KiB, blockSize: 4 * KiB });
+    const act = () => normalizeExtents(extents, { diskSize: 64 * MiB, blockSize: 512, disk: 'db-data' });
     // Assess
-    expect(normalized).toEqual([]);
+    expect(act).toThrow(ChangeMapError);
+    expect(act).toThrow(
+      'change map of disk db-data: entry 1 at offset 1000000000000000 with length 4096 ends at ' +
+        '1000000000004096, past the end of the disk (67108864 bytes): the map is for another disk ' +
+        'or for this disk before a resize',
+    );
+    expect(act).toThrow(expect.objectContaining({ disk: 'db-data', offset: 10 ** 15 }));
+  });
+
+  it('refuses an extent that crosses the end of the disk (a map from before a resize) instead of cutting it', () => {
+    // Prepare: the disk shrank from 64 MiB to 60 MiB; the map still describes its old last blocks.
+    const extents = [
+      { offset: 8 * MiB, length: 4 * KiB },
+      { offset: 60 * MiB - 4 * KiB, length: 8 * KiB },
+    ];
+    // Act
+    const act = () => normalizeExtents(extents, { diskSize: 60 * MiB, blockSize: 512 * KiB, disk: 'os' });
+    // Assess
+    expect(act).toThrow(ChangeMapError);
+    expect(act).toThrow(
+      `disk os: entry 1 at offset ${60 * MiB - 4 * KiB} with length ${8 * KiB} ends at ${60 * MiB + 4 * KiB}, ` +
+        `past the end of the disk (${60 * MiB} bytes)`,
+    );
+  });
+
+  it('names the first extent past the end in the order given, not in offset order', () => {
+    // Prepare: two bad extents; the later one in the map has the lower offset.
+    const extents = [
+      { offset: 0, length: KiB },
+      { offset: 5 * MiB, length: KiB },
+      { offset: 2 * MiB, length: KiB },
+      { offset: 4 * MiB, length: 2 * MiB },
+    ];
+    // Act
+    const act = () => normalizeExtents(extents, { diskSize: 4 * MiB, blockSize: 4 * KiB, disk: 'd' });
+    // Assess
+    expect(act).toThrow(`disk d: entry 1 at offset ${5 * MiB} with length ${KiB}`);
+  });
+
+  it('counts positions in a streamed (iterable) map, as a source lister gives it', () => {
+    // Prepare
+    function* listed(): Generator<Extent> {
+      for (let i = 0; i < 5; i++) yield { offset: i * MiB, length: MiB };
+    }
+    // Act
+    const act = () => normalizeExtents(listed(), { diskSize: 4 * MiB, blockSize: 4 * KiB, disk: 'vol-1' });
+    // Assess
+    expect(act).toThrow(`disk vol-1: entry 4 at offset ${4 * MiB} with length ${MiB}`);
+  });
+
+  it('drops an empty extent at the end of the disk, and refuses one past it', () => {
+    // Prepare
+    const opts = { diskSize: 10 * KiB, blockSize: 4 * KiB, disk: 'd' };
+    // Act
+    const atEnd = normalizeExtents([{ offset: 10 * KiB, length: 0 }], opts);
+    const pastEnd = () => normalizeExtents([{ offset: 10 * KiB + 1, length: 0 }], opts);
+    // Assess
+    expect(atEnd).toEqual([]);
+    expect(pastEnd).toThrow(ChangeMapError);
+    expect(pastEnd).toThrow(`disk d: entry 0 at offset ${10 * KiB + 1} with length 0`);
+  });
+
+  it('refuses any non-empty extent on an empty disk', () => {
+    // Act
+    const act = () => normalizeExtents([{ offset: 0, length: 1 }], { diskSize: 0, blockSize: 512 });
+    // Assess
+    expect(act).toThrow(
+      'change map: entry 0 at offset 0 with length 1 ends at 1, past the end of the disk (0 bytes)',
+    );
   });
 
   it('names the disk and the offset when an offset is negative', () => {
@@ -428,6 +602,18 @@ describe('planDescriptors on a fragmented terabyte disk', () => {
     expect(descriptors).toHaveLength(count / 4);
     expect(descriptors.every((d) => d.extents.length === 4 && d.bytes === 16 * KiB)).toBe(true);
     expect(descriptors[1]).toMatchObject({ offset: MiB, length: 768 * KiB + 4 * KiB });
+  });
+
+  it('refuses a map past the end when it is called, before any descriptor is cut', () => {
+    // Prepare: the bad extent comes last, after many good ones.
+    const extents = Array.from({ length: 1000 }, (_, i) => ({ offset: i * MiB, length: 4 * KiB }));
+    extents.push({ offset: TiB - 4 * KiB, length: 8 * KiB });
+    // Act
+    const act = () =>
+      planDescriptors(extents, { diskSize: TiB, blockSize: 512 * KiB, chunkSize: MiB, disk: 'big' });
+    // Assess
+    expect(act).toThrow(ChangeMapError);
+    expect(act).toThrow(/disk big: entry 1000 at offset 1099511623680 with length 8192/);
   });
 
   it('refuses a chunk size that is not whole blocks', () => {
