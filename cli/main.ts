@@ -58,6 +58,9 @@ program
   .option('--json', 'print the result as JSON (no progress display)')
   .action(async (o) => {
     const spec = o.job ? await jobFromFile(o.job, o) : jobFromFlags(o);
+    // An older damaged entry does not stop a cycle, but the operator hears of it on every run.
+    const catalog = await new LocalStateStore(o.state).readCatalog(spec.set).catch(() => undefined);
+    for (const d of catalog?.damaged ?? []) err(damagedEntryWarning(d));
     const result = await runWithProgress(spec, o.state, Boolean(o.json));
     if (o.json) out(JSON.stringify(result, null, 2));
     else printSummary(result);
