@@ -7,6 +7,8 @@ export default defineConfig({
     testTimeout: 60_000,
     hookTimeout: 60_000,
     pool: 'forks',
+    // fast-check: a random seed per run unless FC_SEED is set (see the file for replaying a failure).
+    setupFiles: ['test/support/fast-check.setup.ts'],
     reporters: process.env.CI ? ['default'] : ['default'],
   },
 });
