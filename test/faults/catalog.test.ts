@@ -26,7 +26,7 @@ describe('a damaged checkpoint catalog entry', () => {
   faultCase(
     'oldest catalog entry emptied',
     'catalog/<set>/00000001.json truncated to 0 bytes, 3 checkpoints',
-    async (_ctx, row) => {
+    async (row) => {
       const set = await threeCheckpoints('cat-oldest', 41);
       const damaged = set.catalogFile(1);
       await truncate(damaged, 0);
@@ -61,7 +61,7 @@ describe('a damaged checkpoint catalog entry', () => {
   faultCase(
     'latest catalog entry truncated',
     'catalog/<set>/00000003.json cut in half (a torn write), then an incremental, then a full copy',
-    async (_ctx, row) => {
+    async (row) => {
       const set = await threeCheckpoints('cat-latest', 44);
       const damaged = set.catalogFile(3);
       const text = await readFile(damaged, 'utf8');

@@ -82,7 +82,7 @@ describe('kill -9 of the source process, timed from outside (nbdkit delay and ra
   faultCase(
     'kill mid-transfer, twice, then resume',
     'two SIGKILLs at successive durable progress records of one incremental',
-    async (_ctx, row) => {
+    async (row) => {
       // A resume that is itself killed: the second attempt must resume from the first one's record.
       const set = await FaultSet.create('kill-twice', { seed: 24, params: SLOW_PARAMS });
       await set.seed();

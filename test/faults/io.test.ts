@@ -12,7 +12,6 @@ import {
   MiB,
   mountSmall,
   NbdImage,
-  notRunnable,
   reportTable,
   type SmallMount,
   workdir,
@@ -33,7 +32,7 @@ describe('I/O errors at the source and the target', () => {
   faultCase(
     'source read errors',
     'nbdkit error filter: 1 % of NBD reads fail with EIO, a full copy then a fragmented incremental',
-    async (_ctx, row) => {
+    async (row) => {
       const set = await FaultSet.create('read-errors', {
         seed: 61,
         size: 32 * MiB,
@@ -76,10 +75,10 @@ describe('I/O errors at the source and the target', () => {
   faultCase(
     'target filesystem full during an incremental',
     'ENOSPC: 32 MiB filesystem, 24 MiB image, about 12 MiB of changes to stage; then grown to 96 MiB',
-    async (ctx, row) => {
+    async (row) => {
       const base = await workdir('enospc-inc');
       const mount = await mountSmall(join(base, 'small'), 32 * MiB);
-      if ('reason' in mount) return notRunnable(ctx, mount.reason);
+      if ('reason' in mount) return row.notRunnable(mount.reason);
       mounts.push(mount);
       row.note(mount.kind);
       const set = await FaultSet.create('enospc-inc', {
@@ -108,10 +107,10 @@ describe('I/O errors at the source and the target', () => {
   faultCase(
     'target filesystem full during a first full copy',
     'ENOSPC: 16 MiB filesystem, 24 MiB fully allocated disk; then grown to 64 MiB',
-    async (ctx, row) => {
+    async (row) => {
       const base = await workdir('enospc-full');
       const mount = await mountSmall(join(base, 'small'), 16 * MiB);
-      if ('reason' in mount) return notRunnable(ctx, mount.reason);
+      if ('reason' in mount) return row.notRunnable(mount.reason);
       mounts.push(mount);
       row.note(mount.kind);
       const set = await FaultSet.create('enospc-full', {

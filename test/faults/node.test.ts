@@ -7,6 +7,8 @@ import { describe, expect } from 'vitest';
 import { startWanLink, type WanLink } from '../../shared/netem/wan-link.ts';
 import {
   describeRun,
+  exists,
+  expectKilled,
   FaultSet,
   faultCase,
   NbdImage,
@@ -50,7 +52,7 @@ describe('a ferry serve node failing mid-transfer', () => {
   faultCase(
     'node killed mid-transfer',
     'ferry serve SIGKILLed at the first durable progress record, restarted on its port',
-    async (_ctx, row) => {
+    async (row) => {
       const dir = await workdir('node-kill');
       const images = join(dir, 'images');
       const nodeState = join(dir, 'node-state');
@@ -87,7 +89,7 @@ describe('a ferry serve node failing mid-transfer', () => {
   faultCase(
     'node killed mid-transfer, down until the source gives up',
     'ferry serve SIGKILLed at the first durable progress record, restarted after the run ended, rerun',
-    async (_ctx, row) => {
+    async (row) => {
       const dir = await workdir('node-down');
       const images = join(dir, 'images');
       const nodeState = join(dir, 'node-state');
@@ -122,9 +124,65 @@ describe('a ferry serve node failing mid-transfer', () => {
   );
 
   faultCase(
+    'source killed during commit of disk 1 of 2 on a node',
+    'SIGKILL of ferry replicate at "commit:0", two disks on one ferry serve node',
+    async () => {
+      const dir = await workdir('node-commit');
+      const images = join(dir, 'images');
+      const node = await startServe({ images, state: join(dir, 'node-state') });
+      const set = await FaultSet.create('node-commit', {
+        disks: ['os', 'data'],
+        seed: 54,
+        node: { address: node.address, images },
+      });
+      try {
+        await set.seed();
+        await set.mutate(54);
+        const run = await set.replicate({ crashAt: 'commit:0' });
+        expectKilled(run, 'commit:0');
+        return await set.checkContract(run);
+      } finally {
+        await node.stop();
+        await set.remove();
+      }
+    },
+  );
+
+  faultCase(
+    'two disks on one node disk',
+    'job: disks alpha and beta both -> ferry://NODE/shared, no checkpoint yet',
+    async (row) => {
+      const dir = await workdir('node-one-target');
+      const images = join(dir, 'images');
+      const node = await startServe({ images, state: join(dir, 'node-state') });
+      const set = await FaultSet.create('node-one-target', {
+        disks: ['alpha', 'beta'],
+        seed: 55,
+        node: { address: node.address, images },
+      });
+      try {
+        for (const d of set.disks) d.target = `ferry://${node.address}/shared`;
+        const run = await set.replicate();
+        expect(run.signal, describeRun(run)).toBeNull();
+        expect(run.code, `must be refused: ${describeRun(run)}`).not.toBe(0);
+        expect(run.stderr, 'the refusal names both disks').toMatch(
+          /\balpha\b[^\n]*\bbeta\b|\bbeta\b[^\n]*\balpha\b/,
+        );
+        row.note(`exit ${run.code}: ${run.stderr.trim().split('\n').at(-1)?.slice(0, 90)}`);
+        expect(await exists(join(images, 'shared')), 'the refused job must not create the image').toBe(false);
+        expect((await set.checkpoints()).ids).toEqual([]);
+        return 'refused naming both disks, nothing written or published';
+      } finally {
+        await node.stop();
+        await set.remove();
+      }
+    },
+  );
+
+  faultCase(
     'connections dropped mid-chunk',
     'every source-node connection cut by the proxy mid-chunk (8 Mbit/s link), link back after 0.5 s',
-    async (_ctx, row) => {
+    async (row) => {
       const dir = await workdir('link-cut');
       const images = join(dir, 'images');
       await mkdir(images, { recursive: true });

@@ -38,7 +38,7 @@ describe('jobs refused at planning', () => {
     faultCase(
       bad.name,
       `extent {offset: ${bad.extent.offset}, length: ${bad.extent.length}} on a 16 MiB disk, then the right map`,
-      async (_ctx, row) => {
+      async (row) => {
         const set = await FaultSet.create(bad.name.replaceAll(' ', '-'), { seed: 71 });
         await set.seed();
         await set.mutate(71);
@@ -64,7 +64,7 @@ describe('jobs refused at planning', () => {
   faultCase(
     'two disks on one target, first copy',
     'job: disks alpha and beta both -> file:DIR/shared.img, no checkpoint yet',
-    async (_ctx, row) => {
+    async (row) => {
       const set = await FaultSet.create('one-target-full', { disks: ['alpha', 'beta'], seed: 72 });
       const shared = join(set.dir, 'replica', 'shared.img');
       for (const d of set.disks) d.target = `file:${shared}`;
@@ -82,7 +82,7 @@ describe('jobs refused at planning', () => {
     faultCase(
       `two disks on one target, incremental (${alias})`,
       `alpha -> X and beta -> X (${alias}) with change maps, after a checkpoint of alpha -> X, beta -> Y`,
-      async (_ctx, row) => {
+      async (row) => {
         const name = `one-target-${alias.replaceAll(' ', '-')}`;
         const set = await FaultSet.create(name, { disks: ['alpha', 'beta'], seed: 73 });
         await set.seed();
@@ -117,7 +117,7 @@ describe('jobs refused at planning', () => {
   faultCase(
     'target is the source',
     '--source file:X --target file:X, and the same through a symlink',
-    async (_ctx, row) => {
+    async (row) => {
       const set = await FaultSet.create('source-is-target', { seed: 74 });
       const d = set.disks[0]!;
       const pristine = join(set.dir, 'pristine.img');

@@ -50,7 +50,7 @@ async function requireStaging(staging: string): Promise<void> {
 describe('damaged resume state after kill -9 mid-incremental', () => {
   reportTable('damaged resume state after kill -9 mid-incremental');
 
-  faultCase('lost staging file', 'kill -9 mid-incremental, <target>.ferry-staging deleted', (_ctx, row) =>
+  faultCase('lost staging file', 'kill -9 mid-incremental, <target>.ferry-staging deleted', (row) =>
     killThenDamage(
       'lost-staging',
       31,
@@ -66,7 +66,7 @@ describe('damaged resume state after kill -9 mid-incremental', () => {
   faultCase(
     'truncated staging file',
     'kill -9 mid-incremental, staging cut just past the first staged block',
-    (_ctx, row) =>
+    (row) =>
       killThenDamage(
         'cut-staging',
         32,
@@ -83,7 +83,7 @@ describe('damaged resume state after kill -9 mid-incremental', () => {
   faultCase(
     'altered staging file',
     'kill -9 mid-incremental, one byte of an already staged chunk flipped',
-    (_ctx, row) =>
+    (row) =>
       killThenDamage(
         'flip-staging',
         33,
@@ -109,7 +109,7 @@ describe('damaged resume state after kill -9 mid-incremental', () => {
   faultCase(
     'lost progress record',
     'kill -9 mid-incremental, state/progress/<set>/<disk>.json deleted',
-    (_ctx, row) =>
+    (row) =>
       killThenDamage(
         'lost-progress',
         34,
