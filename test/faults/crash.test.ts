@@ -1,8 +1,18 @@
 // Fault matrix: the source process (`ferry replicate`) killed with SIGKILL at named points of a
 // cycle, through the engine's crash hook FERRY_TEST_CRASH_AT (deterministic: no timing involved).
 // Two-disk sets, so "during commit of disk 1 of 2" is a real state: one disk applied, one not.
+import { join } from 'node:path';
 import { describe, expect } from 'vitest';
-import { describeRun, expectKilled, FaultSet, faultCase, ferry, reportTable } from './support.ts';
+import {
+  describeRun,
+  expectKilled,
+  FaultSet,
+  faultCase,
+  ferry,
+  NbdImage,
+  reportTable,
+  SLOW_PARAMS,
+} from './support.ts';
 
 const TWO_DISKS = { disks: ['os', 'data'], size: 16 * 1024 * 1024 } as const;
 
@@ -111,6 +121,100 @@ describe('kill -9 of the source process at named points (FERRY_TEST_CRASH_AT)', 
       row.note(`then ${set.published.at(-1)} published bit-exact and verified`);
       await set.remove();
       return 'published bit-exact';
+    },
+  );
+
+  faultCase(
+    'crash during commit, then again in the rerun',
+    'SIGKILL at "commit:0"; the rerun (which first rolls back) SIGKILLed at "commit:1"; then a rerun',
+    async () => {
+      // Recovery must itself survive a crash right after it: the rerun recovers, commits again, dies.
+      const set = await incrementalSet('crash-twice', 20);
+      const first = await set.replicate({ crashAt: 'commit:0' });
+      expectKilled(first, 'commit:0');
+      const second = await set.replicate({ crashAt: 'commit:1' });
+      expectKilled(second, 'commit:1');
+      const outcome = await set.checkContract(second);
+      await set.remove();
+      return outcome;
+    },
+  );
+
+  faultCase(
+    'SIGTERM mid-transfer',
+    'ferry replicate asked to stop (SIGTERM) at its first durable progress record',
+    async (row) => {
+      // The graceful path: an operator's Ctrl-C or a service manager stopping the run.
+      const set = await incrementalSet('sigterm', 21);
+      set.params = [...SLOW_PARAMS];
+      const d = set.disks[0]!;
+      const nbd = await NbdImage.start(d.source, join(set.dir, 'src.sock'), { rate: '4M' });
+      try {
+        d.sourceUri = nbd.uri;
+        const saved = set.progressSaved();
+        let signalled = false;
+        const run = await set.replicate({
+          onSpawn: (child) => {
+            const poll = setInterval(async () => {
+              if (!signalled && (await saved())) {
+                signalled = true;
+                clearInterval(poll);
+                child.kill('SIGTERM');
+              }
+            }, 10);
+            child.once('close', () => clearInterval(poll));
+          },
+        });
+        expect(signalled, `the run ended before it could be stopped: ${describeRun(run)}`).toBe(true);
+        expect(run.signal, 'the CLI handles SIGTERM itself and exits').toBeNull();
+        row.note(`exit ${run.code}: ${run.stderr.trim().split('\n').at(-1)?.slice(0, 80)}`);
+        await nbd.restart();
+        const outcome = await set.checkContract(run);
+        await set.remove();
+        return outcome;
+      } finally {
+        await nbd.stop();
+      }
+    },
+  );
+
+  faultCase(
+    'two runs of one set at once',
+    'the same replicate command started twice concurrently (an overlapping schedule)',
+    async (row) => {
+      const set = await incrementalSet('overlap', 22);
+      set.params = [...SLOW_PARAMS];
+      const nbds = await Promise.all(
+        set.disks.map((d) => NbdImage.start(d.source, join(set.dir, `${d.id}.sock`), { rate: '8M' })),
+      );
+      try {
+        set.disks.forEach((d, i) => {
+          d.sourceUri = nbds[i]!.uri;
+        });
+        await set.writeJob();
+        const [a, b] = await Promise.all([ferry(set.replicateArgs()), ferry(set.replicateArgs())]);
+        const loser = [a, b].find((r) => r.code !== 0);
+        row.note(
+          `exits ${a.code} and ${b.code}${loser ? `: ${loser.stderr.trim().split('\n').at(-1)?.slice(0, 90)}` : ''}`,
+        );
+        const listing = await set.checkpoints();
+        const fresh = listing.ids.filter((id) => !set.published.includes(id));
+        expect(
+          fresh.length,
+          `at most one of two overlapping runs publishes: ${fresh.join(', ')}`,
+        ).toBeLessThanOrEqual(1);
+        // Both may say they published it (the same checkpoint): the contract is about what is on
+        // disk, and that is checked below; a run that fails must fail cleanly.
+        for (const r of [a, b]) if (r.code !== 0) expect(r.stderr, describeRun(r)).toMatch(/^ferry: \S/m);
+        await Promise.all(nbds.map((n) => n.restart()));
+        // Whichever finished: the contract holds for the pair (a success published bit-exact, or
+        // nothing was and the previous checkpoint holds and a rerun completes).
+        const outcome = await set.checkContract(a.code === 0 ? a : b);
+        await set.remove();
+        return outcome;
+      } finally {
+        await Promise.all(nbds.map((n) => n.stop()));
+      }
     },
   );
 });

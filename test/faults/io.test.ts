@@ -3,6 +3,7 @@
 // up (a small tmpfs, or a loop-mounted ext4 where tmpfs cannot be mounted): ENOSPC fails the run
 // with the cause named, the previous checkpoint survives, and the rerun after space is freed
 // publishes bit-exact.
+import { open, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, describe, expect } from 'vitest';
 import {
@@ -133,4 +134,54 @@ describe('I/O errors at the source and the target', () => {
       return outcome;
     },
   );
+
+  faultCase(
+    'state directory full during an incremental',
+    'ENOSPC: the state directory (progress, catalog) on a full 1 MiB filesystem; then space freed',
+    async (row) => {
+      const base = await workdir('enospc-state');
+      const mount = await mountSmall(join(base, 'state'), MiB);
+      if ('reason' in mount) return row.notRunnable(mount.reason);
+      mounts.push(mount);
+      row.note(mount.kind);
+      const set = await FaultSet.create('enospc-state', { seed: 64, stateDir: mount.dir });
+      await set.seed();
+      await set.mutate(64);
+      const filler = join(mount.dir, 'filler');
+      await fill(filler);
+      const run = await set.replicate();
+      expect(run.code, `the run cannot save its state: ${describeRun(run)}`).not.toBe(0);
+      expect(run.stderr, 'the error names the cause').toMatch(/ENOSPC|no space/i);
+      const outcome = await set.checkContract(run, {
+        rerun: async () => {
+          await rm(filler);
+          return set.replicate();
+        },
+      });
+      await set.remove();
+      return outcome;
+    },
+  );
 });
+
+/** Fills the filesystem holding `path` with one file, to the last byte it accepts. */
+async function fill(path: string): Promise<void> {
+  const fh = await open(path, 'w');
+  try {
+    const block = Buffer.alloc(4096, 0x5a);
+    for (;;) {
+      try {
+        await fh.write(block);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ENOSPC') break;
+        throw err;
+      }
+    }
+    // A partial block may still fit; then nothing does.
+    for (let size = 2048; size >= 1; size = Math.floor(size / 2)) {
+      await fh.write(block.subarray(0, size)).catch(() => undefined);
+    }
+  } finally {
+    await fh.close();
+  }
+}

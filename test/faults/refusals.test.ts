@@ -3,7 +3,7 @@
 // paths are spelled differently), a target that is the source itself. Nothing is published, the
 // previous checkpoint still verifies and its images are untouched, and the corrected job then
 // publishes bit-exact.
-import { copyFile, symlink, writeFile } from 'node:fs/promises';
+import { copyFile, symlink, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect } from 'vitest';
 import {
@@ -148,4 +148,32 @@ describe('jobs refused at planning', () => {
       return 'refused naming the disk, source untouched, nothing published';
     },
   );
+
+  for (const resize of [
+    { name: 'grown', size: 24 * MiB },
+    { name: 'shrunk', size: 8 * MiB },
+  ]) {
+    faultCase(
+      `disk ${resize.name} since the last checkpoint`,
+      `16 MiB disk ${resize.name} to ${resize.size / MiB} MiB, incremental with a map inside it; then a full copy`,
+      async (row) => {
+        const set = await FaultSet.create(`resized-${resize.name}`, { seed: 75 });
+        await set.seed();
+        const d = set.disks[0]!;
+        await set.mutate(75, { size: Math.min(set.size, resize.size), smallWrites: 50, largeWrites: 1 });
+        await truncate(d.source, resize.size);
+        const run = await set.replicate();
+        expectRefused(run, [/disk d0\b|d0\.img/]);
+        row.note(exitNote(run));
+        const outcome = await set.checkContract(run, {
+          rerun: () => {
+            d.changed = undefined;
+            return set.replicate();
+          },
+        });
+        await set.remove();
+        return outcome.replace('rerun', 'full copy');
+      },
+    );
+  }
 });

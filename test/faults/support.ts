@@ -377,6 +377,8 @@ export interface FaultSetOptions {
   readonly seed?: number;
   /** Share of the disk holding data (the rest are holes). */
   readonly allocated?: number;
+  /** The state directory (default <dir>/state); a mount point for ENOSPC. */
+  readonly stateDir?: string;
   /** Where the replicas live (default <dir>/replica); a mount point for ENOSPC. */
   readonly replicaDir?: string;
   /** Replicate to a `ferry serve` node: its address and its image directory. */
@@ -426,8 +428,9 @@ export class FaultSet {
     readonly size: number,
     disks: FaultDisk[],
     params: string[],
+    state: string | undefined,
   ) {
-    this.state = join(dir, 'state');
+    this.state = state ?? join(dir, 'state');
     this.job = join(dir, 'job.json');
     this.disks = disks;
     this.params = params;
@@ -459,7 +462,7 @@ export class FaultSet {
         shadow: join(dir, 'shadow', `${id}.img`),
       });
     }
-    return new FaultSet(dir, name, size, disks, [...(opts.params ?? DEFAULT_PARAMS)]);
+    return new FaultSet(dir, name, size, disks, [...(opts.params ?? DEFAULT_PARAMS)], opts.stateDir);
   }
 
   disk(id: string): FaultDisk {
