@@ -3,7 +3,7 @@
 // A target with chunk-dependent latency (virtual time) makes completions arrive out of order, so chunks
 // above an unfinished one are complete when saves are taken; none of them may be counted.
 import { describe, expect, it } from 'vitest';
-import { DEFAULT_PARAMS, type ReplicationParams } from '../../shared/engine/config.ts';
+import { resolveParams } from '../../shared/engine/config.ts';
 import type { Descriptor } from '../../shared/engine/descriptors.ts';
 import { TransferError } from '../../shared/engine/errors.ts';
 import type { Extent } from '../../shared/engine/extents.ts';
@@ -23,7 +23,8 @@ import {
 import { VirtualClock } from '../support/virtual-clock.ts';
 
 const BLOCK = 4096;
-const params = (over: Partial<ReplicationParams> = {}): ReplicationParams => ({ ...DEFAULT_PARAMS, ...over });
+/** Parameters as an operator's settings resolve them: a checkpoint interval is at least one chunk. */
+const params = (settings: Record<string, unknown>) => resolveParams(settings, { targetBlockSize: BLOCK });
 
 /** Latency that varies by chunk and is not periodic: 1 to 37 ms, every seventh chunk 60 ms. */
 const jagged = (d: Descriptor): number => (d.seq % 7 === 3 ? 60 : 1 + ((d.seq * 13) % 37));
@@ -60,7 +61,7 @@ describe('durable progress saves under out-of-order completions', () => {
     const target = new VaryingLatencyTarget(clock, jagged, { blockSize: BLOCK });
     // Each save records which writes had finished when it was taken.
     const state = new RecordingStateStore(() => [...target.finished]);
-    const chunks = expectedChunks(data, allocated, { blockSize: BLOCK, chunkSize: MiB });
+    const chunks = expectedChunks(data, allocated, { blockSize: BLOCK, chunkSize: 256 * KiB });
     expect(new Set(chunks.map((c) => c.bytes)).size).toBeGreaterThan(3);
 
     // Act
@@ -70,7 +71,12 @@ describe('durable progress saves under out-of-order completions', () => {
         disks: [
           { id: 'd', source: new MemorySource(data, 'mem:frag', allocated), target, changed: undefined },
         ],
-        params: params({ adaptive: false, window: 8 * MiB, checkpointInterval: 512 * KiB }),
+        params: params({
+          chunkSize: '256 KiB',
+          window: '2 MiB',
+          checkpointInterval: '256 KiB',
+          adaptive: false,
+        }),
       },
       { clock, random: () => 0.5, state },
     );
@@ -105,12 +111,21 @@ describe('durable progress saves under out-of-order completions', () => {
       target.image = new Uint8Array(data.length); // the base the increment applies to
       targets.set(id, target);
       disks.push({ id, source: new MemorySource(data), target, changed });
-      expected.set(id, expectedChunks(data, changed, { blockSize: BLOCK, chunkSize: MiB }));
+      expected.set(id, expectedChunks(data, changed, { blockSize: BLOCK, chunkSize: 128 * KiB }));
     }
 
     // Act
     await replicate(
-      { set: 's', disks, params: params({ adaptive: false, window: 4 * MiB, checkpointInterval: 64 * KiB }) },
+      {
+        set: 's',
+        disks,
+        params: params({
+          chunkSize: '128 KiB',
+          window: '1 MiB',
+          checkpointInterval: '128 KiB',
+          adaptive: false,
+        }),
+      },
       { clock, random: () => 0.5, state },
     );
 
@@ -145,7 +160,7 @@ describe('durable progress saves under out-of-order completions', () => {
     const job = {
       set: 's',
       disks: [{ id: 'd', source: new MemorySource(data), target, changed: undefined }],
-      params: params({ adaptive: false, window: 8 * MiB, checkpointInterval: MiB }),
+      params: params({ chunkSize: '1 MiB', window: '8 MiB', checkpointInterval: '1 MiB', adaptive: false }),
     };
     const ports = { clock, random: () => 0.5, state };
     await expect(replicate(job, ports)).rejects.toThrow(/node lost power/);
