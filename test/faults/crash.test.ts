@@ -177,44 +177,4 @@ describe('kill -9 of the source process at named points (FERRY_TEST_CRASH_AT)', 
       }
     },
   );
-
-  faultCase(
-    'two runs of one set at once',
-    'the same replicate command started twice concurrently (an overlapping schedule)',
-    async (row) => {
-      const set = await incrementalSet('overlap', 22);
-      set.params = [...SLOW_PARAMS];
-      const nbds = await Promise.all(
-        set.disks.map((d) => NbdImage.start(d.source, join(set.dir, `${d.id}.sock`), { rate: '8M' })),
-      );
-      try {
-        set.disks.forEach((d, i) => {
-          d.sourceUri = nbds[i]!.uri;
-        });
-        await set.writeJob();
-        const [a, b] = await Promise.all([ferry(set.replicateArgs()), ferry(set.replicateArgs())]);
-        const loser = [a, b].find((r) => r.code !== 0);
-        row.note(
-          `exits ${a.code} and ${b.code}${loser ? `: ${loser.stderr.trim().split('\n').at(-1)?.slice(0, 90)}` : ''}`,
-        );
-        const listing = await set.checkpoints();
-        const fresh = listing.ids.filter((id) => !set.published.includes(id));
-        expect(
-          fresh.length,
-          `at most one of two overlapping runs publishes: ${fresh.join(', ')}`,
-        ).toBeLessThanOrEqual(1);
-        // Both may say they published it (the same checkpoint): the contract is about what is on
-        // disk, and that is checked below; a run that fails must fail cleanly.
-        for (const r of [a, b]) if (r.code !== 0) expect(r.stderr, describeRun(r)).toMatch(/^ferry: \S/m);
-        await Promise.all(nbds.map((n) => n.restart()));
-        // Whichever finished: the contract holds for the pair (a success published bit-exact, or
-        // nothing was and the previous checkpoint holds and a rerun completes).
-        const outcome = await set.checkContract(a.code === 0 ? a : b);
-        await set.remove();
-        return outcome;
-      } finally {
-        await Promise.all(nbds.map((n) => n.stop()));
-      }
-    },
-  );
 });

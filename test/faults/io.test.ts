@@ -18,10 +18,14 @@ import {
   workdir,
 } from './support.ts';
 
-const mounts: SmallMount[] = [];
+/** Mounted filesystems and the directories holding them: unmounted and removed after the cases. */
+const mounts: { mount: SmallMount; base: string }[] = [];
 
 afterAll(async () => {
-  for (const m of mounts) await m.unmount();
+  for (const { mount, base } of mounts) {
+    await mount.unmount();
+    await rm(base, { recursive: true, force: true });
+  }
 });
 
 /** Read retries the run reported (plain output prints one line per retry). */
@@ -80,7 +84,7 @@ describe('I/O errors at the source and the target', () => {
       const base = await workdir('enospc-inc');
       const mount = await mountSmall(join(base, 'small'), 32 * MiB);
       if ('reason' in mount) return row.notRunnable(mount.reason);
-      mounts.push(mount);
+      mounts.push({ mount, base });
       row.note(mount.kind);
       const set = await FaultSet.create('enospc-inc', {
         seed: 62,
@@ -112,7 +116,7 @@ describe('I/O errors at the source and the target', () => {
       const base = await workdir('enospc-full');
       const mount = await mountSmall(join(base, 'small'), 16 * MiB);
       if ('reason' in mount) return row.notRunnable(mount.reason);
-      mounts.push(mount);
+      mounts.push({ mount, base });
       row.note(mount.kind);
       const set = await FaultSet.create('enospc-full', {
         seed: 63,
@@ -142,7 +146,7 @@ describe('I/O errors at the source and the target', () => {
       const base = await workdir('enospc-state');
       const mount = await mountSmall(join(base, 'state'), MiB);
       if ('reason' in mount) return row.notRunnable(mount.reason);
-      mounts.push(mount);
+      mounts.push({ mount, base });
       row.note(mount.kind);
       const set = await FaultSet.create('enospc-state', { seed: 64, stateDir: mount.dir });
       await set.seed();

@@ -1,7 +1,7 @@
 // Fault matrix: replication toward a real `ferry serve` node, and the node or the network failing
 // mid-transfer: the node killed with SIGKILL (then restarted on the same port), and every
 // connection cut mid-chunk by a user-space proxy in between (then let through again).
-import { mkdir } from 'node:fs/promises';
+import { mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect } from 'vitest';
 import { startWanLink, type WanLink } from '../../shared/netem/wan-link.ts';
@@ -82,6 +82,7 @@ describe('a ferry serve node failing mid-transfer', () => {
         await nbd.stop();
         await node.stop();
         await set.remove();
+        await rm(dir, { recursive: true, force: true });
       }
     },
   );
@@ -118,6 +119,7 @@ describe('a ferry serve node failing mid-transfer', () => {
         await nbd.stop();
         await node.stop();
         await set.remove();
+        await rm(dir, { recursive: true, force: true });
       }
     },
     180_000,
@@ -144,6 +146,7 @@ describe('a ferry serve node failing mid-transfer', () => {
       } finally {
         await node.stop();
         await set.remove();
+        await rm(dir, { recursive: true, force: true });
       }
     },
   );
@@ -175,6 +178,7 @@ describe('a ferry serve node failing mid-transfer', () => {
       } finally {
         await node.stop();
         await set.remove();
+        await rm(dir, { recursive: true, force: true });
       }
     },
   );
@@ -228,6 +232,7 @@ describe('a ferry serve node failing mid-transfer', () => {
         await link.close();
         await node.stop();
         await set.remove();
+        await rm(dir, { recursive: true, force: true });
       }
     },
   );
