@@ -13,6 +13,7 @@ import { isValidName, NAME_RULE } from '../engine/names.ts';
 import type { CopyKind } from '../engine/ports.ts';
 import { formatBytes } from '../engine/units.ts';
 import { FILE_TARGET_BLOCK_SIZE, FileTarget } from '../local/file-target.ts';
+import { INSECURE_PEER, type PeerIdentity } from './peer.ts';
 import {
   type ChunkMeta,
   diskNameProblem,
@@ -221,6 +222,8 @@ class Conn {
     readonly id: number,
     readonly socket: net.Socket,
     readonly peer: string,
+    /** The credential the connection authenticated with (TLS), or INSECURE_PEER. */
+    readonly identity: PeerIdentity = INSECURE_PEER,
   ) {}
 
   get where(): string {
