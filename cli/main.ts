@@ -7,11 +7,17 @@ import { checkName } from '../shared/engine/names.ts';
 import type { ReplicationResult } from '../shared/engine/replicate.ts';
 import { formatBytes, parseSize } from '../shared/engine/units.ts';
 import { verifyFileImage } from '../shared/local/file-target.ts';
-import { type JobSpec, parseJobSpec, recoverLocalSet, runLocalJob } from '../shared/local/run.ts';
+import {
+  type JobSpec,
+  parseJobSpec,
+  recoverLocked,
+  runLocalJob,
+  withSetLocked,
+} from '../shared/local/run.ts';
 import { type DamagedEntry, LocalStateStore } from '../shared/local/state-dir.ts';
 import { filePath } from '../shared/local/uris.ts';
 import { runDemo } from './demo.ts';
-import { createReporter } from './progress.ts';
+import { createReporter, describeRecovery } from './progress.ts';
 
 const DEFAULT_STATE_DIR = '.ferry';
 
@@ -101,32 +107,42 @@ program
   .option('--json', 'print as JSON')
   .action(async (o) => {
     const set = checkName('set', o.set, '--set');
-    // The images are the latest checkpoint's only once a commit a crash interrupted is undone.
-    await recoverLocalSet(set, o.state, (e) => {
-      if (e.type === 'recovered') {
-        err(
-          e.action === 'rolled-back'
-            ? `ferry: rolled back the interrupted commit of ${e.cycleId} (${e.disks} disk(s)) to the last checkpoint`
-            : `ferry: finished the clean-up of ${e.cycleId}, published before a crash`,
-        );
+    // Held throughout: no run of the set may commit while its images are being checked.
+    const { cp, reports } = await withSetLocked(set, o.state, async (store) => {
+      // The images are the latest checkpoint's only once a commit a crash interrupted is undone.
+      await recoverLocked(store, set, (e) => {
+        if (e.type === 'recovered') err(`ferry: ${describeRecovery(e)}`);
+      });
+      for (const d of (await store.readCatalog(set)).damaged) err(damagedEntryWarning(d));
+      const cp = await store.latestCheckpoint(set);
+      if (!cp) throw new ConfigError(`no checkpoint for set "${set}" in ${o.state}`, { setting: 'set' });
+      const reports = [];
+      for (const d of cp.disks) {
+        if (!d.target.startsWith('file:')) {
+          reports.push({
+            disk: d.disk,
+            target: d.target,
+            ok: false,
+            regions: 0,
+            mismatches: [],
+            unchecked: true,
+          });
+          continue;
+        }
+        const report = await verifyFileImage(filePath(d.target, 'target'), d.targetRef);
+        reports.push({ disk: d.disk, target: d.target, ...report, unchecked: false });
       }
+      return { cp, reports };
     });
-    const store = new LocalStateStore(o.state);
-    for (const d of (await store.readCatalog(set)).damaged) err(damagedEntryWarning(d));
-    const cp = await store.latestCheckpoint(set);
-    if (!cp) throw new ConfigError(`no checkpoint for set "${set}" in ${o.state}`, { setting: 'set' });
-    const reports = [];
-    for (const d of cp.disks) {
-      const report = await verifyFileImage(filePath(d.target, 'target'), d.targetRef);
-      reports.push({ disk: d.disk, target: d.target, ...report });
-    }
     if (o.json) out(JSON.stringify({ checkpoint: cp.id, disks: reports }, null, 2));
     else {
       for (const r of reports) {
         out(
-          r.ok
-            ? `disk ${r.disk}: OK (${r.regions} regions match checkpoint ${cp.id})`
-            : `disk ${r.disk}: MISMATCH at offsets ${r.mismatches.join(', ') || '(manifest differs from checkpoint)'}`,
+          r.unchecked
+            ? `disk ${r.disk}: NOT CHECKED (${r.target} is a ferry node's replica; it cannot be re-hashed from here)`
+            : r.ok
+              ? `disk ${r.disk}: OK (${r.regions} regions match checkpoint ${cp.id})`
+              : `disk ${r.disk}: MISMATCH at offsets ${r.mismatches.join(', ') || '(manifest differs from checkpoint)'}`,
         );
       }
     }

@@ -56,6 +56,16 @@ export function barFields(disk: string, v: DiskView): Record<string, string> {
   };
 }
 
+/** What recovering an interrupted commit did, including the disks it could not reach. */
+export function describeRecovery(e: Extract<ReplicationEvent, { type: 'recovered' }>): string {
+  const done =
+    e.action === 'rolled-back'
+      ? `rolled back the interrupted commit of ${e.cycleId} on ${e.disks} disk(s) to the last checkpoint`
+      : `finished the clean-up of ${e.cycleId} (${e.disks} disk(s)), published before a crash`;
+  if (e.unsupported.length === 0) return done;
+  return `${done}; disk(s) ${e.unsupported.join(', ')} committed on a ferry node, which keeps its own state (not rolled back from here)`;
+}
+
 export function describeEvent(e: ReplicationEvent): string | undefined {
   switch (e.type) {
     case 'planned':
@@ -73,9 +83,7 @@ export function describeEvent(e: ReplicationEvent): string | undefined {
     case 'resume-refused':
       return `disk ${e.disk}: cannot resume (${e.reason}); the cycle starts over for this disk`;
     case 'recovered':
-      return e.action === 'rolled-back'
-        ? `rolled back the interrupted commit of ${e.cycleId} (${e.disks} disks): the last checkpoint is intact`
-        : `finished the clean-up of ${e.cycleId}, published before a crash`;
+      return describeRecovery(e);
     case 'rolled-back':
       return `commit of ${e.cycleId} failed (${e.reason}): every disk rolled back to the last checkpoint`;
     default:

@@ -74,7 +74,15 @@ export type ReplicationEvent =
   /** A resume was refused: the target no longer holds what the progress record vouched for. */
   | { type: 'resume-refused'; disk: string; reason: string }
   /** An interrupted commit of an earlier run was rolled back, or its clean-up finished. */
-  | { type: 'recovered'; cycleId: string; action: 'rolled-back' | 'completed'; disks: number }
+  | {
+      type: 'recovered';
+      cycleId: string;
+      action: 'rolled-back' | 'completed';
+      /** Disks whose targets were rolled back (or cleaned up). */
+      disks: number;
+      /** Disks whose targets cannot roll back (they commit elsewhere, e.g. on a node). */
+      unsupported: string[];
+    }
   | { type: 'rolled-back'; cycleId: string; reason: string };
 
 /**
@@ -355,23 +363,22 @@ export async function recoverCommit(set: string, ports: CommitPorts): Promise<vo
     return { disk, target: t };
   });
   const latest = await ports.state.latestCheckpoint(set);
-  if (latest?.id === intent.cycleId) {
-    await finishCommit(set, targets, ports);
-    ports.onEvent?.({
-      type: 'recovered',
-      cycleId: intent.cycleId,
-      action: 'completed',
-      disks: targets.length,
-    });
-    return;
+  const published = latest?.id === intent.cycleId;
+  const able = targets.filter(
+    ({ target }) => (published ? target.afterPublish : target.rollback) !== undefined,
+  );
+  const unsupported = targets.filter((t) => !able.includes(t)).map((t) => t.disk);
+  if (published) await finishCommit(set, targets, ports);
+  else {
+    for (const { target } of able) await target.rollback?.();
+    await ports.journal?.clear(set);
   }
-  for (const { target } of targets) await target.rollback?.();
-  await ports.journal?.clear(set);
   ports.onEvent?.({
     type: 'recovered',
     cycleId: intent.cycleId,
-    action: 'rolled-back',
-    disks: targets.length,
+    action: published ? 'completed' : 'rolled-back',
+    disks: able.length,
+    unsupported,
   });
 }
 

@@ -78,6 +78,8 @@ export async function runLocalJob(spec: JobSpec, opts: LocalRunOptions): Promise
   const state = new LocalStateStore(opts.stateDir);
   await state.checkWritable();
   await checkFiles(spec);
+  // One run of a set at a time, from recovering an interrupted commit to cleaning up after publishing.
+  const unlock = await state.lockSet(spec.set);
   try {
     // Every disk's source opens at once: an NBD handshake is several round trips, and over a WAN
     // link four disks opened one after another would wait four times as long before the first byte.
@@ -118,6 +120,7 @@ export async function runLocalJob(spec: JobSpec, opts: LocalRunOptions): Promise
     );
   } finally {
     await Promise.allSettled([...sources.map((s) => s.close()), ...targets.map((t) => t.close())]);
+    await unlock();
   }
 }
 
@@ -143,13 +146,38 @@ export async function recoverLocalSet(
   stateDir: string,
   onEvent?: (event: ReplicationEvent) => void,
 ): Promise<void> {
-  const state = new LocalStateStore(stateDir);
+  await withSetLocked(set, stateDir, (state) => recoverLocked(state, set, onEvent));
+}
+
+/** recoverLocalSet for a caller that holds the set's lock already (see withSetLocked). */
+export async function recoverLocked(
+  state: LocalStateStore,
+  set: string,
+  onEvent?: (event: ReplicationEvent) => void,
+): Promise<void> {
   await recoverCommit(set, {
     state,
     journal: state,
     reopenTarget: reopenForRecovery,
     ...(onEvent ? { onEvent } : {}),
   });
+}
+
+/** Runs `op` holding the set's lock (see LocalStateStore.lockSet): `ferry verify` uses it. */
+export async function withSetLocked<T>(
+  set: string,
+  stateDir: string,
+  op: (state: LocalStateStore) => Promise<T>,
+): Promise<T> {
+  const state = new LocalStateStore(stateDir);
+  // Nothing to lock in a state directory that does not exist (and verify must not create one).
+  if (!(await stat(stateDir).catch(() => undefined))) return op(state);
+  const unlock = await state.lockSet(set);
+  try {
+    return await op(state);
+  } finally {
+    await unlock();
+  }
 }
 
 /**

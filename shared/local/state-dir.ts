@@ -4,7 +4,9 @@
 //   <dir>/progress/<set>/<disk>.digests   32-byte chunk digests below the watermark, appended
 //   <dir>/catalog/<set>/<sequence>.json   published checkpoints, created exactly once (link)
 //   <dir>/commit/<set>.json               a commit under way (CommitJournal), until published or undone
+//   <dir>/locks/<set>.lock                the process that owns the set (replicate, verify) while it runs
 import { type FileHandle, link, mkdir, open, readdir, readFile, rename, rm } from 'node:fs/promises';
+import { hostname } from 'node:os';
 import { dirname, join } from 'node:path';
 import { z } from 'zod';
 import { CatalogError, errorMessage, FerryError } from '../engine/errors.ts';
@@ -248,6 +250,47 @@ export class LocalStateStore implements StateStore, CommitJournal {
     }
   }
 
+  /**
+   * Takes the set for this process until the returned release is called: one cycle, recovery or
+   * verify at a time, so recovery never rolls back a commit that a live run is still making. The
+   * lock is a file naming its owner (pid, host); one left by a process that died on this host is
+   * taken over, since a crashed run must not block the next one.
+   */
+  async lockSet(set: string): Promise<() => Promise<void>> {
+    const dir = join(this.dir, 'locks');
+    const path = join(dir, `${setName(set)}.lock`);
+    await mkdir(dir, { recursive: true });
+    const mine = JSON.stringify({ pid: process.pid, host: hostname(), since: new Date().toISOString() });
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await writeFileSynced(path, mine, 'wx');
+        return async () => {
+          if ((await readFile(path, 'utf8').catch(notFound)) === mine) await rm(path, { force: true });
+        };
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST' || attempt >= 5) throw err;
+      }
+      const held = await readFile(path, 'utf8').catch(notFound);
+      if (held === undefined) continue; // released meanwhile
+      const owner = parseOwner(held);
+      if (owner !== undefined && (owner.host !== hostname() || isAlive(owner.pid))) {
+        throw new FerryError(
+          `set ${set} is in use by process ${owner.pid} on ${owner.host} since ${owner.since} ` +
+            `(a replicate or verify of it is running); wait for it to finish. If no ferry process is ` +
+            `running there, remove ${path}`,
+          { setting: 'set' },
+        );
+      }
+      // A dead owner's lock (or an unreadable one): move it aside, and take over only if what was
+      // moved is the stale lock just read (another process may have broken it and locked first).
+      const aside = `${path}.stale-${process.pid}`;
+      await rename(path, aside).catch(notFound);
+      const moved = await readFile(aside, 'utf8').catch(notFound);
+      if (moved !== undefined && moved !== held) await link(aside, path).catch(() => {});
+      await rm(aside, { force: true });
+    }
+  }
+
   private intentPath(set: string): string {
     return join(this.dir, 'commit', `${setName(set)}.json`);
   }
@@ -281,8 +324,33 @@ function parseJson<T>(schema: z.ZodType<T>, text: string, path: string): T {
   return parsed.data;
 }
 
-async function writeFileSynced(path: string, text: string): Promise<void> {
-  const fh = await open(path, 'w');
+interface LockOwner {
+  readonly pid: number;
+  readonly host: string;
+  readonly since: string;
+}
+
+function parseOwner(text: string): LockOwner | undefined {
+  try {
+    const o = JSON.parse(text) as Partial<LockOwner>;
+    if (typeof o.pid === 'number' && typeof o.host === 'string') return { since: '?', ...o } as LockOwner;
+  } catch {
+    // unreadable: treated as stale (a lock is written whole with fsync, so only damage makes it so)
+  }
+  return undefined;
+}
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM'; // alive, owned by another user
+  }
+}
+
+async function writeFileSynced(path: string, text: string, flag = 'w'): Promise<void> {
+  const fh = await open(path, flag);
   try {
     await fh.writeFile(text);
     await fh.sync();

@@ -181,7 +181,9 @@ describe('a set commits as one', () => {
       // Assess: recovery (what `ferry verify` runs first) puts checkpoint #1 back.
       const events: ReplicationEvent[] = [];
       await recoverLocalSet('erp', w.state, (e) => events.push(e));
-      expect(events).toEqual([{ type: 'recovered', cycleId: 'erp#2', action: 'rolled-back', disks: 2 }]);
+      expect(events).toEqual([
+        { type: 'recovered', cycleId: 'erp#2', action: 'rolled-back', disks: 2, unsupported: [] },
+      ]);
       await expectReplicas(w, w.base, 1);
       await recoverLocalSet('erp', w.state); // idempotent: nothing left to do
       await runLocalJob(job(w, maps), { stateDir: w.state });
@@ -204,7 +206,9 @@ describe('a set commits as one', () => {
     // Published: the new images are in place; the manifest is installed by the recovery.
     const events: ReplicationEvent[] = [];
     await recoverLocalSet('erp', w.state, (e) => events.push(e));
-    expect(events).toEqual([{ type: 'recovered', cycleId: 'erp#2', action: 'completed', disks: 2 }]);
+    expect(events).toEqual([
+      { type: 'recovered', cycleId: 'erp#2', action: 'completed', disks: 2, unsupported: [] },
+    ]);
     await expectReplicas(w, w.src, 2);
     expect(await new LocalStateStore(w.state).loadProgress('erp', 'a')).toBeUndefined();
   });

@@ -1,6 +1,7 @@
 // The StateStore contract against the in-memory fake and the local state directory.
+import { spawnSync } from 'node:child_process';
 import { mkdtemp, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { CatalogError } from '../../shared/engine/errors.ts';
@@ -103,5 +104,30 @@ describe('LocalStateStore', () => {
       /state directory .*file\/state is not writable: ENOTDIR/,
     );
     await new LocalStateStore(join(dir, 'ok')).checkWritable();
+  });
+
+  it('lets one process at a time hold a set, and takes over the lock of a process that died', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'ferry-state-'));
+    const store = new LocalStateStore(dir);
+    const release = await store.lockSet('erp');
+    await expect(new LocalStateStore(dir).lockSet('erp')).rejects.toThrow(
+      new RegExp(`set erp is in use by process ${process.pid} on .*; wait for it to finish`),
+    );
+    const other = await store.lockSet('web'); // sets are independent
+    await other();
+    await release();
+    const again = await store.lockSet('erp');
+    await again();
+
+    // A lock left by a process that no longer exists (SIGKILL leaves it behind) is taken over.
+    const dead = spawnSync(process.execPath, ['-e', 'process.stdout.write(String(process.pid))']);
+    const pid = Number(dead.stdout.toString());
+    await writeFile(
+      join(dir, 'locks', 'erp.lock'),
+      JSON.stringify({ pid, host: hostname(), since: '2026-12-04T00:00:00.000Z' }),
+    );
+    const taken = await store.lockSet('erp');
+    await expect(store.lockSet('erp')).rejects.toThrow(/in use/);
+    await taken();
   });
 });
