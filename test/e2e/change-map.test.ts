@@ -1,6 +1,5 @@
 // A change map that reaches past the end of the disk, through the `ferry` command: refused with one
 // line naming the disk and the first bad extent, nothing published, the replica left as it was.
-import { spawn } from 'node:child_process';
 import { copyFile, mkdtemp, readFile, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -8,31 +7,7 @@ import { describe, expect, it } from 'vitest';
 import type { Extent } from '../../shared/engine/extents.ts';
 import { KiB, MiB } from '../../shared/engine/units.ts';
 import { createDiskImage, mutateDisk } from '../../shared/local/workload.ts';
-
-const BIN = join(import.meta.dirname, '../../bin/ferry.mjs');
-
-interface Run {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  stdout: string;
-  stderr: string;
-}
-
-function ferry(args: string[]): Promise<Run> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (b) => {
-      stdout += b;
-    });
-    child.stderr.on('data', (b) => {
-      stderr += b;
-    });
-    child.on('error', reject);
-    child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr }));
-  });
-}
+import { ferry } from '../support/ferry-cli.ts';
 
 describe('ferry replicate with a change map past the end of the disk', () => {
   it('refuses an extent far beyond the disk and one crossing its end, publishing nothing and leaving the replica as it was', async () => {

@@ -1,6 +1,6 @@
 // The `ferry` command as an operator runs it: the README's `npm start`, replicate, checkpoints,
 // verify, errors, and a run killed with SIGKILL that resumes from its last intermediate checkpoint.
-import { type ChildProcess, spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { mkdtemp, open, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
@@ -8,37 +8,11 @@ import { describe, expect, it } from 'vitest';
 import type { ReplicationResult } from '../../shared/engine/replicate.ts';
 import { MiB } from '../../shared/engine/units.ts';
 import { createDiskImage, firstDifference, mutateDisk } from '../../shared/local/workload.ts';
+import { type Run, run, ferry as runFerry } from '../support/ferry-cli.ts';
 import { startNbdkit } from '../support/nbdkit.ts';
 
-const ROOT = join(import.meta.dirname, '../..');
-const BIN = join(ROOT, 'bin/ferry.mjs');
-
-interface Run {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  stdout: string;
-  stderr: string;
-}
-
-function ferry(args: string[], onSpawn?: (child: ChildProcess) => void): Promise<Run> {
-  return run(process.execPath, [BIN, ...args], onSpawn);
-}
-
-function run(command: string, args: string[], onSpawn?: (child: ChildProcess) => void): Promise<Run> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(command, args, { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (b) => {
-      stdout += b;
-    });
-    child.stderr.on('data', (b) => {
-      stderr += b;
-    });
-    child.on('error', reject);
-    child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr }));
-    onSpawn?.(child);
-  });
+function ferry(args: string[], onSpawn?: (child: ChildProcess) => void) {
+  return runFerry(args, onSpawn ? { onSpawn } : {});
 }
 
 async function workdir(): Promise<string> {

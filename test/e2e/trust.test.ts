@@ -1,31 +1,13 @@
 // The promises an operator relies on, through the `ferry` command: disks that would overwrite each
 // other are refused at planning, an unwritable state or target is found before any data moves, and
 // a damaged catalog entry is reported without making the catalog unusable (or silently replaced).
-import { spawn } from 'node:child_process';
 import { copyFile, mkdtemp, readdir, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { MiB } from '../../shared/engine/units.ts';
 import { createDiskImage, firstDifference, mutateDisk } from '../../shared/local/workload.ts';
-
-const BIN = join(import.meta.dirname, '../../bin/ferry.mjs');
-
-function ferry(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (b) => {
-      stdout += b;
-    });
-    child.stderr.on('data', (b) => {
-      stderr += b;
-    });
-    child.on('error', reject);
-    child.on('close', (code) => resolve({ code, stdout, stderr }));
-  });
-}
+import { ferry } from '../support/ferry-cli.ts';
 
 async function twoDisks() {
   const dir = await mkdtemp(join(tmpdir(), 'ferry-trust-'));
