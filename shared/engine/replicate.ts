@@ -166,22 +166,22 @@ export async function replicate(job: ReplicationJob, ports: ReplicationPorts): P
   ports.signal?.addEventListener('abort', onOuterAbort, { once: true });
   const signal = abort.signal;
 
-  checkDistinctTargets(job);
-  // An earlier run that crashed between committing its disks and publishing (or cleaning up) left a
-  // commit intent: finish or undo it first, so this cycle starts from a published checkpoint.
-  const jobTargets = new Map(job.disks.map((d) => [d.id, d.target]));
-  await recoverCommit(job.set, {
-    ...ports,
-    reopenTarget: (disk, target) =>
-      jobTargets.get(disk)?.name === target ? jobTargets.get(disk) : ports.reopenTarget?.(disk, target),
-  });
-  const { previous, sequence } = await cycleBase(job, state);
-  const cycleId = `${job.set}#${sequence}`;
-  const scheduler = new Scheduler(params.nodeBudget);
-  const runs = new Map<string, DiskRun>();
-  const step = async (name: CycleStep) => ports.step?.(name);
-
   try {
+    checkDistinctTargets(job);
+    // An earlier run that crashed between committing its disks and publishing (or cleaning up) left a
+    // commit intent: finish or undo it first, so this cycle starts from a published checkpoint.
+    const jobTargets = new Map(job.disks.map((d) => [d.id, d.target]));
+    await recoverCommit(job.set, {
+      ...ports,
+      reopenTarget: (disk, target) =>
+        jobTargets.get(disk)?.name === target ? jobTargets.get(disk) : ports.reopenTarget?.(disk, target),
+    });
+    const { previous, sequence } = await cycleBase(job, state);
+    const cycleId = `${job.set}#${sequence}`;
+    const scheduler = new Scheduler(params.nodeBudget);
+    const runs = new Map<string, DiskRun>();
+    const step = async (name: CycleStep) => ports.step?.(name);
+
     // Disks are planned at once: each plan waits on round trips (block status, opening the target),
     // and over a long link four disks planned one after another would start four times later.
     const planned = await settleAll(
