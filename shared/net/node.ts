@@ -1,7 +1,7 @@
 // The replication node (`ferry serve`): grants credit, verifies and writes chunks into file images.
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, rename, stat, writeFile } from 'node:fs/promises';
-import net from 'node:net';
+import type net from 'node:net';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { DEFAULT_PARAMS } from '../engine/config.ts';
@@ -13,9 +13,19 @@ import { isValidName, NAME_RULE } from '../engine/names.ts';
 import type { CopyKind } from '../engine/ports.ts';
 import { formatBytes } from '../engine/units.ts';
 import { FILE_TARGET_BLOCK_SIZE, FileTarget } from '../local/file-target.ts';
-import { INSECURE_PEER, type PeerIdentity } from './peer.ts';
+import {
+  ConnectionCounts,
+  DEFAULT_LIMITS,
+  maxExtentsFor,
+  maxSeqsFor,
+  type NodeLimits,
+  overLimit,
+  resolveLimits,
+} from './limits.ts';
+import { diskInScope, INSECURE_PEER, type NodeTls, type PeerIdentity } from './peer.ts';
 import {
   type ChunkMeta,
+  chunkLayoutSha256,
   diskNameProblem,
   encodeFrame,
   type Frame,
@@ -23,26 +33,41 @@ import {
   FrameReader,
   INCARNATION_BYTES,
   MAX_CHUNK_BYTES,
+  NO_TOKEN,
   PROTOCOL_BLOCK_SIZE,
   PROTOCOL_VERSION,
   ProtocolError,
+  type ResumeCheck,
 } from './protocol.ts';
+import {
+  checkProblem,
+  commitProblem,
+  type DigestLog,
+  ExtentBuffer,
+  type SessionRecord,
+  SessionStore,
+  tokensEqual,
+} from './session-store.ts';
+import { createNodeListener } from './transport.ts';
 
-// A source that connects but says nothing within this is not a Ferry source, or is gone.
-const DEFAULT_HANDSHAKE_TIMEOUT_MS = 30_000;
+// A source that connects but says nothing within this is not a Ferry source, or is gone (limits.ts).
+const DEFAULT_HANDSHAKE_TIMEOUT_MS = DEFAULT_LIMITS.handshakeTimeoutMs;
 // The engine's evaluation period: the controller's signals are bucketed at this resolution anyway.
 const DEFAULT_TICK_MS = 250;
 // Grants go out in whole chunks so that credit split across disks never leaves each of them a
 // fraction of a chunk (no disk could send, a deadlock). 1 MiB is the spec's chunk size; a source
 // with larger chunks says so in its first WANT or CHUNK and the unit grows to it.
 const INITIAL_GRANT_UNIT = 1024 * 1024;
-// A change map longer than this is refused at commit: the node holds it in memory to apply the
-// increment. Four million extents (about 200 MiB of records) is forty times the 100k-extent map of
-// a badly fragmented cycle; beyond it, a cycle should be a full copy.
-const MAX_COMMIT_EXTENTS = 4 * 1024 * 1024;
-// Sixteen disks at sixteen connections each; beyond that a node is being flooded, not used. Each
-// connection may hold one partial frame of its own, so this also bounds memory outside credit.
-const MAX_CONNECTIONS = 256;
+// Connections accepted past maxConnections only to be told, in an ERROR frame, which limit they
+// hit; beyond this headroom the OS refuses them silently (file descriptors are finite).
+const REFUSAL_HEADROOM = 64;
+// A session that has not sent a chunk yet holds one chunk of credit; if it asked for chunks larger
+// than INITIAL_GRANT_UNIT, such sessions together hold at most this share of the budget beyond the
+// first INITIAL_GRANT_UNIT each. Idle HELLOs asking for 64 MiB chunks cannot take the budget, and a
+// first 1 MiB chunk is never held back by them.
+const UNPROVEN_LARGE_SHARE = 0.5;
+// Extents held for COMMITs node-wide: this many sessions' worth of maxCommitExtents.
+const COMMIT_EXTENTS_SESSIONS = 4;
 // TCP keepalive so a source host that vanished (no FIN, no RST) frees its disk's credit and lock.
 const KEEPALIVE_MS = 15_000;
 // After an ERROR frame the peer gets this long to read it and hang up before the socket is destroyed.
@@ -53,12 +78,17 @@ const MAX_CLOSED_REPORTS = 10_000;
 // Errno codes that writing again cannot fix; anything else (EIO, EAGAIN, ...) may pass on retry.
 const PERMANENT_ERRNOS = new Set(['ENOSPC', 'EDQUOT', 'EROFS', 'EACCES', 'EPERM', 'EFBIG', 'ENAMETOOLONG']);
 
-export interface NodeOptions {
+/** How to run a node; the limits (limits.ts, NodeLimits) are settings of it too, each with a default. */
+export interface NodeOptions extends Partial<NodeLimits> {
   /** `host:port` or {host, port}; port 0 picks a free port (see `address`). */
   readonly listen: string | { readonly host: string; readonly port: number };
   /** Directory of the file images; a disk named D is written to `<targetDir>/D`. Must exist. */
   readonly targetDir: string;
-  /** Where the node records each disk's last commit (for `ferry verify` on this host). Optional. */
+  /**
+   * Where the node records each disk's session (resume token, the digest of every chunk it
+   * verified) under `sessions/`, and its last commit (for `ferry verify` on this host) under
+   * `commits/`. Without it the session records lie beside the images.
+   */
   readonly stateDir?: string;
   /** Bytes the node holds for all disks at once: granted credit plus chunks being received or written. */
   readonly nodeBudget?: number;
@@ -72,9 +102,12 @@ export interface NodeOptions {
   readonly controller?: Partial<ControllerTunables>;
   /** How often windows are re-evaluated (ms). */
   readonly tickMs?: number;
-  readonly handshakeTimeoutMs?: number;
   /** Operator log lines (sessions, windows, errors); never block data. */
   readonly log?: (line: string) => void;
+  /** TLS 1.3 with client certificates of the node's CA (pki.ts `openNodePki(...).tls`). */
+  readonly tls?: NodeTls;
+  /** Plain TCP without authentication instead of TLS: refused unless `listen` is a loopback address. */
+  readonly insecure?: boolean;
 }
 
 export interface NodeDiskStats {
@@ -100,6 +133,10 @@ export interface NodeStats {
   readonly bytesWritten: number;
   readonly nacks: number;
   readonly violations: number;
+  /** Connections and requests refused or closed by a limit, by the limit's name (NodeLimits). */
+  readonly refusals: Readonly<Record<string, number>>;
+  /** Connections the node stopped reading from because they do not read their replies. */
+  readonly pausedConnections: number;
   readonly disks: readonly NodeDiskStats[];
 }
 
@@ -118,6 +155,19 @@ interface GrantRecord {
   /** Cumulative granted bytes after this grant. */
   readonly end: number;
   readonly at: number;
+}
+
+/** How a session comes to be: new (over an existing image or not), or resumed from the node's record. */
+type SessionStart =
+  | { readonly kind: 'new'; readonly overImage: boolean }
+  | { readonly kind: 'resume'; readonly record: SessionRecord };
+
+/** The node will not commit what a COMMIT claims; nothing was written. */
+class CommitRefused extends FerryError {
+  constructor(message: string) {
+    super(message);
+    this.name = 'CommitRefused';
+  }
 }
 
 /** One source's replication of one disk on this node: its image, credit and window. */
@@ -147,6 +197,14 @@ class Session {
   /** Connections of this session that ended, and what each consumed: repeated to every joiner. */
   readonly closed: { readonly conn: number; readonly admitted: number }[] = [];
   retired: Promise<void> | undefined;
+  /** Chunk bytes admitted in this incarnation: credit grows with the data that flowed (see `cap`). */
+  dataAdmitted = 0;
+  /** When the session last moved on, or the node last owed it something (see Node.sweep). */
+  idleSince = performance.now();
+  /** Commit-phase operations under way (FLUSH, COMMIT, AFTER_PUBLISH): the node owes an answer. */
+  controlOps = 0;
+  /** Extents received for COMMIT on its connections and not yet committed. */
+  extentsHeld = 0;
   private readonly grants: GrantRecord[] = [];
   private commitChain: Promise<unknown> = Promise.resolve();
 
@@ -158,8 +216,45 @@ class Session {
     readonly target: FileTarget,
     readonly controller: WindowController | undefined,
     initialWindow: number,
+    /** The node's durable record of the session (its token; committed or not). */
+    public record: SessionRecord,
+    /** What the node verified of each chunk, by seq: what COMMIT and resume checks are held to. */
+    readonly digests: DigestLog,
   ) {
     this.window = initialWindow;
+    this.committed = record.state === 'committed';
+  }
+
+  /** It has sent a chunk in this incarnation: a source moving data, not an idle HELLO. */
+  get proven(): boolean {
+    return this.dataAdmitted > 0;
+  }
+
+  /**
+   * The most it may hold (credit plus chunks in flight): its window, but never more than one chunk
+   * past the data it has sent, so credit is granted only as data flows (a session that has sent
+   * nothing holds one chunk; each chunk it sends lets it hold one more, up to the window).
+   */
+  get cap(): number {
+    return Math.min(Math.max(this.window, this.unit), this.unit + this.dataAdmitted);
+  }
+
+  /**
+   * Credit it may be granted next, 0 for none: a whole chunk while that keeps it within its cap;
+   * before its first chunk, what tops it up to one chunk (it may hold a smaller WELCOME grant).
+   */
+  get step(): number {
+    if (!this.proven) return Math.max(0, this.unit - this.held);
+    return this.held + this.unit <= this.cap ? this.unit : 0;
+  }
+
+  /** The node owes the source something: a write, a commit-phase answer, or credit it may have. */
+  get owed(): boolean {
+    return (
+      this.writes.size > 0 ||
+      this.controlOps > 0 ||
+      (this.wantsCredit && this.unused < this.unit && this.step > 0)
+    );
   }
 
   get unused(): number {
@@ -210,8 +305,21 @@ class Conn {
   admitted = 0;
   /** When the credit of the chunk being received was granted: the start of its latency. */
   grantAt = 0;
-  commitExtents: Extent[] = [];
-  commitBytes = 0;
+  /** EXTENTS received for the next COMMIT on this connection. */
+  commitExtents = new ExtentBuffer();
+  /** Accepted: the handshake timeout runs from here until its HELLO is complete. */
+  readonly acceptedAt = performance.now();
+  /** Since when the frame now arriving has been arriving (set at each complete frame). */
+  frameSince = performance.now();
+  /** Reading stopped until the peer reads the replies queued for it. */
+  paused = false;
+  /** Counted against the connection limits (until it closes or the node gives up on it). */
+  counted = false;
+  /** No longer part of its session (closed, or refused by the node and lingering). */
+  detached = false;
+  /** Replies queued past `soft` stop reading from the peer; past `hard` the connection is dropped. */
+  replyLimits = { soft: DEFAULT_LIMITS.replyQueueBytes, hard: DEFAULT_LIMITS.maxReplyQueueBytes };
+  onOverflow: (queued: number) => void = () => {};
   closing = false;
   handshaking = false;
   /** Ended by CLOSE or by the node itself, not lost: not a fault for the window controller. */
@@ -233,7 +341,28 @@ class Conn {
   send(frame: Frame): boolean {
     if (this.closing || this.socket.destroyed || !this.socket.writable) return false;
     this.socket.write(encodeFrame(frame));
+    this.throttleReads();
     return true;
+  }
+
+  /**
+   * Replies pile up only when the peer does not read them: stop reading from it (so it gets no more
+   * answers) until they drain, and drop it past the hard cap. Memory per peer stays bounded.
+   */
+  private throttleReads(): void {
+    const queued = this.socket.writableLength;
+    if (queued > this.replyLimits.hard) {
+      this.onOverflow(queued);
+      this.socket.destroy();
+      return;
+    }
+    if (queued <= this.replyLimits.soft || this.paused) return;
+    this.paused = true;
+    this.socket.pause();
+    this.socket.once('drain', () => {
+      this.paused = false;
+      if (!this.socket.destroyed) this.socket.resume();
+    });
   }
 }
 
@@ -269,8 +398,16 @@ class Node implements ReplicationNode {
     nacks: 0,
     violations: 0,
   };
+  private readonly limits: NodeLimits;
+  private readonly counts: ConnectionCounts;
+  private readonly store: SessionStore;
+  /** Extents held for COMMITs, all sessions together. */
+  private extentsHeld = 0;
+  private readonly refusals: Record<string, number> = {};
 
   constructor(private readonly opts: NodeOptions) {
+    this.limits = resolveLimits(opts);
+    this.counts = new ConnectionCounts(this.limits);
     this.budget = opts.nodeBudget ?? DEFAULT_PARAMS.nodeBudget;
     this.levels = opts.levels ?? DEFAULT_PARAMS.windowLevels;
     this.adaptive = opts.adaptive ?? true;
@@ -278,6 +415,10 @@ class Node implements ReplicationNode {
       opts.initialWindow ??
       (this.levels.includes(DEFAULT_PARAMS.window) ? DEFAULT_PARAMS.window : this.levels[0]!);
     this.log = opts.log ?? (() => {});
+    this.store = new SessionStore(
+      opts.stateDir !== undefined ? join(opts.stateDir, 'sessions') : opts.targetDir,
+      this.log,
+    );
     if (!Number.isSafeInteger(this.budget) || this.budget < INITIAL_GRANT_UNIT) {
       throw new ConfigError(
         `node budget ${this.budget} bytes is below one ${formatBytes(INITIAL_GRANT_UNIT)} chunk`,
@@ -292,8 +433,18 @@ class Node implements ReplicationNode {
       initial: this.initialWindow,
       ...(opts.controller ? { tunables: opts.controller } : {}),
     });
-    this.server = net.createServer((socket) => this.accept(socket));
-    this.server.maxConnections = MAX_CONNECTIONS;
+    // TLS, or plain TCP on loopback when told: refused here, before listening, otherwise.
+    this.server = createNodeListener(
+      {
+        host: parseListen(opts.listen).host,
+        tls: opts.tls,
+        insecure: opts.insecure,
+        handshakeTimeoutMs: opts.handshakeTimeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT_MS,
+        log: this.log,
+      },
+      (socket, identity) => this.accept(socket, identity),
+    );
+    this.server.maxConnections = this.limits.maxConnections + REFUSAL_HEADROOM;
   }
 
   get address(): string {
@@ -310,6 +461,7 @@ class Node implements ReplicationNode {
     }
     if (this.opts.stateDir !== undefined)
       await mkdir(join(this.opts.stateDir, 'commits'), { recursive: true });
+    await this.store.init();
     await new Promise<void>((resolve, reject) => {
       this.server.once('error', reject);
       this.server.listen(port, host, () => {
@@ -340,6 +492,8 @@ class Node implements ReplicationNode {
       bytesWritten: this.counters.bytesWritten,
       nacks: this.counters.nacks,
       violations: this.counters.violations,
+      refusals: { ...this.refusals },
+      pausedConnections: [...this.conns].filter((c) => c.paused).length,
       disks: sessions.map((s) => ({
         disk: s.disk,
         connections: s.conns.size,
@@ -372,13 +526,14 @@ class Node implements ReplicationNode {
 
   // ---- Connections ----
 
-  private accept(socket: net.Socket): void {
+  /** A connection whose credential was admitted (or any, on an insecure node); nothing of it is read yet. */
+  private accept(socket: net.Socket, identity: PeerIdentity): void {
     const peer = `${socket.remoteAddress}:${socket.remotePort}`;
     if (this.closing) {
       socket.destroy();
       return;
     }
-    const conn = new Conn(this.nextConnId++, socket, peer);
+    const conn = new Conn(this.nextConnId++, socket, peer, identity);
     conn.reader = new FrameReader({
       from: 'source',
       onFrame: (frame) => this.onFrame(conn, frame),
@@ -387,12 +542,18 @@ class Node implements ReplicationNode {
     this.conns.add(conn);
     socket.setNoDelay(true);
     socket.setKeepAlive(true, KEEPALIVE_MS);
-    const timeoutMs = this.opts.handshakeTimeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT_MS;
-    socket.setTimeout(timeoutMs, () => {
-      if (conn.session === undefined) this.refuse(conn, `no HELLO within ${timeoutMs} ms`, false);
-    });
+    // The handshake and idle timeouts are the sweep's (tick): they count frames, not bytes.
+    conn.replyLimits = { soft: this.limits.replyQueueBytes, hard: this.limits.maxReplyQueueBytes };
+    conn.onOverflow = (queued) => {
+      this.refusals.maxReplyQueueBytes = (this.refusals.maxReplyQueueBytes ?? 0) + 1;
+      this.log(
+        `node: ${conn.where}: ${overLimit('maxReplyQueueBytes', this.limits.maxReplyQueueBytes, `${formatBytes(queued)} of replies unread; connection dropped`)}`,
+      );
+    };
     socket.on('data', (chunk: Buffer) => {
       if (conn.closing) return;
+      // A frame starts arriving: the idle timeout measures from here to its end.
+      if (conn.reader.buffered === 0) conn.frameSince = performance.now();
       try {
         conn.reader.push(chunk);
       } catch (err) {
@@ -401,11 +562,69 @@ class Node implements ReplicationNode {
     });
     socket.on('error', () => {}); // 'close' follows; a reset source is handled there
     socket.on('close', () => this.onClose(conn));
+    this.admitConnection(conn);
+  }
+
+  /**
+   * Counts a new connection against maxConnections and maxConnectionsPerCredential. At a limit the
+   * node first drops the connection (of that credential, for the per-credential limit) that has
+   * waited longest without a complete HELLO, so sockets that say nothing cannot keep a source out;
+   * otherwise the newcomer is refused with an ERROR naming the limit.
+   */
+  private admitConnection(conn: Conn): void {
+    const credential = conn.identity.credential;
+    let over = this.counts.over(credential);
+    if (over !== undefined) {
+      const silent = this.oldestSilent(over === 'maxConnectionsPerCredential' ? credential : undefined);
+      if (silent !== undefined) {
+        this.refuseLimit(silent, over, 'this connection sent no HELLO and makes room for one that may', true);
+        over = this.counts.over(credential);
+      }
+    }
+    if (over === undefined) {
+      this.counts.add(credential);
+      conn.counted = true;
+      return;
+    }
+    const what =
+      over === 'maxConnections'
+        ? `the node has ${this.limits.maxConnections} connections`
+        : `credential ${credential} already has ${this.limits.maxConnectionsPerCredential} connections to this node`;
+    this.refuseLimit(conn, over, what, true);
+  }
+
+  /** The counted connection (of `credential`, if given) waiting longest without a complete HELLO. */
+  private oldestSilent(credential?: string): Conn | undefined {
+    let oldest: Conn | undefined;
+    for (const c of this.conns) {
+      if (!c.counted || c.closing || c.session !== undefined || c.handshaking) continue;
+      if (credential !== undefined && c.identity.credential !== credential) continue;
+      if (oldest === undefined || c.acceptedAt < oldest.acceptedAt) oldest = c;
+    }
+    return oldest;
+  }
+
+  private uncount(conn: Conn): void {
+    if (!conn.counted) return;
+    conn.counted = false;
+    this.counts.remove(conn.identity.credential);
   }
 
   private onClose(conn: Conn): void {
     this.conns.delete(conn);
     conn.closing = true;
+    this.uncount(conn);
+    this.detach(conn);
+  }
+
+  /**
+   * Takes a connection out of its session: it closed, or the node gave up on it (it may linger
+   * while its ERROR is read, but holds nothing of the session: no credit, no lock). Idempotent.
+   */
+  private detach(conn: Conn): void {
+    if (conn.detached) return;
+    conn.detached = true;
+    this.dropExtents(conn);
     const s = conn.session;
     if (s === undefined) return;
     const partial = conn.reader.partialChunk;
@@ -443,6 +662,11 @@ class Node implements ReplicationNode {
       await s.target
         .close()
         .catch((err) => this.log(`node: disk ${s.disk}: closing the image failed: ${errorMessage(err)}`));
+      await s.digests
+        .close()
+        .catch((err) =>
+          this.log(`node: disk ${s.disk}: closing its digest record failed: ${errorMessage(err)}`),
+        );
       if (this.sessions.get(s.disk) === s) this.sessions.delete(s.disk);
       this.log(`node: disk ${s.disk}: session ended`);
       this.allocate();
@@ -470,24 +694,44 @@ class Node implements ReplicationNode {
     this.refuse(conn, message, false);
   }
 
-  /** Sends ERROR and hangs up. */
+  /** Sends ERROR and hangs up; the connection stops counting and leaves its session at once. */
   private refuse(conn: Conn, reason: string, retryable: boolean): void {
     if (conn.closing) return;
     conn.send({ type: 'error', retryable, reason });
     conn.clean = true;
     hangUp(conn);
+    this.uncount(conn);
+    this.detach(conn);
+  }
+
+  /** Refuses with an ERROR naming the limit that was hit (NodeLimits), and counts it. */
+  private refuseLimit(conn: Conn, limit: keyof NodeLimits, what: string, retryable: boolean): void {
+    if (conn.closing) return;
+    this.refusals[limit] = (this.refusals[limit] ?? 0) + 1;
+    const reason = overLimit(limit, this.limits[limit], what);
+    this.log(`node: ${conn.where}: ${reason}`);
+    this.refuse(conn, reason, retryable);
+  }
+
+  /** Forgets the EXTENTS a connection held for a COMMIT. */
+  private dropExtents(conn: Conn): void {
+    const n = conn.commitExtents.length;
+    if (n === 0) return;
+    if (conn.session !== undefined) conn.session.extentsHeld -= n;
+    this.extentsHeld -= n;
+    conn.commitExtents = new ExtentBuffer();
   }
 
   // ---- Frames ----
 
   private onFrame(conn: Conn, frame: Frame): void {
     if (conn.closing) return;
+    conn.frameSince = performance.now();
     if (frame.type === 'hello') {
       if (conn.session !== undefined || conn.handshaking)
         throw new ProtocolError('second HELLO on one connection');
-      conn.handshaking = true;
       // It spoke: opening the image may wait for a previous session to finish, which is not silence.
-      conn.socket.setTimeout(0);
+      conn.handshaking = true;
       void this.onHello(conn, frame);
       return;
     }
@@ -499,6 +743,9 @@ class Node implements ReplicationNode {
     const s = conn.session;
     if (s === undefined)
       throw new ProtocolError(`${frame.type.toUpperCase()} frame before the session was welcomed`);
+    // Frames that move the session on restart its idle clock; WANT and RELEASE do not (a peer
+    // could send them forever without replicating anything).
+    if (frame.type !== 'want' && frame.type !== 'release') s.idleSince = performance.now();
     switch (frame.type) {
       case 'chunk':
         this.onChunk(conn, s, frame);
@@ -531,6 +778,14 @@ class Node implements ReplicationNode {
           conn.send({ type: 'done' });
         });
         return;
+      case 'flush':
+        // Every chunk ACKed so far is written; make it and its digest slot durable, then say so.
+        void this.control(conn, s, 'flush', async () => {
+          await s.target.flush();
+          await s.digests.sync();
+          conn.send({ type: 'flushed' });
+        });
+        return;
       case 'close':
         conn.clean = true;
         hangUp(conn);
@@ -549,8 +804,23 @@ class Node implements ReplicationNode {
       this.refuse(conn, `disk name "${hello.disk}" is not allowed (${NAME_RULE})`, false);
       return;
     }
+    // The credential's scope, from its certificate: checked before the disk's image is touched.
+    if (!diskInScope(conn.identity.disks, hello.disk)) {
+      this.log(`node: ${conn.where}: credential ${conn.identity.credential} refused for disk ${hello.disk}`);
+      this.refuse(
+        conn,
+        `credential ${conn.identity.credential} may not write disk ${hello.disk} (scope '${conn.identity.disks}')`,
+        false,
+      );
+      return;
+    }
     if (this.closing) {
       this.refuse(conn, 'the node is shutting down', true);
+      return;
+    }
+    const check = hello.check;
+    if (check !== undefined) {
+      await this.withDiskLock(hello.disk, () => this.answerCheck(conn, hello, check));
       return;
     }
     await this.withDiskLock(hello.disk, async () => {
@@ -563,6 +833,10 @@ class Node implements ReplicationNode {
       }
       let joined = false;
       if (s !== undefined && s.id === hello.session) {
+        if (hello.resume && !tokensEqual(hello.token, s.record.token)) {
+          this.refuse(conn, `disk ${hello.disk}: the resume token is not this session's`, false);
+          return;
+        }
         if (s.sizeBytes !== hello.sizeBytes || s.kind !== hello.kind) {
           this.refuse(
             conn,
@@ -577,8 +851,10 @@ class Node implements ReplicationNode {
         this.refuse(conn, `disk ${hello.disk} is being replicated by another source session`, true);
         return;
       } else {
+        const start = hello.resume ? this.resumable(conn, hello) : await this.admitSession(conn, hello);
+        if (start === undefined) return;
         try {
-          s = await this.openSession(hello);
+          s = await this.openSession(conn, hello, start);
         } catch (err) {
           this.log(
             `node: peer ${conn.peer} (disk ${hello.disk}): cannot open the image: ${errorMessage(err)}`,
@@ -601,7 +877,7 @@ class Node implements ReplicationNode {
       conn.session = s;
       conn.handshaking = false;
       s.conns.add(conn);
-      conn.socket.setTimeout(0);
+      s.idleSince = performance.now();
       if (!joined) this.allocate();
       conn.send({
         type: 'welcome',
@@ -613,6 +889,7 @@ class Node implements ReplicationNode {
         joined,
         granted: s.granted,
         window: s.window,
+        token: s.record.token,
       });
       // A joiner may be all that is left of the source's connections: repeat every loss report.
       if (joined)
@@ -629,14 +906,127 @@ class Node implements ReplicationNode {
     });
   }
 
-  private async openSession(hello: FrameOf<'hello'>): Promise<Session> {
+  /**
+   * A new session of a disk: the size it declares must fit maxDiskBytes, and the images its
+   * credential started (this one counted twice while it stages beside an existing image) must fit
+   * maxImageBytesPerCredential. Refuses and returns undefined when it does not fit.
+   */
+  private async admitSession(conn: Conn, hello: FrameOf<'hello'>): Promise<SessionStart | undefined> {
+    if (hello.sizeBytes > this.limits.maxDiskBytes) {
+      this.refuseLimit(
+        conn,
+        'maxDiskBytes',
+        `disk ${hello.disk} declares ${formatBytes(hello.sizeBytes)}, more than this node takes`,
+        false,
+      );
+      return undefined;
+    }
+    const credential = conn.identity.credential;
+    const overImage =
+      (await stat(join(this.opts.targetDir, hello.disk)).catch(() => undefined)) !== undefined;
+    const total = this.store.usage(credential, hello.disk) + hello.sizeBytes * (overImage ? 2 : 1);
+    if (total > this.limits.maxImageBytesPerCredential) {
+      this.refuseLimit(
+        conn,
+        'maxImageBytesPerCredential',
+        `disk ${hello.disk} of ${formatBytes(hello.sizeBytes)} would bring the images of credential ${credential} to ${formatBytes(total)}`,
+        false,
+      );
+      return undefined;
+    }
+    return { kind: 'new', overImage };
+  }
+
+  /**
+   * A resume: only of a session this node recorded, with its token, by the credential that started
+   * it, of the same size and kind. Refuses and returns undefined otherwise: nobody resumes straight
+   * into an image.
+   */
+  private resumable(conn: Conn, hello: FrameOf<'hello'>): SessionStart | undefined {
+    const record = this.store.get(hello.disk);
+    const problem =
+      record === undefined
+        ? 'the node has no session of it to resume'
+        : !tokensEqual(hello.token, record.token)
+          ? "the resume token is not that of the node's session of this disk"
+          : record.credential !== conn.identity.credential
+            ? `its session was started by another credential than ${conn.identity.credential}`
+            : record.kind !== hello.kind || record.sizeBytes !== hello.sizeBytes
+              ? `its session is a ${record.kind} copy of ${record.sizeBytes} bytes, not a ${hello.kind} copy of ${hello.sizeBytes}`
+              : undefined;
+    if (problem !== undefined || record === undefined) {
+      this.log(`node: ${conn.where}: resume of disk ${hello.disk} refused: ${problem}`);
+      this.refuse(conn, `disk ${hello.disk}: resume refused: ${problem}`, false);
+      return undefined;
+    }
+    return { kind: 'resume', record };
+  }
+
+  /**
+   * Answers a check HELLO: whether the node holds the source's session of this cycle with these
+   * chunks (their digests and layout, from its own record) and the file target still holds the
+   * cycle's file. Then hangs up; nothing is opened or written.
+   */
+  private async answerCheck(conn: Conn, hello: FrameOf<'hello'>, check: ResumeCheck): Promise<void> {
+    if (conn.closing) return;
+    const record = this.store.get(hello.disk);
+    let reason: string | undefined;
+    if (record === undefined) reason = 'the node has no session of this disk';
+    else if (record.credential !== conn.identity.credential)
+      reason = 'its session was started by another credential';
+    else if (record.state === 'committed') reason = 'its session is already committed';
+    else if (record.cycle !== hello.cycle)
+      reason = `the node's session is of cycle ${record.cycle}, not ${hello.cycle}`;
+    else {
+      const live = this.sessions.get(hello.disk);
+      const digests = live?.record.id === record.id ? live.digests : await this.store.openDigests(hello.disk);
+      try {
+        const target = new FileTarget(join(this.opts.targetDir, hello.disk));
+        reason =
+          (await checkProblem(digests, check)) ??
+          (await target.checkResume({ cycleId: record.id, chunks: [] }));
+      } catch (err) {
+        reason = `the node could not read its record: ${errorMessage(err)}`;
+      } finally {
+        if (digests !== live?.digests) await digests.close().catch(() => {});
+      }
+    }
+    conn.send({
+      type: 'checked',
+      held: reason === undefined,
+      token: reason === undefined && record !== undefined ? record.token : NO_TOKEN,
+      reason: reason ?? '',
+    });
+    this.log(`node: ${conn.where}: resume check of disk ${hello.disk}: ${reason ?? 'held'}`);
+    conn.clean = true;
+    hangUp(conn);
+    this.uncount(conn);
+  }
+
+  private async openSession(conn: Conn, hello: FrameOf<'hello'>, start: SessionStart): Promise<Session> {
     if (FILE_TARGET_BLOCK_SIZE !== PROTOCOL_BLOCK_SIZE) {
       throw new FerryError(
         `file images use ${FILE_TARGET_BLOCK_SIZE}-byte blocks, the protocol ${PROTOCOL_BLOCK_SIZE}`,
       );
     }
+    // A new session is recorded (and its token durable) before its image is touched or welcomed.
+    const record =
+      start.kind === 'resume'
+        ? start.record
+        : await this.store.begin({
+            credential: conn.identity.credential,
+            disk: hello.disk,
+            kind: hello.kind,
+            sizeBytes: hello.sizeBytes,
+            cycle: hello.cycle,
+            overImage: start.overImage,
+          });
     const target = new FileTarget(join(this.opts.targetDir, hello.disk), { finalOnCommit: true });
-    await target.open(hello.sizeBytes, hello.kind, hello.resume);
+    // A committed session is resumed only to answer a retried COMMIT or AFTER_PUBLISH: its image
+    // is not opened for writing at all.
+    if (record.state === 'open')
+      await target.open(record.sizeBytes, record.kind, start.kind === 'resume', record.id);
+    const digests = await this.store.openDigests(hello.disk);
     const controller = this.adaptive
       ? new WindowController({
           levels: this.levels,
@@ -647,11 +1037,13 @@ class Node implements ReplicationNode {
     return new Session(
       hello.disk,
       hello.session,
-      hello.sizeBytes,
-      hello.kind,
+      record.sizeBytes,
+      record.kind,
       target,
       controller,
       this.initialWindow,
+      record,
+      digests,
     );
   }
 
@@ -660,6 +1052,13 @@ class Node implements ReplicationNode {
     const s = conn.session;
     if (s === undefined) throw new ProtocolError('CHUNK frame before the session was welcomed');
     if (s.committed) throw new ProtocolError(`CHUNK seq ${meta.seq} after COMMIT`);
+    // Seqs are dense from 0 and each chunk has a block of its own: this also bounds the digest record.
+    const seqs = maxSeqsFor(s.sizeBytes);
+    if (meta.seq >= seqs) {
+      throw new ProtocolError(
+        `CHUNK seq ${meta.seq} is past the ${seqs} chunks a ${s.sizeBytes}-byte disk can have`,
+      );
+    }
     if (meta.bytes > s.unused) {
       throw new ProtocolError(
         `CHUNK seq ${meta.seq} of ${meta.bytes} bytes sent without credit (${s.unused} bytes granted and unused)`,
@@ -681,6 +1080,7 @@ class Node implements ReplicationNode {
     }
     conn.grantAt = s.consume(meta.bytes, performance.now());
     conn.admitted += meta.bytes;
+    s.dataAdmitted += meta.bytes;
     s.inflight += meta.bytes;
     s.unit = Math.max(s.unit, meta.bytes);
     this.counters.inflight += meta.bytes;
@@ -707,6 +1107,15 @@ class Node implements ReplicationNode {
     };
     const write: Promise<void> = s.target
       .writeChunk(descriptor, chunk.data, chunk.sha256)
+      // What COMMIT and a resume check are held to: recorded before the chunk is acknowledged.
+      .then(() =>
+        s.digests.record(chunk.seq, {
+          sha256: chunk.sha256,
+          layoutSha256: chunkLayoutSha256(chunk.extents),
+          offset: chunk.offset,
+          bytes: chunk.bytes,
+        }),
+      )
       .then(
         () => {
           this.counters.chunksWritten++;
@@ -737,6 +1146,8 @@ class Node implements ReplicationNode {
   ): void {
     this.release(s, chunk.bytes);
     const now = performance.now();
+    // The node has answered: the source's next move starts the idle clock again.
+    s.idleSince = now;
     s.controller?.record({
       at: now,
       bytes: failure ? 0 : chunk.bytes,
@@ -789,11 +1200,32 @@ class Node implements ReplicationNode {
     this.flushGrants();
   }
 
+  /**
+   * Holds EXTENTS for the COMMIT that follows: at most as many as the disk can have (one per two
+   * blocks) and maxCommitExtents per session, and COMMIT_EXTENTS_SESSIONS times that node-wide.
+   */
   private onExtents(conn: Conn, s: Session, extents: readonly Extent[]): void {
-    if (conn.commitExtents.length + extents.length > MAX_COMMIT_EXTENTS) {
-      throw new ProtocolError(`change map of more than ${MAX_COMMIT_EXTENTS} extents`);
+    if (extents.length === 0) throw new ProtocolError('EXTENTS frame with no extents');
+    const most = maxExtentsFor(s.sizeBytes, this.limits);
+    if (s.extentsHeld + extents.length > most) {
+      this.refuseLimit(
+        conn,
+        'maxCommitExtents',
+        `disk ${s.disk}: more than ${most} extents before COMMIT (a ${formatBytes(s.sizeBytes)} disk has at most ${maxExtentsFor(s.sizeBytes, { ...this.limits, maxCommitExtents: Number.MAX_SAFE_INTEGER })})`,
+        false,
+      );
+      return;
     }
-    const previous = conn.commitExtents[conn.commitExtents.length - 1];
+    if (this.extentsHeld + extents.length > COMMIT_EXTENTS_SESSIONS * this.limits.maxCommitExtents) {
+      this.refuseLimit(
+        conn,
+        'maxCommitExtents',
+        `the node holds ${this.extentsHeld} extents for commits, ${COMMIT_EXTENTS_SESSIONS} sessions' worth`,
+        true,
+      );
+      return;
+    }
+    const previous = conn.commitExtents.last();
     let end = previous ? previous.offset + previous.length : 0;
     for (const e of extents) {
       if (e.offset < end)
@@ -802,15 +1234,15 @@ class Node implements ReplicationNode {
       if (end > s.sizeBytes)
         throw new ProtocolError(`commit extent at offset ${e.offset} ends past the ${s.sizeBytes}-byte disk`);
       conn.commitExtents.push(e);
-      conn.commitBytes += e.length;
     }
+    s.extentsHeld += extents.length;
+    this.extentsHeld += extents.length;
   }
 
   private onCommit(conn: Conn, s: Session, commit: FrameOf<'commit'>): void {
-    const extents = conn.commitExtents;
-    const bytes = conn.commitBytes;
-    conn.commitExtents = [];
-    conn.commitBytes = 0;
+    const extents = conn.commitExtents.toArray();
+    const bytes = conn.commitExtents.bytes;
+    this.dropExtents(conn);
     if (commit.extentCount !== extents.length) {
       throw new ProtocolError(
         `COMMIT announces ${commit.extentCount} extents but ${extents.length} were sent`,
@@ -827,12 +1259,27 @@ class Node implements ReplicationNode {
     void this.control(conn, s, 'commit', async () => {
       // Chunks of a lost connection may still be landing; the commit must come after them.
       await Promise.allSettled([...s.writes]);
-      const targetRef = await s.target.commit({
-        chunks: commit.chunks,
-        bytes: commit.bytes,
-        aggregateSha256: commit.aggregateSha256,
-        extents,
-      });
+      const claim = { chunks: commit.chunks, bytes: commit.bytes, aggregateSha256: commit.aggregateSha256 };
+      const done = s.record.commit;
+      if (done !== undefined) {
+        // A retried COMMIT (its answer was lost): the same claim gets the same answer, nothing is redone.
+        if (
+          done.chunks !== claim.chunks ||
+          done.bytes !== claim.bytes ||
+          done.aggregateSha256 !== claim.aggregateSha256
+        ) {
+          throw new CommitRefused(
+            `this session is already committed, with aggregate ${done.aggregateSha256}`,
+          );
+        }
+        conn.send({ type: 'committed', targetRef: done.targetRef });
+        return;
+      }
+      // The node commits only its own finding: what it verified, chunk by chunk, in its record.
+      const problem = await commitProblem(s.digests, claim, extents);
+      if (problem !== undefined) throw new CommitRefused(`refused: ${problem}; the image is unchanged`);
+      const targetRef = await s.target.commit({ ...claim, extents });
+      s.record = await this.store.commit(s.disk, claim, targetRef);
       await this.recordCommit(s, commit, targetRef);
       this.log(
         `node: ${conn.where}: committed ${commit.chunks} chunks, ${formatBytes(commit.bytes)} (${targetRef})`,
@@ -843,12 +1290,16 @@ class Node implements ReplicationNode {
 
   /** Runs a commit-phase operation; a failure is reported with ERROR (retryable as classified) and closes the connection. */
   private async control(conn: Conn, s: Session, what: string, op: () => Promise<void>): Promise<void> {
+    s.controlOps++;
     try {
       await s.serially(op);
     } catch (err) {
       this.log(`node: ${conn.where}: ${what} failed: ${errorMessage(err)}`);
       const code = classifyWriteError(err);
       this.refuse(conn, `${what} of disk ${s.disk} failed: ${errorMessage(err)}`, code !== 'write-failed');
+    } finally {
+      s.controlOps--;
+      s.idleSince = performance.now();
     }
   }
 
@@ -894,12 +1345,22 @@ class Node implements ReplicationNode {
   private allocate(): void {
     const now = performance.now();
     let total = this.totalHeld();
+    // Credit beyond their first INITIAL_GRANT_UNIT held by sessions yet to send a chunk.
+    let unprovenLarge = 0;
+    for (const s of this.sessions.values())
+      if (!s.proven && s.unit > INITIAL_GRANT_UNIT) unprovenLarge += Math.max(0, s.held - INITIAL_GRANT_UNIT);
+    const largeShare = Math.floor(this.budget * UNPROVEN_LARGE_SHARE);
     for (;;) {
       let best: Session | undefined;
       for (const s of this.sessions.values()) {
         if (!s.wantsCredit) continue;
-        // A window is never smaller than one chunk, or a chunk that large could never be sent.
-        if (s.held + s.unit > Math.max(s.window, s.unit)) continue;
+        // Never past its cap: its window (never below one chunk, or a chunk that large could never be
+        // sent), and no further ahead of the data it has sent than one chunk.
+        const step = s.step;
+        if (step === 0) continue;
+        // Sessions yet to send a chunk, asking for large ones, share part of the budget.
+        const large = !s.proven && s.unit > INITIAL_GRANT_UNIT;
+        if (large && unprovenLarge + step > Math.max(largeShare, s.unit - INITIAL_GRANT_UNIT)) continue;
         if (
           best === undefined ||
           s.held < best.held ||
@@ -909,14 +1370,18 @@ class Node implements ReplicationNode {
         }
       }
       if (best === undefined) return;
-      if (total + best.unit > this.budget) {
+      const step = best.step;
+      if (total + step > this.budget) {
         best.budgetLimited = true;
         return;
       }
       best.budgetLimited = false;
-      best.grant(best.unit, now);
+      const beyondFirst = (held: number) => Math.max(0, held - INITIAL_GRANT_UNIT);
+      if (!best.proven && best.unit > INITIAL_GRANT_UNIT)
+        unprovenLarge += beyondFirst(best.held + step) - beyondFirst(best.held);
+      best.grant(step, now);
       best.lastGrantTick = this.grantTick++;
-      total += best.unit;
+      total += step;
       this.counters.peakHeld = Math.max(this.counters.peakHeld, total);
     }
   }
@@ -937,6 +1402,7 @@ class Node implements ReplicationNode {
 
   private tick(): void {
     const now = performance.now();
+    this.sweep(now);
     for (const s of this.sessions.values()) {
       if (!s.controller || s.tearingDown) continue;
       const decision = s.controller.evaluate(now);
@@ -947,6 +1413,42 @@ class Node implements ReplicationNode {
     }
     this.allocate();
     this.flushGrants();
+  }
+
+  /**
+   * The handshake and idle timeouts, which count complete frames, never bytes: a connection without
+   * a complete HELLO within handshakeTimeoutMs, a frame arriving for longer than idleTimeoutMs, and a
+   * session that moved on for idleTimeoutMs while the node owed it nothing are closed with an ERROR
+   * naming the limit. A closed session's lock and credit are free at once.
+   */
+  private sweep(now: number): void {
+    const { handshakeTimeoutMs, idleTimeoutMs } = this.limits;
+    for (const c of [...this.conns]) {
+      if (c.closing) continue;
+      if (c.session === undefined) {
+        if (!c.handshaking && now - c.acceptedAt > handshakeTimeoutMs) {
+          this.refuseLimit(c, 'handshakeTimeoutMs', 'no complete HELLO since the connection opened', true);
+        }
+      } else if (c.reader.buffered > 0 && now - c.frameSince > idleTimeoutMs) {
+        this.refuseLimit(c, 'idleTimeoutMs', 'a frame has been arriving for longer than this', true);
+      }
+    }
+    for (const s of [...this.sessions.values()]) {
+      if (s.tearingDown || s.conns.size === 0) continue;
+      if (s.owed) {
+        s.idleSince = now;
+        continue;
+      }
+      if (now - s.idleSince <= idleTimeoutMs) continue;
+      for (const c of [...s.conns]) {
+        this.refuseLimit(
+          c,
+          'idleTimeoutMs',
+          `disk ${s.disk} made no progress; its lock and credit are released`,
+          true,
+        );
+      }
+    }
   }
 
   private faultSample(s: Session) {

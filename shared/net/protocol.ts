@@ -4,9 +4,18 @@
 // only. The reader checks `length` against the largest payload the type can have BEFORE it buffers
 // anything, so a peer cannot make either side allocate more than one bounded frame.
 //
-// Session. A source opens a disk with HELLO (magic "FERRY", version 1, disk name, size, copy kind,
-// resume flag, a 16-byte session id it chose). The node answers WELCOME (block size, largest chunk,
-// the node's incarnation of the session, this connection's id, the credit granted so far) or ERROR.
+// Session. A source opens a disk with HELLO (magic "FERRY", version 2, disk name, size, copy kind,
+// resume flag, a 16-byte session id it chose, the resume token, the engine's cycle id). The node
+// answers WELCOME (block size, largest chunk, the node's incarnation of the session, this
+// connection's id, the credit granted so far, the session's resume token) or ERROR.
+// Resume tokens. A HELLO without the resume flag starts a new session: the node records it durably
+// (who started it, a fresh random resume token, the cycle id) before it sends WELCOME with the
+// token. A HELLO with the resume flag must present that token: it is accepted only for a session
+// the node itself recorded and that is not committed, so nobody resumes straight into an image.
+// A HELLO with the check flag asks a question instead of opening anything: does the node hold the
+// session of this cycle with these chunks (count, aggregate of their SHA-256s, aggregate of their
+// extents)? The node answers CHECKED (held, and then the token) and hangs up; this is how a source
+// that restarted proves a resume before skipping chunks (DiskTarget.checkResume).
 // More connections of the same source join the session with the same session id; a HELLO with a
 // new session id for a disk that has live connections is refused (two sources must not write one
 // image). When a connection is lost the source reconnects with the same session id and `resume`
@@ -44,10 +53,22 @@
 // it counts or writes anything, writes through its target (which reads back and verifies), then
 // ACKs, or NACKs with a code: checksum (retryable), write failed (retryable or not), throttled.
 //
+// Durability. FLUSH asks the node to make every chunk it has ACKed durable (the image or staging
+// file and its record of chunk digests, fsynced); FLUSHED answers once they are. The source's
+// engine flushes before each progress save, so its progress never outruns the node's disk.
+//
 // Commit. EXTENTS frames stream the cycle's changed extents (LEB128 gap/length pairs, so a
 // fragmented map of 100k extents is a few hundred KiB), then COMMIT (chunks, bytes, aggregate
 // SHA-256, extent count) makes the node commit its target and answer COMMITTED (the target's
-// reference). AFTER_PUBLISH (answered DONE) drops the node's staging; CLOSE ends a connection.
+// reference). The node commits only what it checked itself: the aggregate over the digests it
+// verified, in seq order, must equal the COMMIT's, every seq below `chunks` must have arrived and
+// none above, and the chunks' extents must be exactly the EXTENTS. AFTER_PUBLISH (answered DONE)
+// drops the node's staging; CLOSE ends a connection.
+//
+// Versions. Frame headers and the ERROR frame are the same in every version, and HELLO starts with
+// magic and version in every version, so a node reads any source's HELLO far enough to answer a
+// peer of another version with an ERROR that says which side to upgrade.
+import { createHash } from 'node:crypto';
 import { FerryError } from '../engine/errors.ts';
 import type { Extent } from '../engine/extents.ts';
 import type { CopyKind } from '../engine/ports.ts';
@@ -55,7 +76,7 @@ import { MiB } from '../engine/units.ts';
 import { ByteQueue } from './byte-queue.ts';
 
 export const MAGIC = 'FERRY';
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 /** `[u32 length][u8 type]`. */
 export const FRAME_HEADER_BYTES = 5;
 // The engine's own chunk limit (a chunk is buffered whole at both ends): above it, one chunk fills a
@@ -75,6 +96,12 @@ export const MAX_DISK_NAME_BYTES = 255;
 export const MAX_TEXT_BYTES = 1024;
 export const SESSION_ID_BYTES = 16;
 export const INCARNATION_BYTES = 8;
+// 128 random bits: guessing a resume token is out of reach.
+export const TOKEN_BYTES = 16;
+/** The token of a HELLO that opens a new session (it has none). */
+export const NO_TOKEN = '00'.repeat(TOKEN_BYTES);
+// The engine's cycle ids are "<set>#<sequence>"; set names are at most 128 characters.
+export const MAX_CYCLE_BYTES = 255;
 
 export const FRAME_TYPES = {
   hello: 0x01,
@@ -92,6 +119,9 @@ export const FRAME_TYPES = {
   done: 0x0d,
   close: 0x0e,
   'conn-closed': 0x0f,
+  flush: 0x10,
+  flushed: 0x11,
+  checked: 0x12,
   error: 0x7f,
 } as const;
 
@@ -118,12 +148,25 @@ export const SENT_BY: Readonly<Record<FrameType, 'source' | 'node' | 'both'>> = 
   done: 'node',
   close: 'source',
   'conn-closed': 'node',
+  flush: 'source',
+  flushed: 'node',
+  checked: 'node',
   error: 'both',
 };
 
 /** Why a node refused a chunk; decides what the source's retry layer does with it. */
 export type NackCode = 'checksum' | 'write-retryable' | 'write-failed' | 'throttled';
 const NACK_CODES: readonly NackCode[] = ['checksum', 'write-retryable', 'write-failed', 'throttled'];
+
+/**
+ * What a source claims before a resume: the chunks of seqs 0..chunks-1 with the linear aggregate
+ * of their SHA-256s (as the engine's LinearAggregator) and of their layouts (`chunkLayoutSha256`).
+ */
+export interface ResumeCheck {
+  readonly chunks: number;
+  readonly aggregateSha256: string;
+  readonly layoutSha256: string;
+}
 
 /** A chunk's description, without its data: what the reader hands to admission before buffering. */
 export interface ChunkMeta {
@@ -149,6 +192,12 @@ export type Frame =
       readonly resume: boolean;
       /** Hex, SESSION_ID_BYTES long: chosen by the source, shared by all its connections for a disk. */
       readonly session: string;
+      /** Hex, TOKEN_BYTES long: the resume token from the session's WELCOME; NO_TOKEN when opening. */
+      readonly token: string;
+      /** The engine's cycle id, recorded with the session ('' when the caller has none). */
+      readonly cycle: string;
+      /** Present: not a session but the question CHECKED answers (`sizeBytes`, `kind` unused). */
+      readonly check?: ResumeCheck;
     }
   | {
       readonly type: 'welcome';
@@ -164,6 +213,8 @@ export type Frame =
       readonly granted: number;
       /** The node's current window for the disk (informational). */
       readonly window: number;
+      /** Hex, TOKEN_BYTES long: what a resuming HELLO of this session must present. */
+      readonly token: string;
     }
   | ({ readonly type: 'chunk'; readonly data: Uint8Array } & ChunkMeta)
   | { readonly type: 'ack'; readonly tag: number; readonly seq: number; readonly granted: number }
@@ -192,6 +243,10 @@ export type Frame =
   | { readonly type: 'done' }
   | { readonly type: 'close' }
   | { readonly type: 'conn-closed'; readonly conn: number; readonly admitted: number }
+  | { readonly type: 'flush' }
+  | { readonly type: 'flushed' }
+  /** The answer to a check HELLO: `held` with the session's token, or why not (then NO_TOKEN). */
+  | { readonly type: 'checked'; readonly held: boolean; readonly token: string; readonly reason: string }
   | { readonly type: 'error'; readonly retryable: boolean; readonly reason: string };
 
 export type FrameOf<T extends FrameType> = Extract<Frame, { type: T }>;
@@ -212,8 +267,14 @@ const label = (type: FrameType): string => type.toUpperCase().replace('-', '_');
 
 // ---- Sizes ----
 
-const HELLO_FIXED = MAGIC.length + 2 + 1 + 1 + 8 + SESSION_ID_BYTES + 2;
-const WELCOME_BYTES = 2 + 4 + 4 + INCARNATION_BYTES + 4 + 1 + 8 + 8;
+/** magic, version, kind, flags, size, session, token, cycle length, name length. */
+const HELLO_FIXED = MAGIC.length + 2 + 1 + 1 + 8 + SESSION_ID_BYTES + TOKEN_BYTES + 2 + 2;
+/** A check HELLO's claim: chunks, aggregate, layout. */
+const HELLO_CHECK_BYTES = 8 + 32 + 32;
+const HELLO_RESUME = 0x01;
+const HELLO_CHECK = 0x02;
+const WELCOME_BYTES = 2 + 4 + 4 + INCARNATION_BYTES + 4 + 1 + 8 + 8 + TOKEN_BYTES;
+const CHECKED_FIXED = 1 + TOKEN_BYTES + 2;
 /** tag, seq, offset, bytes, flags, sha256, extent count. */
 export const CHUNK_FIXED_BYTES = 4 + 8 + 8 + 4 + 1 + 32 + 4;
 const CHUNK_EXTENT_BYTES = 12;
@@ -226,7 +287,7 @@ const MAX_VARINT_BYTES = 8;
 export function maxPayload(type: FrameType, maxChunkBytes = MAX_CHUNK_BYTES): number {
   switch (type) {
     case 'hello':
-      return HELLO_FIXED + MAX_DISK_NAME_BYTES;
+      return HELLO_FIXED + HELLO_CHECK_BYTES + MAX_CYCLE_BYTES + MAX_DISK_NAME_BYTES;
     case 'welcome':
       return WELCOME_BYTES;
     case 'chunk':
@@ -249,9 +310,13 @@ export function maxPayload(type: FrameType, maxChunkBytes = MAX_CHUNK_BYTES): nu
     case 'after-publish':
     case 'done':
     case 'close':
+    case 'flush':
+    case 'flushed':
       return 0;
     case 'conn-closed':
       return 4 + 8;
+    case 'checked':
+      return CHECKED_FIXED + MAX_TEXT_BYTES;
     case 'error':
       return 1 + 2 + MAX_TEXT_BYTES;
   }
@@ -398,6 +463,49 @@ function hexBytes(hex: string, n: number, what: string): Buffer {
   return Buffer.from(hex, 'hex');
 }
 
+/**
+ * The ERROR text for a peer of another protocol version, read by `reader` ('node' reads HELLOs,
+ * 'source' reads WELCOMEs): which version each side speaks and which side to upgrade.
+ */
+function versionMismatch(reader: 'node' | 'source', version: number): string {
+  const frame = reader === 'node' ? 'HELLO' : 'WELCOME';
+  const peer = reader === 'node' ? 'source' : 'node';
+  const older = version < PROTOCOL_VERSION ? peer : reader;
+  return (
+    `${frame} frame: the ${peer} speaks Ferry protocol version ${version}, this ${reader} speaks version ` +
+    `${PROTOCOL_VERSION}: upgrade ferry on the ${older}`
+  );
+}
+
+/**
+ * SHA-256 (hex) of a chunk's layout: its extents as big-endian u64 offset and length pairs. The node
+ * records it per chunk, so it can check at COMMIT that the chunks cover exactly the EXTENTS, and a
+ * resume check covers where the chunks lie as well as what they hold.
+ */
+export function chunkLayoutSha256(extents: readonly Extent[]): string {
+  const hash = new LayoutHash();
+  for (const e of extents) hash.piece(e.offset, e.length);
+  return hash.hex();
+}
+
+/** `chunkLayoutSha256` fed one extent at a time. */
+export class LayoutHash {
+  private readonly hash = createHash('sha256');
+  private readonly pair = Buffer.alloc(16);
+
+  piece(offset: number, length: number): void {
+    this.pair.writeUInt32BE(Math.floor(offset / 2 ** 32), 0);
+    this.pair.writeUInt32BE(offset % 2 ** 32, 4);
+    this.pair.writeUInt32BE(Math.floor(length / 2 ** 32), 8);
+    this.pair.writeUInt32BE(length % 2 ** 32, 12);
+    this.hash.update(this.pair);
+  }
+
+  hex(): string {
+    return this.hash.digest('hex');
+  }
+}
+
 /** Why a disk name cannot name an image in the node's target directory, or undefined if it can. */
 export function diskNameProblem(name: string): string | undefined {
   if (name === '') return 'is empty';
@@ -469,13 +577,28 @@ export function encodeFrame(frame: Frame): Buffer {
       const name = Buffer.from(frame.disk, 'utf8');
       const problem = diskNameProblem(frame.disk);
       if (problem) fail(`disk name "${frame.disk}" ${problem}`);
-      const w = new Writer('hello', HELLO_FIXED + name.length);
+      const cycle = Buffer.from(frame.cycle, 'utf8');
+      if (cycle.length > MAX_CYCLE_BYTES)
+        fail(`cycle id of ${cycle.length} bytes exceeds ${MAX_CYCLE_BYTES}`);
+      const check = frame.check;
+      const w = new Writer(
+        'hello',
+        HELLO_FIXED + (check ? HELLO_CHECK_BYTES : 0) + cycle.length + name.length,
+      );
       w.bytes(Buffer.from(MAGIC, 'ascii'));
       w.u16(frame.version);
       w.u8(frame.kind === 'full' ? 0 : 1);
-      w.u8(frame.resume ? 1 : 0);
+      w.u8((frame.resume ? HELLO_RESUME : 0) | (check ? HELLO_CHECK : 0));
       w.u64(frame.sizeBytes, 'disk size');
       w.bytes(hexBytes(frame.session, SESSION_ID_BYTES, 'session'));
+      w.bytes(hexBytes(frame.token, TOKEN_BYTES, 'resume token'));
+      if (check) {
+        w.u64(check.chunks, 'checked chunks');
+        w.bytes(hexBytes(check.aggregateSha256, 32, 'checked aggregate'));
+        w.bytes(hexBytes(check.layoutSha256, 32, 'checked layout'));
+      }
+      w.u16(cycle.length);
+      w.bytes(cycle);
       w.u16(name.length);
       w.bytes(name);
       return w.done();
@@ -490,6 +613,7 @@ export function encodeFrame(frame: Frame): Buffer {
       w.u8(frame.joined ? 1 : 0);
       w.u64(frame.granted, 'granted');
       w.u64(frame.window, 'window');
+      w.bytes(hexBytes(frame.token, TOKEN_BYTES, 'resume token'));
       return w.done();
     }
     case 'chunk': {
@@ -572,7 +696,18 @@ export function encodeFrame(frame: Frame): Buffer {
     case 'after-publish':
     case 'done':
     case 'close':
+    case 'flush':
+    case 'flushed':
       return new Writer(frame.type, 0).done();
+    case 'checked': {
+      const reason = textBytes(frame.reason, MAX_TEXT_BYTES);
+      const w = new Writer('checked', CHECKED_FIXED + reason.length);
+      w.u8(frame.held ? 1 : 0);
+      w.bytes(hexBytes(frame.token, TOKEN_BYTES, 'resume token'));
+      w.u16(reason.length);
+      w.bytes(reason);
+      return w.done();
+    }
     case 'conn-closed': {
       const w = new Writer('conn-closed', 12);
       w.u32(frame.conn);
@@ -616,16 +751,25 @@ export function decodePayload(type: Exclude<FrameType, 'chunk'>, payload: Buffer
     case 'hello': {
       const magic = r.bytes(MAGIC.length, 'magic').toString('latin1');
       if (magic !== MAGIC) fail(`HELLO frame: bad magic "${magic}" (not a Ferry source)`);
+      // Nothing after the version is read from another version's HELLO: its layout may differ.
       const version = r.u16('version');
-      if (version !== PROTOCOL_VERSION) {
-        fail(`HELLO frame: protocol version ${version}, this node speaks version ${PROTOCOL_VERSION}`);
-      }
+      if (version !== PROTOCOL_VERSION) fail(versionMismatch('node', version));
       const kindCode = r.u8('kind');
       if (kindCode > 1) fail(`HELLO frame: unknown copy kind ${kindCode}`);
       const flags = r.u8('flags');
-      if (flags > 1) fail(`HELLO frame: unknown flags 0x${flags.toString(16)}`);
+      if (flags > (HELLO_RESUME | HELLO_CHECK)) fail(`HELLO frame: unknown flags 0x${flags.toString(16)}`);
       const sizeBytes = r.u64('disk size');
       const session = r.bytes(SESSION_ID_BYTES, 'session').toString('hex');
+      const token = r.bytes(TOKEN_BYTES, 'resume token').toString('hex');
+      const check: ResumeCheck | undefined =
+        flags & HELLO_CHECK
+          ? {
+              chunks: r.u64('checked chunks'),
+              aggregateSha256: r.bytes(32, 'checked aggregate').toString('hex'),
+              layoutSha256: r.bytes(32, 'checked layout').toString('hex'),
+            }
+          : undefined;
+      const cycle = r.text('cycle id', MAX_CYCLE_BYTES);
       const disk = r.text('disk name', MAX_DISK_NAME_BYTES);
       frame = {
         type,
@@ -633,16 +777,17 @@ export function decodePayload(type: Exclude<FrameType, 'chunk'>, payload: Buffer
         disk,
         sizeBytes,
         kind: kindCode === 0 ? 'full' : 'incremental',
-        resume: flags === 1,
+        resume: (flags & HELLO_RESUME) !== 0,
         session,
+        token,
+        cycle,
+        ...(check ? { check } : {}),
       };
       break;
     }
     case 'welcome': {
       const version = r.u16('version');
-      if (version !== PROTOCOL_VERSION) {
-        fail(`WELCOME frame: protocol version ${version}, this source speaks version ${PROTOCOL_VERSION}`);
-      }
+      if (version !== PROTOCOL_VERSION) fail(versionMismatch('source', version));
       const blockSize = r.u32('block size');
       const maxChunkBytes = r.u32('max chunk');
       const incarnation = r.bytes(INCARNATION_BYTES, 'incarnation').toString('hex');
@@ -659,6 +804,7 @@ export function decodePayload(type: Exclude<FrameType, 'chunk'>, payload: Buffer
         joined: flags === 1,
         granted: r.u64('granted'),
         window: r.u64('window'),
+        token: r.bytes(TOKEN_BYTES, 'resume token').toString('hex'),
       };
       break;
     }
@@ -720,8 +866,21 @@ export function decodePayload(type: Exclude<FrameType, 'chunk'>, payload: Buffer
     case 'after-publish':
     case 'done':
     case 'close':
+    case 'flush':
+    case 'flushed':
       frame = { type };
       break;
+    case 'checked': {
+      const held = r.u8('held');
+      if (held > 1) fail(`CHECKED frame: unknown held value ${held}`);
+      frame = {
+        type,
+        held: held === 1,
+        token: r.bytes(TOKEN_BYTES, 'resume token').toString('hex'),
+        reason: r.text('reason', MAX_TEXT_BYTES),
+      };
+      break;
+    }
     case 'conn-closed':
       frame = { type, conn: r.u32('connection id'), admitted: r.u64('admitted') };
       break;

@@ -1,12 +1,15 @@
 // A disk target on a Ferry replication node (`ferry://host:port/disk`), streamed within the node's credit.
 import { randomBytes } from 'node:crypto';
-import net from 'node:net';
+import type net from 'node:net';
 import { performance } from 'node:perf_hooks';
 import type { Descriptor } from '../engine/descriptors.ts';
 import { AbortedError, errorMessage, FerryError, TransferError } from '../engine/errors.ts';
-import type { CopyKind, DiskCommit, DiskTarget } from '../engine/ports.ts';
+import { LinearAggregator } from '../engine/integrity.ts';
+import type { CopyKind, DiskCommit, DiskTarget, ResumeClaim } from '../engine/ports.ts';
+import type { JoinCredential } from './join.ts';
 import {
   type ChunkMeta,
+  chunkLayoutSha256,
   encodeChunkHead,
   encodeFrame,
   extentBatches,
@@ -14,10 +17,13 @@ import {
   type FrameOf,
   FrameReader,
   MAX_CHUNK_BYTES,
+  NO_TOKEN,
   PROTOCOL_BLOCK_SIZE,
   PROTOCOL_VERSION,
+  type ResumeCheck,
   SESSION_ID_BYTES,
 } from './protocol.ts';
+import { NodeConnector } from './transport.ts';
 import { type FerryUri, parseFerryUri } from './uri.ts';
 
 export { DEFAULT_CONNECTIONS, type FerryUri, MAX_CONNECTIONS, parseFerryUri } from './uri.ts';
@@ -40,11 +46,21 @@ const CONTROL_ATTEMPTS = 6;
 const KEEPALIVE_MS = 15_000;
 // close() waits this long for the node to hang up after CLOSE before destroying the sockets.
 const CLOSE_LINGER_MS = 2_000;
+// Chunks waiting this long for credit from a node that grants none fail the disk: the node grants
+// to every disk within a chunk's write time (max-min fairness), and keeps an idle session for its
+// own idle timeout (120 s), so a longer silence is a node that is stuck or refusing in effect.
+const DEFAULT_STALL_TIMEOUT_MS = 120_000;
 
 export interface RemoteTargetOptions {
   readonly connections?: number;
   readonly connectTimeoutMs?: number;
   readonly idleReleaseMs?: number;
+  /** How long chunks may wait for credit the node does not grant before the disk fails (ms). */
+  readonly stallTimeoutMs?: number;
+  /** The node's join file (join.ts readJoinFile): TLS 1.3, the node's CA pinned, this client certificate. */
+  readonly join?: JoinCredential | undefined;
+  /** Plain TCP instead, toward a node on this host started with --insecure. One of the two is required. */
+  readonly insecure?: boolean | undefined;
 }
 
 /** A chunk handed to writeChunk, from queueing until the node answers for it. */
@@ -60,6 +76,9 @@ interface Chunk {
   readonly settle: (err?: Error) => void;
 }
 
+/** The frames that answer a commit-phase request (FLUSH, COMMIT, AFTER_PUBLISH). */
+type ControlAnswer = 'flushed' | 'committed' | 'done';
+
 /** One TCP connection to the node. */
 class Link {
   conn = 0;
@@ -74,10 +93,14 @@ class Link {
   consumed = 0;
   nextTag = 1;
   error: Error | undefined;
-  /** A commit-phase request waiting for its answer. */
-  control:
-    | { expect: 'committed' | 'done'; resolve: (f: Frame) => void; reject: (e: Error) => void }
-    | undefined;
+  /** Commit-phase requests waiting for their answers, in the order sent (the node answers in order). */
+  readonly control: {
+    expect: ControlAnswer;
+    resolve: (f: Frame) => void;
+    reject: (e: Error) => void;
+  }[] = [];
+  /** The node's answer to a check HELLO on this connection. */
+  checked: FrameOf<'checked'> | undefined;
   readonly closed: Promise<void>;
   reader!: FrameReader;
 
@@ -90,9 +113,18 @@ export class RemoteTarget implements DiskTarget {
   readonly name: string;
   readonly blockSize = PROTOCOL_BLOCK_SIZE;
   private readonly uri: FerryUri;
+  /** Opens connections: TLS with the join file, or plain TCP (insecure, loopback only). */
+  private readonly connector: NodeConnector;
   private readonly desired: number;
   private readonly connectTimeoutMs: number;
   private readonly idleReleaseMs: number;
+  private readonly stallTimeoutMs: number;
+  /** The node's resume token for this disk's session (from WELCOME, or CHECKED before a resume). */
+  private token = NO_TOKEN;
+  /** The engine's cycle id, recorded by the node with the session. */
+  private cycle = '';
+  /** Runs while chunks wait for credit; fails the disk if the node grants none for stallTimeoutMs. */
+  private stallTimer: NodeJS.Timeout | undefined;
   /** Identifies this source's session for the disk; every connection presents it. */
   private readonly session = randomBytes(SESSION_ID_BYTES).toString('hex');
   private sizeBytes = 0;
@@ -128,9 +160,11 @@ export class RemoteTarget implements DiskTarget {
   constructor(uri: FerryUri, opts: RemoteTargetOptions = {}) {
     this.uri = uri;
     this.name = uri.name;
+    this.connector = new NodeConnector(uri, opts);
     this.desired = opts.connections ?? uri.connections;
     this.connectTimeoutMs = opts.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
     this.idleReleaseMs = opts.idleReleaseMs ?? DEFAULT_IDLE_RELEASE_MS;
+    this.stallTimeoutMs = opts.stallTimeoutMs ?? DEFAULT_STALL_TIMEOUT_MS;
   }
 
   static fromUri(uri: string, opts: RemoteTargetOptions = {}): RemoteTarget {
@@ -156,11 +190,17 @@ export class RemoteTarget implements DiskTarget {
     };
   }
 
-  async open(sizeBytes: number, kind: CopyKind, resume: boolean): Promise<void> {
+  /**
+   * Opens the disk's session on the node: a new one, or (`resume`) the one `checkResume` found,
+   * presenting its token; the node refuses a resume of anything else.
+   */
+  async open(sizeBytes: number, kind: CopyKind, resume: boolean, cycleId = ''): Promise<void> {
     if (this.opened) return;
     if (this.closed) throw new FerryError(`${this.name}: target used after close()`);
     this.sizeBytes = sizeBytes;
     this.kind = kind;
+    this.cycle = cycleId;
+    if (!resume) this.token = NO_TOKEN;
     for (let attempt = 1; ; attempt++) {
       try {
         await this.connect(resume);
@@ -272,6 +312,46 @@ export class RemoteTarget implements DiskTarget {
     return ref === '' ? undefined : ref;
   }
 
+  /**
+   * Asks the node whether it holds this cycle's session with the claimed chunks (their digests and
+   * where they lie, checked against its own record); if it does, keeps the session's token for the
+   * resuming `open`. Any other answer, or no answer, is a reason to start the cycle over.
+   */
+  async checkResume(claim: ResumeClaim): Promise<string | undefined> {
+    const digests = new LinearAggregator();
+    const layouts = new LinearAggregator();
+    for (const { descriptor, sha256 } of claim.chunks) {
+      digests.add(sha256);
+      layouts.add(chunkLayoutSha256(descriptor.extents));
+    }
+    const check: ResumeCheck = {
+      chunks: claim.chunks.length,
+      aggregateSha256: digests.hex(),
+      layoutSha256: layouts.hex(),
+    };
+    this.cycle = claim.cycleId;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const answer = (await this.connect(false, check)).checked;
+        if (answer === undefined) return 'the node did not answer the resume check';
+        if (!answer.held) return `the node does not hold this cycle's chunks: ${answer.reason}`;
+        this.token = answer.token;
+        return undefined;
+      } catch (err) {
+        if (!isRetryable(err) || attempt >= OPEN_ATTEMPTS || this.closed) {
+          return `could not ask the node whether it holds this cycle: ${errorMessage(err)}`;
+        }
+        await this.pause(backoff(attempt));
+      }
+    }
+  }
+
+  /** Returns once the node has made every chunk it acknowledged durable (FLUSH, FLUSHED). */
+  async flush(): Promise<void> {
+    if (!this.opened || this.closed) return;
+    await this.control('flush', 'flushed', (link) => this.write(link, encodeFrame({ type: 'flush' })));
+  }
+
   async afterPublish(): Promise<void> {
     await this.control('after publish', 'done', (link) =>
       this.write(link, encodeFrame({ type: 'after-publish' })),
@@ -282,6 +362,7 @@ export class RemoteTarget implements DiskTarget {
     if (this.closed) return;
     this.closed = true;
     if (this.idleTimer) clearTimeout(this.idleTimer);
+    if (this.stallTimer) clearTimeout(this.stallTimer);
     for (const wake of [...this.pauses]) wake();
     const err = new FerryError(`${this.name}: target closed`);
     for (const chunk of this.queue.splice(0)) chunk.settle(err);
@@ -299,9 +380,13 @@ export class RemoteTarget implements DiskTarget {
 
   // ---- Connections ----
 
-  /** Opens one connection and says HELLO; resolves once the node welcomed it into the session. */
-  private connect(resume: boolean): Promise<Link> {
-    const socket = net.connect({ host: this.uri.host, port: this.uri.port });
+  /**
+   * Opens one connection and says HELLO; resolves once the node welcomed it into the session. With
+   * `check`, the HELLO asks whether the node holds the session instead: resolves with the answer
+   * (`link.checked`) and the node hangs up.
+   */
+  private connect(resume: boolean, check?: ResumeCheck): Promise<Link> {
+    const socket = this.connector.connect();
     socket.setNoDelay(true);
     socket.setKeepAlive(true, KEEPALIVE_MS);
     const link = new Link(socket);
@@ -333,6 +418,14 @@ export class RemoteTarget implements DiskTarget {
             lost(this.transferError(`the node refused the connection: ${frame.reason}`, frame.retryable));
             return;
           }
+          if (frame.type === 'checked' && check !== undefined) {
+            clearTimeout(timer);
+            this.connecting.delete(link);
+            link.checked = frame;
+            socket.end();
+            resolve(link);
+            return;
+          }
           if (frame.type !== 'welcome') {
             lost(
               this.transferError(
@@ -359,17 +452,7 @@ export class RemoteTarget implements DiskTarget {
         },
       });
       socket.on('connect', () => {
-        socket.write(
-          encodeFrame({
-            type: 'hello',
-            version: PROTOCOL_VERSION,
-            disk: this.uri.disk,
-            sizeBytes: this.sizeBytes,
-            kind: this.kind,
-            resume,
-            session: this.session,
-          }),
-        );
+        socket.write(encodeFrame(this.hello(resume, check)));
       });
       socket.on('data', (buf: Buffer) => {
         try {
@@ -383,13 +466,33 @@ export class RemoteTarget implements DiskTarget {
         }
       });
       socket.on('error', (err) => {
-        link.error ??= err;
+        link.error ??= this.connector.explain(err);
       });
       socket.on('close', () => {
+        // A refusal the connector recognized (another node, TLS against plain TCP) is final as it is.
+        if (link.error instanceof TransferError) {
+          lost(link.error);
+          return;
+        }
         const why = link.error ? errorMessage(link.error) : 'the node closed the connection';
         lost(this.transferError(why, true, link.error));
       });
     });
+  }
+
+  private hello(resume: boolean, check: ResumeCheck | undefined): FrameOf<'hello'> {
+    return {
+      type: 'hello',
+      version: PROTOCOL_VERSION,
+      disk: this.uri.disk,
+      sizeBytes: this.sizeBytes,
+      kind: this.kind,
+      resume,
+      session: this.session,
+      token: resume ? this.token : NO_TOKEN,
+      cycle: this.cycle,
+      ...(check ? { check } : {}),
+    };
   }
 
   /** Takes a welcomed connection into the session; returns why it cannot be used, if it cannot. */
@@ -401,6 +504,8 @@ export class RemoteTarget implements DiskTarget {
       );
     }
     this.maxChunkBytes = Math.min(MAX_CHUNK_BYTES, welcome.maxChunkBytes);
+    // What every later connection (and a reconnect after the node restarted) presents to resume.
+    this.token = welcome.token;
     link.conn = welcome.conn;
     link.incarnation = welcome.incarnation;
     if (welcome.incarnation !== this.incarnation) {
@@ -434,8 +539,7 @@ export class RemoteTarget implements DiskTarget {
     for (const chunk of link.pending.values()) chunk.settle(err);
     link.pending.clear();
     link.outstanding = 0;
-    link.control?.reject(err);
-    link.control = undefined;
+    for (const c of link.control.splice(0)) c.reject(err);
     if (link.incarnation === this.incarnation && link.consumed > 0) {
       const admitted = this.reports.get(link.conn);
       if (admitted !== undefined) {
@@ -539,12 +643,13 @@ export class RemoteTarget implements DiskTarget {
         return;
       }
       case 'committed':
-      case 'done': {
-        const control = link.control;
+      case 'done':
+      case 'flushed': {
+        const control = link.control[0];
         if (control === undefined || control.expect !== frame.type) {
           throw new FerryError(`unexpected ${frame.type.toUpperCase()} frame`);
         }
-        link.control = undefined;
+        link.control.shift();
         control.resolve(frame);
         return;
       }
@@ -597,6 +702,7 @@ export class RemoteTarget implements DiskTarget {
           head.wanted = true;
           this.sendControl({ type: 'want', bytes: head.descriptor.bytes, order: ++this.order });
         }
+        this.armStall();
         break;
       }
       this.queue.shift();
@@ -657,6 +763,35 @@ export class RemoteTarget implements DiskTarget {
     return undefined;
   }
 
+  /**
+   * Fails the disk when chunks have waited stallTimeoutMs for credit and the node granted nothing
+   * meanwhile (any grant re-arms it; so does being without connections, which `maintain` handles).
+   */
+  private armStall(): void {
+    if (this.stallTimer || this.closed) return;
+    const granted = this.granted;
+    this.stallTimer = setTimeout(() => {
+      this.stallTimer = undefined;
+      const head = this.queue[0];
+      if (this.closed || head === undefined) return;
+      if (
+        this.granted !== granted ||
+        this.links.size === 0 ||
+        this.granted - this.consumed >= head.descriptor.bytes
+      ) {
+        this.pump();
+        return;
+      }
+      this.fatal ??= this.transferError(
+        `the node granted no credit for ${this.stallTimeoutMs / 1000} s (${this.queue.length} chunks waiting); ` +
+          'it is stuck or overloaded: see its log',
+        false,
+      );
+      this.failWaiting(this.fatal);
+    }, this.stallTimeoutMs);
+    this.stallTimer.unref();
+  }
+
   private armIdleRelease(): void {
     if (this.idleTimer || this.closed || this.queue.length > 0 || this.granted <= this.consumed) return;
     const wait = Math.max(0, this.lastActivity + this.idleReleaseMs - performance.now());
@@ -699,7 +834,7 @@ export class RemoteTarget implements DiskTarget {
   /** A commit-phase request: idempotent at the node, so retried on another connection if one is lost. */
   private async control(
     what: string,
-    expect: 'committed' | 'done',
+    expect: ControlAnswer,
     send: (link: Link) => Promise<void>,
   ): Promise<Frame> {
     for (let attempt = 1; ; attempt++) {
@@ -708,7 +843,7 @@ export class RemoteTarget implements DiskTarget {
       try {
         const link = await this.anyLink();
         const reply = new Promise<Frame>((resolve, reject) => {
-          link.control = { expect, resolve, reject };
+          link.control.push({ expect, resolve, reject });
         });
         reply.catch(() => {}); // observed below; a send failure must not leave it unhandled
         await send(link);

@@ -9,7 +9,13 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { MiB } from '../../shared/engine/units.ts';
 import { startNode } from '../../shared/net/node.ts';
-import { encodeFrame, type Frame, FrameReader, PROTOCOL_VERSION } from '../../shared/net/protocol.ts';
+import {
+  encodeFrame,
+  type Frame,
+  FrameReader,
+  NO_TOKEN,
+  PROTOCOL_VERSION,
+} from '../../shared/net/protocol.ts';
 
 const cleanups: (() => Promise<void>)[] = [];
 afterEach(async () => {
@@ -36,6 +42,8 @@ async function hello(port: number, disk: string): Promise<Frame | undefined> {
         kind: 'full',
         resume: false,
         session: randomBytes(16).toString('hex'),
+        token: NO_TOKEN,
+        cycle: '',
       }),
     );
   });
@@ -45,7 +53,7 @@ describe('ferry serve and disk names', () => {
   it('refuses a HELLO whose disk name breaks the name rule, and welcomes one that keeps it', async () => {
     // Prepare
     const dir = await mkdtemp(join(tmpdir(), 'ferry-node-names-'));
-    const node = await startNode({ listen: '127.0.0.1:0', targetDir: dir, log: () => {} });
+    const node = await startNode({ listen: '127.0.0.1:0', targetDir: dir, insecure: true, log: () => {} });
     cleanups.push(() => node.close());
     // Names the protocol's own checks let through (no separator, no "..") but the rule does not.
     const bad = ['.hidden', '-rf', 'a b', 'disk\u00e9', 'x'.repeat(129)];

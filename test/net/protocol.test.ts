@@ -22,6 +22,7 @@ import {
   MAX_EXTENTS_PER_FRAME,
   MAX_TEXT_BYTES,
   maxPayload,
+  NO_TOKEN,
   PROTOCOL_VERSION,
   ProtocolError,
   SENT_BY,
@@ -93,6 +94,21 @@ const framesBySource: fc.Arbitrary<Frame>[] = [
     kind: fc.constantFrom('full' as const, 'incremental' as const),
     resume: fc.boolean(),
     session: hex(16),
+    token: hex(16),
+    cycle: fc.string({ unit: 'grapheme', maxLength: 40 }),
+  }),
+  // A resume check: the claim rides in the HELLO.
+  fc.record({
+    type: fc.constant('hello' as const),
+    version: fc.constant(PROTOCOL_VERSION),
+    disk: diskName,
+    sizeBytes: safe,
+    kind: fc.constantFrom('full' as const, 'incremental' as const),
+    resume: fc.boolean(),
+    session: hex(16),
+    token: fc.constant(NO_TOKEN),
+    cycle: fc.string({ unit: 'grapheme', maxLength: 40 }),
+    check: fc.record({ chunks: safe, aggregateSha256: hex(32), layoutSha256: hex(32) }),
   }),
   chunkFrame,
   fc.record({ type: fc.constant('want' as const), bytes: safe, order: u32 }),
@@ -107,6 +123,7 @@ const framesBySource: fc.Arbitrary<Frame>[] = [
   }),
   fc.constant({ type: 'after-publish' as const }),
   fc.constant({ type: 'close' as const }),
+  fc.constant({ type: 'flush' as const }),
   fc.record({ type: fc.constant('error' as const), retryable: fc.boolean(), reason: text }),
 ];
 
@@ -121,6 +138,7 @@ const framesByNode: fc.Arbitrary<Frame>[] = [
     joined: fc.boolean(),
     granted: safe,
     window: safe,
+    token: hex(16),
   }),
   fc.record({ type: fc.constant('ack' as const), tag: u32, seq: safe, granted: safe }),
   fc.record({
@@ -140,6 +158,8 @@ const framesByNode: fc.Arbitrary<Frame>[] = [
   fc.record({ type: fc.constant('committed' as const), targetRef: text }),
   fc.constant({ type: 'done' as const }),
   fc.record({ type: fc.constant('conn-closed' as const), conn: u32, admitted: safe }),
+  fc.constant({ type: 'flushed' as const }),
+  fc.record({ type: fc.constant('checked' as const), held: fc.boolean(), token: hex(16), reason: text }),
   fc.record({ type: fc.constant('error' as const), retryable: fc.boolean(), reason: text }),
 ];
 
@@ -179,7 +199,22 @@ const hello = (disk = 'disk0', sizeBytes = 8 * MiB): Frame => ({
   kind: 'full',
   resume: false,
   session: randomBytes(16).toString('hex'),
+  token: NO_TOKEN,
+  cycle: '',
 });
+
+/** A HELLO as a version 1 source sends it: magic, version, kind, flags, size, session, name. */
+function v1Hello(disk: string): Buffer {
+  const name = Buffer.from(disk);
+  const payload = Buffer.alloc(5 + 2 + 1 + 1 + 8 + 16 + 2 + name.length);
+  payload.write('FERRY', 0, 'latin1');
+  payload.writeUInt16BE(1, 5);
+  payload.writeBigUInt64BE(BigInt(MiB), 9);
+  randomBytes(16).copy(payload, 17);
+  payload.writeUInt16BE(name.length, 33);
+  name.copy(payload, 35);
+  return frameBytes('hello', payload);
+}
 
 describe('frame codec', () => {
   it('decodes every frame it encodes, from either side', () => {
@@ -275,12 +310,14 @@ describe('bad frames', () => {
     const badMagic = Buffer.from(bytes);
     badMagic.write('HTTP/', FRAME_HEADER_BYTES, 'latin1');
     expect(readError('source', badMagic).message).toMatch(/bad magic "HTTP\/"/);
-    const v2 = Buffer.from(bytes);
-    v2.writeUInt16BE(2, FRAME_HEADER_BYTES + 5);
-    expect(readError('source', v2).message).toMatch(/protocol version 2, this node speaks version 1/);
+    const v3 = Buffer.from(bytes);
+    v3.writeUInt16BE(3, FRAME_HEADER_BYTES + 5);
+    expect(readError('source', v3).message).toMatch(
+      /the source speaks Ferry protocol version 3, this node speaks version 2: upgrade ferry on the node/,
+    );
     const welcome = encodeFrame({
       type: 'welcome',
-      version: 1,
+      version: PROTOCOL_VERSION,
       blockSize: 4096,
       maxChunkBytes: MiB,
       incarnation: '00'.repeat(8),
@@ -288,9 +325,16 @@ describe('bad frames', () => {
       joined: false,
       granted: 0,
       window: 0,
+      token: NO_TOKEN,
     });
     expect(readError('source', welcome).message).toMatch(/unexpected WELCOME frame from a source/);
     expect(SENT_BY.error).toBe('both');
+  });
+
+  it('reads a version 1 HELLO far enough to tell that source to upgrade', () => {
+    expect(readError('source', v1Hello('disk0')).message).toBe(
+      'HELLO frame: the source speaks Ferry protocol version 1, this node speaks version 2: upgrade ferry on the source',
+    );
   });
 
   it('refuses a chunk whose length, extents or sizes contradict each other', () => {
@@ -420,6 +464,7 @@ async function startTestNode(log?: string[]): Promise<{ node: ReplicationNode; d
   const node = await startNode({
     listen: '127.0.0.1:0',
     targetDir: dir,
+    insecure: true, // raw frames on loopback
     levels: [MiB, 2 * MiB],
     initialWindow: 2 * MiB,
     nodeBudget: 4 * MiB,
@@ -453,13 +498,14 @@ describe('a node facing a raw client', () => {
     const client = await RawClient.connect(node.port);
     client.send(hello('disk0'));
     const welcome = await client.next();
-    expect(welcome).toMatchObject({ type: 'welcome', blockSize: 4096, granted: 2 * MiB, joined: false });
+    // One chunk of credit until data flows (the window is 2 MiB).
+    expect(welcome).toMatchObject({ type: 'welcome', blockSize: 4096, granted: MiB, joined: false });
     const data = randomBytes(64 * 1024);
     // Act: the digest of other data.
     client.send(chunkOf(data, 0, 1, createHash('sha256').update('other').digest('hex')));
     const nack = await client.next();
     // Assess
-    expect(nack).toMatchObject({ type: 'nack', tag: 1, code: 'checksum', granted: 2 * MiB });
+    expect(nack).toMatchObject({ type: 'nack', tag: 1, code: 'checksum' });
     expect((nack as { reason: string }).reason).toMatch(/checksum mismatch/);
     expect(isZero(await readFile(join(dir, 'disk0')))).toBe(true);
     // The connection is still good: the right data is written and acknowledged.
