@@ -32,7 +32,16 @@ const NBDKIT = existsSync('/usr/sbin/nbdkit') ? '/usr/sbin/nbdkit' : 'nbdkit';
 
 // ---- Configuration ----
 
-const TOOLS = ['ferry', 'stop-and-wait', 'nbdcopy', 'ferry-remote', 'nbdcopy-default'] as const;
+// ferry-remote replicates to a `ferry serve` node over TLS (its join file); ferry-remote-plain to
+// one started with --insecure, to show what TLS costs.
+const TOOLS = [
+  'ferry',
+  'stop-and-wait',
+  'nbdcopy',
+  'ferry-remote',
+  'nbdcopy-default',
+  'ferry-remote-plain',
+] as const;
 type Tool = (typeof TOOLS)[number];
 /** The main matrix; nbdcopy-default (nbdcopy as shipped) runs on the fragmented maps as a supplement. */
 const MAIN_TOOLS: readonly Tool[] = ['ferry', 'stop-and-wait', 'nbdcopy', 'ferry-remote'];
@@ -46,7 +55,8 @@ const HELP = `usage: npm run bench -- [flags]     (node --import tsx bench/wan.t
   --rate-mbit N           link rate per direction, Mbit/s (default 300)
   --workloads LIST        seq,frag64k,frag4k (default all)
   --disks LIST            disks per case (default 1,4)
-  --tools LIST            ferry,stop-and-wait,nbdcopy,ferry-remote (default), nbdcopy-default
+  --tools LIST            ferry,stop-and-wait,nbdcopy,ferry-remote (default), nbdcopy-default,
+                          ferry-remote-plain (to a node with --insecure: ferry-remote without TLS)
   --payload-mib N         bytes to move per case, in all disks together (default 512)
   --frag-percent N        share of a fragmented disk that holds data (default 25)
   --sw-cap-s N            stop-and-wait cases stop after N s; goodput is what completed (default 15)
@@ -438,7 +448,10 @@ async function runCase(
   const rate = spec.rateMbit * 1e6;
   const timeoutMs = opts.caseTimeoutS * 1000;
   const capS = spec.tool === 'stop-and-wait' ? opts.swCapS : undefined;
-  const remote = spec.tool === 'ferry-remote';
+  const remote = spec.tool === 'ferry-remote' || spec.tool === 'ferry-remote-plain';
+  const plain = spec.tool === 'ferry-remote-plain';
+  // The node's state (its CA and STATE/join.json, made at its first start) for a TLS node.
+  const nodeState = join(dir, 'node-state');
   const targets = spec.exports.map((_, i) => join(dir, 'out', `d${i}`));
 
   // The node (remote case) listens first: the link forwards to it.
@@ -453,6 +466,7 @@ async function runCase(
       '127.0.0.1:0',
       '--target',
       `file:${join(dir, 'out')}`,
+      ...(plain ? ['--insecure'] : ['--state', nodeState]),
     ]);
     nodePort = await new Promise<number>((resolvePort, reject) => {
       const timer = setTimeout(() => reject(new Error('ferry serve did not start in 30 s')), 30_000);
@@ -538,12 +552,14 @@ async function runCase(
               ? `nbd+unix:///${e.name}?socket=${server.socket}`
               : `nbd://127.0.0.1:${link.port}/${e.name}`,
             target: remote ? `ferry://127.0.0.1:${link.port}/d${i}` : `file:${targets[i]}`,
+            ...(remote && !plain ? { join: join(nodeState, 'join.json') } : {}),
           })),
           params,
         },
         stateDir: join(dir, 'state'),
         resultPath: join(dir, 'result.json'),
         ...(capS === undefined ? {} : { timeLimitMs: capS * 1000 }),
+        ...(plain ? { insecure: true } : {}),
       };
       await writeFile(join(dir, 'config.json'), JSON.stringify(config));
       const child = watch(process.execPath, [
@@ -922,7 +938,7 @@ function chart(r: CaseResult): string | undefined {
     }
     return out;
   };
-  const remote = r.tool === 'ferry-remote';
+  const remote = r.tool === 'ferry-remote' || r.tool === 'ferry-remote-plain';
   const first = progress[0]![0] / 1000;
   const last = progress.at(-1)![0] / 1000;
   let windowPoints: (readonly [number, number])[];

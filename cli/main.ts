@@ -16,6 +16,7 @@ import {
 } from '../shared/local/run.ts';
 import { type DamagedEntry, LocalStateStore } from '../shared/local/state-dir.ts';
 import { filePath } from '../shared/local/uris.ts';
+import type { NodeTls } from '../shared/net/peer.ts';
 import { runDemo } from './demo.ts';
 import { createReporter, describeRecovery } from './progress.ts';
 
@@ -29,6 +30,9 @@ const program = new Command()
   .name('ferry')
   .description('Block-level incremental replication for disaster recovery and migration')
   .showHelpAfterError()
+  // Options after a subcommand are the subcommand's: `ferry serve issue-credential --state DIR` is
+  // issue-credential's --state, not serve's.
+  .enablePositionalOptions()
   .configureOutput({ writeErr: (s) => process.stderr.write(s) });
 
 program
@@ -53,7 +57,18 @@ program
     [],
   )
   .option('--disk <id>', 'disk id per --source (default disk0, disk1, ...)', collect, [])
-  .option('--job <file>', 'a job file: {"set", "disks": [{"id","source","target","changed"}], "params"}')
+  .option(
+    '--job <file>',
+    'a job file: {"set", "disks": [{"id","source","target","changed","join"}], "params"}',
+  )
+  .option(
+    '--join <file>',
+    "the node's join file, for ferry:// targets (default $FERRY_JOIN; a job file may name one per disk)",
+  )
+  .option(
+    '--insecure',
+    'ferry:// over plain TCP, no authentication: only to a node on this host started with --insecure',
+  )
   .option('--set <name>', 'replication set the checkpoint belongs to', 'default')
   .option('--state <dir>', 'state directory (progress, checkpoint catalog)', DEFAULT_STATE_DIR)
   .option('--chunk-size <size>', 'largest chunk, e.g. "1 MiB"')
@@ -63,11 +78,11 @@ program
   .option('--no-adaptive', 'keep the window fixed instead of adapting it')
   .option('--json', 'print the result as JSON (no progress display)')
   .action(async (o) => {
-    const spec = o.job ? await jobFromFile(o.job, o) : jobFromFlags(o);
+    const spec = withJoinFile(o.job ? await jobFromFile(o.job, o) : jobFromFlags(o), o);
     // An older damaged entry does not stop a cycle, but the operator hears of it on every run.
     const catalog = await new LocalStateStore(o.state).readCatalog(spec.set).catch(() => undefined);
     for (const d of catalog?.damaged ?? []) err(damagedEntryWarning(d));
-    const result = await runWithProgress(spec, o.state, Boolean(o.json));
+    const result = await runWithProgress(spec, o.state, Boolean(o.json), Boolean(o.insecure));
     if (o.json) out(JSON.stringify(result, null, 2));
     else printSummary(result);
   });
@@ -198,31 +213,68 @@ program
     process.exit(ok ? 0 : 1);
   });
 
-program
+const serve = program
   .command('serve')
-  .description('run a replication node: sources replicate to it with --target ferry://HOST:PORT/DISK')
-  .requiredOption(
-    '--listen <host:port>',
-    'address to listen on, e.g. 127.0.0.1:7790 (port 0 picks a free one)',
+  .description(
+    'run a replication node: sources replicate to it with --target ferry://HOST:PORT/DISK --join FILE. It speaks TLS 1.3 with client certificates only; on first start it creates its CA in --state and STATE/join.json, the credential (all disks) a source needs',
   )
-  .requiredOption(
+  .enablePositionalOptions()
+  // --listen and --target are checked in the action: as required options commander would demand
+  // them of issue-credential and revoke-credential too.
+  .option('--listen <host:port>', 'address to listen on, e.g. 0.0.0.0:7790 (port 0 picks a free one)')
+  .option(
     '--target <uri>',
     'where the node writes: file:DIR, a directory holding one image per disk, named after the disk',
   )
-  .option('--state <dir>', "where the node records each disk's last commit")
+  .option(
+    '--state <dir>',
+    "the node's CA, credentials and each disk's last commit (required unless --insecure)",
+  )
   .option(
     '--node-budget <size>',
     'bytes held for all disks at once (credit plus chunks in flight), e.g. "256MiB"',
   )
+  .option(
+    '--insecure',
+    'plain TCP: no encryption, no authentication; refused unless --listen is a loopback address',
+  )
   .action(async (o) => {
+    if (o.listen === undefined)
+      throw new ConfigError('serve: give --listen HOST:PORT', { setting: 'listen' });
+    if (o.target === undefined) throw new ConfigError('serve: give --target file:DIR', { setting: 'target' });
+    const targetDir = nodeTargetDir(o.target);
+    let tls: NodeTls | undefined;
+    if (!o.insecure) {
+      if (o.state === undefined) {
+        throw new ConfigError(
+          'serve: a node keeps its CA and the credentials it issued in --state DIR; give --state (or, on loopback only, --insecure)',
+          { setting: 'state' },
+        );
+      }
+      const { openNodePki } = await import('../shared/net/pki.ts');
+      const pki = await openNodePki(o.state);
+      if (pki.created) {
+        out(
+          `ferry node: created the node CA in ${o.state}; join file for sources (all disks): ${pki.joinFile} — hand it over as a secret, or issue scoped ones with "ferry serve issue-credential"`,
+        );
+      }
+      out(`ferry node fingerprint ${pki.fingerprint}`);
+      tls = pki.tls;
+    }
     const { startNode } = await import('../shared/net/node.ts');
     const node = await startNode({
       listen: o.listen,
-      targetDir: nodeTargetDir(o.target),
+      targetDir,
       ...(o.state !== undefined ? { stateDir: o.state } : {}),
       ...(o.nodeBudget !== undefined ? { nodeBudget: parseSize(o.nodeBudget, 'nodeBudget') } : {}),
+      ...(tls !== undefined ? { tls } : { insecure: true }),
       log: err,
     });
+    if (tls === undefined) {
+      err(
+        `ferry: warning: --insecure: plain TCP on ${node.address}, no encryption and no authentication; any process on this host can write images to ${targetDir}`,
+      );
+    }
     out(`ferry node listening on ${node.address}`);
     const signal = await new Promise<NodeJS.Signals>((resolve) => {
       const stop = (s: NodeJS.Signals) => {
@@ -236,6 +288,78 @@ program
     err(`ferry node: ${signal}, stopping (sources are told to retry; writes in flight finish)`);
     await node.close();
     out('ferry node stopped');
+  });
+
+serve
+  .command('issue-credential')
+  .description('issue a credential for a source: a join file that may write the disks matching --disks')
+  .requiredOption('--state <dir>', "the node's state directory (its CA)")
+  .requiredOption(
+    '--disks <pattern>',
+    "disks it may write: a disk name where '*' matches anything, e.g. 'erp-*' ('*' for every disk)",
+  )
+  .requiredOption(
+    '--out <file>',
+    'where to write the join file (mode 0600; an existing file is not replaced)',
+  )
+  .addOption(
+    new Option('--valid-days <n>', 'how long the credential is valid').default(365).argParser(Number),
+  )
+  .action(async (o) => {
+    if (!Number.isSafeInteger(o.validDays) || o.validDays < 1 || o.validDays > 3650) {
+      throw new ConfigError('--valid-days must be a whole number from 1 to 3650', { setting: 'valid-days' });
+    }
+    const { issueCredential } = await import('../shared/net/pki.ts');
+    const { record, pki } = await issueCredential(o.state, o.out, {
+      disks: o.disks,
+      notAfter: new Date(Date.now() + o.validDays * 86_400_000),
+    });
+    if (pki.created)
+      out(`ferry: created the node CA in ${o.state} (and its owner's join file ${pki.joinFile})`);
+    out(
+      `issued credential ${record.serial} for disks '${record.disks}', valid until ${record.notAfter}: ${o.out} (node ${pki.fingerprint})`,
+    );
+  });
+
+serve
+  .command('revoke-credential')
+  .description('revoke a credential: the node refuses it from its next connection on, without a restart')
+  .requiredOption('--state <dir>', "the node's state directory")
+  .option('--serial <serial>', "the credential's serial (ferry serve list-credentials)")
+  .option('--credential <file>', 'or the join file that holds it')
+  .action(async (o) => {
+    if ((o.serial === undefined) === (o.credential === undefined)) {
+      throw new ConfigError('revoke-credential: give --serial SERIAL or --credential FILE', {
+        setting: 'serial',
+      });
+    }
+    const { joinFileSerial, revokeCredential } = await import('../shared/net/pki.ts');
+    const serial = o.serial ?? (await joinFileSerial(o.state, o.credential));
+    const { record, already } = await revokeCredential(o.state, serial);
+    out(
+      already
+        ? `credential ${record.serial} (disks '${record.disks}') was already revoked on ${record.revoked}`
+        : `revoked credential ${record.serial} (disks '${record.disks}'): the node refuses it from its next connection`,
+    );
+  });
+
+serve
+  .command('list-credentials')
+  .description('list the credentials this node issued, with their scope and whether they are revoked')
+  .requiredOption('--state <dir>', "the node's state directory")
+  .option('--json', 'print as JSON')
+  .action(async (o) => {
+    const { listCredentials } = await import('../shared/net/pki.ts');
+    const records = await listCredentials(o.state);
+    if (o.json) {
+      out(JSON.stringify(records, null, 2));
+      return;
+    }
+    if (records.length === 0) out(`no credentials in ${o.state}`);
+    for (const r of records) {
+      const status = r.revoked !== undefined ? `revoked ${r.revoked}` : `valid until ${r.notAfter}`;
+      out(`${r.serial}  disks '${r.disks}'  issued ${r.created}  ${status}`);
+    }
   });
 
 /** One line for a catalog entry that cannot be read: which file, why, and what to do. */
@@ -300,6 +424,26 @@ function jobFromFlags(o: Record<string, unknown>): JobSpec {
   );
 }
 
+/**
+ * The join file of each ferry:// target without its own ("join" in the job file): --join, else
+ * $FERRY_JOIN. --insecure takes none (and an explicit --join with it is refused).
+ */
+function withJoinFile(spec: JobSpec, o: Record<string, unknown>): JobSpec {
+  if (o.join !== undefined && o.insecure) {
+    throw new ConfigError('replicate: give --join FILE or --insecure, not both', { setting: 'join' });
+  }
+  const join = o.insecure
+    ? undefined
+    : ((o.join as string | undefined) ?? (process.env.FERRY_JOIN || undefined));
+  if (join === undefined) return spec;
+  return {
+    ...spec,
+    disks: spec.disks.map((d) =>
+      d.target.startsWith('ferry://') && d.join === undefined ? { ...d, join } : d,
+    ),
+  };
+}
+
 async function jobFromFile(path: string, o: Record<string, unknown>): Promise<JobSpec> {
   let value: unknown;
   try {
@@ -340,14 +484,24 @@ function paramsFromFlags(o: Record<string, unknown>): Record<string, unknown> {
   return p;
 }
 
-async function runWithProgress(spec: JobSpec, stateDir: string, json: boolean): Promise<ReplicationResult> {
+async function runWithProgress(
+  spec: JobSpec,
+  stateDir: string,
+  json: boolean,
+  insecure: boolean,
+): Promise<ReplicationResult> {
   const reporter = createReporter(json ? 'silent' : process.stderr.isTTY ? 'tty' : 'plain', err);
   const abort = new AbortController();
   const onSignal = () => abort.abort();
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
   try {
-    return await runLocalJob(spec, { stateDir, onEvent: (e) => reporter.onEvent(e), signal: abort.signal });
+    return await runLocalJob(spec, {
+      stateDir,
+      onEvent: (e) => reporter.onEvent(e),
+      signal: abort.signal,
+      insecure,
+    });
   } finally {
     reporter.stop();
     process.off('SIGINT', onSignal);

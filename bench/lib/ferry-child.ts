@@ -14,6 +14,8 @@ export interface FerryChildConfig {
   readonly resultPath: string;
   /** Abort the run after this long (a capped case); goodput is then what completed in that time. */
   readonly timeLimitMs?: number;
+  /** ferry:// targets over plain TCP, to a node started with --insecure (ferry-remote-plain). */
+  readonly insecure?: boolean;
   /** How often process memory is sampled (default 250 ms). */
   readonly memorySampleMs?: number;
 }
@@ -138,7 +140,12 @@ async function main(): Promise<void> {
   let ok = true;
   let error: string | undefined;
   try {
-    await runLocalJob(spec, { stateDir: config.stateDir, onEvent, signal: abort.signal });
+    await runLocalJob(spec, {
+      stateDir: config.stateDir,
+      onEvent,
+      signal: abort.signal,
+      ...(config.insecure ? { insecure: true } : {}),
+    });
   } catch (err) {
     ok = false;
     if (!(capped && err instanceof AbortedError) && !capped) error = errorMessage(err);

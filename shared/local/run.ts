@@ -29,6 +29,8 @@ export const diskSpecSchema = z.strictObject({
   target: z.string().min(1),
   /** Path of a change map (JSON extents); absent means a full copy. */
   changed: z.string().min(1).optional(),
+  /** Path of the node's join file, for a ferry:// target (else the run's default: --join, FERRY_JOIN). */
+  join: z.string().min(1).optional(),
 });
 
 export const jobSpecSchema = z.strictObject({
@@ -49,6 +51,8 @@ export interface LocalRunOptions {
   readonly wrapSource?: (source: DiskSource, disk: string) => DiskSource;
   /** Told each named point of the cycle (tests); FERRY_TEST_CRASH_AT is used when absent. */
   readonly step?: (step: CycleStep) => void | Promise<void>;
+  /** ferry:// targets over plain TCP (--insecure): only toward a node on this host started that way. */
+  readonly insecure?: boolean;
 }
 
 export function parseJobSpec(value: unknown, origin: string): JobSpec {
@@ -94,7 +98,7 @@ export async function runLocalJob(spec: JobSpec, opts: LocalRunOptions): Promise
     const disks: DiskJob[] = [];
     let blockSize = 0;
     for (const { d, changed, rawSource } of opened) {
-      const rawTarget = openTarget(d.target);
+      const rawTarget = openTarget(d.target, { join: d.join, insecure: opts.insecure });
       targets.push(rawTarget);
       blockSize = Math.max(blockSize, rawTarget.blockSize);
       disks.push({

@@ -3,6 +3,7 @@ import { readFile } from 'node:fs/promises';
 import { ChangeMapError, ConfigError } from '../engine/errors.ts';
 import type { Extent } from '../engine/extents.ts';
 import type { DiskSource, DiskTarget } from '../engine/ports.ts';
+import { checkSourceSecurity, readJoinFile } from '../net/join.ts';
 import { parseFerryUri } from '../net/uri.ts';
 import { FileSource } from './file-source.ts';
 import { FILE_TARGET_BLOCK_SIZE, FileTarget } from './file-target.ts';
@@ -19,8 +20,18 @@ export async function openSource(uri: string): Promise<DiskSource> {
   return FileSource.open(filePath(uri, 'source'));
 }
 
-export function openTarget(uri: string): DiskTarget {
-  if (uri.startsWith('ferry://')) return remoteTarget(uri);
+/** How a `ferry://` target is reached: the node's join file (TLS), or plain TCP toward a loopback node. */
+export interface RemoteAccess {
+  /** Path of the node's join file. */
+  readonly join?: string | undefined;
+  readonly insecure?: boolean | undefined;
+}
+
+export function openTarget(uri: string, access: RemoteAccess = {}): DiskTarget {
+  if (uri.startsWith('ferry://')) return remoteTarget(uri, access);
+  if (access.join !== undefined) {
+    throw new ConfigError(`target ${uri}: a join file is for ferry:// targets only`, { setting: 'join' });
+  }
   if (uri.startsWith('nbd')) {
     throw new ConfigError(
       `target ${uri}: NBD exports are sources; targets are file: images (or ferry:// nodes)`,
@@ -37,12 +48,25 @@ export function openTarget(uri: string): DiskTarget {
  * NBD source's; until then the target answers with its name (the URI without its query) and the
  * node's block size, which the node confirms when it welcomes the connection.
  */
-function remoteTarget(uri: string): DiskTarget {
-  // Checked now (host, port, disk name), so a bad URI is refused as configuration before any disk is read.
+function remoteTarget(uri: string, access: RemoteAccess): DiskTarget {
+  // Checked now (host, port, disk name, join file), so a bad URI or a missing, foreign or expired
+  // credential is refused as configuration before any disk is read.
   const parsed = parseFerryUri(uri);
+  if (access.join !== undefined && access.insecure) {
+    throw new ConfigError(`target ${parsed.name}: give a join file or --insecure, not both`, {
+      setting: 'join',
+    });
+  }
+  const security = {
+    join: access.join === undefined ? undefined : readJoinFile(access.join),
+    insecure: access.insecure,
+  };
+  checkSourceSecurity(parsed, security);
   let loaded: Promise<DiskTarget> | undefined;
   const load = () => {
-    loaded ??= import('../net/remote-target.ts').then(({ RemoteTarget }) => new RemoteTarget(parsed));
+    loaded ??= import('../net/remote-target.ts').then(
+      ({ RemoteTarget }) => new RemoteTarget(parsed, security),
+    );
     return loaded;
   };
   return {

@@ -60,7 +60,7 @@ describe('a ferry serve node failing mid-transfer', () => {
       let node: Served = await startServe({ images, state: nodeState });
       const set = await FaultSet.create('node-kill', {
         seed: 51,
-        node: { address: node.address, images },
+        node: { address: node.address, images, joinFile: node.joinFile },
         params: SLOW_PARAMS,
       });
       const d = set.disks[0]!;
@@ -97,7 +97,7 @@ describe('a ferry serve node failing mid-transfer', () => {
       let node: Served = await startServe({ images, state: nodeState });
       const set = await FaultSet.create('node-down', {
         seed: 53,
-        node: { address: node.address, images },
+        node: { address: node.address, images, joinFile: node.joinFile },
         params: SLOW_PARAMS,
       });
       const d = set.disks[0]!;
@@ -135,7 +135,7 @@ describe('a ferry serve node failing mid-transfer', () => {
       const set = await FaultSet.create('node-commit', {
         disks: ['os', 'data'],
         seed: 54,
-        node: { address: node.address, images },
+        node: { address: node.address, images, joinFile: node.joinFile },
       });
       try {
         await set.seed();
@@ -161,7 +161,7 @@ describe('a ferry serve node failing mid-transfer', () => {
       const set = await FaultSet.create('node-one-target', {
         disks: ['alpha', 'beta'],
         seed: 55,
-        node: { address: node.address, images },
+        node: { address: node.address, images, joinFile: node.joinFile },
       });
       try {
         for (const d of set.disks) d.target = `ferry://${node.address}/shared`;
@@ -195,7 +195,7 @@ describe('a ferry serve node failing mid-transfer', () => {
       let link: WanLink = await startWanLink({ target, rttMs: 2, rateBitsPerSec: 1e9 });
       const set = await FaultSet.create('link-cut', {
         seed: 52,
-        node: { address: link.address, images },
+        node: { address: link.address, images, joinFile: node.joinFile },
         params: SLOW_PARAMS,
       });
       try {

@@ -159,6 +159,8 @@ export async function fileHas(path: string, text: string): Promise<boolean> {
 export interface Served {
   readonly address: string;
   readonly port: number;
+  /** The node's join file (STATE/join.json, made at its first start): sources replicate with it over TLS. */
+  readonly joinFile: string;
   readonly child: ChildProcess;
   /** Output so far (the node logs sessions and errors on stderr). */
   output(): { stdout: string; stderr: string };
@@ -222,6 +224,7 @@ export async function startServe(opts: { images: string; state: string; port?: n
   return {
     address,
     port: Number(address.slice(address.lastIndexOf(':') + 1)),
+    joinFile: join(opts.state, 'join.json'),
     child,
     output: () => ({ stdout, stderr }),
     crash: () => end('SIGKILL'),
@@ -354,6 +357,8 @@ export interface FaultDisk {
   readonly replica: string;
   /** Change map of the current cycle; undefined means a full copy. */
   changed: string | undefined;
+  /** The node's join file, for a ferry:// target (the job file's "join"). */
+  readonly joinFile?: string | undefined;
   /** Copy of the source as of the latest published checkpoint (absent before the first). */
   readonly shadow: string;
 }
@@ -382,7 +387,7 @@ export interface FaultSetOptions {
   /** Where the replicas live (default <dir>/replica); a mount point for ENOSPC. */
   readonly replicaDir?: string;
   /** Replicate to a `ferry serve` node: its address and its image directory. */
-  readonly node?: { readonly address: string; readonly images: string };
+  readonly node?: { readonly address: string; readonly images: string; readonly joinFile?: string };
   /** Extra replicate parameters (flags). */
   readonly params?: readonly string[];
 }
@@ -458,6 +463,7 @@ export class FaultSet {
         sourceUri: `file:${source}`,
         target: remote ? `ferry://${remote.address}/${id}` : `file:${join(replicaDir, `${id}.img`)}`,
         replica: remote ? join(remote.images, id) : join(replicaDir, `${id}.img`),
+        joinFile: remote?.joinFile,
         changed: undefined,
         shadow: join(dir, 'shadow', `${id}.img`),
       });
@@ -488,6 +494,7 @@ export class FaultSet {
         source: d.sourceUri,
         target: d.target,
         ...(d.changed === undefined ? {} : { changed: d.changed }),
+        ...(d.joinFile === undefined ? {} : { join: d.joinFile }),
       })),
     };
     await writeFile(this.job, `${JSON.stringify(job, null, 2)}\n`);

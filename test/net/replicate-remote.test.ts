@@ -37,10 +37,13 @@ async function startTestNode(
   const images = await workdir();
   const nodeState = await workdir();
   const log: string[] = [];
+  // Plain TCP on loopback: the proxies below cut connections by what the frames say (TLS is
+  // test/net/tls.test.ts's).
   const node = await startNode({
     listen: '127.0.0.1:0',
     targetDir: images,
     stateDir: nodeState,
+    insecure: true,
     log: (line) => log.push(line),
     ...opts,
   });
@@ -71,7 +74,7 @@ async function replicateTo(
     })),
     params: SOURCE_PARAMS,
   };
-  return runLocalJob(spec, { stateDir, onEvent: (e) => events.push(e) });
+  return runLocalJob(spec, { stateDir, onEvent: (e) => events.push(e), insecure: true });
 }
 
 async function changeFile(dir: string, name: string, extents: Extent[]): Promise<string> {
@@ -360,6 +363,7 @@ describe('ferry serve', () => {
       `file:${images}`,
       '--node-budget',
       '64MiB',
+      '--insecure',
     ]);
     const [, address] = await serve.output(/ferry node listening on (127\.0\.0\.1:\d+)/);
 
@@ -375,6 +379,7 @@ describe('ferry serve', () => {
       '--window',
       '64MiB',
       '--no-adaptive',
+      '--insecure',
       '--json',
     ]);
     const replicated = await run.exited;
@@ -411,7 +416,7 @@ describe('RemoteTarget', () => {
   });
 
   it('cannot be read from the source, and says where to verify instead', async () => {
-    const t = RemoteTarget.fromUri('ferry://127.0.0.1:1/d');
+    const t = RemoteTarget.fromUri('ferry://127.0.0.1:1/d', { insecure: true });
     await expect(t.read()).rejects.toThrow(/run "ferry verify" on the node host/);
   });
 
@@ -421,7 +426,7 @@ describe('RemoteTarget', () => {
     await new Promise<void>((resolve) => probe.listen(0, '127.0.0.1', resolve));
     const port = (probe.address() as net.AddressInfo).port;
     await new Promise<void>((resolve) => probe.close(() => resolve()));
-    const t = RemoteTarget.fromUri(`ferry://127.0.0.1:${port}/d`);
+    const t = RemoteTarget.fromUri(`ferry://127.0.0.1:${port}/d`, { insecure: true });
     const err = await t.open(MiB, 'full', false).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(TransferError);
     expect((err as FerryError).message).toMatch(new RegExp(`ferry://127.0.0.1:${port}/d: .*ECONNREFUSED`));
