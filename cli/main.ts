@@ -16,6 +16,7 @@ import {
 } from '../shared/local/run.ts';
 import { type DamagedEntry, LocalStateStore } from '../shared/local/state-dir.ts';
 import { filePath } from '../shared/local/uris.ts';
+import { DEFAULT_LIMITS, type NodeLimits } from '../shared/net/limits.ts';
 import type { NodeTls } from '../shared/net/peer.ts';
 import { runDemo } from './demo.ts';
 import { createReporter, describeRecovery } from './progress.ts';
@@ -267,6 +268,7 @@ const serve = program
       targetDir,
       ...(o.state !== undefined ? { stateDir: o.state } : {}),
       ...(o.nodeBudget !== undefined ? { nodeBudget: parseSize(o.nodeBudget, 'nodeBudget') } : {}),
+      ...limitsFromFlags(o),
       ...(tls !== undefined ? { tls } : { insecure: true }),
       log: err,
     });
@@ -365,6 +367,81 @@ serve
 /** One line for a catalog entry that cannot be read: which file, why, and what to do. */
 function damagedEntryWarning(d: DamagedEntry): string {
   return `ferry: warning: catalog entry ${d.path} (checkpoint #${d.sequence} of set ${d.set}) is damaged (${d.reason}); restore it from a backup, or move it aside if that checkpoint is not needed`;
+}
+
+// ---- ferry serve: the node's limits as flags (their defaults and reasons: shared/net/limits.ts) ----
+
+interface LimitFlag {
+  readonly flag: string;
+  readonly limit: keyof NodeLimits;
+  readonly unit: 'n' | 'ms' | 'size';
+  readonly help: string;
+}
+
+const LIMIT_FLAGS: readonly LimitFlag[] = [
+  {
+    flag: 'max-connections',
+    limit: 'maxConnections',
+    unit: 'n',
+    help: 'connections at once, all sources together',
+  },
+  {
+    flag: 'max-connections-per-credential',
+    limit: 'maxConnectionsPerCredential',
+    unit: 'n',
+    help: 'connections at once of one credential',
+  },
+  {
+    flag: 'handshake-timeout',
+    limit: 'handshakeTimeoutMs',
+    unit: 'ms',
+    help: 'from connecting to a complete HELLO (bytes of an unfinished one do not count)',
+  },
+  {
+    flag: 'idle-timeout',
+    limit: 'idleTimeoutMs',
+    unit: 'ms',
+    help: "longest a session may go without a complete frame that moves it on; then its disk's lock and credit are released",
+  },
+  { flag: 'max-disk-size', limit: 'maxDiskBytes', unit: 'size', help: 'largest disk a source may declare' },
+  {
+    flag: 'max-image-bytes-per-credential',
+    limit: 'maxImageBytesPerCredential',
+    unit: 'size',
+    help: 'apparent size of the images one credential may create, together',
+  },
+  {
+    flag: 'max-commit-extents',
+    limit: 'maxCommitExtents',
+    unit: 'n',
+    help: 'extents a session may send before its COMMIT (never more than its disk can have)',
+  },
+];
+
+function limitOption(f: LimitFlag): Option {
+  const def = DEFAULT_LIMITS[f.limit];
+  const shown = f.unit === 'size' ? formatBytes(def).replace(' ', '') : String(def);
+  return new Option(`--${f.flag} <${f.unit}>`, `${f.help} (default ${shown})`).argParser((value: string) => {
+    const n = f.unit === 'size' ? parseSize(value, f.limit) : Number(value);
+    if (!Number.isSafeInteger(n) || n <= 0) {
+      throw new ConfigError(`serve: --${f.flag} ${value} is not a whole number above 0`, {
+        setting: f.limit,
+      });
+    }
+    return n;
+  });
+}
+
+for (const f of LIMIT_FLAGS) serve.addOption(limitOption(f));
+
+/** The limits given as `ferry serve` flags (commander's camelCase keys), for startNode. */
+function limitsFromFlags(o: Record<string, unknown>): Partial<NodeLimits> {
+  const limits: Partial<Record<keyof NodeLimits, number>> = {};
+  for (const f of LIMIT_FLAGS) {
+    const value = o[f.flag.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase())];
+    if (typeof value === 'number') limits[f.limit] = value;
+  }
+  return limits;
 }
 
 /** `ferry serve --target`: a node writes file images, so a `file:` directory (or a bare path). */

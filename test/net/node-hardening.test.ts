@@ -2,6 +2,7 @@
 // (an ERROR naming what was wrong or which limit was hit) with the replica unchanged byte for byte;
 // and what makes them fail: the node's own record of every chunk, resume tokens, limits counted in
 // frames, and a source that flushes, proves a resume and gives up on a node that grants nothing.
+import type { ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, readdir, readFile, stat } from 'node:fs/promises';
 import net from 'node:net';
@@ -26,6 +27,7 @@ import {
   PROTOCOL_VERSION,
 } from '../../shared/net/protocol.ts';
 import { parseFerryUri, RemoteTarget } from '../../shared/net/remote-target.ts';
+import { ferry } from '../support/ferry-cli.ts';
 
 const cleanups: (() => Promise<void>)[] = [];
 afterEach(async () => {
@@ -649,6 +651,50 @@ describe('bounded resources', () => {
       reason:
         'HELLO frame: the source speaks Ferry protocol version 1, this node speaks version 2: upgrade ferry on the source',
     });
+  });
+});
+
+describe('ferry serve', () => {
+  it('takes the limits as flags: --max-disk-size refuses a larger disk naming the limit', async () => {
+    // Prepare
+    const images = await workdir();
+    let child: ChildProcess | undefined;
+    const exited = ferry(
+      [
+        'serve',
+        '--listen',
+        '127.0.0.1:0',
+        '--target',
+        `file:${images}`,
+        '--insecure',
+        '--max-disk-size',
+        '1MiB',
+      ],
+      { onSpawn: (c) => (child = c) },
+    );
+    cleanups.push(async () => {
+      child?.kill('SIGKILL');
+      await exited;
+    });
+    const address = await new Promise<string>((resolve, reject) => {
+      let out = '';
+      child!.stdout!.on('data', (b) => {
+        out += b;
+        const m = /ferry node listening on 127\.0\.0\.1:(\d+)/.exec(out);
+        if (m) resolve(m[1]!);
+      });
+      void exited.then((r) => reject(new Error(`ferry serve exited: ${r.stderr}`)));
+    });
+
+    // Act
+    const client = await RawClient.connect(Number(address));
+    const answer = await client.hello('big');
+
+    // Assess
+    expect(errorOf(answer)).toBe(
+      'limit maxDiskBytes (1 MiB): disk big declares 16 MiB, more than this node takes',
+    );
+    expect(await readdir(images)).toEqual([]);
   });
 });
 
