@@ -231,12 +231,13 @@ class Session {
   }
 
   /**
-   * The most it may hold (credit plus chunks in flight): its window, but never more than one chunk
-   * past the data it has sent, so credit is granted only as data flows (a session that has sent
-   * nothing holds one chunk; each chunk it sends lets it hold one more, up to the window).
+   * The most it may hold (credit plus chunks in flight): its window, but never more than two chunks
+   * past the data it has sent, so credit is granted only as data flows. Two, not one: grants come
+   * in whole chunks while an increment's chunks are often smaller, so up to a chunk of credit may sit
+   * unused below the one the next chunk needs.
    */
   get cap(): number {
-    return Math.min(Math.max(this.window, this.unit), this.unit + this.dataAdmitted);
+    return Math.min(Math.max(this.window, this.unit), 2 * this.unit + this.dataAdmitted);
   }
 
   /**

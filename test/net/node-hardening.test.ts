@@ -491,6 +491,37 @@ describe('bounded resources', () => {
     for (const i of [4, 5, 6, 7]) expect(held.get(`idle${i}`)).toBe(MiB);
   });
 
+  it('never strands a source whose chunks are smaller than the grant unit (credit grows with the data)', async () => {
+    // Prepare: three 100 KiB chunks leave 724 KiB of the first 1 MiB grant; the fourth needs 800 KiB.
+    const { node, images } = await startTestNode({ adaptive: false });
+    const uri = parseFerryUri(`ferry://127.0.0.1:${node.port}/small?connections=1`);
+    // A stall fails the write instead of hanging the test if the node never grants.
+    const t = new RemoteTarget(uri, { insecure: true, stallTimeoutMs: 5_000 });
+    cleanups.push(() => t.close());
+    await t.open(4 * MiB, 'full', false, 'small#1');
+    const sizes = [100, 100, 100, 800].map((k) => k * 1024);
+    const data = randomBytes(4 * MiB);
+
+    // Act: one chunk per MiB cell, each waiting for the previous one's ACK.
+    for (const [seq, bytes] of sizes.entries()) {
+      const offset = seq * MiB;
+      const part = data.subarray(offset, offset + bytes);
+      await t.writeChunk(
+        { seq, offset, length: bytes, extents: [{ offset, length: bytes }], bytes },
+        part,
+        sha256Hex(part),
+      );
+    }
+
+    // Assess
+    const image = await readFile(join(images, 'small'));
+    for (const [seq, bytes] of sizes.entries()) {
+      expect(
+        image.subarray(seq * MiB, seq * MiB + bytes).equals(data.subarray(seq * MiB, seq * MiB + bytes)),
+      ).toBe(true);
+    }
+  });
+
   it('releases the lock of an idle HELLO for disk victim at the idle timeout; its real source then completes', async () => {
     // Prepare
     const { node, images } = await startTestNode({ idleTimeoutMs: 300 });
