@@ -460,6 +460,25 @@ describe('bounded resources', () => {
     expect(image.every((b) => b === 0)).toBe(true);
   });
 
+  it('drops a client whose unread replies pass the hard cap', async () => {
+    // Prepare: no room between pausing and dropping, so the hard cap is what acts.
+    const { node, log } = await startTestNode({ replyQueueBytes: 32 * 1024, maxReplyQueueBytes: 32 * 1024 });
+    const client = await RawClient.connect(node.port);
+    expect(await client.hello('deaf2')).toMatchObject({ type: 'welcome' });
+    client.socket.pause();
+    const want = encodeFrame({ type: 'want', bytes: MiB, order: 1 });
+
+    // Act
+    client.socket.write(Buffer.concat(Array.from({ length: 1_000_000 }, () => want)));
+
+    // Assess
+    await until(() => node.stats().refusals.maxReplyQueueBytes === 1, 'the connection to be dropped');
+    await until(() => node.stats().connections === 0, 'the connection to be gone');
+    expect(log.join('\n')).toMatch(
+      /limit maxReplyQueueBytes \(32 KiB\): .* of replies unread; connection dropped/,
+    );
+  });
+
   it('lets a genuine source complete while eight idle HELLOs hold one chunk each', async () => {
     // Prepare: a 16 MiB budget; eight idle sessions, four of them asking for 4 MiB chunks.
     const { node, images } = await startTestNode({
