@@ -59,7 +59,13 @@ export function checkNodeSecurity(opts: Pick<NodeTransportOptions, 'host' | 'tls
 
 /** The node's listening socket; `close()` also drops connections that have not been admitted yet. */
 class NodeListener extends net.Server {
+  /** Connections not yet handed to the node (first byte, TLS handshake, admission). */
   readonly unadmitted = new Set<net.Socket>();
+  /**
+   * TCP sockets in their TLS handshake, by peer address (unique among live connections): how the
+   * TLS socket that completes it finds the socket it runs on.
+   */
+  readonly handshaking = new Map<string, net.Socket>();
 
   override close(callback?: (err?: Error) => void): this {
     for (const socket of this.unadmitted) socket.destroy();
@@ -84,14 +90,20 @@ export function createNodeListener(
   listener.on('connection', (socket) => {
     const peer = `${socket.remoteAddress}:${socket.remotePort}`;
     listener.unadmitted.add(socket);
-    socket.once('close', () => listener.unadmitted.delete(socket));
+    socket.once('close', () => {
+      listener.unadmitted.delete(socket);
+      if (listener.handshaking.get(peer) === socket) listener.handshaking.delete(peer);
+    });
     socket.on('error', () => {}); // 'close' follows
-    socket.setTimeout(opts.handshakeTimeoutMs, () =>
-      refuse(socket, peer, `no HELLO within ${opts.handshakeTimeoutMs} ms`, false, opts.log),
-    );
+    const silent = () =>
+      refuse(socket, peer, `no HELLO within ${opts.handshakeTimeoutMs} ms`, false, opts.log);
+    socket.setTimeout(opts.handshakeTimeoutMs);
+    socket.once('timeout', silent);
     socket.once('data', (first: Buffer) => {
       socket.pause();
       socket.unshift(first);
+      socket.setTimeout(0);
+      socket.off('timeout', silent);
       const speaksTls = first[0] === TLS_HANDSHAKE_RECORD;
       if (secure !== undefined) {
         if (!speaksTls) {
@@ -105,7 +117,7 @@ export function createNodeListener(
           return;
         }
         // The TLS server's own handshake timeout takes over.
-        socket.setTimeout(0);
+        listener.handshaking.set(peer, socket);
         secure.emit('connection', socket);
         return;
       }
@@ -119,7 +131,6 @@ export function createNodeListener(
         );
         return;
       }
-      socket.setTimeout(0);
       listener.unadmitted.delete(socket);
       onPeer(socket, INSECURE_PEER);
       socket.resume();
@@ -150,6 +161,10 @@ function tlsServer(
   });
   server.on('secureConnection', (socket: tls.TLSSocket) => {
     const peer = `${socket.remoteAddress}:${socket.remotePort}`;
+    // From here the TLS socket stands for the connection: once admitted, it is the node's to close.
+    const tcp = listener.handshaking.get(peer);
+    listener.handshaking.delete(peer);
+    if (tcp !== undefined) listener.unadmitted.delete(tcp);
     listener.unadmitted.add(socket);
     socket.once('close', () => listener.unadmitted.delete(socket));
     socket.on('error', () => {});

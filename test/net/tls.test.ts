@@ -1,7 +1,7 @@
 // A node only its own sources can write to: TLS 1.3 with the node's CA pinned and client
 // certificates it issued, scoped to disk patterns and revocable. Every refusal says why, and a
 // refused source leaves the node's images exactly as they were.
-import { createHash, X509Certificate } from 'node:crypto';
+import { createHash, randomBytes, X509Certificate } from 'node:crypto';
 import { mkdtemp, readdir, readFile, rm, stat, unlink, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
@@ -15,7 +15,13 @@ import { createDiskImage, mutateDisk } from '../../shared/local/workload.ts';
 import { type JoinCredential, parseJoinFile, readJoinFile } from '../../shared/net/join.ts';
 import { type NodeOptions, startNode } from '../../shared/net/node.ts';
 import { issueCredential, openNodePki, revokeCredential } from '../../shared/net/pki.ts';
-import { type Frame, FrameReader } from '../../shared/net/protocol.ts';
+import {
+  encodeFrame,
+  type Frame,
+  FrameReader,
+  NO_TOKEN,
+  PROTOCOL_VERSION,
+} from '../../shared/net/protocol.ts';
 import { RemoteTarget } from '../../shared/net/remote-target.ts';
 import { parseFerryUri } from '../../shared/net/uri.ts';
 import { startWanLink } from '../../shared/netem/wan-link.ts';
@@ -437,5 +443,58 @@ describe('what a node and a source accept to start with', () => {
     await new Promise<void>((resolve) => lingering.once('connect', () => resolve()));
     await node.close(); // returns although `lingering` never spoke
     lingering.destroy();
+  });
+
+  it('an admitted TLS connection is told when the node shuts down, not cut off', async () => {
+    // Prepare: a TLS client the node welcomed into a session.
+    const { node, pki } = await startTlsNode();
+    const owner = readJoinFile(pki.joinFile);
+    const socket = tls.connect({
+      host: '127.0.0.1',
+      port: node.port,
+      minVersion: 'TLSv1.3',
+      ca: owner.ca,
+      cert: owner.cert,
+      key: owner.key,
+      checkServerIdentity: () => undefined,
+    });
+    socket.on('error', () => {});
+    const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()));
+    const frames: Frame[] = [];
+    const welcomed = new Promise<void>((resolve) => {
+      const reader = new FrameReader({
+        from: 'node',
+        onFrame: (f) => {
+          frames.push(f);
+          if (f.type === 'welcome') resolve();
+        },
+      });
+      socket.on('data', (b: Buffer) => reader.push(b));
+    });
+    socket.write(
+      encodeFrame({
+        type: 'hello',
+        version: PROTOCOL_VERSION,
+        disk: 'd7',
+        sizeBytes: MiB,
+        kind: 'full',
+        resume: false,
+        session: randomBytes(16).toString('hex'),
+        token: NO_TOKEN,
+        cycle: '',
+      }),
+    );
+    await welcomed;
+
+    // Act
+    await node.close();
+    await closed;
+
+    // Assess: the node's own goodbye arrived (retryable), so the connection was not dropped under it.
+    expect(frames.find((f) => f.type === 'error')).toEqual({
+      type: 'error',
+      retryable: true,
+      reason: 'the node is shutting down',
+    });
   });
 });
