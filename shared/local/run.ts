@@ -167,6 +167,8 @@ export async function recoverLocked(
   });
 }
 
+const NO_ROOM = new Set(['ENOSPC', 'EDQUOT', 'EROFS', 'EACCES', 'EPERM']);
+
 /** Runs `op` holding the set's lock (see LocalStateStore.lockSet): `ferry verify` uses it. */
 export async function withSetLocked<T>(
   set: string,
@@ -176,7 +178,13 @@ export async function withSetLocked<T>(
   const state = new LocalStateStore(stateDir);
   // Nothing to lock in a state directory that does not exist (and verify must not create one).
   if (!(await stat(stateDir).catch(() => undefined))) return op(state);
-  const unlock = await state.lockSet(set);
+  const unlock = await state.lockSet(set).catch(async (err: unknown) => {
+    // A full or read-only state directory cannot take a lock file, and then no run can be writing
+    // to it either: go on without one, unless a live process holds the set.
+    if (!NO_ROOM.has((err as NodeJS.ErrnoException).code ?? '')) throw err;
+    await state.checkUnlocked(set);
+    return async () => {};
+  });
   try {
     return await op(state);
   } finally {

@@ -274,12 +274,7 @@ export class LocalStateStore implements StateStore, CommitJournal {
       if (held === undefined) continue; // released meanwhile
       const owner = parseOwner(held);
       if (owner !== undefined && (owner.host !== hostname() || isAlive(owner.pid))) {
-        throw new FerryError(
-          `set ${set} is in use by process ${owner.pid} on ${owner.host} since ${owner.since} ` +
-            `(a replicate or verify of it is running); wait for it to finish. If no ferry process is ` +
-            `running there, remove ${path}`,
-          { setting: 'set' },
-        );
+        throw inUse(set, owner, path);
       }
       // A dead owner's lock (or an unreadable one): move it aside, and take over only if what was
       // moved is the stale lock just read (another process may have broken it and locked first).
@@ -289,6 +284,15 @@ export class LocalStateStore implements StateStore, CommitJournal {
       if (moved !== undefined && moved !== held) await link(aside, path).catch(() => {});
       await rm(aside, { force: true });
     }
+  }
+
+  /** Throws, as lockSet would, if a live process holds the set; takes nothing. */
+  async checkUnlocked(set: string): Promise<void> {
+    const path = join(this.dir, 'locks', `${setName(set)}.lock`);
+    const held = await readFile(path, 'utf8').catch(notFound);
+    const owner = held === undefined ? undefined : parseOwner(held);
+    if (owner !== undefined && (owner.host !== hostname() || isAlive(owner.pid)))
+      throw inUse(set, owner, path);
   }
 
   private intentPath(set: string): string {
@@ -338,6 +342,15 @@ function parseOwner(text: string): LockOwner | undefined {
     // unreadable: treated as stale (a lock is written whole with fsync, so only damage makes it so)
   }
   return undefined;
+}
+
+function inUse(set: string, owner: LockOwner, path: string): FerryError {
+  return new FerryError(
+    `set ${set} is in use by process ${owner.pid} on ${owner.host} since ${owner.since} ` +
+      `(a replicate or verify of it is running); wait for it to finish. If no ferry process is ` +
+      `running there, remove ${path}`,
+    { setting: 'set' },
+  );
 }
 
 function isAlive(pid: number): boolean {
