@@ -854,8 +854,15 @@ async function measureBaseline(dir: string): Promise<{ ferryRssMiB: number; node
     '127.0.0.1:0',
     '--target',
     `file:${dir}`,
+    // A TLS node, as the ferry-remote cases run it (its CA is made at this first start).
+    '--state',
+    join(dir, 'node-state'),
   ]);
-  await new Promise<void>((res) => node.onLine('stdout', () => res()));
+  await new Promise<void>((res) =>
+    node.onLine('stdout', (line) => {
+      if (line.includes('listening on')) res();
+    }),
+  );
   await new Promise((res) => setTimeout(res, 500));
   node.kill('SIGTERM');
   const u = await node.done;
