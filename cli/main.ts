@@ -121,8 +121,14 @@ program
   .option('--set <name>', 'replication set', 'default')
   .option('--state <dir>', 'state directory', DEFAULT_STATE_DIR)
   .option('--json', 'print as JSON')
+  .option(
+    '--join <file>',
+    "the node's join file, to verify ferry:// replicas on their node (default $FERRY_JOIN)",
+  )
+  .option('--insecure', 'ferry:// over plain TCP: only to a node on this host started with --insecure')
   .action(async (o) => {
     const set = checkName('set', o.set, '--set');
+    const access = remoteAccess(o);
     // Held throughout: no run of the set may commit while its images are being checked.
     const { cp, reports } = await withSetLocked(set, o.state, async (store) => {
       // The images are the latest checkpoint's only once a commit a crash interrupted is undone.
@@ -134,6 +140,12 @@ program
       if (!cp) throw new ConfigError(`no checkpoint for set "${set}" in ${o.state}`, { setting: 'set' });
       const reports = [];
       for (const d of cp.disks) {
+        if (d.target.startsWith('ferry://') && access !== undefined) {
+          // The node re-hashes its image against its manifest and the checkpoint's reference.
+          const remote = await verifyOnNode(d.target, d.targetRef, access);
+          reports.push({ disk: d.disk, target: d.target, ...remote });
+          continue;
+        }
         if (!d.target.startsWith('file:')) {
           reports.push({
             disk: d.disk,
@@ -142,11 +154,12 @@ program
             regions: 0,
             mismatches: [],
             unchecked: true,
+            reason: `${d.target} is a ferry node's replica: give --join FILE (or FERRY_JOIN, or --insecure for a node on this host) to verify it on its node`,
           });
           continue;
         }
         const report = await verifyFileImage(filePath(d.target, 'target'), d.targetRef);
-        reports.push({ disk: d.disk, target: d.target, ...report, unchecked: false });
+        reports.push({ disk: d.disk, target: d.target, ...report, unchecked: false, reason: '' });
       }
       return { cp, reports };
     });
@@ -155,7 +168,7 @@ program
       for (const r of reports) {
         out(
           r.unchecked
-            ? `disk ${r.disk}: NOT CHECKED (${r.target} is a ferry node's replica; it cannot be re-hashed from here)`
+            ? `disk ${r.disk}: NOT CHECKED (${r.reason})`
             : r.ok
               ? `disk ${r.disk}: OK (${r.regions} regions match checkpoint ${cp.id})`
               : `disk ${r.disk}: MISMATCH at offsets ${r.mismatches.join(', ') || '(manifest differs from checkpoint)'}`,
@@ -442,6 +455,48 @@ function limitsFromFlags(o: Record<string, unknown>): Partial<NodeLimits> {
     if (typeof value === 'number') limits[f.limit] = value;
   }
   return limits;
+}
+
+/** How `ferry verify` reaches ferry:// replicas: --join, $FERRY_JOIN, or --insecure; undefined for none. */
+function remoteAccess(o: Record<string, unknown>): { join?: string; insecure?: boolean } | undefined {
+  if (o.join !== undefined && o.insecure) {
+    throw new ConfigError('verify: give --join FILE or --insecure, not both', { setting: 'join' });
+  }
+  if (o.insecure) return { insecure: true };
+  const join = (o.join as string | undefined) ?? (process.env.FERRY_JOIN || undefined);
+  return join === undefined ? undefined : { join };
+}
+
+/** `ferry verify` of a replica on a node: the node re-hashes it (authenticated like replication). */
+async function verifyOnNode(
+  target: string,
+  targetRef: string | undefined,
+  access: { join?: string; insecure?: boolean },
+): Promise<{ ok: boolean; regions: number; mismatches: number[]; unchecked: boolean; reason: string }> {
+  const { checkSourceSecurity, readJoinFile } = await import('../shared/net/join.ts');
+  const { parseFerryUri, RemoteTarget } = await import('../shared/net/remote-target.ts');
+  const uri = parseFerryUri(target);
+  const security = {
+    join: access.join === undefined ? undefined : readJoinFile(access.join),
+    insecure: access.insecure,
+  };
+  checkSourceSecurity(uri, security);
+  const remote = new RemoteTarget(uri, security);
+  try {
+    const answer = await remote.verify(targetRef);
+    const checked = answer.ok || answer.mismatches.length > 0 || answer.manifestRef !== '';
+    return {
+      ok: answer.ok,
+      regions: answer.regions,
+      mismatches: [...answer.mismatches],
+      unchecked: !checked,
+      reason: answer.reason,
+    };
+  } catch (e) {
+    return { ok: false, regions: 0, mismatches: [], unchecked: true, reason: errorMessage(e) };
+  } finally {
+    await remote.close();
+  }
 }
 
 /** `ferry serve --target`: a node writes file images, so a `file:` directory (or a bare path). */

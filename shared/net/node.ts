@@ -12,7 +12,7 @@ import type { Extent } from '../engine/extents.ts';
 import { isValidName, NAME_RULE } from '../engine/names.ts';
 import type { CopyKind } from '../engine/ports.ts';
 import { formatBytes } from '../engine/units.ts';
-import { FILE_TARGET_BLOCK_SIZE, FileTarget } from '../local/file-target.ts';
+import { FILE_TARGET_BLOCK_SIZE, FileTarget, verifyFileImage } from '../local/file-target.ts';
 import {
   ConnectionCounts,
   DEFAULT_LIMITS,
@@ -824,6 +824,11 @@ class Node implements ReplicationNode {
       await this.withDiskLock(hello.disk, () => this.answerCheck(conn, hello, check));
       return;
     }
+    const verify = hello.verify;
+    if (verify !== undefined) {
+      await this.withDiskLock(hello.disk, () => this.answerVerify(conn, hello.disk, verify));
+      return;
+    }
     await this.withDiskLock(hello.disk, async () => {
       if (conn.closing) return;
       let s = this.sessions.get(hello.disk);
@@ -999,6 +1004,44 @@ class Node implements ReplicationNode {
       reason: reason ?? '',
     });
     this.log(`node: ${conn.where}: resume check of disk ${hello.disk}: ${reason ?? 'held'}`);
+    conn.clean = true;
+    hangUp(conn);
+    this.uncount(conn);
+  }
+
+  /**
+   * Answers a verify HELLO (`ferry verify` of a checkpoint whose replica is here): re-hashes the
+   * disk's image region by region against its manifest and the checkpoint's reference, unless a
+   * session is writing it. Then hangs up; nothing is opened for writing.
+   */
+  private async answerVerify(conn: Conn, disk: string, expectedRef: string): Promise<void> {
+    if (conn.closing) return;
+    const live = this.sessions.get(disk);
+    let answer: FrameOf<'verified'>;
+    if (live !== undefined && !live.tearingDown) {
+      answer = verifiedFailure('a source is replicating it now; verify once that run has ended');
+    } else {
+      try {
+        const report = await verifyFileImage(join(this.opts.targetDir, disk), expectedRef || undefined);
+        answer = {
+          type: 'verified',
+          ok: report.ok,
+          regions: report.regions,
+          mismatches: report.mismatches,
+          manifestRef: report.manifestRef,
+          reason:
+            report.ok || report.mismatches.length > 0
+              ? ''
+              : `its manifest is ${report.manifestRef}, not the checkpoint's ${expectedRef}`,
+        };
+      } catch (err) {
+        answer = verifiedFailure(`the node cannot re-hash its image: ${errorMessage(err)}`);
+      }
+    }
+    conn.send(answer);
+    this.log(
+      `node: ${conn.where}: verify of disk ${disk}: ${answer.ok ? `OK (${answer.regions} regions)` : answer.reason || `mismatch at ${answer.mismatches.join(', ')}`}`,
+    );
     conn.clean = true;
     hangUp(conn);
     this.uncount(conn);
@@ -1463,6 +1506,11 @@ class Node implements ReplicationNode {
       nodePressure: s.budgetLimited,
     };
   }
+}
+
+/** A VERIFIED answer for an image that could not be re-hashed. */
+function verifiedFailure(reason: string): FrameOf<'verified'> {
+  return { type: 'verified', ok: false, regions: 0, mismatches: [], manifestRef: '', reason };
 }
 
 /** Ends our side; a peer that does not hang up in turn within ERROR_LINGER_MS is cut off. */

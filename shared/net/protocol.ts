@@ -16,6 +16,8 @@
 // session of this cycle with these chunks (count, aggregate of their SHA-256s, aggregate of their
 // extents)? The node answers CHECKED (held, and then the token) and hangs up; this is how a source
 // that restarted proves a resume before skipping chunks (DiskTarget.checkResume).
+// A HELLO with the verify flag asks the node to re-hash the disk's image against its manifest and
+// the reference a checkpoint recorded; the node answers VERIFIED and hangs up (`ferry verify`).
 // More connections of the same source join the session with the same session id; a HELLO with a
 // new session id for a disk that has live connections is refused (two sources must not write one
 // image). When a connection is lost the source reconnects with the same session id and `resume`
@@ -122,6 +124,7 @@ export const FRAME_TYPES = {
   flush: 0x10,
   flushed: 0x11,
   checked: 0x12,
+  verified: 0x13,
   error: 0x7f,
 } as const;
 
@@ -151,6 +154,7 @@ export const SENT_BY: Readonly<Record<FrameType, 'source' | 'node' | 'both'>> = 
   flush: 'source',
   flushed: 'node',
   checked: 'node',
+  verified: 'node',
   error: 'both',
 };
 
@@ -198,6 +202,11 @@ export type Frame =
       readonly cycle: string;
       /** Present: not a session but the question CHECKED answers (`sizeBytes`, `kind` unused). */
       readonly check?: ResumeCheck;
+      /**
+       * Present: not a session but a request to re-hash the disk's image against its manifest and
+       * this reference (a checkpoint's targetRef; '' for the manifest alone), answered by VERIFIED.
+       */
+      readonly verify?: string;
     }
   | {
       readonly type: 'welcome';
@@ -247,6 +256,16 @@ export type Frame =
   | { readonly type: 'flushed' }
   /** The answer to a check HELLO: `held` with the session's token, or why not (then NO_TOKEN). */
   | { readonly type: 'checked'; readonly held: boolean; readonly token: string; readonly reason: string }
+  /** The answer to a verify HELLO: the image re-hashed region by region (`reason` when it could not be). */
+  | {
+      readonly type: 'verified';
+      readonly ok: boolean;
+      readonly regions: number;
+      /** Offsets of the first regions that differ (at most MAX_VERIFY_MISMATCHES). */
+      readonly mismatches: readonly number[];
+      readonly manifestRef: string;
+      readonly reason: string;
+    }
   | { readonly type: 'error'; readonly retryable: boolean; readonly reason: string };
 
 export type FrameOf<T extends FrameType> = Extract<Frame, { type: T }>;
@@ -273,8 +292,12 @@ const HELLO_FIXED = MAGIC.length + 2 + 1 + 1 + 8 + SESSION_ID_BYTES + TOKEN_BYTE
 const HELLO_CHECK_BYTES = 8 + 32 + 32;
 const HELLO_RESUME = 0x01;
 const HELLO_CHECK = 0x02;
+const HELLO_VERIFY = 0x04;
 const WELCOME_BYTES = 2 + 4 + 4 + INCARNATION_BYTES + 4 + 1 + 8 + 8 + TOKEN_BYTES;
 const CHECKED_FIXED = 1 + TOKEN_BYTES + 2;
+// A region that differs is located to within a MiB; ten of them say enough about a damaged image.
+export const MAX_VERIFY_MISMATCHES = 10;
+const VERIFIED_MAX = 1 + 8 + 1 + 8 * MAX_VERIFY_MISMATCHES + 2 + MAX_TEXT_BYTES + 2 + MAX_TEXT_BYTES;
 /** tag, seq, offset, bytes, flags, sha256, extent count. */
 export const CHUNK_FIXED_BYTES = 4 + 8 + 8 + 4 + 1 + 32 + 4;
 const CHUNK_EXTENT_BYTES = 12;
@@ -287,7 +310,7 @@ const MAX_VARINT_BYTES = 8;
 export function maxPayload(type: FrameType, maxChunkBytes = MAX_CHUNK_BYTES): number {
   switch (type) {
     case 'hello':
-      return HELLO_FIXED + HELLO_CHECK_BYTES + MAX_CYCLE_BYTES + MAX_DISK_NAME_BYTES;
+      return HELLO_FIXED + HELLO_CHECK_BYTES + 2 + MAX_TEXT_BYTES + MAX_CYCLE_BYTES + MAX_DISK_NAME_BYTES;
     case 'welcome':
       return WELCOME_BYTES;
     case 'chunk':
@@ -317,6 +340,8 @@ export function maxPayload(type: FrameType, maxChunkBytes = MAX_CHUNK_BYTES): nu
       return 4 + 8;
     case 'checked':
       return CHECKED_FIXED + MAX_TEXT_BYTES;
+    case 'verified':
+      return VERIFIED_MAX;
     case 'error':
       return 1 + 2 + MAX_TEXT_BYTES;
   }
@@ -581,14 +606,22 @@ export function encodeFrame(frame: Frame): Buffer {
       if (cycle.length > MAX_CYCLE_BYTES)
         fail(`cycle id of ${cycle.length} bytes exceeds ${MAX_CYCLE_BYTES}`);
       const check = frame.check;
+      const verify = frame.verify === undefined ? undefined : Buffer.from(frame.verify, 'utf8');
+      if (verify !== undefined && verify.length > MAX_TEXT_BYTES) {
+        fail(`verified reference of ${verify.length} bytes exceeds ${MAX_TEXT_BYTES}`);
+      }
       const w = new Writer(
         'hello',
-        HELLO_FIXED + (check ? HELLO_CHECK_BYTES : 0) + cycle.length + name.length,
+        HELLO_FIXED +
+          (check ? HELLO_CHECK_BYTES : 0) +
+          (verify ? 2 + verify.length : 0) +
+          cycle.length +
+          name.length,
       );
       w.bytes(Buffer.from(MAGIC, 'ascii'));
       w.u16(frame.version);
       w.u8(frame.kind === 'full' ? 0 : 1);
-      w.u8((frame.resume ? HELLO_RESUME : 0) | (check ? HELLO_CHECK : 0));
+      w.u8((frame.resume ? HELLO_RESUME : 0) | (check ? HELLO_CHECK : 0) | (verify ? HELLO_VERIFY : 0));
       w.u64(frame.sizeBytes, 'disk size');
       w.bytes(hexBytes(frame.session, SESSION_ID_BYTES, 'session'));
       w.bytes(hexBytes(frame.token, TOKEN_BYTES, 'resume token'));
@@ -596,6 +629,10 @@ export function encodeFrame(frame: Frame): Buffer {
         w.u64(check.chunks, 'checked chunks');
         w.bytes(hexBytes(check.aggregateSha256, 32, 'checked aggregate'));
         w.bytes(hexBytes(check.layoutSha256, 32, 'checked layout'));
+      }
+      if (verify) {
+        w.u16(verify.length);
+        w.bytes(verify);
       }
       w.u16(cycle.length);
       w.bytes(cycle);
@@ -699,6 +736,26 @@ export function encodeFrame(frame: Frame): Buffer {
     case 'flush':
     case 'flushed':
       return new Writer(frame.type, 0).done();
+    case 'verified': {
+      if (frame.mismatches.length > MAX_VERIFY_MISMATCHES) {
+        fail(`VERIFIED frame of ${frame.mismatches.length} mismatches exceeds ${MAX_VERIFY_MISMATCHES}`);
+      }
+      const ref = textBytes(frame.manifestRef, MAX_TEXT_BYTES);
+      const reason = textBytes(frame.reason, MAX_TEXT_BYTES);
+      const w = new Writer(
+        'verified',
+        1 + 8 + 1 + 8 * frame.mismatches.length + 2 + ref.length + 2 + reason.length,
+      );
+      w.u8(frame.ok ? 1 : 0);
+      w.u64(frame.regions, 'regions');
+      w.u8(frame.mismatches.length);
+      for (const m of frame.mismatches) w.u64(m, 'mismatch offset');
+      w.u16(ref.length);
+      w.bytes(ref);
+      w.u16(reason.length);
+      w.bytes(reason);
+      return w.done();
+    }
     case 'checked': {
       const reason = textBytes(frame.reason, MAX_TEXT_BYTES);
       const w = new Writer('checked', CHECKED_FIXED + reason.length);
@@ -757,7 +814,8 @@ export function decodePayload(type: Exclude<FrameType, 'chunk'>, payload: Buffer
       const kindCode = r.u8('kind');
       if (kindCode > 1) fail(`HELLO frame: unknown copy kind ${kindCode}`);
       const flags = r.u8('flags');
-      if (flags > (HELLO_RESUME | HELLO_CHECK)) fail(`HELLO frame: unknown flags 0x${flags.toString(16)}`);
+      if (flags > (HELLO_RESUME | HELLO_CHECK | HELLO_VERIFY))
+        fail(`HELLO frame: unknown flags 0x${flags.toString(16)}`);
       const sizeBytes = r.u64('disk size');
       const session = r.bytes(SESSION_ID_BYTES, 'session').toString('hex');
       const token = r.bytes(TOKEN_BYTES, 'resume token').toString('hex');
@@ -769,6 +827,7 @@ export function decodePayload(type: Exclude<FrameType, 'chunk'>, payload: Buffer
               layoutSha256: r.bytes(32, 'checked layout').toString('hex'),
             }
           : undefined;
+      const verify = flags & HELLO_VERIFY ? r.text('verified reference', MAX_TEXT_BYTES) : undefined;
       const cycle = r.text('cycle id', MAX_CYCLE_BYTES);
       const disk = r.text('disk name', MAX_DISK_NAME_BYTES);
       frame = {
@@ -782,6 +841,7 @@ export function decodePayload(type: Exclude<FrameType, 'chunk'>, payload: Buffer
         token,
         cycle,
         ...(check ? { check } : {}),
+        ...(verify === undefined ? {} : { verify }),
       };
       break;
     }
@@ -870,6 +930,25 @@ export function decodePayload(type: Exclude<FrameType, 'chunk'>, payload: Buffer
     case 'flushed':
       frame = { type };
       break;
+    case 'verified': {
+      const ok = r.u8('ok');
+      if (ok > 1) fail(`VERIFIED frame: unknown ok value ${ok}`);
+      const regions = r.u64('regions');
+      const count = r.u8('mismatch count');
+      if (count > MAX_VERIFY_MISMATCHES)
+        fail(`VERIFIED frame of ${count} mismatches exceeds ${MAX_VERIFY_MISMATCHES}`);
+      const mismatches: number[] = [];
+      for (let i = 0; i < count; i++) mismatches.push(r.u64('mismatch offset'));
+      frame = {
+        type,
+        ok: ok === 1,
+        regions,
+        mismatches,
+        manifestRef: r.text('manifest reference', MAX_TEXT_BYTES),
+        reason: r.text('reason', MAX_TEXT_BYTES),
+      };
+      break;
+    }
     case 'checked': {
       const held = r.u8('held');
       if (held > 1) fail(`CHECKED frame: unknown held value ${held}`);

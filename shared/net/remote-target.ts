@@ -76,6 +76,9 @@ interface Chunk {
   readonly settle: (err?: Error) => void;
 }
 
+/** What a HELLO may ask instead of opening a session. */
+type Question = { readonly check: ResumeCheck } | { readonly verify: string };
+
 /** The frames that answer a commit-phase request (FLUSH, COMMIT, AFTER_PUBLISH). */
 type ControlAnswer = 'flushed' | 'committed' | 'done';
 
@@ -99,8 +102,8 @@ class Link {
     resolve: (f: Frame) => void;
     reject: (e: Error) => void;
   }[] = [];
-  /** The node's answer to a check HELLO on this connection. */
-  checked: FrameOf<'checked'> | undefined;
+  /** The node's answer to a check or verify HELLO on this connection. */
+  answer: FrameOf<'checked'> | FrameOf<'verified'> | undefined;
   readonly closed: Promise<void>;
   reader!: FrameReader;
 
@@ -332,8 +335,8 @@ export class RemoteTarget implements DiskTarget {
     this.cycle = claim.cycleId;
     for (let attempt = 1; ; attempt++) {
       try {
-        const answer = (await this.connect(false, check)).checked;
-        if (answer === undefined) return 'the node did not answer the resume check';
+        const answer = (await this.connect(false, { check })).answer;
+        if (answer?.type !== 'checked') return 'the node did not answer the resume check';
         if (!answer.held) return `the node does not hold this cycle's chunks: ${answer.reason}`;
         this.token = answer.token;
         return undefined;
@@ -341,6 +344,24 @@ export class RemoteTarget implements DiskTarget {
         if (!isRetryable(err) || attempt >= OPEN_ATTEMPTS || this.closed) {
           return `could not ask the node whether it holds this cycle: ${errorMessage(err)}`;
         }
+        await this.pause(backoff(attempt));
+      }
+    }
+  }
+
+  /**
+   * Asks the node to re-hash the disk's image against its manifest and `targetRef` (a checkpoint's
+   * reference): `ferry verify` of a replica on a node. Retried like opening a disk.
+   */
+  async verify(targetRef: string | undefined): Promise<FrameOf<'verified'>> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const answer = (await this.connect(false, { verify: targetRef ?? '' })).answer;
+        if (answer?.type !== 'verified')
+          throw this.transferError('the node did not answer the verify request', false);
+        return answer;
+      } catch (err) {
+        if (!isRetryable(err) || attempt >= OPEN_ATTEMPTS || this.closed) throw err;
         await this.pause(backoff(attempt));
       }
     }
@@ -382,10 +403,10 @@ export class RemoteTarget implements DiskTarget {
 
   /**
    * Opens one connection and says HELLO; resolves once the node welcomed it into the session. With
-   * `check`, the HELLO asks whether the node holds the session instead: resolves with the answer
-   * (`link.checked`) and the node hangs up.
+   * a `question` (a resume check, or a verify request), the HELLO asks it instead: resolves with the
+   * answer (`link.answer`) and the node hangs up.
    */
-  private connect(resume: boolean, check?: ResumeCheck): Promise<Link> {
+  private connect(resume: boolean, question?: Question): Promise<Link> {
     const socket = this.connector.connect();
     socket.setNoDelay(true);
     socket.setKeepAlive(true, KEEPALIVE_MS);
@@ -418,10 +439,10 @@ export class RemoteTarget implements DiskTarget {
             lost(this.transferError(`the node refused the connection: ${frame.reason}`, frame.retryable));
             return;
           }
-          if (frame.type === 'checked' && check !== undefined) {
+          if ((frame.type === 'checked' || frame.type === 'verified') && question !== undefined) {
             clearTimeout(timer);
             this.connecting.delete(link);
-            link.checked = frame;
+            link.answer = frame;
             socket.end();
             resolve(link);
             return;
@@ -452,7 +473,7 @@ export class RemoteTarget implements DiskTarget {
         },
       });
       socket.on('connect', () => {
-        socket.write(encodeFrame(this.hello(resume, check)));
+        socket.write(encodeFrame(this.hello(resume, question)));
       });
       socket.on('data', (buf: Buffer) => {
         try {
@@ -480,7 +501,7 @@ export class RemoteTarget implements DiskTarget {
     });
   }
 
-  private hello(resume: boolean, check: ResumeCheck | undefined): FrameOf<'hello'> {
+  private hello(resume: boolean, question: Question | undefined): FrameOf<'hello'> {
     return {
       type: 'hello',
       version: PROTOCOL_VERSION,
@@ -491,7 +512,7 @@ export class RemoteTarget implements DiskTarget {
       session: this.session,
       token: resume ? this.token : NO_TOKEN,
       cycle: this.cycle,
-      ...(check ? { check } : {}),
+      ...question,
     };
   }
 

@@ -110,6 +110,19 @@ const framesBySource: fc.Arbitrary<Frame>[] = [
     cycle: fc.string({ unit: 'grapheme', maxLength: 40 }),
     check: fc.record({ chunks: safe, aggregateSha256: hex(32), layoutSha256: hex(32) }),
   }),
+  // A verify request: the checkpoint's reference rides in the HELLO.
+  fc.record({
+    type: fc.constant('hello' as const),
+    version: fc.constant(PROTOCOL_VERSION),
+    disk: diskName,
+    sizeBytes: safe,
+    kind: fc.constantFrom('full' as const, 'incremental' as const),
+    resume: fc.constant(false),
+    session: hex(16),
+    token: fc.constant(NO_TOKEN),
+    cycle: fc.constant(''),
+    verify: text,
+  }),
   chunkFrame,
   fc.record({ type: fc.constant('want' as const), bytes: safe, order: u32 }),
   fc.record({ type: fc.constant('release' as const), bytes: safe, order: u32 }),
@@ -160,6 +173,14 @@ const framesByNode: fc.Arbitrary<Frame>[] = [
   fc.record({ type: fc.constant('conn-closed' as const), conn: u32, admitted: safe }),
   fc.constant({ type: 'flushed' as const }),
   fc.record({ type: fc.constant('checked' as const), held: fc.boolean(), token: hex(16), reason: text }),
+  fc.record({
+    type: fc.constant('verified' as const),
+    ok: fc.boolean(),
+    regions: safe,
+    mismatches: fc.array(safe, { maxLength: 10 }),
+    manifestRef: text,
+    reason: text,
+  }),
   fc.record({ type: fc.constant('error' as const), retryable: fc.boolean(), reason: text }),
 ];
 
