@@ -142,7 +142,7 @@ program
       for (const d of cp.disks) {
         if (d.target.startsWith('ferry://') && access !== undefined) {
           // The node re-hashes its image against its manifest and the checkpoint's reference.
-          const remote = await verifyOnNode(d.target, d.targetRef, access);
+          const remote = await verifyOnNode(d.target, d.targetRef, d.sizeBytes, access);
           reports.push({ disk: d.disk, target: d.target, ...remote });
           continue;
         }
@@ -471,6 +471,7 @@ function remoteAccess(o: Record<string, unknown>): { join?: string; insecure?: b
 async function verifyOnNode(
   target: string,
   targetRef: string | undefined,
+  sizeBytes: number,
   access: { join?: string; insecure?: boolean },
 ): Promise<{ ok: boolean; regions: number; mismatches: number[]; unchecked: boolean; reason: string }> {
   const { checkSourceSecurity, readJoinFile } = await import('../shared/net/join.ts');
@@ -483,7 +484,7 @@ async function verifyOnNode(
   checkSourceSecurity(uri, security);
   const remote = new RemoteTarget(uri, security);
   try {
-    const answer = await remote.verify(targetRef);
+    const answer = await remote.verify(targetRef, sizeBytes);
     const checked = answer.ok || answer.mismatches.length > 0 || answer.manifestRef !== '';
     return {
       ok: answer.ok,

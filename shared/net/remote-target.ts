@@ -50,6 +50,9 @@ const CLOSE_LINGER_MS = 2_000;
 // to every disk within a chunk's write time (max-min fairness), and keeps an idle session for its
 // own idle timeout (120 s), so a longer silence is a node that is stuck or refusing in effect.
 const DEFAULT_STALL_TIMEOUT_MS = 120_000;
+// A node re-hashing an image for `ferry verify` reads it whole: one slower than this (bytes per
+// second; a disk reads and hashes at hundreds of MiB/s) is stuck, and the verify gives up.
+const VERIFY_MIN_RATE = 20 * 1024 * 1024;
 
 export interface RemoteTargetOptions {
   readonly connections?: number;
@@ -350,13 +353,15 @@ export class RemoteTarget implements DiskTarget {
   }
 
   /**
-   * Asks the node to re-hash the disk's image against its manifest and `targetRef` (a checkpoint's
-   * reference): `ferry verify` of a replica on a node. Retried like opening a disk.
+   * Asks the node to re-hash the disk's image (`sizeBytes`, as the checkpoint says) against its
+   * manifest and `targetRef` (the checkpoint's reference): `ferry verify` of a replica on a node.
+   * Waits as long as reading the image at VERIFY_MIN_RATE takes; retried like opening a disk.
    */
-  async verify(targetRef: string | undefined): Promise<FrameOf<'verified'>> {
+  async verify(targetRef: string | undefined, sizeBytes: number): Promise<FrameOf<'verified'>> {
+    const timeoutMs = this.connectTimeoutMs + Math.ceil((sizeBytes / VERIFY_MIN_RATE) * 1000);
     for (let attempt = 1; ; attempt++) {
       try {
-        const answer = (await this.connect(false, { verify: targetRef ?? '' })).answer;
+        const answer = (await this.connect(false, { verify: targetRef ?? '' }, timeoutMs)).answer;
         if (answer?.type !== 'verified')
           throw this.transferError('the node did not answer the verify request', false);
         return answer;
@@ -406,7 +411,7 @@ export class RemoteTarget implements DiskTarget {
    * a `question` (a resume check, or a verify request), the HELLO asks it instead: resolves with the
    * answer (`link.answer`) and the node hangs up.
    */
-  private connect(resume: boolean, question?: Question): Promise<Link> {
+  private connect(resume: boolean, question?: Question, timeoutMs = this.connectTimeoutMs): Promise<Link> {
     const socket = this.connector.connect();
     socket.setNoDelay(true);
     socket.setKeepAlive(true, KEEPALIVE_MS);
@@ -415,8 +420,14 @@ export class RemoteTarget implements DiskTarget {
     return new Promise<Link>((resolve, reject) => {
       let welcomed = false;
       const timer = setTimeout(
-        () => lost(this.transferError(`no WELCOME from the node within ${this.connectTimeoutMs} ms`, true)),
-        this.connectTimeoutMs,
+        () =>
+          lost(
+            this.transferError(
+              `no ${question ? 'answer' : 'WELCOME'} from the node within ${timeoutMs} ms`,
+              true,
+            ),
+          ),
+        timeoutMs,
       );
       const lost = (err: Error) => {
         clearTimeout(timer);
