@@ -72,7 +72,11 @@ function remoteTarget(uri: string, access: RemoteAccess): DiskTarget {
   return {
     name: parsed.name,
     blockSize: FILE_TARGET_BLOCK_SIZE,
-    open: async (sizeBytes, kind, resume) => (await load()).open(sizeBytes, kind, resume),
+    // Every optional method passes through too: the engine asks the node to prove a resume
+    // (checkResume) and to make progress durable (flush) before it records progress.
+    open: async (sizeBytes, kind, resume, cycleId) => (await load()).open(sizeBytes, kind, resume, cycleId),
+    checkResume: async (claim, signal) => (await load()).checkResume?.(claim, signal),
+    flush: async () => (await load()).flush?.(),
     writeChunk: async (d, data, sha256, signal) => (await load()).writeChunk(d, data, sha256, signal),
     read: async (offset, length, signal) => (await load()).read(offset, length, signal),
     commit: async (summary) => (await load()).commit(summary),
