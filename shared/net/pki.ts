@@ -16,7 +16,7 @@
 import 'reflect-metadata'; // @peculiar/x509 resolves its parts through tsyringe, which needs the Reflect polyfill loaded first
 import { createPrivateKey, KeyObject, randomBytes, webcrypto, X509Certificate } from 'node:crypto';
 import { chmod, mkdir, open, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import * as x509 from '@peculiar/x509';
 import { z } from 'zod';
 import { ConfigError, errorMessage, FerryError } from '../engine/errors.ts';
@@ -256,10 +256,10 @@ async function admitCredential(dir: string, peer: X509Certificate): Promise<Peer
   try {
     record = await readRecord(dir, serial);
   } catch (err) {
+    // Refused, not retried: a record that cannot be read is the operator's to repair.
     throw new CredentialRefused(
       `the node cannot read its record of credential ${serial}: ${errorMessage(err)}`,
       {
-        retryable: true,
         cause: err,
       },
     );
@@ -481,7 +481,10 @@ function recordPath(dir: string, serial: string): string {
   return join(dir, CREDENTIALS_DIR, `${serial}.json`);
 }
 
-/** Written whole or not at all: to a temporary name, synced, renamed over the old one. */
+/**
+ * Written whole or not at all, and durably (a revocation must survive a power loss): to a
+ * temporary name, synced, renamed over the old one, the folder synced.
+ */
 async function replaceFile(path: string, text: string, mode = 0o644): Promise<void> {
   const tmp = `${path}.tmp-${randomBytes(4).toString('hex')}`;
   const file = await open(tmp, 'wx', mode);
@@ -492,6 +495,12 @@ async function replaceFile(path: string, text: string, mode = 0o644): Promise<vo
     await file.close();
   }
   await rename(tmp, path);
+  const dir = await open(dirname(path), 'r');
+  try {
+    await dir.sync();
+  } finally {
+    await dir.close();
+  }
 }
 
 async function writeSecret(path: string, text: string, how: 'create' | 'replace' = 'create'): Promise<void> {
