@@ -1399,7 +1399,7 @@ class Node implements ReplicationNode {
       for (const s of this.sessions.values()) {
         if (!s.wantsCredit) continue;
         // Never past its cap: its window (never below one chunk, or a chunk that large could never be
-        // sent), and no further ahead of the data it has sent than one chunk.
+        // sent), and no further ahead of the data it has sent than two chunks (Session.cap).
         const step = s.step;
         if (step === 0) continue;
         // Sessions yet to send a chunk, asking for large ones, share part of the budget.
