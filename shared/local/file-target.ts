@@ -11,6 +11,7 @@ import type { Extent } from '../engine/extents.ts';
 import { sha256Hex } from '../engine/integrity.ts';
 import type { CopyKind, DiskCommit, DiskTarget, ResumeClaim } from '../engine/ports.ts';
 import { MiB } from '../engine/units.ts';
+import { syncDir, writeAtomic } from './durable.ts';
 
 // 4 KiB: the filesystem and page-cache unit; change maps are aligned to it, so a 512-byte CBT
 // extent costs one page, not more.
@@ -127,7 +128,7 @@ export class FileTarget implements DiskTarget {
     }
     this.fh = await createSparse(this.cycleFile(), sizeBytes);
     await this.fh.sync();
-    await writeDurably(this.cyclePath, JSON.stringify({ cycleId, mode: this.mode, kind, size: sizeBytes }));
+    await writeAtomic(this.cyclePath, JSON.stringify({ cycleId, mode: this.mode, kind, size: sizeBytes }));
   }
 
   async checkResume(claim: ResumeClaim): Promise<string | undefined> {
@@ -458,7 +459,7 @@ async function updateManifest(
   } finally {
     await fh.close();
   }
-  await writeDurably(outPath, manifest);
+  await writeAtomic(outPath, manifest);
   return manifestDigest(manifest);
 }
 
@@ -511,29 +512,6 @@ function* touchedRegions(extents: readonly Extent[]): Generator<TouchedRegion> {
 /** Every region, each as wholly changed: none is trusted from a chunk. */
 function* range(n: number): Generator<TouchedRegion> {
   for (let i = 0; i < n; i++) yield { index: i, lo: i * MANIFEST_REGION, hi: (i + 1) * MANIFEST_REGION };
-}
-
-/** Writes a file whole or not at all (temporary file, fsync, rename, directory fsync). */
-async function writeDurably(path: string, data: string | Uint8Array): Promise<void> {
-  const tmp = `${path}.tmp`;
-  const out = await open(tmp, 'w');
-  try {
-    await writeAll(out, typeof data === 'string' ? Buffer.from(data) : data, 0);
-    await out.sync();
-  } finally {
-    await out.close();
-  }
-  await rename(tmp, path);
-  await syncDir(dirname(path));
-}
-
-async function syncDir(path: string): Promise<void> {
-  const fh = await open(path, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
 }
 
 /** Writes an undo log's saved bytes back over the image (see FileTarget.writeUndo for its layout). */

@@ -7,7 +7,7 @@
 //   <dir>/locks/<set>.lock                the process that owns the set (replicate, verify) while it runs
 import { type FileHandle, link, mkdir, open, readdir, readFile, rename, rm } from 'node:fs/promises';
 import { hostname } from 'node:os';
-import { dirname, join } from 'node:path';
+import { join } from 'node:path';
 import { z } from 'zod';
 import { CatalogError, errorMessage, FerryError } from '../engine/errors.ts';
 import { checkName } from '../engine/names.ts';
@@ -18,6 +18,7 @@ import type {
   RecoveryCheckpoint,
   StateStore,
 } from '../engine/ports.ts';
+import { syncDir, writeAtomic, writeFileSynced } from './durable.ts';
 
 const progressSchema = z.strictObject({
   cycleId: z.string(),
@@ -359,32 +360,5 @@ function isAlive(pid: number): boolean {
     return true;
   } catch (err) {
     return (err as NodeJS.ErrnoException).code === 'EPERM'; // alive, owned by another user
-  }
-}
-
-async function writeFileSynced(path: string, text: string, flag = 'w'): Promise<void> {
-  const fh = await open(path, flag);
-  try {
-    await fh.writeFile(text);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
-
-async function writeAtomic(path: string, text: string): Promise<void> {
-  const tmp = `${path}.tmp`;
-  await writeFileSynced(tmp, text);
-  await rename(tmp, path);
-  await syncDir(dirname(path));
-}
-
-/** Makes a directory's entries (a created or renamed file) durable. */
-async function syncDir(path: string): Promise<void> {
-  const fh = await open(path, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
   }
 }
