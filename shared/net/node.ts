@@ -776,6 +776,7 @@ class Node implements ReplicationNode {
       case 'after-publish':
         void this.control(conn, s, 'after publish', async () => {
           await s.target.afterPublish();
+          await this.store.markPublished(s.disk);
           conn.send({ type: 'done' });
         });
         return;
@@ -821,12 +822,19 @@ class Node implements ReplicationNode {
     }
     const check = hello.check;
     if (check !== undefined) {
-      await this.withDiskLock(hello.disk, () => this.answerCheck(conn, hello, check));
+      await this.withDiskLock(hello.disk, async () => {
+        // A source asking about its cycle again did not publish it (see settleCommit).
+        await this.settleCommit(hello.disk, (r) => r.cycle !== hello.cycle);
+        await this.answerCheck(conn, hello, check);
+      });
       return;
     }
     const verify = hello.verify;
     if (verify !== undefined) {
-      await this.withDiskLock(hello.disk, () => this.answerVerify(conn, hello.disk, verify));
+      await this.withDiskLock(hello.disk, async () => {
+        await this.settleCommit(hello.disk, (r) => r.commit?.targetRef === verify);
+        await this.answerVerify(conn, hello.disk, verify);
+      });
       return;
     }
     await this.withDiskLock(hello.disk, async () => {
@@ -857,6 +865,7 @@ class Node implements ReplicationNode {
         this.refuse(conn, `disk ${hello.disk} is being replicated by another source session`, true);
         return;
       } else {
+        if (!hello.resume) await this.settleCommit(hello.disk, (r) => r.cycle !== hello.cycle);
         const start = hello.resume ? this.resumable(conn, hello) : await this.admitSession(conn, hello);
         if (start === undefined) return;
         try {
@@ -969,6 +978,33 @@ class Node implements ReplicationNode {
   }
 
   /**
+   * Settles a commit the node applied but never heard the fate of (the source went away between its
+   * COMMIT and AFTER_PUBLISH): `published(record)` says, from what a new contact tells, whether the
+   * source's catalog holds it. A source that starts or checks the SAME cycle again did not publish it
+   * (its next cycle would have the next id); `ferry verify` names the checkpoint's reference. Then
+   * the image is either made final (manifest installed, undo dropped) or rolled back to the last
+   * checkpoint with its staging kept, so the cycle can still resume. Called under the disk's lock,
+   * never while a session of the disk is live.
+   */
+  private async settleCommit(disk: string, published: (record: SessionRecord) => boolean): Promise<void> {
+    const record = this.store.get(disk);
+    const live = this.sessions.get(disk);
+    if (record?.state !== 'committed' || record.published || (live !== undefined && !live.tearingDown))
+      return;
+    if (live !== undefined) await this.retire(live);
+    const target = new FileTarget(join(this.opts.targetDir, disk));
+    if (published(record)) {
+      await target.afterPublish();
+      await this.store.markPublished(disk);
+      this.log(`node: disk ${disk}: the commit of cycle ${record.cycle} was published; it is final`);
+    } else {
+      await target.rollback();
+      await this.store.reopen(disk);
+      this.log(`node: disk ${disk}: the commit of cycle ${record.cycle} was never published; rolled back`);
+    }
+  }
+
+  /**
    * Answers a check HELLO: whether the node holds the source's session of this cycle with these
    * chunks (their digests and layout, from its own record) and the file target still holds the
    * cycle's file. Then hangs up; nothing is opened or written.
@@ -1065,7 +1101,9 @@ class Node implements ReplicationNode {
             cycle: hello.cycle,
             overImage: start.overImage,
           });
-    const target = new FileTarget(join(this.opts.targetDir, hello.disk), { finalOnCommit: true });
+    // Undo data stays until the source says the checkpoint is published (AFTER_PUBLISH) or the node
+    // settles it (settleCommit): a set whose source dies mid-commit can still be rolled back.
+    const target = new FileTarget(join(this.opts.targetDir, hello.disk));
     // A committed session is resumed only to answer a retried COMMIT or AFTER_PUBLISH: its image
     // is not opened for writing at all.
     if (record.state === 'open')

@@ -379,6 +379,9 @@ export class RemoteTarget implements DiskTarget {
   }
 
   async afterPublish(): Promise<void> {
+    // Never opened here (crash recovery of an earlier run): the node settles that commit itself at
+    // this source's next contact, which names a later cycle (see the node's settleCommit).
+    if (!this.opened) return;
     await this.control('after publish', 'done', (link) =>
       this.write(link, encodeFrame({ type: 'after-publish' })),
     );

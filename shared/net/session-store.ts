@@ -32,6 +32,11 @@ const recordSchema = z.strictObject({
   /** An image already existed when the session started: it stages beside it (counted twice). */
   overImage: z.boolean(),
   state: z.enum(['open', 'committed']),
+  /**
+   * The source said its checkpoint is published (AFTER_PUBLISH), or the node settled that it was.
+   * Until then a committed session's image can still be rolled back to the last checkpoint.
+   */
+  published: z.boolean().optional(),
   commit: z
     .strictObject({
       chunks: z.number().int().nonnegative(),
@@ -129,6 +134,21 @@ export class SessionStore {
     const record: SessionRecord = { ...current, state: 'committed', commit: { ...claim, targetRef } };
     await this.write(record);
     return record;
+  }
+
+  /** The committed session's checkpoint is published: its commit is final. */
+  async markPublished(disk: string): Promise<void> {
+    const current = this.records.get(disk);
+    if (current?.state !== 'committed' || current.published) return;
+    await this.write({ ...current, published: true });
+  }
+
+  /** The committed session was rolled back: it is open again, and its chunks may be resumed. */
+  async reopen(disk: string): Promise<void> {
+    const current = this.records.get(disk);
+    if (current?.state !== 'committed') return;
+    const { commit: _commit, published: _published, ...rest } = current;
+    await this.write({ ...rest, state: 'open' });
   }
 
   /** Opens the disk's digest record for writing slots (created if missing). */

@@ -149,11 +149,32 @@ describe('a ferry serve node failing mid-transfer', () => {
         await rm(dir, { recursive: true, force: true });
       }
     },
-    150_000,
-    // The node applies each disk's commit when told, and keeps no undo data for a set whose source
-    // dies before publishing: set atomicity toward a node needs the node to learn the catalog's
-    // verdict (issue 10's "a rollback to the last commit"); README, "What a checkpoint guarantees".
-    'issue 10, a node does not roll back the commit of a set that was never published',
+  );
+
+  faultCase(
+    'source killed after publishing, before the node heard of it',
+    'SIGKILL of ferry replicate at "after-publish", two disks on one ferry serve node',
+    async () => {
+      const dir = await workdir('node-published');
+      const images = join(dir, 'images');
+      const node = await startServe({ images, state: join(dir, 'node-state') });
+      const set = await FaultSet.create('node-published', {
+        disks: ['os', 'data'],
+        seed: 56,
+        node: { address: node.address, images, joinFile: node.joinFile },
+      });
+      try {
+        await set.seed();
+        await set.mutate(56);
+        const run = await set.replicate({ crashAt: 'after-publish' });
+        expectKilled(run, 'after-publish');
+        return await set.checkContract(run);
+      } finally {
+        await node.stop();
+        await set.remove();
+        await rm(dir, { recursive: true, force: true });
+      }
+    },
   );
 
   faultCase(

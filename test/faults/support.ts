@@ -534,13 +534,23 @@ export class FaultSet {
    * The checkpoint verifies. After a fault, through `ferry verify` (the command an operator runs,
    * which may first finish or roll back an interrupted commit); after a clean rerun, the images are
    * re-hashed in this process (the same check, without the cost of a process). A node's images are
-   * always checked here: no `ferry verify` reaches them from the source host.
+   * checked both ways: `ferry verify --join` through the node, then re-hashed here.
    */
   async assertVerifies(what: string, entry: CheckpointEntry, how: 'command' | 'direct'): Promise<void> {
-    if (how === 'command' && !this.remote) {
-      const run = await ferry(['verify', '--set', this.set, '--state', this.state]);
+    if (how === 'command') {
+      // Toward a node, verify goes through it with the join file (the node settles a commit whose
+      // publication it never heard of, then re-hashes); the images are also re-hashed here below.
+      const join = this.disks.find((d) => d.joinFile !== undefined)?.joinFile;
+      const run = await ferry([
+        'verify',
+        '--set',
+        this.set,
+        '--state',
+        this.state,
+        ...(join ? ['--join', join] : []),
+      ]);
       expect(run.code, `${what}: ferry verify of ${entry.id} must pass: ${describeRun(run)}`).toBe(0);
-      return;
+      if (!this.remote) return;
     }
     for (const cd of entry.disks) {
       const report = await verifyFileImage(this.disk(cd.disk).replica, cd.targetRef);
