@@ -23,11 +23,6 @@ export const MANIFEST_REGION = MiB;
 export interface FileTargetOptions {
   /** Read every chunk back after writing and compare its hash (default true). */
   readonly verifyWrites?: boolean;
-  /**
-   * Commit is final: the manifest is installed and undo data dropped at once (a replication node,
-   * whose source publishes the checkpoint elsewhere and owns the set's atomicity). Default false.
-   */
-  readonly finalOnCommit?: boolean;
 }
 
 /**
@@ -67,7 +62,6 @@ export class FileTarget implements DiskTarget {
   private readonly undoPath: string;
   private readonly undoImagePath: string;
   private readonly verifyWrites: boolean;
-  private readonly finalOnCommit: boolean;
   private fh: FileHandle | undefined;
   private mode: Mode = 'direct';
   private kind: CopyKind = 'full';
@@ -93,7 +87,6 @@ export class FileTarget implements DiskTarget {
     this.undoPath = `${path}.ferry-undo`;
     this.undoImagePath = `${path}.ferry-undo-image`;
     this.verifyWrites = opts.verifyWrites ?? true;
-    this.finalOnCommit = opts.finalOnCommit ?? false;
   }
 
   async open(sizeBytes: number, kind: CopyKind, resume: boolean, cycleId = 'unnamed'): Promise<void> {
@@ -246,7 +239,6 @@ export class FileTarget implements DiskTarget {
       summary.extents,
       this.kind === 'full' ? this.regionDigests : undefined,
     );
-    if (this.finalOnCommit) await this.installCommitted();
     return ref;
   }
 
