@@ -379,12 +379,15 @@ describe('a source flushes, proves its resume, and resumes with the node token',
       aggregateSha256: toHex(linearAggregate(all.map((c) => c.sha256))),
       extents: [{ offset: 0, length: 4 * MiB }],
     });
+    await second.afterPublish();
     await second.close();
 
     // Assess
     expect(ref).toMatch(/^manifest-sha256:/);
     expect((await readFile(join(images, 'r0'))).equals(data)).toBe(true);
-    // A committed session is not resumable.
+    // A committed and published session is not resumable. (Without AFTER_PUBLISH, a check of the
+    // same cycle means the source did not publish it: the node rolls the commit back; see
+    // test/faults/node.test.ts.)
     const late = new RemoteTarget(uri, { insecure: true });
     expect(await late.checkResume(claim(2))).toMatch(/already committed/);
     await late.close();
