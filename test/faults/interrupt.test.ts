@@ -94,6 +94,10 @@ describe('kill -9 of the source process, timed from outside (nbdkit delay and ra
         const first = await set.replicateKilledWhen(set.progressSaved(), 'first kill');
         const progress = set.progressFile(d.id);
         const saved = await readProgress(progress);
+        // Once in five full-suite runs here the next connect to nbdkit (rate filter) was refused
+        // (ECONNREFUSED) after the first SIGKILL; not diagnosed. The source server is not what this
+        // case tests, so the same image is served afresh before the second attempt.
+        await nbd.restart(SLOW_SOURCE);
         const second = await set.replicateKilledWhen(
           async () => (await readProgress(progress)) > saved,
           'second kill',
