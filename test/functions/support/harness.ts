@@ -353,12 +353,17 @@ function sqsRecord(m: Message, queueUrl: string): SQSRecord {
 }
 
 /** One ReceiveMessage as the event source mapping does it; undefined when the queue is empty. */
-export async function receiveEvent(e: Emulators, d: Deployment, max = 10): Promise<SQSEvent | undefined> {
+export async function receiveEvent(
+  e: Emulators,
+  d: Deployment,
+  max = 10,
+  waitSeconds = 0,
+): Promise<SQSEvent | undefined> {
   const out = await e.sqs.client.send(
     new ReceiveMessageCommand({
       QueueUrl: d.queueUrl,
       MaxNumberOfMessages: max,
-      WaitTimeSeconds: 0,
+      WaitTimeSeconds: waitSeconds,
       MessageSystemAttributeNames: ['All'],
     }),
   );
@@ -430,6 +435,7 @@ export async function driveCycle(
   let writerInvocations = 0;
   let crashedInvocations = 0;
   const maxSteps = opts.maxSteps ?? 2000;
+  let idleStep = false;
   for (let step = 0; step < maxSteps; step++) {
     const t = (await d.planner({ action: 'tick', cycle: ref })) as TickResult;
     ticks.push(t);
@@ -446,7 +452,12 @@ export async function driveCycle(
     }
     let idle = true;
     for (let b = 0; b < (opts.batchesPerTick ?? 3); b++) {
-      const event = await receiveEvent(e, d);
+      // After a step that found nothing (grants handed back, invisible until their visibility
+      // timeout), the first receive long-polls for a second, as Lambda's event source mapping does,
+      // so ticks do not run through STUCK_TICKS while handed-back grants are invisible. (The
+      // throttling case ended 'aborted' in two full-suite runs; the reason was not captured, and
+      // this is the likely mechanism, not a proven one.)
+      const event = await receiveEvent(e, d, 10, b === 0 && idleStep ? 1 : 0);
       if (event === undefined) break;
       idle = false;
       await opts.onBatch?.(event);
@@ -465,6 +476,7 @@ export async function driveCycle(
         result.batchItemFailures.map((f) => f.itemIdentifier),
       );
     }
+    idleStep = idle;
     const lastTwo = ticks.slice(-2);
     if (
       idle &&
