@@ -795,7 +795,7 @@ interface Row {
   readonly name: string;
   readonly fault: string;
   outcome: string;
-  result: 'pass' | 'FAIL' | 'KNOWN GAP' | 'not runnable';
+  result: 'pass' | 'FAIL' | 'not runnable';
   ms: number;
 }
 
@@ -820,15 +820,9 @@ export function faultCase(
   fault: string,
   act: (row: CaseRow) => Promise<string>,
   timeoutMs = 150_000,
-  /**
-   * A contract violation the product is known to have, with the issue that fixes it: the case must
-   * fail (it prints KNOWN GAP in the table), and the suite fails as soon as it passes, so the mark
-   * is removed with the fix. Never a way to silence a new failure.
-   */
-  knownGap?: string,
 ): void {
-  (knownGap === undefined ? it.concurrent : it.concurrent.fails)(
-    knownGap === undefined ? name : `${name} [known gap: ${knownGap}]`,
+  it.concurrent(
+    name,
     async (ctx: TestContext) => {
       const row: Row = { name, fault, outcome: '', result: 'pass', ms: 0 };
       rows.push(row);
@@ -847,7 +841,7 @@ export function faultCase(
         if (notes.length) row.outcome += ` (${notes.join('; ')})`;
       } catch (err) {
         if (row.result !== 'not runnable') {
-          row.result = knownGap === undefined ? 'FAIL' : 'KNOWN GAP';
+          row.result = 'FAIL';
           row.outcome = String((err as Error).message ?? err)
             .split('\n')[0]!
             .replace(/\/tmp\/ferry-fault-[^/\s]+/g, '…')
