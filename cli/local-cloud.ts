@@ -3,7 +3,7 @@
 // SQS (fauxqs) and EBS (Ferry's emulator); EC2 volumes are buffers in memory. A two-disk plan
 // replicates a full cycle and incremental cycles, and every published checkpoint's snapshots are
 // read back block by block and compared with the volumes as they were snapshotted.
-import type { ExecutionOutcome, LocalCloudEvent } from '../infra/local/cloud.ts';
+import type { ExecutionOutcome, LocalCloudEvent } from '../local-cloud/cloud.ts';
 import { formatBytes, MiB } from '../shared/engine/units.ts';
 
 export interface LocalCloudDemoOptions {
@@ -40,11 +40,13 @@ interface CycleSummary {
 /** Runs the demo; true when every cycle published a checkpoint equal to its volumes. */
 export async function runLocalCloud(opts: LocalCloudDemoOptions): Promise<boolean> {
   // Development dependencies and test emulators: loaded only here, each missing one named.
-  const { checkLocalCloudPrerequisites, startLocalEmulators } = await import('../infra/local/emulators.ts');
+  const { checkLocalCloudPrerequisites, startLocalEmulators } = await import(
+    '../local-cloud/start-emulators.ts'
+  );
   await checkLocalCloudPrerequisites();
   const [{ LocalCloud }, { fillRegion, scatterWrites, zeroBlock }] = await Promise.all([
-    import('../infra/local/cloud.ts'),
-    import('../infra/local/workload.ts'),
+    import('../local-cloud/cloud.ts'),
+    import('../local-cloud/workload.ts'),
   ]);
   const log = opts.json ? () => {} : opts.log;
 

@@ -15,6 +15,7 @@ import {
 } from '@aws-sdk/lib-dynamodb';
 import { mockClient } from 'aws-sdk-client-mock';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { type Dynalite, startDynalite } from '../../local-cloud/emulators/dynalite.ts';
 import {
   DynamoBudget,
   DynamoGrants,
@@ -26,7 +27,6 @@ import { DIGEST_PAGE_SIZE, keys, progressEpoch } from '../../shared/aws/dynamo/s
 import { DynamoStateStore } from '../../shared/aws/dynamo/state-store.ts';
 import { FerryError, TransferError } from '../../shared/engine/errors.ts';
 import { checkpoint, stateStoreContract } from '../contract/state-store.ts';
-import { type Dynalite, startDynalite } from '../support/dynalite.ts';
 
 const MiB = 1 << 20;
 const digest = (i: number) => i.toString(16).padStart(64, '0');

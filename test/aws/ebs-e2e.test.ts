@@ -4,6 +4,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { type EbsEmulatorOptions, startEbsEmulator } from '../../local-cloud/emulators/ebs/server.ts';
 import { createEbsClient } from '../../shared/aws/ebs/client.ts';
 import { EBS_BLOCK_SIZE } from '../../shared/aws/ebs/errors.ts';
 import { FileBlockLedger, type MemoryBlockLedger } from '../../shared/aws/ebs/ledger.ts';
@@ -24,7 +25,6 @@ import { type ReplicationEvent, replicate } from '../../shared/engine/replicate.
 import { KiB, MiB } from '../../shared/engine/units.ts';
 import { systemClock } from '../../shared/local/clock.ts';
 import { FileSource } from '../../shared/local/file-source.ts';
-import { type EbsEmulatorOptions, startEbsEmulator } from '../emulators/ebs/server.ts';
 import { MemoryStateStore, randomBytes } from '../support/memory.ts';
 
 const B = EBS_BLOCK_SIZE;

@@ -21,6 +21,7 @@ import {
 import { mockClient } from 'aws-sdk-client-mock';
 import fc from 'fast-check';
 import { afterEach, describe, expect, it } from 'vitest';
+import { linearAggregate as emulatorLinear } from '../../local-cloud/emulators/ebs/state.ts';
 import { type EbsDeps, NO_RETRY } from '../../shared/aws/ebs/client.ts';
 import {
   EBS_BLOCK_SIZE,
@@ -40,7 +41,6 @@ import {
   waitForCompletion,
 } from '../../shared/aws/ebs/writer.ts';
 import { AbortedError, IntegrityError, TransferError } from '../../shared/engine/errors.ts';
-import { linearAggregate as emulatorLinear } from '../emulators/ebs/state.ts';
 import { VirtualClock } from '../support/virtual-clock.ts';
 
 const B = EBS_BLOCK_SIZE;

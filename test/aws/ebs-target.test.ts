@@ -5,6 +5,7 @@ import { appendFile, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
+import { type EbsEmulatorOptions, startEbsEmulator } from '../../local-cloud/emulators/ebs/server.ts';
 import { createEbsClient } from '../../shared/aws/ebs/client.ts';
 import { EBS_BLOCK_SIZE, EbsError, EbsSnapshotError } from '../../shared/aws/ebs/errors.ts';
 import { FileBlockLedger, MemoryBlockLedger } from '../../shared/aws/ebs/ledger.ts';
@@ -20,7 +21,6 @@ import type { Clock } from '../../shared/engine/ports.ts';
 import { replicate } from '../../shared/engine/replicate.ts';
 import { MiB } from '../../shared/engine/units.ts';
 import { systemClock } from '../../shared/local/clock.ts';
-import { type EbsEmulatorOptions, startEbsEmulator } from '../emulators/ebs/server.ts';
 import { MemorySource, MemoryStateStore, randomBytes } from '../support/memory.ts';
 
 const B = EBS_BLOCK_SIZE;

@@ -10,6 +10,7 @@ import {
 } from '@aws-sdk/client-sqs';
 import { mockClient } from 'aws-sdk-client-mock';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { type Fauxqs, startSqsEmulator } from '../../local-cloud/emulators/fauxqs.ts';
 import {
   decodeGrant,
   encodeGrant,
@@ -31,7 +32,6 @@ import {
 import { cutDescriptors, type Descriptor } from '../../shared/engine/descriptors.ts';
 import { AbortedError, TransferError } from '../../shared/engine/errors.ts';
 import type { Extent } from '../../shared/engine/extents.ts';
-import { type Fauxqs, startSqsEmulator } from '../support/fauxqs.ts';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;

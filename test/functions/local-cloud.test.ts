@@ -6,9 +6,9 @@
 // Faults: killed writers, duplicate deliveries, throttling, and a permanent AccessDenied that must
 // fail the cycle loudly and publish nothing.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { type ExecutionOutcome, LocalCloud, type LocalCloudEvent } from '../../infra/local/cloud.ts';
-import { type LocalEmulators, startLocalEmulators } from '../../infra/local/emulators.ts';
-import { fillRegion, scatterWrites, zeroBlock } from '../../infra/local/workload.ts';
+import { type ExecutionOutcome, LocalCloud, type LocalCloudEvent } from '../../local-cloud/cloud.ts';
+import { type LocalEmulators, startLocalEmulators } from '../../local-cloud/start-emulators.ts';
+import { fillRegion, scatterWrites, zeroBlock } from '../../local-cloud/workload.ts';
 import { MiB } from '../../shared/engine/units.ts';
 
 const PLAN = 'web-tier';

@@ -1,10 +1,10 @@
 // The synthesized state machine as plain ASL for the synth tests: a thin wrapper over
-// infra/local/asl.ts (which the local run of the state machine uses too) taking an assertions Template.
+// local-cloud/asl.ts (which the local run of the state machine uses too) taking an assertions Template.
 import type { Template } from 'aws-cdk-lib/assertions';
 import type { StateMachineDefinition } from 'aws-local-stepfunctions';
-import { definitionFromTemplate, type TemplateJson } from '../../infra/local/asl.ts';
+import { definitionFromTemplate, type TemplateJson } from '../../local-cloud/asl.ts';
 
-export { allStates, FAKE, fakeArn } from '../../infra/local/asl.ts';
+export { allStates, FAKE, fakeArn } from '../../local-cloud/asl.ts';
 
 /** The state machine's definition as plain JSON (the template must hold exactly one state machine). */
 export function plainDefinition(template: Template): StateMachineDefinition {

@@ -34,13 +34,17 @@ import { type EbsPorts, ebsPorts } from '../../../functions/shared/ebs-binding.t
 import type { EventPublisher } from '../../../functions/shared/ports.ts';
 import { silentObservability } from '../../../functions/shared/runtime.ts';
 import { differDeps, finalizerDeps, plannerDeps, writerDeps } from '../../../functions/shared/wiring.ts';
+import { type Dynalite, startDynalite } from '../../../local-cloud/emulators/dynalite.ts';
+import {
+  type EbsEmulator,
+  type EbsEmulatorOptions,
+  startEbsEmulator,
+} from '../../../local-cloud/emulators/ebs/server.ts';
+import { type Fauxqs, startSqsEmulator } from '../../../local-cloud/emulators/fauxqs.ts';
 import { createEbsClient } from '../../../shared/aws/ebs/client.ts';
 import type { SnapshotStatusReader } from '../../../shared/aws/ebs/status.ts';
 import { createGrantQueue } from '../../../shared/aws/sqs/grant-queue.ts';
 import type { Clock } from '../../../shared/engine/ports.ts';
-import { type EbsEmulator, type EbsEmulatorOptions, startEbsEmulator } from '../../emulators/ebs/server.ts';
-import { type Dynalite, startDynalite } from '../../support/dynalite.ts';
-import { type Fauxqs, startSqsEmulator } from '../../support/fauxqs.ts';
 
 export const BLOCK = 512 * 1024;
 export const MiB = 1024 * 1024;

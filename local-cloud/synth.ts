@@ -7,10 +7,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { App } from 'aws-cdk-lib';
 import type { StateMachineDefinition } from 'aws-local-stepfunctions';
-import type { FunctionName } from '../../functions/contracts.ts';
-import { type FerryConfigInput, parseFerryConfig } from '../config.ts';
-import { PROJECT_ROOT } from '../function.ts';
-import { FerryStack } from '../stack.ts';
+import type { FunctionName } from '../functions/contracts.ts';
+import { type FerryConfigInput, parseFerryConfig } from '../infra/config.ts';
+import { PROJECT_ROOT } from '../infra/function.ts';
+import { FerryStack } from '../infra/stack.ts';
 import { definitionFromTemplate, FAKE, fakeArn, type TemplateJson } from './asl.ts';
 
 type Resource = TemplateJson['Resources'][string];

@@ -1,7 +1,7 @@
 // Reads a snapshot back through the EBS direct APIs (ListSnapshotBlocks, GetSnapshotBlock with its
 // checksum verified, through Ferry's EBS adapter) and compares it with the bytes it should hold.
-import type { EbsDeps } from '../../shared/aws/ebs/client.ts';
-import { getSnapshotBlock, listSnapshotBlockPages } from '../../shared/aws/ebs/reader.ts';
+import type { EbsDeps } from '../shared/aws/ebs/client.ts';
+import { getSnapshotBlock, listSnapshotBlockPages } from '../shared/aws/ebs/reader.ts';
 import { SNAPSHOT_BLOCK } from './ec2.ts';
 
 export interface SnapshotComparison {

@@ -15,7 +15,7 @@ export interface Ec2Tag {
 }
 
 /**
- * The slice of the EBS emulator's state a snapshotting EC2 needs (test/emulators/ebs/state.ts): the
+ * The slice of the EBS emulator's state a snapshotting EC2 needs (local-cloud/emulators/ebs/state.ts): the
  * snapshots EC2 takes are written straight into it, not through the EBS direct API, so they count
  * against none of its quotas or faults.
  */

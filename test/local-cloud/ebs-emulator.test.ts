@@ -22,8 +22,12 @@ import {
   ValidationException,
 } from '@aws-sdk/client-ebs';
 import { afterEach, describe, expect, it } from 'vitest';
-import { type EbsEmulator, type EbsEmulatorOptions, startEbsEmulator } from './server.ts';
-import { BLOCK_SIZE } from './state.ts';
+import {
+  type EbsEmulator,
+  type EbsEmulatorOptions,
+  startEbsEmulator,
+} from '../../local-cloud/emulators/ebs/server.ts';
+import { BLOCK_SIZE } from '../../local-cloud/emulators/ebs/state.ts';
 
 // ---- helpers ----
 

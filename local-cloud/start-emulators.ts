@@ -1,14 +1,14 @@
 // The emulators a local cloud runs on, on loopback: dynalite (DynamoDB), fauxqs (SQS) and Ferry's EBS
 // direct API emulator. They are development dependencies and test code, loaded only when asked for,
 // so a missing one is reported by name instead of as a stack trace.
-import { ConfigError } from '../../shared/engine/errors.ts';
+import { ConfigError } from '../shared/engine/errors.ts';
 import type { SnapshotStore } from './ec2.ts';
 
 /** What the local cloud needs to run on, plus the EBS emulator's handle for faults and counters. */
 export interface LocalEmulators {
   readonly endpoints: { readonly dynamodb: string; readonly sqs: string; readonly ebs: string };
   readonly snapshots: SnapshotStore;
-  readonly ebs: import('../../test/emulators/ebs/server.ts').EbsEmulator;
+  readonly ebs: import('./emulators/ebs/server.ts').EbsEmulator;
   stop(): Promise<void>;
 }
 
@@ -43,27 +43,27 @@ export async function checkLocalCloudPrerequisites(): Promise<void> {
     );
   }
   try {
-    await import('../../test/emulators/ebs/server.ts');
+    await import('./emulators/ebs/server.ts');
   } catch (err) {
     if (!notFound(err)) throw err;
     throw new ConfigError(
-      'the local cloud needs the EBS emulator (test/emulators/ebs), which this copy of Ferry does not have: run it from a git checkout',
+      'the local cloud needs the EBS emulator (local-cloud/emulators/ebs), which this copy of Ferry does not have: run it from a git checkout',
       { setting: 'local-cloud' },
     );
   }
 }
 
 export interface StartEmulatorOptions {
-  /** EBS emulator options (quotas, latency, completion delay); see test/emulators/ebs/server.ts. */
-  readonly ebs?: import('../../test/emulators/ebs/server.ts').EbsEmulatorOptions;
+  /** EBS emulator options (quotas, latency, completion delay); see local-cloud/emulators/ebs/server.ts. */
+  readonly ebs?: import('./emulators/ebs/server.ts').EbsEmulatorOptions;
 }
 
 export async function startLocalEmulators(opts: StartEmulatorOptions = {}): Promise<LocalEmulators> {
   await checkLocalCloudPrerequisites();
   const [{ startDynalite }, { startSqsEmulator }, { startEbsEmulator }] = await Promise.all([
-    import('../../test/support/dynalite.ts'),
-    import('../../test/support/fauxqs.ts'),
-    import('../../test/emulators/ebs/server.ts'),
+    import('./emulators/dynalite.ts'),
+    import('./emulators/fauxqs.ts'),
+    import('./emulators/ebs/server.ts'),
   ]);
   const [ddb, sqs, ebs] = await Promise.all([
     startDynalite(),
