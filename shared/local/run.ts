@@ -16,7 +16,7 @@ import {
   replicate,
 } from '../engine/replicate.ts';
 import { settleAll } from '../engine/settle.ts';
-import { systemClock, systemRandom } from './clock.ts';
+import { systemClock, systemRandom } from '../runtime/clock.ts';
 import { FileTarget } from './file-target.ts';
 import { LocalStateStore } from './state-dir.ts';
 import { filePath, openSource, openTarget, readChangeFile } from './uris.ts';

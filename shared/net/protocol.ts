@@ -75,7 +75,7 @@ import { FerryError } from '../engine/errors.ts';
 import type { Extent } from '../engine/extents.ts';
 import type { CopyKind } from '../engine/ports.ts';
 import { MiB } from '../engine/units.ts';
-import { ByteQueue } from './byte-queue.ts';
+import { ByteQueue } from '../runtime/byte-queue.ts';
 
 export const MAGIC = 'FERRY';
 export const PROTOCOL_VERSION = 2;

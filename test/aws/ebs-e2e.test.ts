@@ -23,8 +23,8 @@ import type { Extent } from '../../shared/engine/extents.ts';
 import type { DiskSource, StateStore } from '../../shared/engine/ports.ts';
 import { type ReplicationEvent, replicate } from '../../shared/engine/replicate.ts';
 import { KiB, MiB } from '../../shared/engine/units.ts';
-import { systemClock } from '../../shared/local/clock.ts';
 import { FileSource } from '../../shared/local/file-source.ts';
+import { systemClock } from '../../shared/runtime/clock.ts';
 import { MemoryStateStore, randomBytes } from '../support/memory.ts';
 
 const B = EBS_BLOCK_SIZE;

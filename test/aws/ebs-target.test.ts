@@ -20,7 +20,7 @@ import { sha256Hex } from '../../shared/engine/integrity.ts';
 import type { Clock } from '../../shared/engine/ports.ts';
 import { replicate } from '../../shared/engine/replicate.ts';
 import { MiB } from '../../shared/engine/units.ts';
-import { systemClock } from '../../shared/local/clock.ts';
+import { systemClock } from '../../shared/runtime/clock.ts';
 import { MemorySource, MemoryStateStore, randomBytes } from '../support/memory.ts';
 
 const B = EBS_BLOCK_SIZE;

@@ -4,7 +4,7 @@ import { EBSClient } from '@aws-sdk/client-ebs';
 import { AbortedError } from '../../engine/errors.ts';
 import type { Clock, Random } from '../../engine/ports.ts';
 import { DEFAULT_RETRY_POLICY, type RetryPolicy, withRetry } from '../../engine/retry.ts';
-import { systemClock, systemRandom } from '../../local/clock.ts';
+import { systemClock, systemRandom } from '../../runtime/clock.ts';
 import { aborted, attemptTimedOut, type EbsCallSite, translateEbsError } from './errors.ts';
 import { EbsRateLimiter } from './limiter.ts';
 

@@ -2,7 +2,7 @@
 import { connect as netConnect, type Socket } from 'node:net';
 import { AbortedError, errorMessage, TransferError } from '../../engine/errors.ts';
 import type { Extent } from '../../engine/extents.ts';
-import { ByteQueue } from '../../net/byte-queue.ts';
+import { ByteQueue } from '../../runtime/byte-queue.ts';
 import * as nbd from './protocol.ts';
 import type { NbdEndpoint } from './uri.ts';
 
