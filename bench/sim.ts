@@ -20,14 +20,14 @@ import { resolveParams } from '../shared/engine/config.ts';
 import type { Descriptor } from '../shared/engine/descriptors.ts';
 import { errorMessage, TransferError } from '../shared/engine/errors.ts';
 import type { Extent } from '../shared/engine/extents.ts';
+import { MemoryStateStore } from '../shared/engine/memory-state-store.ts';
 import type { CopyKind, DiskCommit, DiskSource, DiskTarget } from '../shared/engine/ports.ts';
+import { seededRandom } from '../shared/engine/random.ts';
 import { type DiskJob, type ReplicationEvent, replicate } from '../shared/engine/replicate.ts';
 import { type Grant, Scheduler } from '../shared/engine/scheduler.ts';
 import { GiB, KiB, MiB } from '../shared/engine/units.ts';
-import { seededRandom } from '../shared/local/workload.ts';
-import { MemoryStateStore } from '../test/support/memory.ts';
+import { VirtualClock } from '../shared/runtime/virtual-clock.ts';
 import { lineChart } from './lib/svg.ts';
-import { HeapVirtualClock } from './lib/virtual-clock.ts';
 
 const ROOT = resolve(import.meta.dirname, '..');
 
@@ -131,7 +131,7 @@ class World {
   private readonly random: () => number;
 
   constructor(
-    readonly clock: HeapVirtualClock,
+    readonly clock: VirtualClock,
     readonly s: Scenario,
   ) {
     this.account = new Bucket(s.accountRps, s.accountRps * BURST_SECONDS);
@@ -308,7 +308,7 @@ const mean = (xs: readonly number[]) => (xs.length ? xs.reduce((a, b) => a + b, 
 type TimelinePoint = [number, number, number, number, number, number];
 
 async function runScenario(s: Scenario) {
-  const clock = new HeapVirtualClock();
+  const clock = new VirtualClock();
   const world = new World(clock, s);
   const rnd = seededRandom(s.seed + 1);
   const pool = randomBytes(MiB);

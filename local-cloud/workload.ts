@@ -1,18 +1,7 @@
 // Deterministic changes to a local volume, for the demo and the tests: regions of data, scattered
 // small writes (a fragmented change map), a block rewritten to zeros. Seeded, so a run repeats.
+import { seededRandom } from '../shared/engine/random.ts';
 import { SNAPSHOT_BLOCK } from './ec2.ts';
-
-/** mulberry32: small and seedable; the bytes only need to differ, not to be secret. */
-export function seededRandom(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Fills `volume[offset, offset + length)` with seeded pseudo-random bytes. */
 export function fillRegion(volume: Buffer, offset: number, length: number, seed: number): void {

@@ -1,19 +1,8 @@
 // Synthetic disks and change sets for the demo, tests and benchmarks: deterministic from a seed.
 import { type FileHandle, open } from 'node:fs/promises';
 import type { Extent } from '../engine/extents.ts';
+import { seededRandom } from '../engine/random.ts';
 import { KiB, MiB } from '../engine/units.ts';
-
-/** A small, fast, seedable PRNG (mulberry32); good enough for test data, not for secrets. */
-export function seededRandom(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function fillRandom(buf: Buffer, rnd: () => number): void {
   for (let i = 0; i + 4 <= buf.length; i += 4) buf.writeUInt32LE((rnd() * 4294967296) >>> 0, i);

@@ -13,6 +13,7 @@
 // Node's timers are, only deliveries are late by the timer's lateness (typically < 1 ms).
 import net from 'node:net';
 import { performance } from 'node:perf_hooks';
+import { seededRandom } from '../engine/random.ts';
 
 export type WanTarget = { host: string; port: number } | { path: string };
 
@@ -155,18 +156,6 @@ function checkRate(rate: number): void {
 
 function checkRtt(rtt: number): void {
   if (!(rtt >= 0 && Number.isFinite(rtt))) throw new WanLinkConfigError(`rttMs must be ≥ 0, got ${rtt}`);
-}
-
-// mulberry32: small, seedable, good enough for delay noise.
-function seededRandom(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /** Array-backed FIFO: shift() on a long array is O(n), and the link queue can hold thousands of segments. */

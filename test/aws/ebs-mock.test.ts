@@ -41,7 +41,7 @@ import {
   waitForCompletion,
 } from '../../shared/aws/ebs/writer.ts';
 import { AbortedError, IntegrityError, TransferError } from '../../shared/engine/errors.ts';
-import { VirtualClock } from '../support/virtual-clock.ts';
+import { VirtualClock } from '../../shared/runtime/virtual-clock.ts';
 
 const B = EBS_BLOCK_SIZE;
 const client = new EBSClient({

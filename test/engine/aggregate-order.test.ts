@@ -6,6 +6,7 @@ import { DEFAULT_PARAMS, type ReplicationParams } from '../../shared/engine/conf
 import { TransferError } from '../../shared/engine/errors.ts';
 import { replicate } from '../../shared/engine/replicate.ts';
 import { MiB } from '../../shared/engine/units.ts';
+import { VirtualClock } from '../../shared/runtime/virtual-clock.ts';
 import { MemorySource, MemoryStateStore, randomBytes } from '../support/memory.ts';
 import {
   everyFourthSlow,
@@ -15,7 +16,6 @@ import {
   seqOrderAggregate,
   VaryingLatencyTarget,
 } from '../support/out-of-order.ts';
-import { VirtualClock } from '../support/virtual-clock.ts';
 
 const BLOCK = 4096;
 const params = (over: Partial<ReplicationParams> = {}): ReplicationParams => ({ ...DEFAULT_PARAMS, ...over });

@@ -8,6 +8,7 @@ import {
   WindowController,
 } from '../../shared/engine/controller.ts';
 import { ConfigError } from '../../shared/engine/errors.ts';
+import { seededRandom } from '../../shared/engine/random.ts';
 import { MiB } from '../../shared/engine/units.ts';
 
 const LEVELS = [16, 24, 32, 48, 64].map((n) => n * MiB);
@@ -69,18 +70,6 @@ function sample(at: number, s: Signal): ChunkSample {
   };
 }
 
-/** Deterministic PRNG (mulberry32) so noisy traces are the same on every run. */
-function seeded(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 /** Latency `ms` with uniform relative jitter of ±`jitter`. */
 function jittered(ms: number, jitter: number, random: () => number): number {
   return ms * (1 + jitter * (2 * random() - 1));
@@ -97,7 +86,7 @@ function controller(initial = START): WindowController {
 describe('WindowController', () => {
   it('steps down to the bottom in a throttling storm and stays there while it lasts', () => {
     // Prepare: 30% of attempts throttled for 10 s, the rest healthy and window-limited.
-    const random = seeded(1);
+    const random = seededRandom(1);
     const c = controller(START);
     const storm: Trace = () => ({ latencyMs: 50, throttled: random() < 0.3, windowLimited: true });
 
@@ -114,7 +103,7 @@ describe('WindowController', () => {
 
   it('climbs to the top level on a clean high-latency link and stays', () => {
     // Prepare: 200 ms ± 5%, constant in the mean, so it is a long link, not a queue.
-    const random = seeded(2);
+    const random = seededRandom(2);
     const c = controller(START);
     const longLink: Trace = () => ({ latencyMs: jittered(200, 0.05, random), windowLimited: true });
 
@@ -130,7 +119,7 @@ describe('WindowController', () => {
   it.each([100, 10])('does not oscillate on a noisy but healthy trace at %i chunks/s', (chunksPerSecond) => {
     // Prepare: ±30% latency jitter, mostly window-limited, one isolated throttle every 20 s, 5 minutes.
     // At 10 chunks/s one throttle is 10% of a second's attempts: only its isolation keeps it harmless.
-    const random = seeded(3);
+    const random = seededRandom(3);
     const c = controller(START);
     let chunk = 0;
     const noisy: Trace = () => {
@@ -155,7 +144,7 @@ describe('WindowController', () => {
 
   it('pays for one short burst of throttles with one level', () => {
     // Prepare: 40% throttled for 600 ms, clean before and after.
-    const random = seeded(8);
+    const random = seededRandom(8);
     const c = controller(START);
     const burst: Trace = (t) => ({ latencyMs: 50, throttled: t > 100 && t <= 700 && random() < 0.4 });
 
@@ -168,7 +157,7 @@ describe('WindowController', () => {
 
   it('counts a burst once even when the fault interval outlasts the cool-down', () => {
     // Prepare: faults are remembered for 3 s but the cool-down is 1 s; one 500 ms burst.
-    const random = seeded(9);
+    const random = seededRandom(9);
     const c = new WindowController({ levels: LEVELS, initial: START, tunables: { faultIntervalMs: 3000 } });
     const burst: Trace = (t) => ({ latencyMs: 50, throttled: t > 100 && t <= 600 && random() < 0.4 });
 
@@ -181,7 +170,7 @@ describe('WindowController', () => {
 
   it('recovers gradually after a storm, waiting longer before the first climb', () => {
     // Prepare: a 10 s storm, then a clean window-limited link for two minutes.
-    const random = seeded(4);
+    const random = seededRandom(4);
     const c = controller(START);
     const trace: Trace = (t) => ({
       latencyMs: 80,
@@ -236,7 +225,7 @@ describe('WindowController', () => {
 
   it('never climbs when the window is not the limit', () => {
     // Prepare: a clean, fast link, but the source (not the window) limits the disk.
-    const random = seeded(5);
+    const random = seededRandom(5);
     const c = controller(START);
     const sourceBound: Trace = () => ({ latencyMs: jittered(50, 0.1, random), windowLimited: false });
 
@@ -282,7 +271,7 @@ describe('WindowController', () => {
 
   it('steps down when latency rises 5x over baseline with flat throughput', () => {
     // Prepare: 20 s at 50 ms (the baseline), then 250 ms, at the same chunk rate (flat throughput).
-    const random = seeded(7);
+    const random = seededRandom(7);
     const c = controller(START);
     const queueing: Trace = (t) => ({ latencyMs: jittered(t < 20_000 ? 50 : 250, 0.1, random) });
 

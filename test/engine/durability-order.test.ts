@@ -6,8 +6,8 @@ import type { Descriptor } from '../../shared/engine/descriptors.ts';
 import type { DiskProgress } from '../../shared/engine/ports.ts';
 import { replicate } from '../../shared/engine/replicate.ts';
 import { KiB, MiB } from '../../shared/engine/units.ts';
+import { VirtualClock } from '../../shared/runtime/virtual-clock.ts';
 import { MemorySource, MemoryStateStore, MemoryTarget, randomBytes } from '../support/memory.ts';
-import { VirtualClock } from '../support/virtual-clock.ts';
 
 /** A memory target whose writes become durable only at `flush`, with chunk latencies that vary. */
 class VolatileTarget extends MemoryTarget {

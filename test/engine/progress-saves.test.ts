@@ -9,6 +9,7 @@ import { TransferError } from '../../shared/engine/errors.ts';
 import type { Extent } from '../../shared/engine/extents.ts';
 import { type DiskJob, replicate } from '../../shared/engine/replicate.ts';
 import { KiB, MiB } from '../../shared/engine/units.ts';
+import { VirtualClock } from '../../shared/runtime/virtual-clock.ts';
 import { MemorySource, randomBytes } from '../support/memory.ts';
 import {
   bytesBelow,
@@ -20,7 +21,6 @@ import {
   RecordingStateStore,
   VaryingLatencyTarget,
 } from '../support/out-of-order.ts';
-import { VirtualClock } from '../support/virtual-clock.ts';
 
 const BLOCK = 4096;
 /** Parameters as an operator's settings resolve them: a checkpoint interval is at least one chunk. */

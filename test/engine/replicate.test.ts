@@ -6,8 +6,8 @@ import type { Extent } from '../../shared/engine/extents.ts';
 import { linearAggregate, sha256Hex } from '../../shared/engine/integrity.ts';
 import { type DiskJob, type ReplicationEvent, replicate } from '../../shared/engine/replicate.ts';
 import { KiB, MiB } from '../../shared/engine/units.ts';
+import { VirtualClock } from '../../shared/runtime/virtual-clock.ts';
 import { MemorySource, MemoryStateStore, MemoryTarget, randomBytes } from '../support/memory.ts';
-import { VirtualClock } from '../support/virtual-clock.ts';
 
 const params = (over: Partial<ReplicationParams> = {}): ReplicationParams => ({ ...DEFAULT_PARAMS, ...over });
 

@@ -1,18 +1,12 @@
-// In-memory fakes of the engine's ports: sources, targets and a state store for engine tests.
+// In-memory fakes of the engine's ports for engine tests: sources, targets, and the state store.
 import type { Descriptor } from '../../shared/engine/descriptors.ts';
 import { FerryError, IntegrityError } from '../../shared/engine/errors.ts';
 import type { Extent } from '../../shared/engine/extents.ts';
 import { sha256Hex } from '../../shared/engine/integrity.ts';
-import type {
-  Clock,
-  CopyKind,
-  DiskCommit,
-  DiskProgress,
-  DiskSource,
-  DiskTarget,
-  RecoveryCheckpoint,
-  StateStore,
-} from '../../shared/engine/ports.ts';
+import type { Clock, CopyKind, DiskCommit, DiskSource, DiskTarget } from '../../shared/engine/ports.ts';
+
+// The state store fake is product code (the fleet simulation runs on it too); tests take it from here.
+export { MemoryStateStore } from '../../shared/engine/memory-state-store.ts';
 
 export class MemorySource implements DiskSource {
   reads = 0;
@@ -114,45 +108,6 @@ export class MemoryTarget implements DiskTarget {
   }
 
   async close(): Promise<void> {}
-}
-
-export class MemoryStateStore implements StateStore {
-  private readonly progress = new Map<string, DiskProgress>();
-  private readonly catalog: RecoveryCheckpoint[] = [];
-  saves = 0;
-
-  async loadProgress(set: string, disk: string): Promise<DiskProgress | undefined> {
-    return this.progress.get(`${set}/${disk}`);
-  }
-  async saveProgress(
-    set: string,
-    disk: string,
-    p: Omit<DiskProgress, 'digests'>,
-    appended: readonly string[],
-  ): Promise<void> {
-    const prev = this.progress.get(`${set}/${disk}`);
-    const same = prev?.cycleId === p.cycleId && prev.fingerprint === p.fingerprint;
-    const digests = [...(same ? prev.digests.slice(0, prev.watermark) : []), ...appended];
-    if (digests.length !== p.watermark)
-      throw new FerryError(`digest count ${digests.length} != watermark ${p.watermark}`);
-    this.progress.set(`${set}/${disk}`, { ...p, digests });
-    this.saves++;
-  }
-  async clearProgress(set: string, disk: string): Promise<void> {
-    this.progress.delete(`${set}/${disk}`);
-  }
-  async publishCheckpoint(cp: RecoveryCheckpoint): Promise<void> {
-    if (this.catalog.some((c) => c.id === cp.id || (c.set === cp.set && c.sequence === cp.sequence))) {
-      throw new FerryError(`checkpoint ${cp.id} is already published`);
-    }
-    this.catalog.push(cp);
-  }
-  async latestCheckpoint(set: string): Promise<RecoveryCheckpoint | undefined> {
-    return this.catalog.filter((c) => c.set === set).at(-1);
-  }
-  async listCheckpoints(set?: string): Promise<RecoveryCheckpoint[]> {
-    return this.catalog.filter((c) => set === undefined || c.set === set);
-  }
 }
 
 /** Deterministic pseudo-random bytes. */

@@ -8,6 +8,7 @@ import { randomUUID } from 'node:crypto';
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { seededRandom } from '../../../shared/engine/random.ts';
 import {
   type AccessDeniedReason,
   BLOCK_SIZE,
@@ -160,18 +161,6 @@ function zeroPerOperation(): Record<EbsOperation, number> {
     ListSnapshotBlocks: 0,
     ListChangedBlocks: 0,
     GetSnapshotBlock: 0,
-  };
-}
-
-/** mulberry32: small, seedable, good enough for ids and jitter. */
-function seededRandom(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
 }
 

@@ -1,7 +1,9 @@
-// A virtual clock for the simulation: like test/support/virtual-clock.ts (time moves only when
-// nothing else can run), but with a binary heap, so thousands of pending sleeps cost O(log n) each.
-import { AbortedError } from '../../shared/engine/errors.ts';
-import type { Clock } from '../../shared/engine/ports.ts';
+// A virtual clock: sleeps resolve in deadline order as soon as nothing else can run, so an engine
+// over in-memory adapters runs hours of simulated time in milliseconds, deterministically (the
+// engine's tests, the fleet simulation). Pending sleeps sit in a binary heap: O(log n) each, so
+// thousands of disks backing off at once stay cheap.
+import { AbortedError } from '../engine/errors.ts';
+import type { Clock } from '../engine/ports.ts';
 
 interface Timer {
   readonly at: number;
@@ -10,7 +12,7 @@ interface Timer {
   cancelled: boolean;
 }
 
-export class HeapVirtualClock implements Clock {
+export class VirtualClock implements Clock {
   private time: number;
   private seq = 0;
   private readonly heap: Timer[] = [];
