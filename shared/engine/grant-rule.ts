@@ -36,12 +36,13 @@ export interface Budget {
 }
 
 /**
- * Whether the lane's next grant fits its window (and cap). An empty span always takes one grant, so a
- * window shrunk below a chunk slows a disk, never stalls it.
+ * Whether the lane's next grant fits its window and cap. An empty span always takes one grant (within
+ * the cap), so a window shrunk below a chunk slows a disk, never stalls it.
  */
 export function fitsWindow(lane: Lane): boolean {
   if (lane.next === undefined) return false;
-  if (lane.cap !== undefined && lane.inflight > 0 && lane.inflight + lane.next > lane.cap) return false;
+  // The cap is a share of the node budget: strict, or the shares could sum past the budget.
+  if (lane.cap !== undefined && lane.inflight + lane.next > lane.cap) return false;
   if (lane.nextInSpan === true) return true;
   return lane.span === 0 || lane.span + lane.next <= lane.window;
 }
