@@ -182,6 +182,11 @@ export interface CycleRecord {
   readonly idleTicks: number;
   /** Completed descriptors (all disks) at the last tick, to tell progress from a stall. */
   readonly lastCompleted: number;
+  /**
+   * When the last tick ran (epoch ms): the window controllers evaluated every disk up to here, so the
+   * next tick replays signals from here on without a per-disk write each tick.
+   */
+  readonly lastTickAt?: number | undefined;
   readonly checkpointId?: string | undefined;
   readonly eventSent?: boolean | undefined;
 }
@@ -257,7 +262,10 @@ export const SIGNAL_BUCKET_MS = 250;
 
 /** Patches the ledger applies to a cycle; `undefined` fields are left alone. */
 export type CyclePatch = Partial<
-  Pick<CycleRecord, 'state' | 'ticks' | 'idleTicks' | 'lastCompleted' | 'checkpointId' | 'eventSent'>
+  Pick<
+    CycleRecord,
+    'state' | 'ticks' | 'idleTicks' | 'lastCompleted' | 'lastTickAt' | 'checkpointId' | 'eventSent'
+  >
 >;
 export type DiskPatch = Partial<
   Pick<
@@ -390,6 +398,12 @@ export interface FlowState {
   readonly window: number;
   /** The disk's share of the node budget (bytes it may have in flight), set by the tick. */
   readonly allowance: number;
+  /**
+   * Epoch ms until which `allowance` holds: the node reservation behind it lasts that long. Past it
+   * nobody grants (the cap is 0) until a tick renews it, so a cycle whose planner stopped cannot keep
+   * granting on bytes another cycle may have reserved since. 0 on create.
+   */
+  readonly allowanceUntil: number;
   /** Recent cursor positions, oldest first, a few at most (the tick keeps them for reclaim). */
   readonly marks: readonly GrantMark[];
 }
@@ -417,6 +431,7 @@ export interface FlowAdvance {
 export interface FlowControl {
   readonly window?: number | undefined;
   readonly allowance?: number | undefined;
+  readonly allowanceUntil?: number | undefined;
   readonly marks?: readonly GrantMark[] | undefined;
   readonly open?: boolean | undefined;
   readonly addRegrants?: ReadonlyMap<number, Regrant> | undefined;
@@ -427,7 +442,7 @@ export interface FlowControl {
  * write each, never a read first (both return the state after).
  */
 export interface GrantFlow {
-  /** Creates the flow (idempotent: an existing flow is returned unchanged). */
+  /** Creates the flow (idempotent: an existing flow is returned unchanged); `allowanceUntil` starts at 0. */
   create(key: FlowKey, initial: { window: number; allowance: number }): Promise<FlowState>;
   /** Strongly consistent. */
   get(key: FlowKey): Promise<FlowState | undefined>;
@@ -506,12 +521,32 @@ export interface Grant {
   readonly descriptor: Descriptor;
   /** 1 for the first issue; re-grants count up. */
   readonly attempt: number;
+  /**
+   * Sent by the tick for a seq the flow counts complete but the ledger holds no completion of: the
+   * writer writes it even though the flow says done (it is not in flight, and counts nothing).
+   */
+  readonly repair?: boolean | undefined;
+}
+
+/** One received grant message, as the queue delivers it (an SQS record). */
+export interface GrantRecord {
+  readonly messageId: string;
+  /** Identifies this delivery for `handBack`. */
+  readonly receiptHandle: string;
+  readonly body: string;
 }
 
 /** Carries grants to the writers (SQS). At-least-once delivery. */
 export interface GrantChannel {
   /** Sends all or reports the ones not sent (the caller marks them to grant again). */
   send(grants: readonly Grant[]): Promise<{ unsent: Grant[] }>;
+  /**
+   * Decodes a received body; throws (any error, naming what is wrong) for one that is not a grant
+   * this channel sent. Pure: the writer leaves such a message for the DLQ.
+   */
+  decode(body: string): Grant;
+  /** Makes a received grant visible again at once (a writer near its deadline hands it back). */
+  handBack(receiptHandle: string): Promise<void>;
 }
 
 // ---- Catalog -------------------------------------------------------------------------------------
@@ -529,7 +564,15 @@ export interface CatalogDiskRecord {
   readonly sizeBytes: number;
   readonly blockSize: number;
 }
-export type JobStatus = 'replicating' | 'finalizing' | 'published' | 'failed';
+export const JOB_STATUSES = [
+  'planning',
+  'replicating',
+  'finalizing',
+  'published',
+  'failed',
+  'abandoned',
+] as const;
+export type JobStatus = (typeof JOB_STATUSES)[number];
 export interface JobRecord {
   readonly set: string;
   readonly cycleId: string;
@@ -541,21 +584,29 @@ export interface JobRecord {
   readonly error?: string | undefined;
 }
 
-/** The recovery catalog as the cycle uses it (DynamoStateStore implements it). */
+/**
+ * The recovery catalog as the cycle uses it; DynamoStateStore implements it structurally. Conflicts
+ * reject with the adapter's own error: the cycle logic does not know it and re-reads instead.
+ */
 export interface CycleCatalog {
   getSet(set: string): Promise<ReplicationSetRecord | undefined>;
+  /** Creates or replaces. */
   putSet(record: ReplicationSetRecord): Promise<void>;
+  /** Creates or replaces. */
   putDisk(record: CatalogDiskRecord): Promise<void>;
-  /** Rejects with StateConflictError-like `exists` when the job exists: see the adapter. */
+  /** Rejects when a job with this cycle id exists. */
   createJob(record: JobRecord): Promise<void>;
   getJob(set: string, cycleId: string): Promise<JobRecord | undefined>;
+  /** Moves the job from `from` to `to`; rejects when it is not in `from` (someone moved it first). */
   updateJobStatus(
     set: string,
     cycleId: string,
-    from: readonly JobStatus[],
-    status: JobStatus,
-    extra?: { checkpointId?: string; error?: string; updatedAt: string },
-  ): Promise<boolean>;
+    from: JobStatus,
+    to: JobStatus,
+    updatedAt: string,
+    extra?: { checkpointId?: string; error?: string },
+  ): Promise<unknown>;
+  /** The set's last published checkpoint; rejects when that entry cannot be read. */
   latestCheckpoint(set: string): Promise<RecoveryCheckpoint | undefined>;
   listCheckpoints(set?: string): Promise<RecoveryCheckpoint[]>;
   /** Exactly once: rejects if a checkpoint with this id or sequence exists. */
