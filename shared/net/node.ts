@@ -10,9 +10,11 @@ import type { Descriptor } from '../engine/descriptors.ts';
 import { ConfigError, errorMessage, FerryError, IntegrityError, TransferError } from '../engine/errors.ts';
 import type { Extent } from '../engine/extents.ts';
 import { isValidName, NAME_RULE } from '../engine/names.ts';
-import type { CopyKind } from '../engine/ports.ts';
+import type { Clock, CopyKind } from '../engine/ports.ts';
 import { formatBytes } from '../engine/units.ts';
 import { FILE_TARGET_BLOCK_SIZE, FileTarget, verifyFileImage } from '../local/file-target.ts';
+import { systemClock } from '../runtime/clock.ts';
+import { allocateCredit, creditStep, INITIAL_GRANT_UNIT } from './credit.ts';
 import {
   ConnectionCounts,
   DEFAULT_LIMITS,
@@ -54,18 +56,12 @@ import { createNodeListener } from './transport.ts';
 const DEFAULT_HANDSHAKE_TIMEOUT_MS = DEFAULT_LIMITS.handshakeTimeoutMs;
 // The engine's evaluation period: the controller's signals are bucketed at this resolution anyway.
 const DEFAULT_TICK_MS = 250;
-// Grants go out in whole chunks so that credit split across disks never leaves each of them a
-// fraction of a chunk (no disk could send, a deadlock). 1 MiB is the spec's chunk size; a source
-// with larger chunks says so in its first WANT or CHUNK and the unit grows to it.
-const INITIAL_GRANT_UNIT = 1024 * 1024;
+// The node's default clock: real time, monotonic (performance.now, as the Clock port asks; the
+// system clock's Date.now may step), since chunk latencies and the window controller are measured on it.
+const NODE_CLOCK: Clock = { now: () => performance.now(), sleep: systemClock.sleep };
 // Connections accepted past maxConnections only to be told, in an ERROR frame, which limit they
 // hit; beyond this headroom the OS refuses them silently (file descriptors are finite).
 const REFUSAL_HEADROOM = 64;
-// A session that has not sent a chunk yet holds one chunk of credit; if it asked for chunks larger
-// than INITIAL_GRANT_UNIT, such sessions together hold at most this share of the budget beyond the
-// first INITIAL_GRANT_UNIT each. Idle HELLOs asking for 64 MiB chunks cannot take the budget, and a
-// first 1 MiB chunk is never held back by them.
-const UNPROVEN_LARGE_SHARE = 0.5;
 // Extents held for COMMITs node-wide: this many sessions' worth of maxCommitExtents.
 const COMMIT_EXTENTS_SESSIONS = 4;
 // TCP keepalive so a source host that vanished (no FIN, no RST) frees its disk's credit and lock.
@@ -108,6 +104,11 @@ export interface NodeOptions extends Partial<NodeLimits> {
   readonly tls?: NodeTls;
   /** Plain TCP without authentication instead of TLS: refused unless `listen` is a loopback address. */
   readonly insecure?: boolean;
+  /**
+   * Time of credit grants, chunk latencies and window evaluations (ms, monotonic); default real time.
+   * Handshake and idle timeouts still run on real time.
+   */
+  readonly clock?: Clock;
 }
 
 export interface NodeDiskStats {
@@ -245,8 +246,7 @@ class Session {
    * before its first chunk, what tops it up to one chunk (it may hold a smaller WELCOME grant).
    */
   get step(): number {
-    if (!this.proven) return Math.max(0, this.unit - this.held);
-    return this.held + this.unit <= this.cap ? this.unit : 0;
+    return creditStep(this);
   }
 
   /** The node owes the source something: a write, a commit-phase answer, or credit it may have. */
@@ -760,7 +760,7 @@ class Node implements ReplicationNode {
             `RELEASE of ${frame.bytes} bytes exceeds the ${s.unused} bytes of unused credit`,
           );
         }
-        s.consume(frame.bytes, performance.now());
+        s.consume(frame.bytes, this.clock.now());
         conn.admitted += frame.bytes;
         s.releaseOrder = Math.max(s.releaseOrder, frame.order);
         this.allocate();
@@ -1160,7 +1160,7 @@ class Node implements ReplicationNode {
         );
       }
     }
-    conn.grantAt = s.consume(meta.bytes, performance.now());
+    conn.grantAt = s.consume(meta.bytes, this.clock.now());
     conn.admitted += meta.bytes;
     s.dataAdmitted += meta.bytes;
     s.inflight += meta.bytes;
@@ -1227,9 +1227,9 @@ class Node implements ReplicationNode {
       | undefined,
   ): void {
     this.release(s, chunk.bytes);
-    const now = performance.now();
+    const now = this.clock.now();
     // The node has answered: the source's next move starts the idle clock again.
-    s.idleSince = now;
+    s.idleSince = performance.now();
     s.controller?.record({
       at: now,
       bytes: failure ? 0 : chunk.bytes,
@@ -1418,54 +1418,30 @@ class Node implements ReplicationNode {
     return sum;
   }
 
+  /** Grant times, chunk latencies and window evaluations are measured on it. */
+  private get clock(): Clock {
+    return this.opts.clock ?? NODE_CLOCK;
+  }
+
   /**
-   * Grants credit in whole units, like the engine's scheduler grants descriptors: among sessions
-   * with window room, the one holding the fewest bytes goes next (max-min fairness); if its unit does
-   * not fit the budget, nothing is granted until completions free enough, so a busy disk cannot keep
-   * taking budget a starved one is waiting for.
+   * Grants credit in whole units by the engine's grant rule (credit.ts `allocateCredit`, grant-rule.ts
+   * `pickNext`): among sessions with window room, the one holding the fewest bytes goes next (max-min
+   * fairness); if its unit does not fit the budget, nothing is granted until completions free enough,
+   * so a busy disk cannot keep taking budget a starved one is waiting for.
    */
   private allocate(): void {
-    const now = performance.now();
-    let total = this.totalHeld();
-    // Credit beyond their first INITIAL_GRANT_UNIT held by sessions yet to send a chunk.
-    let unprovenLarge = 0;
-    for (const s of this.sessions.values())
-      if (!s.proven && s.unit > INITIAL_GRANT_UNIT) unprovenLarge += Math.max(0, s.held - INITIAL_GRANT_UNIT);
-    const largeShare = Math.floor(this.budget * UNPROVEN_LARGE_SHARE);
-    for (;;) {
-      let best: Session | undefined;
-      for (const s of this.sessions.values()) {
-        if (!s.wantsCredit) continue;
-        // Never past its cap: its window (never below one chunk, or a chunk that large could never be
-        // sent), and no further ahead of the data it has sent than two chunks (Session.cap).
-        const step = s.step;
-        if (step === 0) continue;
-        // Sessions yet to send a chunk, asking for large ones, share part of the budget.
-        const large = !s.proven && s.unit > INITIAL_GRANT_UNIT;
-        if (large && unprovenLarge + step > Math.max(largeShare, s.unit - INITIAL_GRANT_UNIT)) continue;
-        if (
-          best === undefined ||
-          s.held < best.held ||
-          (s.held === best.held && s.lastGrantTick < best.lastGrantTick)
-        ) {
-          best = s;
-        }
-      }
-      if (best === undefined) return;
-      const step = best.step;
-      if (total + step > this.budget) {
-        best.budgetLimited = true;
-        return;
-      }
-      best.budgetLimited = false;
-      const beyondFirst = (held: number) => Math.max(0, held - INITIAL_GRANT_UNIT);
-      if (!best.proven && best.unit > INITIAL_GRANT_UNIT)
-        unprovenLarge += beyondFirst(best.held + step) - beyondFirst(best.held);
-      best.grant(step, now);
-      best.lastGrantTick = this.grantTick++;
-      total += step;
-      this.counters.peakHeld = Math.max(this.counters.peakHeld, total);
+    const sessions = [...this.sessions.values()];
+    const plan = allocateCredit(sessions, this.budget);
+    const now = this.clock.now();
+    for (const { session, bytes } of plan.grants) {
+      const s = sessions[session]!;
+      s.budgetLimited = false;
+      s.grant(bytes, now);
+      s.lastGrantTick = this.grantTick++;
     }
+    if (plan.budgetHeld !== undefined) sessions[plan.budgetHeld]!.budgetLimited = true;
+    // Held bytes grow only by grants, so the peak is where the last grant left them.
+    if (plan.grants.length > 0) this.counters.peakHeld = Math.max(this.counters.peakHeld, this.totalHeld());
   }
 
   /** Tells each source about credit or window changes it has not heard of yet. */
@@ -1483,8 +1459,8 @@ class Node implements ReplicationNode {
   }
 
   private tick(): void {
-    const now = performance.now();
-    this.sweep(now);
+    this.sweep(performance.now());
+    const now = this.clock.now();
     for (const s of this.sessions.values()) {
       if (!s.controller || s.tearingDown) continue;
       const decision = s.controller.evaluate(now);
@@ -1535,7 +1511,7 @@ class Node implements ReplicationNode {
 
   private faultSample(s: Session) {
     return {
-      at: performance.now(),
+      at: this.clock.now(),
       bytes: 0,
       latencyMs: 0,
       throttled: false,
