@@ -6,9 +6,9 @@ import { join } from 'node:path';
 import type { ReplicationResult } from '../shared/engine/replicate.ts';
 import { formatBytes, MiB } from '../shared/engine/units.ts';
 import { verifyFileImage } from '../shared/local/file-target.ts';
-import { runLocalJob } from '../shared/local/run.ts';
 import { createDiskImage, firstDifference, mutateDisk } from '../shared/local/workload.ts';
 import { createReporter } from './progress.ts';
+import { runLocalJob } from './run.ts';
 
 // Three disks of different sizes so fairness shows: a small one finishes alongside the big one.
 const DISKS = [

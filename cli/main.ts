@@ -7,19 +7,13 @@ import { checkName } from '../shared/engine/names.ts';
 import type { ReplicationResult } from '../shared/engine/replicate.ts';
 import { formatBytes, parseSize } from '../shared/engine/units.ts';
 import { verifyFileImage } from '../shared/local/file-target.ts';
-import {
-  type JobSpec,
-  parseJobSpec,
-  recoverLocked,
-  runLocalJob,
-  withSetLocked,
-} from '../shared/local/run.ts';
 import { type DamagedEntry, LocalStateStore } from '../shared/local/state-dir.ts';
-import { filePath } from '../shared/local/uris.ts';
 import { DEFAULT_LIMITS, type NodeLimits } from '../shared/net/limits.ts';
 import type { NodeTls } from '../shared/net/peer.ts';
 import { runDemo } from './demo.ts';
 import { createReporter, describeRecovery } from './progress.ts';
+import { type JobSpec, parseJobSpec, recoverLocked, runLocalJob, withSetLocked } from './run.ts';
+import { filePath } from './targets.ts';
 
 const DEFAULT_STATE_DIR = '.ferry';
 

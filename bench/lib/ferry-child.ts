@@ -4,9 +4,9 @@
 import { readFileSync } from 'node:fs';
 import { readFile, writeFile } from 'node:fs/promises';
 import { performance } from 'node:perf_hooks';
+import { type JobSpec, parseJobSpec, runLocalJob } from '../../cli/run.ts';
 import { AbortedError, errorMessage } from '../../shared/engine/errors.ts';
 import type { ReplicationEvent } from '../../shared/engine/replicate.ts';
-import { type JobSpec, parseJobSpec, runLocalJob } from '../../shared/local/run.ts';
 
 export interface FerryChildConfig {
   readonly spec: JobSpec;

@@ -1,6 +1,7 @@
 // EbsSource and the stateless List/Get functions against the EBS direct API emulator: paging
 // (empty pages with tokens), change maps between snapshots, token caching, verified reads.
 import { afterEach, describe, expect, it } from 'vitest';
+import { openSource } from '../../cli/targets.ts';
 import { type EbsEmulatorOptions, startEbsEmulator } from '../../local-cloud/emulators/ebs/server.ts';
 import { createEbsClient } from '../../shared/aws/ebs/client.ts';
 import { EBS_BLOCK_SIZE } from '../../shared/aws/ebs/errors.ts';
@@ -11,7 +12,6 @@ import { completeSnapshot, putSnapshotBlocks, startSnapshot } from '../../shared
 import { ConfigError } from '../../shared/engine/errors.ts';
 import type { Extent } from '../../shared/engine/extents.ts';
 import { KiB } from '../../shared/engine/units.ts';
-import { openSource } from '../../shared/local/uris.ts';
 import { randomBytes } from '../support/memory.ts';
 
 const B = EBS_BLOCK_SIZE;

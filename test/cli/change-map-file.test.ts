@@ -4,8 +4,8 @@ import { mkdtemp, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { readChangeFile } from '../../cli/change-map.ts';
 import { ChangeMapError } from '../../shared/engine/errors.ts';
-import { readChangeFile } from '../../shared/local/uris.ts';
 
 async function mapFile(text: string): Promise<string> {
   const path = join(await mkdtemp(join(tmpdir(), 'ferry-change-map-')), 'x.json');

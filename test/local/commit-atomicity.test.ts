@@ -6,11 +6,11 @@ import { copyFile, mkdtemp, open, readdir, rm, writeFile } from 'node:fs/promise
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { type JobSpec, recoverLocalSet, runLocalJob } from '../../cli/run.ts';
 import type { DiskTarget } from '../../shared/engine/ports.ts';
 import type { CycleStep, ReplicationEvent } from '../../shared/engine/replicate.ts';
 import { MiB } from '../../shared/engine/units.ts';
 import { verifyFileImage } from '../../shared/local/file-target.ts';
-import { type JobSpec, recoverLocalSet, runLocalJob } from '../../shared/local/run.ts';
 import { LocalStateStore } from '../../shared/local/state-dir.ts';
 import { createDiskImage, firstDifference, mutateDisk } from '../../shared/local/workload.ts';
 

@@ -9,11 +9,11 @@ import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
+import { runLocalJob } from '../../cli/run.ts';
 import type { Descriptor } from '../../shared/engine/descriptors.ts';
 import { TransferError } from '../../shared/engine/errors.ts';
 import { linearAggregate, sha256Hex, toHex } from '../../shared/engine/integrity.ts';
 import { MiB } from '../../shared/engine/units.ts';
-import { runLocalJob } from '../../shared/local/run.ts';
 import { createDiskImage, firstDifference } from '../../shared/local/workload.ts';
 import { type NodeOptions, type ReplicationNode, startNode } from '../../shared/net/node.ts';
 import {

@@ -1,12 +1,12 @@
-// Local composition root: a job spec (URIs, change files, parameters) -> adapters -> one engine cycle.
+// The CLI's composition root for a local run: a job spec (URIs, change files, parameters) -> adapters -> one engine cycle.
 import { constants } from 'node:fs';
 import { access, realpath, stat } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import { z } from 'zod';
-import { resolveParams } from '../engine/config.ts';
-import { ConfigError, errorMessage, FerryError } from '../engine/errors.ts';
-import { isValidName, NAME_RULE } from '../engine/names.ts';
-import type { DiskSource, DiskTarget } from '../engine/ports.ts';
+import { resolveParams } from '../shared/engine/config.ts';
+import { ConfigError, errorMessage, FerryError } from '../shared/engine/errors.ts';
+import { isValidName, NAME_RULE } from '../shared/engine/names.ts';
+import type { DiskSource, DiskTarget } from '../shared/engine/ports.ts';
 import {
   type CycleStep,
   type DiskJob,
@@ -14,12 +14,13 @@ import {
   type ReplicationResult,
   recoverCommit,
   replicate,
-} from '../engine/replicate.ts';
-import { settleAll } from '../engine/settle.ts';
-import { systemClock, systemRandom } from '../runtime/clock.ts';
-import { FileTarget } from './file-target.ts';
-import { LocalStateStore } from './state-dir.ts';
-import { filePath, openSource, openTarget, readChangeFile } from './uris.ts';
+} from '../shared/engine/replicate.ts';
+import { settleAll } from '../shared/engine/settle.ts';
+import { FileTarget } from '../shared/local/file-target.ts';
+import { LocalStateStore } from '../shared/local/state-dir.ts';
+import { systemClock, systemRandom } from '../shared/runtime/clock.ts';
+import { readChangeFile } from './change-map.ts';
+import { filePath, openSource, openTarget } from './targets.ts';
 
 const nameSchema = z.string().refine(isValidName, { message: `not a valid name (${NAME_RULE})` });
 
