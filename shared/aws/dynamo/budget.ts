@@ -1,4 +1,6 @@
-// Flow control shared by concurrent Lambdas, on DynamoDB: node budget, disk windows, grant leases, plan locks.
+// Flow control shared by concurrent Lambdas, on DynamoDB: node budget counter, disk windows, grant
+// leases. The lease design of functions/shared; the cycle ports replace it (grant-flow.ts,
+// node-budget.ts, plan-locks.ts) and this module goes when functions/shared does.
 //
 // Every operation is a single-item conditional write (no transactions: see schema.ts). Where one
 // step spans items (a grant touches the disk's window, the node budget and its lease item), the
@@ -6,126 +8,35 @@
 // operator resets the counter), never over-commit: reserve before the lease exists, delete the
 // lease before releasing. A worker that merely dies holding a lease leaks nothing: the lease
 // expires and `reclaimExpired` returns its bytes exactly once.
-import type { DynamoDBClient } from '@aws-sdk/client-dynamodb';
-import {
-  DeleteCommand,
-  type DeleteCommandInput,
-  type DynamoDBDocumentClient,
-  GetCommand,
-  PutCommand,
-  QueryCommand,
-  UpdateCommand,
-  type UpdateCommandInput,
-} from '@aws-sdk/lib-dynamodb';
-import type { z } from 'zod';
+import { QueryCommand } from '@aws-sdk/lib-dynamodb';
 import { ConfigError, FerryError } from '../../engine/errors.ts';
 import { dynamoCall, StateConflictError } from './errors.ts';
+import { type Client, TableItems } from './items.ts';
 import {
   budgetItem,
-  describeKey,
-  documentClient,
   type GrantLease,
   grantItem,
   type Key,
   keys,
   LEASE_INDEX,
   leaseScope,
-  type PlanLock,
   parseItem,
-  planLockItem,
   type WindowState,
   windowItem,
 } from './schema.ts';
 
-export type { GrantLease, PlanLock, WindowState } from './schema.ts';
-
-type Client = DynamoDBDocumentClient | DynamoDBClient;
+// The plan locks lived here; functions/shared still imports them from this module.
+export { DynamoPlanLocks, type PlanLock } from './plan-locks.ts';
+export type { GrantLease, WindowState } from './schema.ts';
 
 // A window reservation that loses its conditional write re-reads and tries again this often
 // before answering "full": enough to ride out a burst of concurrent top-ups on one disk, few
 // enough that a contended disk costs a bounded number of requests per attempt.
 const WINDOW_RESERVE_ATTEMPTS = 4;
 
-/** One table's items: typed reads and conditional writes with SDK errors translated. */
-class Items {
-  readonly doc: DynamoDBDocumentClient;
-  constructor(
-    client: Client,
-    readonly table: string,
-  ) {
-    this.doc = documentClient(client);
-  }
-
-  where(key: Key, disk?: string) {
-    return { table: this.table, key: describeKey(key), disk };
-  }
-
-  async get<T>(key: Key, schema: z.ZodType<T>): Promise<T | undefined> {
-    const out = await dynamoCall('GetItem', this.where(key), () =>
-      this.doc.send(new GetCommand({ TableName: this.table, Key: key, ConsistentRead: true })),
-    );
-    return out.Item === undefined ? undefined : parseItem(schema, out.Item, this.table, key);
-  }
-
-  /** Conditional update; `undefined` when the condition failed. */
-  async update(
-    key: Key,
-    input: Omit<UpdateCommandInput, 'TableName' | 'Key'>,
-  ): Promise<Record<string, unknown> | undefined> {
-    const out = await dynamoCall(
-      'UpdateItem',
-      this.where(key),
-      () => this.doc.send(new UpdateCommand({ TableName: this.table, Key: key, ...input })),
-      () => undefined,
-    );
-    return out === undefined ? undefined : (out.Attributes ?? {});
-  }
-
-  /** Conditional delete; the deleted item (ALL_OLD), or `undefined` when the condition failed. */
-  async delete(
-    key: Key,
-    input: Omit<DeleteCommandInput, 'TableName' | 'Key'>,
-  ): Promise<Record<string, unknown> | undefined> {
-    const out = await dynamoCall(
-      'DeleteItem',
-      this.where(key),
-      () =>
-        this.doc.send(
-          new DeleteCommand({ TableName: this.table, Key: key, ReturnValues: 'ALL_OLD', ...input }),
-        ),
-      () => undefined,
-    );
-    return out === undefined ? undefined : (out.Attributes ?? {});
-  }
-
-  /** Conditional create; false when the item exists. */
-  async create(key: Key, attributes: Record<string, unknown>): Promise<boolean> {
-    const out = await dynamoCall(
-      'PutItem',
-      this.where(key),
-      () =>
-        this.doc.send(
-          new PutCommand({
-            TableName: this.table,
-            Item: { ...attributes, ...key },
-            ConditionExpression: 'attribute_not_exists(pk)',
-          }),
-        ),
-      () => false as const,
-    );
-    return out !== false;
-  }
-}
-
 function positiveBytes(bytes: number, what: string): void {
   if (!Number.isSafeInteger(bytes) || bytes <= 0) {
     throw new ConfigError(`${what} must be a positive whole number of bytes, got ${bytes}`);
-  }
-}
-
-function positiveMs(ms: number, what: string): void {
-  if (!Number.isSafeInteger(ms) || ms <= 0) {
-    throw new ConfigError(`${what} must be a positive whole number of milliseconds, got ${ms}`);
   }
 }
 
@@ -145,12 +56,12 @@ export interface BudgetOptions {
 export class DynamoBudget {
   readonly node: string;
   readonly capacityBytes: number;
-  private readonly items: Items;
+  private readonly items: TableItems;
   private readonly key: Key;
 
   constructor(client: Client, opts: BudgetOptions) {
     positiveBytes(opts.capacityBytes, 'node budget');
-    this.items = new Items(client, opts.table);
+    this.items = new TableItems(client, opts.table);
     this.node = opts.node;
     this.capacityBytes = opts.capacityBytes;
     this.key = keys.budget(opts.node);
@@ -223,10 +134,10 @@ export interface WindowUpdate {
  * are optimistic (`version`); reservations are conditional ADDs against the window they read.
  */
 export class DynamoWindows {
-  private readonly items: Items;
+  private readonly items: TableItems;
 
   constructor(client: Client, opts: { table: string }) {
-    this.items = new Items(client, opts.table);
+    this.items = new TableItems(client, opts.table);
   }
 
   async getWindow(set: string, disk: string): Promise<WindowState | undefined> {
@@ -358,7 +269,7 @@ export type GrantOutcome =
  * one of them wins, and only the winner returns the bytes.
  */
 export class DynamoGrants {
-  private readonly items: Items;
+  private readonly items: TableItems;
   private readonly windows: DynamoWindows;
 
   constructor(
@@ -366,7 +277,7 @@ export class DynamoGrants {
     opts: { table: string },
     private readonly budget: DynamoBudget,
   ) {
-    this.items = new Items(client, opts.table);
+    this.items = new TableItems(client, opts.table);
     this.windows = new DynamoWindows(client, opts);
   }
 
@@ -509,94 +420,5 @@ export class DynamoGrants {
   private async returnBytes(lease: GrantLease): Promise<void> {
     await this.budget.release(lease.bytes);
     await this.windows.release(lease.set, lease.disk, lease.bytes);
-  }
-}
-
-// ---- plan locks -------------------------------------------------------------------------------
-
-// A released lock keeps its item (and its fence) with this expiry: free for anyone at any time.
-const RELEASED = 0;
-
-/**
- * One lock per protection plan, so two cycles of a plan never overlap. A lock is a lease: if its
- * holder dies, it expires and the next cycle takes it over. `fence` grows with every
- * acquisition; a holder can compare it to detect that it was taken over.
- */
-export class DynamoPlanLocks {
-  private readonly items: Items;
-
-  constructor(client: Client, opts: { table: string }) {
-    this.items = new Items(client, opts.table);
-  }
-
-  /** Takes the lock if it is free, expired (at or before `now`) or already this owner's. */
-  async acquirePlanLock(
-    plan: string,
-    owner: string,
-    ttlMs: number,
-    now: number,
-  ): Promise<PlanLock | undefined> {
-    positiveMs(ttlMs, `lock lifetime of plan ${plan}`);
-    if (owner === '') throw new ConfigError(`lock owner of plan ${plan} must not be empty`);
-    const key = keys.planLock(plan);
-    const out = await this.items.update(key, {
-      UpdateExpression: 'SET #plan = :plan, #owner = :owner, #expires = :expires ADD #fence :one',
-      ConditionExpression: 'attribute_not_exists(pk) OR #expires <= :now OR #owner = :owner',
-      ExpressionAttributeNames: {
-        '#plan': 'plan',
-        '#owner': 'owner',
-        '#expires': 'lockExpiresAt',
-        '#fence': 'fence',
-      },
-      ExpressionAttributeValues: {
-        ':plan': plan,
-        ':owner': owner,
-        ':expires': now + ttlMs,
-        ':now': now,
-        ':one': 1,
-      },
-      ReturnValues: 'ALL_NEW',
-    });
-    return out === undefined ? undefined : parseItem(planLockItem, out, this.items.table, key);
-  }
-
-  /** Extends the owner's lock; undefined when it is no longer this owner's. */
-  async renewPlanLock(
-    plan: string,
-    owner: string,
-    ttlMs: number,
-    now: number,
-  ): Promise<PlanLock | undefined> {
-    positiveMs(ttlMs, `lock lifetime of plan ${plan}`);
-    const key = keys.planLock(plan);
-    const out = await this.items.update(key, {
-      UpdateExpression: 'SET #expires = :expires',
-      // An expired lock nobody took over may be renewed (no one else ran); a released one may not.
-      ConditionExpression: '#owner = :owner AND #expires > :released',
-      ExpressionAttributeNames: { '#owner': 'owner', '#expires': 'lockExpiresAt' },
-      ExpressionAttributeValues: { ':owner': owner, ':expires': now + ttlMs, ':released': RELEASED },
-      ReturnValues: 'ALL_NEW',
-    });
-    return out === undefined ? undefined : parseItem(planLockItem, out, this.items.table, key);
-  }
-
-  /**
-   * Releases the owner's lock; false when it was not this owner's (expired and taken over). The
-   * item stays, marked released, so the next holder's fence is still larger than every earlier one.
-   */
-  async releasePlanLock(plan: string, owner: string): Promise<boolean> {
-    const out = await this.items.update(keys.planLock(plan), {
-      UpdateExpression: 'SET #expires = :released',
-      ConditionExpression: '#owner = :owner AND #expires > :released',
-      ExpressionAttributeNames: { '#owner': 'owner', '#expires': 'lockExpiresAt' },
-      ExpressionAttributeValues: { ':owner': owner, ':released': RELEASED },
-    });
-    return out !== undefined;
-  }
-
-  /** The lock as stored, or undefined when nobody has taken it or it was released. */
-  async getPlanLock(plan: string): Promise<PlanLock | undefined> {
-    const lock = await this.items.get(keys.planLock(plan), planLockItem);
-    return lock?.lockExpiresAt === RELEASED ? undefined : lock;
   }
 }

@@ -1,19 +1,8 @@
 // The engine's StateStore port on DynamoDB (progress, digests, checkpoint catalog), plus set, disk and job records.
-import type { DynamoDBClient } from '@aws-sdk/client-dynamodb';
-import {
-  BatchWriteCommand,
-  type BatchWriteCommandInput,
-  type DynamoDBDocumentClient,
-  GetCommand,
-  PutCommand,
-  QueryCommand,
-  type QueryCommandInput,
-  UpdateCommand,
-} from '@aws-sdk/lib-dynamodb';
-import type { z } from 'zod';
-import { FerryError, TransferError } from '../../engine/errors.ts';
+import { FerryError } from '../../engine/errors.ts';
 import type { DiskProgress, RecoveryCheckpoint, StateStore } from '../../engine/ports.ts';
-import { dynamoCall, StateConflictError } from './errors.ts';
+import { StateConflictError } from './errors.ts';
+import { type Client, itemKey, TableItems, withoutUndefined } from './items.ts';
 import {
   catalogSetItem,
   checkpointItem,
@@ -23,7 +12,6 @@ import {
   describeKey,
   digestPageItem,
   diskItem,
-  documentClient,
   type JobRecord,
   type JobStatus,
   jobItem,
@@ -40,24 +28,18 @@ import {
 // Pages written in parallel by one save: a save is normally one or two pages (500 MB of 1 MiB
 // chunks); a large catch-up save should not open hundreds of requests at once.
 const PAGE_WRITE_CONCURRENCY = 8;
-// BatchWriteItem takes at most 25 requests.
-const BATCH_WRITE_MAX = 25;
-// Unprocessed batch items are DynamoDB shedding load; 5 rounds of 50 ms doubling is 1.5 s of
-// patience before the clean-up reports itself throttled and lets the caller's retry take over.
-const BATCH_RETRY_ROUNDS = 5;
-const BATCH_RETRY_BASE_MS = 50;
 
 const HEX_DIGEST = /^[0-9a-f]{64}$/i;
 
 export class DynamoStateStore implements StateStore {
-  private readonly doc: DynamoDBDocumentClient;
+  private readonly items: TableItems;
 
   /** `client` is the caller's (created once per Lambda at module scope); `table` holds every item. */
   constructor(
-    client: DynamoDBDocumentClient | DynamoDBClient,
+    client: Client,
     readonly table: string,
   ) {
-    this.doc = documentClient(client);
+    this.items = new TableItems(client, table);
   }
 
   // ---- progress ------------------------------------------------------------------------------
@@ -117,23 +99,16 @@ export class DynamoStateStore implements StateStore {
       bytesDone: progress.bytesDone,
       version: (previous?.version ?? 0) + 1,
     };
-    await dynamoCall(
-      'PutItem',
-      where,
-      () =>
-        this.doc.send(
-          new PutCommand({
-            TableName: this.table,
-            Item: { ...key, ...record },
-            ...(previous === undefined
-              ? { ConditionExpression: 'attribute_not_exists(pk)' }
-              : {
-                  ConditionExpression: '#version = :version',
-                  ExpressionAttributeNames: { '#version': 'version' },
-                  ExpressionAttributeValues: { ':version': previous.version },
-                }),
-          }),
-        ),
+    await this.items.put(
+      key,
+      record,
+      previous === undefined
+        ? { ConditionExpression: 'attribute_not_exists(pk)' }
+        : {
+            ConditionExpression: '#version = :version',
+            ExpressionAttributeNames: { '#version': 'version' },
+            ExpressionAttributeValues: { ':version': previous.version },
+          },
       () => {
         throw new StateConflictError(
           `progress of disk ${disk} in set ${set} changed while it was being saved: concurrent modification`,
@@ -145,14 +120,14 @@ export class DynamoStateStore implements StateStore {
     // The previous cycle's pages are vouched for by nothing now. Removing them is housekeeping: a
     // failure leaves garbage that clearProgress also removes, so it must not fail a durable save.
     if (previous !== undefined && !sameCycle) {
-      await this.deleteAll(keys.digestPrefix(set, disk, previous.epoch)).catch(() => undefined);
+      await this.items.deleteAll(keys.digestPrefix(set, disk, previous.epoch)).catch(() => undefined);
     }
   }
 
   async clearProgress(set: string, disk: string): Promise<void> {
     // The record first: once it is gone nothing vouches for the pages, whatever happens next.
-    await this.deleteAll(keys.progress(set, disk), true);
-    await this.deleteAll(keys.digestPrefix(set, disk));
+    await this.items.deleteAll(keys.progress(set, disk), true);
+    await this.items.deleteAll(keys.digestPrefix(set, disk));
   }
 
   // ---- checkpoint catalog -------------------------------------------------------------------
@@ -174,40 +149,48 @@ export class DynamoStateStore implements StateStore {
     // 1. Claim the id. The same (set, sequence) may claim it again, so a publisher that crashed
     //    after this step can finish; another sequence or set cannot reuse the id.
     const idKey = keys.checkpointId(cp.id);
-    await this.put(idKey, { set: cp.set, sequence: cp.sequence, id: cp.id }, already(idKey), {
-      ConditionExpression: 'attribute_not_exists(pk) OR (#set = :set AND #sequence = :sequence)',
-      ExpressionAttributeNames: { '#set': 'set', '#sequence': 'sequence' },
-      ExpressionAttributeValues: { ':set': cp.set, ':sequence': cp.sequence },
-    });
+    await this.items.put(
+      idKey,
+      { set: cp.set, sequence: cp.sequence, id: cp.id },
+      {
+        ConditionExpression: 'attribute_not_exists(pk) OR (#set = :set AND #sequence = :sequence)',
+        ExpressionAttributeNames: { '#set': 'set', '#sequence': 'sequence' },
+        ExpressionAttributeValues: { ':set': cp.set, ':sequence': cp.sequence },
+      },
+      already(idKey),
+    );
     // 2. Register the set before its first checkpoint exists, so a catalog listing finds it.
-    await this.put(keys.catalogSet(cp.set), { set: cp.set });
+    await this.items.put(keys.catalogSet(cp.set), { set: cp.set });
     // 3. The checkpoint itself, exactly once per (set, sequence).
     const cpKey = keys.checkpoint(cp.set, cp.sequence);
-    await this.put(cpKey, checkpointToItem(checkpoint), already(cpKey), {
-      ConditionExpression: 'attribute_not_exists(pk)',
-    });
+    await this.items.put(
+      cpKey,
+      checkpointToItem(checkpoint),
+      { ConditionExpression: 'attribute_not_exists(pk)' },
+      already(cpKey),
+    );
   }
 
   async latestCheckpoint(set: string): Promise<RecoveryCheckpoint | undefined> {
     const prefix = keys.checkpointPrefix(set);
     // Sort keys are zero-padded sequences: the newest checkpoint is the first item backwards.
-    const out = await dynamoCall('Query', { table: this.table, key: describeKey(prefix) }, () =>
-      this.doc.send(new QueryCommand(this.prefixQuery(prefix, { ScanIndexForward: false, Limit: 1 }))),
-    );
-    const item = out.Items?.[0];
-    return item === undefined ? undefined : this.parseCheckpoint(item);
+    for await (const item of this.items.queryPrefix(prefix, { ScanIndexForward: false, Limit: 1 })) {
+      return this.parseCheckpoint(item);
+    }
+    return undefined;
   }
 
   async listCheckpoints(set?: string): Promise<RecoveryCheckpoint[]> {
     const sets =
       set === undefined
-        ? (await this.queryAll(keys.catalogSetPrefix())).map(
+        ? (await this.items.queryAll(keys.catalogSetPrefix())).map(
             (item) => parseItem(catalogSetItem, item, this.table, itemKey(item)).set,
           )
         : [set];
     const out: RecoveryCheckpoint[] = [];
     for (const s of sets) {
-      for (const item of await this.queryAll(keys.checkpointPrefix(s))) out.push(this.parseCheckpoint(item));
+      for (const item of await this.items.queryAll(keys.checkpointPrefix(s)))
+        out.push(this.parseCheckpoint(item));
     }
     return out;
   }
@@ -216,20 +199,20 @@ export class DynamoStateStore implements StateStore {
 
   /** Creates or replaces a replication set's record. */
   async putSet(record: ReplicationSetRecord): Promise<void> {
-    await this.put(keys.set(record.set), withoutUndefined(record));
+    await this.items.put(keys.set(record.set), withoutUndefined(record));
   }
 
   async getSet(set: string): Promise<ReplicationSetRecord | undefined> {
-    return this.getParsed(keys.set(set), replicationSetItem);
+    return this.items.get(keys.set(set), replicationSetItem);
   }
 
   /** Creates or replaces one disk of a set. */
   async putDisk(record: DiskRecord): Promise<void> {
-    await this.put(keys.disk(record.set, record.disk), withoutUndefined(record));
+    await this.items.put(keys.disk(record.set, record.disk), withoutUndefined(record));
   }
 
   async listDisks(set: string): Promise<DiskRecord[]> {
-    return (await this.queryAll(keys.diskPrefix(set))).map((item) =>
+    return (await this.items.queryAll(keys.diskPrefix(set))).map((item) =>
       parseItem(diskItem, item, this.table, itemKey(item)),
     );
   }
@@ -237,21 +220,21 @@ export class DynamoStateStore implements StateStore {
   /** Records a new cycle; rejects when a job with this cycle id exists. */
   async createJob(record: JobRecord): Promise<void> {
     const key = keys.job(record.set, record.cycleId);
-    await this.put(
+    await this.items.put(
       key,
       withoutUndefined(record),
+      { ConditionExpression: 'attribute_not_exists(pk)' },
       () => {
         throw new StateConflictError(`job ${record.cycleId} of set ${record.set} already exists`, {
           table: this.table,
           key: describeKey(key),
         });
       },
-      { ConditionExpression: 'attribute_not_exists(pk)' },
     );
   }
 
   async getJob(set: string, cycleId: string): Promise<JobRecord | undefined> {
-    return this.getParsed(keys.job(set, cycleId), jobItem);
+    return this.items.get(keys.job(set, cycleId), jobItem);
   }
 
   /**
@@ -276,36 +259,26 @@ export class DynamoStateStore implements StateStore {
       values[`:${name}`] = value;
       sets.push(`#${name} = :${name}`);
     }
-    const where = { table: this.table, key: describeKey(key) };
-    const out = await dynamoCall(
-      'UpdateItem',
-      where,
-      () =>
-        this.doc.send(
-          new UpdateCommand({
-            TableName: this.table,
-            Key: key,
-            UpdateExpression: `SET ${sets.join(', ')}`,
-            ConditionExpression: '#status = :from',
-            ExpressionAttributeNames: names,
-            ExpressionAttributeValues: values,
-            ReturnValues: 'ALL_NEW',
-          }),
-        ),
-      () => {
-        throw new StateConflictError(
-          `job ${cycleId} of set ${set} is not ${from}: concurrent modification`,
-          where,
-        );
-      },
-    );
-    return parseItem(jobItem, out.Attributes, this.table, key);
+    const out = await this.items.update(key, {
+      UpdateExpression: `SET ${sets.join(', ')}`,
+      ConditionExpression: '#status = :from',
+      ExpressionAttributeNames: names,
+      ExpressionAttributeValues: values,
+      ReturnValues: 'ALL_NEW',
+    });
+    if (out === undefined) {
+      throw new StateConflictError(
+        `job ${cycleId} of set ${set} is not ${from}: concurrent modification`,
+        this.items.where(key),
+      );
+    }
+    return parseItem(jobItem, out, this.table, key);
   }
 
   // ---- internals -----------------------------------------------------------------------------
 
   private async getProgressRecord(set: string, disk: string): Promise<ProgressRecord | undefined> {
-    return this.getParsed(keys.progress(set, disk), progressItem, disk);
+    return this.items.get(keys.progress(set, disk), progressItem, { disk });
   }
 
   /**
@@ -325,7 +298,7 @@ export class DynamoStateStore implements StateStore {
     let prefix = new Uint8Array(0);
     if (keep > 0) {
       const key = keys.digestPage(set, disk, epoch, firstPage);
-      const page = await this.getParsed(key, digestPageItem, disk);
+      const page = await this.items.get(key, digestPageItem, { disk });
       if (page === undefined || page.count < keep || page.digests.length < keep * DIGEST_BYTES) {
         throw this.missingDigests(disk, key, from);
       }
@@ -338,7 +311,7 @@ export class DynamoStateStore implements StateStore {
       pages.push({ page, bytes: all.subarray(at, Math.min(all.length, at + perPage)) });
     }
     await forEachLimited(pages, PAGE_WRITE_CONCURRENCY, ({ page, bytes }) =>
-      this.put(keys.digestPage(set, disk, epoch, page), {
+      this.items.put(keys.digestPage(set, disk, epoch, page), {
         epoch,
         page,
         count: bytes.length / DIGEST_BYTES,
@@ -355,39 +328,21 @@ export class DynamoStateStore implements StateStore {
     const first = keys.digestPage(set, disk, record.epoch, 0);
     const last = keys.digestPage(set, disk, record.epoch, pages - 1);
     let expected = 0;
-    let lastKey: Record<string, unknown> | undefined;
-    do {
-      const res = await dynamoCall('Query', { table: this.table, key: first.pk, disk }, () =>
-        this.doc.send(
-          new QueryCommand({
-            TableName: this.table,
-            KeyConditionExpression: 'pk = :pk AND sk BETWEEN :first AND :last',
-            ExpressionAttributeValues: { ':pk': first.pk, ':first': first.sk, ':last': last.sk },
-            ConsistentRead: true,
-            ExclusiveStartKey: lastKey,
-          }),
-        ),
-      );
-      for (const item of res.Items ?? []) {
-        const page = parseItem(digestPageItem, item, this.table, itemKey(item));
-        const want = Math.min(DIGEST_PAGE_SIZE, record.watermark - expected * DIGEST_PAGE_SIZE);
-        const usable =
-          page.page === expected &&
-          page.epoch === record.epoch &&
-          page.count >= want &&
-          page.digests.length >= want * DIGEST_BYTES;
-        if (!usable) {
-          throw this.missingDigests(
-            disk,
-            keys.digestPage(set, disk, record.epoch, expected),
-            record.watermark,
-          );
-        }
-        out.set(page.digests.subarray(0, want * DIGEST_BYTES), expected * DIGEST_PAGE_SIZE * DIGEST_BYTES);
-        expected++;
+    for await (const item of this.items.queryBetween(first, last)) {
+      const page = parseItem(digestPageItem, item, this.table, itemKey(item));
+      const want = Math.min(DIGEST_PAGE_SIZE, record.watermark - expected * DIGEST_PAGE_SIZE);
+      const usable =
+        page.page === expected &&
+        page.epoch === record.epoch &&
+        page.count >= want &&
+        page.digests.length >= want * DIGEST_BYTES;
+      if (!usable) {
+        throw this.missingDigests(disk, keys.digestPage(set, disk, record.epoch, expected), record.watermark);
       }
-      lastKey = res.LastEvaluatedKey;
-    } while (lastKey !== undefined && expected < pages);
+      out.set(page.digests.subarray(0, want * DIGEST_BYTES), expected * DIGEST_PAGE_SIZE * DIGEST_BYTES);
+      expected++;
+      if (expected >= pages) break;
+    }
     if (expected < pages) {
       throw this.missingDigests(disk, keys.digestPage(set, disk, record.epoch, expected), record.watermark);
     }
@@ -405,92 +360,6 @@ export class DynamoStateStore implements StateStore {
     const cp = parseItem(checkpointItem, item, this.table, itemKey(item));
     return { ...cp, parent: cp.parent };
   }
-
-  private async getParsed<T>(key: Key, schema: z.ZodType<T>, disk?: string): Promise<T | undefined> {
-    const out = await dynamoCall('GetItem', { table: this.table, key: describeKey(key), disk }, () =>
-      this.doc.send(new GetCommand({ TableName: this.table, Key: key, ConsistentRead: true })),
-    );
-    return out.Item === undefined ? undefined : parseItem(schema, out.Item, this.table, key);
-  }
-
-  private async put(
-    key: Key,
-    attributes: Record<string, unknown>,
-    onConditionFailed?: () => never,
-    condition: Partial<
-      Pick<
-        ConstructorParameters<typeof PutCommand>[0],
-        'ConditionExpression' | 'ExpressionAttributeNames' | 'ExpressionAttributeValues'
-      >
-    > = {},
-  ): Promise<void> {
-    await dynamoCall(
-      'PutItem',
-      { table: this.table, key: describeKey(key) },
-      () =>
-        this.doc.send(
-          new PutCommand({ TableName: this.table, Item: { ...attributes, ...key }, ...condition }),
-        ),
-      onConditionFailed,
-    );
-  }
-
-  private prefixQuery(prefix: Key, extra: Partial<QueryCommandInput> = {}): QueryCommandInput {
-    return {
-      TableName: this.table,
-      KeyConditionExpression: 'pk = :pk AND begins_with(sk, :prefix)',
-      ExpressionAttributeValues: { ':pk': prefix.pk, ':prefix': prefix.sk },
-      ConsistentRead: true,
-      ...extra,
-    };
-  }
-
-  /** Every item under a key prefix, in key order, following LastEvaluatedKey. */
-  private async queryAll(
-    prefix: Key,
-    extra: Partial<QueryCommandInput> = {},
-  ): Promise<Record<string, unknown>[]> {
-    const items: Record<string, unknown>[] = [];
-    let lastKey: Record<string, unknown> | undefined;
-    do {
-      const res = await dynamoCall('Query', { table: this.table, key: describeKey(prefix) }, () =>
-        this.doc.send(new QueryCommand({ ...this.prefixQuery(prefix, extra), ExclusiveStartKey: lastKey })),
-      );
-      items.push(...(res.Items ?? []));
-      lastKey = res.LastEvaluatedKey;
-    } while (lastKey !== undefined);
-    return items;
-  }
-
-  /** Deletes every item under a key prefix (or exactly `key` when `exact`). Idempotent. */
-  private async deleteAll(key: Key, exact = false): Promise<void> {
-    const targets = exact
-      ? [key]
-      : (await this.queryAll(key, { ProjectionExpression: 'pk, sk' })).map(itemKey);
-    for (let i = 0; i < targets.length; i += BATCH_WRITE_MAX) {
-      let requests: NonNullable<BatchWriteCommandInput['RequestItems']>[string] = targets
-        .slice(i, i + BATCH_WRITE_MAX)
-        .map((k) => ({ DeleteRequest: { Key: k } }));
-      for (let round = 0; requests.length > 0; round++) {
-        if (round >= BATCH_RETRY_ROUNDS) {
-          throw new TransferError(
-            `DynamoDB BatchWriteItem on table ${this.table} left ${requests.length} deletes unprocessed (${describeKey(key)})`,
-            { retryable: true, throttled: true },
-          );
-        }
-        if (round > 0) await new Promise((r) => setTimeout(r, BATCH_RETRY_BASE_MS * 2 ** (round - 1)));
-        const batch = requests;
-        const res = await dynamoCall('BatchWriteItem', { table: this.table, key: describeKey(key) }, () =>
-          this.doc.send(new BatchWriteCommand({ RequestItems: { [this.table]: batch } })),
-        );
-        requests = res.UnprocessedItems?.[this.table] ?? [];
-      }
-    }
-  }
-}
-
-function itemKey(item: Record<string, unknown>): Key {
-  return { pk: String(item.pk), sk: String(item.sk) };
 }
 
 /** The checkpoint as item attributes, with absent optionals left out (not written as NULL). */
@@ -503,10 +372,6 @@ function checkpointToItem(cp: RecoveryCheckpoint): Record<string, unknown> {
     parent: cp.parent,
     disks: cp.disks.map((d) => withoutUndefined({ ...d })),
   });
-}
-
-function withoutUndefined<T extends object>(value: T): Record<string, unknown> {
-  return Object.fromEntries(Object.entries(value).filter(([, v]) => v !== undefined));
 }
 
 /** Runs `fn` over `items` with at most `limit` in flight; rejects with the first failure. */
