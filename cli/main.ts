@@ -645,7 +645,7 @@ function printSummary(r: ReplicationResult): void {
   for (const d of r.disks) {
     const resumed = d.resumedBytes > 0 ? `, ${formatBytes(d.resumedBytes)} resumed from progress` : '';
     out(
-      `  ${d.disk}: ${d.kind}, ${formatBytes(d.bytesTotal)} in ${d.chunks} chunks${resumed}, sha256 ${d.aggregateSha256.slice(0, 16)}…`,
+      `  ${d.disk}: ${d.kind}, ${formatBytes(d.bytesTotal)} in ${d.chunks} chunks${resumed}, ${d.aggregate.algorithm} ${d.aggregate.value.slice(0, 16)}…`,
     );
   }
 }

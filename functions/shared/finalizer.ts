@@ -5,6 +5,7 @@ import type { DynamoGrants, DynamoPlanLocks } from '../../shared/aws/dynamo/budg
 import { StateConflictError } from '../../shared/aws/dynamo/errors.ts';
 import type { JobStatus } from '../../shared/aws/dynamo/schema.ts';
 import type { DynamoStateStore } from '../../shared/aws/dynamo/state-store.ts';
+import { ebsLinearAggregate } from '../../shared/engine/aggregate.ts';
 import { errorMessage } from '../../shared/engine/errors.ts';
 import type { CheckpointDisk, RecoveryCheckpoint } from '../../shared/engine/ports.ts';
 import type { AbortResult, CycleRef, FinalizeResult } from '../contracts.ts';
@@ -111,7 +112,7 @@ export async function finalize(deps: FinalizerDeps, ref: CycleRef): Promise<Fina
         kind: d.kind,
         chunks: v.descriptors,
         bytes: v.bytes,
-        aggregateSha256: v.aggregate.toString('hex'),
+        aggregate: ebsLinearAggregate(v.aggregate),
         targetRef: d.targetSnapshotId,
       };
     }),

@@ -93,7 +93,10 @@ export interface DiskTarget {
 export interface DiskCommit {
   readonly chunks: number;
   readonly bytes: number;
-  /** SHA-256 (hex) over the per-chunk digests in sequence order. */
+  /**
+   * SHA-256 (hex) over the per-chunk digests in sequence order: always the `ferry-chunk-sha256`
+   * aggregate (a node checks it against its own; the checkpoint records it by that name).
+   */
   readonly aggregateSha256: string;
   /** The cycle's changed extents (normalised), for targets that apply a staged increment. */
   readonly extents: readonly Extent[];
@@ -117,6 +120,29 @@ export interface DiskProgress {
   readonly digests: readonly string[];
 }
 
+/**
+ * The algorithms a checkpoint disk's aggregate can be computed with. Publishers compute different
+ * ones, so a recorded value means something only together with its algorithm's name:
+ * - `ferry-chunk-sha256`: SHA-256 over the cycle's per-chunk SHA-256s (32 raw bytes each) in
+ *   descriptor seq order. Published by the engine's `replicate` (local state directory; the same
+ *   value a node checks a COMMIT against).
+ * - `ebs-linear-sha256`: EBS's LINEAR aggregate checksum, SHA-256 over the per-block (512 KiB)
+ *   SHA-256s of the blocks written, in ascending block index. Published by the serverless finalizer
+ *   (DynamoDB catalog), which sent the same digest, base64, with CompleteSnapshot.
+ */
+export const AGGREGATE_ALGORITHMS = ['ferry-chunk-sha256', 'ebs-linear-sha256'] as const;
+export type AggregateAlgorithm = (typeof AGGREGATE_ALGORITHMS)[number];
+
+/**
+ * A disk's aggregate checksum with the algorithm that computed it. `value` is the 32-byte digest
+ * as 64 lowercase hex digits, for every algorithm (the encoding both publishers always recorded;
+ * EBS takes and shows its LINEAR checksum in base64: the same bytes).
+ */
+export interface DiskAggregate {
+  readonly algorithm: AggregateAlgorithm;
+  readonly value: string;
+}
+
 /** One disk of a published recovery checkpoint. */
 export interface CheckpointDisk {
   readonly disk: string;
@@ -126,8 +152,8 @@ export interface CheckpointDisk {
   readonly kind: CopyKind;
   readonly chunks: number;
   readonly bytes: number;
-  /** SHA-256 over the cycle's chunk digests in seq order. */
-  readonly aggregateSha256: string;
+  /** The disk's aggregate checksum, named by its algorithm; verifiers check it only by that name. */
+  readonly aggregate: DiskAggregate;
   /** Target-specific proof of the whole disk (e.g. a manifest digest, a snapshot id). */
   readonly targetRef?: string;
 }

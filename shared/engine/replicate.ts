@@ -1,5 +1,6 @@
 // One replication cycle of a set of disks: plan descriptors, stream chunks under rolling windows
 // and the node budget, verify, make progress durable, commit every disk, publish one checkpoint.
+import { chunkAggregate } from './aggregate.ts';
 import type { ReplicationParams } from './config.ts';
 import { WindowController } from './controller.ts';
 import { cutDescriptors, type Descriptor, normalizeExtents } from './descriptors.ts';
@@ -19,6 +20,7 @@ import type {
   Clock,
   CommitJournal,
   CopyKind,
+  DiskAggregate,
   DiskSource,
   DiskTarget,
   Random,
@@ -119,7 +121,8 @@ export interface DiskResult {
   readonly bytesSent: number;
   readonly resumedBytes: number;
   readonly chunks: number;
-  readonly aggregateSha256: string;
+  /** The checkpoint's aggregate for the disk (`ferry-chunk-sha256`). */
+  readonly aggregate: DiskAggregate;
 }
 
 export interface ReplicationResult {
@@ -245,7 +248,7 @@ export async function replicate(job: ReplicationJob, ports: ReplicationPorts): P
             kind: run.kind,
             chunks,
             bytes: done,
-            aggregateSha256,
+            aggregate: chunkAggregate(aggregateSha256),
             ...(targetRef === undefined ? {} : { targetRef }),
           };
         }),
@@ -279,7 +282,7 @@ export async function replicate(job: ReplicationJob, ports: ReplicationPorts): P
         bytesSent: run.bytesSent,
         resumedBytes: run.resumedBytes,
         chunks: disks[i]!.chunks,
-        aggregateSha256: disks[i]!.aggregateSha256,
+        aggregate: disks[i]!.aggregate,
       })),
     };
   } finally {

@@ -9,6 +9,7 @@ import { type FileHandle, link, mkdir, open, readdir, readFile, rename, rm } fro
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { z } from 'zod';
+import { diskAggregateSchema, withNamedAggregate } from '../engine/aggregate.ts';
 import { CatalogError, errorMessage, FerryError } from '../engine/errors.ts';
 import { checkName } from '../engine/names.ts';
 import type {
@@ -34,17 +35,22 @@ const checkpointSchema = z.strictObject({
   createdAt: z.string(),
   parent: z.string().optional(),
   disks: z.array(
-    z.strictObject({
-      disk: z.string(),
-      source: z.string(),
-      target: z.string(),
-      sizeBytes: z.number().int().nonnegative(),
-      kind: z.enum(['full', 'incremental']),
-      chunks: z.number().int().nonnegative(),
-      bytes: z.number().int().nonnegative(),
-      aggregateSha256: z.string(),
-      targetRef: z.string().optional(),
-    }),
+    // Entries written before the aggregate named its algorithm hold `aggregateSha256`: only the
+    // engine's replicate publishes into a state directory, so that was the ferry-chunk-sha256 one.
+    z.preprocess(
+      (disk) => withNamedAggregate(disk, 'ferry-chunk-sha256'),
+      z.strictObject({
+        disk: z.string(),
+        source: z.string(),
+        target: z.string(),
+        sizeBytes: z.number().int().nonnegative(),
+        kind: z.enum(['full', 'incremental']),
+        chunks: z.number().int().nonnegative(),
+        bytes: z.number().int().nonnegative(),
+        aggregate: diskAggregateSchema,
+        targetRef: z.string().optional(),
+      }),
+    ),
   ),
 });
 

@@ -4,6 +4,7 @@ import { mkdir, rename, stat, writeFile } from 'node:fs/promises';
 import type net from 'node:net';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
+import { chunkAggregate } from '../engine/aggregate.ts';
 import { DEFAULT_PARAMS } from '../engine/config.ts';
 import { type ControllerTunables, WindowController } from '../engine/controller.ts';
 import type { Descriptor } from '../engine/descriptors.ts';
@@ -1397,7 +1398,8 @@ class Node implements ReplicationNode {
       sizeBytes: s.sizeBytes,
       chunks: commit.chunks,
       bytes: commit.bytes,
-      aggregateSha256: commit.aggregateSha256,
+      // Named as a checkpoint names it: what the node checked the COMMIT against is this aggregate.
+      aggregate: chunkAggregate(commit.aggregateSha256),
       targetRef,
       committedAt: new Date().toISOString(),
     };

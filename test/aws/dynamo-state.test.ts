@@ -223,6 +223,29 @@ describe('DynamoStateStore catalog and jobs', () => {
     expect((await store.latestCheckpoint('web'))?.id).toBe('web#12');
   });
 
+  it('reads a checkpoint item from before aggregates were named as the ebs-linear-sha256 one', async () => {
+    // Prepare: an item as this table's writer (the serverless finalizer) recorded it before issue
+    // #12: EBS's LINEAR checksum, hex, under `aggregateSha256`.
+    const { store, table } = await fresh();
+    const cp = checkpoint('web', 2, 'web#1');
+    const { aggregate, ...disk } = cp.disks[0]!;
+    const legacy = { ...cp, disks: [{ ...disk, aggregateSha256: aggregate.value }] };
+    await db.doc.send(
+      new PutCommand({ TableName: table, Item: { ...keys.checkpoint('web', 2), ...legacy } }),
+    );
+    await db.doc.send(new PutCommand({ TableName: table, Item: { ...keys.catalogSet('web'), set: 'web' } }));
+
+    // Act
+    const latest = await store.latestCheckpoint('web');
+    const listed = await store.listCheckpoints();
+
+    // Assess: the value, named by the algorithm that computed it, through both ways of reading.
+    const named = { algorithm: 'ebs-linear-sha256', value: aggregate.value };
+    expect(latest?.disks[0]?.aggregate).toEqual(named);
+    expect(latest).toEqual({ ...cp, disks: [{ ...disk, aggregate: named }] });
+    expect(listed.map((c) => c.disks[0]?.aggregate)).toEqual([named]);
+  });
+
   it('moves a job between states only from the state it is in', async () => {
     const { store } = await fresh();
     const job = {

@@ -21,7 +21,7 @@ export function checkpoint(set: string, sequence: number, parent?: string): Reco
         kind: sequence === 1 ? 'full' : 'incremental',
         chunks: 3,
         bytes: 3 << 20,
-        aggregateSha256: digest(sequence),
+        aggregate: { algorithm: 'ferry-chunk-sha256', value: digest(sequence) },
         targetRef: `ref-${sequence}`,
       },
     ],
@@ -86,6 +86,33 @@ export function stateStoreContract(name: string, create: () => Promise<StateStor
       expect(await store.listCheckpoints()).toHaveLength(3);
       expect(await store.latestCheckpoint('none')).toBeUndefined();
       expect(await store.latestCheckpoint('web')).toEqual(checkpoint('web', 2, 'web#1'));
+    });
+
+    it('records each disk aggregate with the algorithm it names, whichever that is', async () => {
+      // Prepare: one disk published by the engine, one by the serverless finalizer.
+      const store = await create();
+      const base = checkpoint('mixed', 1);
+      const cp = {
+        ...base,
+        disks: [
+          base.disks[0]!,
+          {
+            ...base.disks[0]!,
+            disk: 'data',
+            aggregate: { algorithm: 'ebs-linear-sha256' as const, value: digest(0xeb5) },
+          },
+        ],
+      };
+
+      // Act
+      await store.publishCheckpoint(cp);
+
+      // Assess: both read back with their own algorithm; neither is taken for the other.
+      const read = await store.latestCheckpoint('mixed');
+      expect(read?.disks.map((d) => d.aggregate)).toEqual([
+        { algorithm: 'ferry-chunk-sha256', value: digest(1) },
+        { algorithm: 'ebs-linear-sha256', value: digest(0xeb5) },
+      ]);
     });
 
     it('lets only one of several concurrent publishers of a sequence win', async () => {

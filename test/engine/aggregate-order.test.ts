@@ -45,8 +45,8 @@ describe('the disk aggregate under out-of-order completions', () => {
     expect(target.finished).toHaveLength(expected.length);
     expect(inversions(target.finished)).toBeGreaterThan(0);
     const aggregate = seqOrderAggregate(expected);
-    expect(r.disks[0]!.aggregateSha256).toBe(aggregate);
-    expect(r.checkpoint.disks[0]!.aggregateSha256).toBe(aggregate);
+    expect(r.disks[0]!.aggregate).toEqual({ algorithm: 'ferry-chunk-sha256', value: aggregate });
+    expect(r.checkpoint.disks[0]!.aggregate).toEqual({ algorithm: 'ferry-chunk-sha256', value: aggregate });
     expect(target.commitSummaries.map((s) => s.aggregateSha256)).toEqual([aggregate]);
     expect(r.disks[0]!.chunks).toBe(expected.length);
     expect(Buffer.from(target.image!).equals(Buffer.from(data))).toBe(true);
@@ -75,7 +75,7 @@ describe('the disk aggregate under out-of-order completions', () => {
 
     // Assess
     expect(inversions(target.finished)).toBeGreaterThan(0);
-    expect(r.disks[0]!.aggregateSha256).toBe(seqOrderAggregate(expected));
+    expect(r.disks[0]!.aggregate.value).toBe(seqOrderAggregate(expected));
     expect(target.commitSummaries[0]!.aggregateSha256).toBe(seqOrderAggregate(expected));
   });
 
@@ -117,7 +117,7 @@ describe('the disk aggregate under out-of-order completions', () => {
     expect(inversions(target.finished.slice(0, firstRun))).toBeGreaterThan(0);
     expect(inversions(target.finished.slice(firstRun))).toBeGreaterThan(0);
     expect(r.disks[0]!.resumedBytes).toBe(saved!.bytesDone);
-    expect(r.disks[0]!.aggregateSha256).toBe(seqOrderAggregate(expected));
+    expect(r.disks[0]!.aggregate.value).toBe(seqOrderAggregate(expected));
     expect(target.commitSummaries.map((c) => c.aggregateSha256)).toEqual([seqOrderAggregate(expected)]);
     expect(Buffer.from(target.image!).equals(Buffer.from(data))).toBe(true);
   });

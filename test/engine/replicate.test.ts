@@ -89,7 +89,10 @@ describe('replicate', () => {
     // Chunks of 1 MiB from offset 0; the last one is 8 KiB.
     const digests = [];
     for (let off = 0; off < data.length; off += MiB) digests.push(sha256Hex(data.subarray(off, off + MiB)));
-    expect(r.disks[0]!.aggregateSha256).toBe(Buffer.from(linearAggregate(digests)).toString('hex'));
+    expect(r.disks[0]!.aggregate).toEqual({
+      algorithm: 'ferry-chunk-sha256',
+      value: Buffer.from(linearAggregate(digests)).toString('hex'),
+    });
     expect(r.disks[0]!.chunks).toBe(6);
   });
 
@@ -180,7 +183,7 @@ describe('replicate', () => {
     const resent = sentBefore + r.disks[0]!.bytesSent - data.length;
     expect(r.disks[0]!.resumedBytes).toBe(saved!.bytesDone);
     expect(resent).toBeLessThanOrEqual(interval + window);
-    expect(r.checkpoint.disks[0]!.aggregateSha256).toBe(
+    expect(r.checkpoint.disks[0]!.aggregate.value).toBe(
       Buffer.from(linearAggregate(chunksOf(data, MiB).map((c) => sha256Hex(c)))).toString('hex'),
     );
   });

@@ -1,6 +1,6 @@
 // The StateStore contract against the in-memory fake and the local state directory.
 import { spawnSync } from 'node:child_process';
-import { mkdtemp, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, writeFile } from 'node:fs/promises';
 import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -82,6 +82,40 @@ describe('LocalStateStore', () => {
     expect((err as CatalogError).message).toContain(entry(3));
     await writeFile(entry(3), JSON.stringify(checkpoint('web', 2, 'web#1')));
     await expect(store.latestCheckpoint('web')).rejects.toThrow(/holds checkpoint #2 of set web, not #3/);
+  });
+
+  it('reads a catalog entry from before aggregates were named as the ferry-chunk-sha256 one', async () => {
+    // Prepare: an entry as this directory's writer (the engine) recorded it before issue #12.
+    const dir = await mkdtemp(join(tmpdir(), 'ferry-state-'));
+    const store = new LocalStateStore(dir);
+    const { aggregate, ...disk } = checkpoint('web', 1).disks[0]!;
+    const legacy = { ...checkpoint('web', 1), disks: [{ ...disk, aggregateSha256: aggregate.value }] };
+    await mkdir(join(dir, 'catalog', 'web'), { recursive: true });
+    await writeFile(join(dir, 'catalog', 'web', '00000001.json'), JSON.stringify(legacy));
+
+    // Act
+    const read = await store.latestCheckpoint('web');
+
+    // Assess: the value, now named by the algorithm that computed it; nothing reported damaged.
+    expect(read?.disks[0]?.aggregate).toEqual({ algorithm: 'ferry-chunk-sha256', value: aggregate.value });
+    expect(read).toEqual(checkpoint('web', 1));
+    expect((await store.readCatalog('web')).damaged).toEqual([]);
+  });
+
+  it('reports an entry whose aggregate names an unknown algorithm as damaged, not as some other one', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'ferry-state-'));
+    const store = new LocalStateStore(dir);
+    const cp = checkpoint('web', 1);
+    const disk = { ...cp.disks[0]!, aggregate: { algorithm: 'md5-of-chunks', value: 'aa'.repeat(32) } };
+    await mkdir(join(dir, 'catalog', 'web'), { recursive: true });
+    await writeFile(join(dir, 'catalog', 'web', '00000001.json'), JSON.stringify({ ...cp, disks: [disk] }));
+
+    const view = await store.readCatalog('web');
+
+    expect(view.checkpoints).toEqual([]);
+    expect(view.damaged).toEqual([
+      expect.objectContaining({ sequence: 1, reason: expect.stringMatching(/00000001\.json is malformed/) }),
+    ]);
   });
 
   it('records a commit intent durably until it is cleared', async () => {

@@ -42,6 +42,7 @@ import type { CreateTableCommandInput } from '@aws-sdk/client-dynamodb';
 import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
 import { DynamoDBDocumentClient } from '@aws-sdk/lib-dynamodb';
 import { z } from 'zod';
+import { diskAggregateSchema, withNamedAggregate } from '../../engine/aggregate.ts';
 import { MalformedStateError } from './errors.ts';
 
 export const KEY = { pk: 'pk', sk: 'sk' } as const;
@@ -242,17 +243,22 @@ export const checkpointItem = z.object({
   createdAt: z.string(),
   parent: z.string().optional(),
   disks: z.array(
-    z.object({
-      disk: z.string(),
-      source: z.string(),
-      target: z.string(),
-      sizeBytes: count,
-      kind: z.enum(['full', 'incremental']),
-      chunks: count,
-      bytes: count,
-      aggregateSha256: z.string(),
-      targetRef: z.string().optional(),
-    }),
+    // Items written before the aggregate named its algorithm hold `aggregateSha256`: only the
+    // serverless finalizer publishes into this table, and it recorded EBS's LINEAR checksum (hex).
+    z.preprocess(
+      (disk) => withNamedAggregate(disk, 'ebs-linear-sha256'),
+      z.object({
+        disk: z.string(),
+        source: z.string(),
+        target: z.string(),
+        sizeBytes: count,
+        kind: z.enum(['full', 'incremental']),
+        chunks: count,
+        bytes: count,
+        aggregate: diskAggregateSchema,
+        targetRef: z.string().optional(),
+      }),
+    ),
   ),
 });
 
