@@ -7,6 +7,7 @@ import { checkName } from '../shared/engine/names.ts';
 import type { ReplicationResult } from '../shared/engine/replicate.ts';
 import { formatBytes, parseSize } from '../shared/engine/units.ts';
 import { verifyFileImage } from '../shared/local/file-target.ts';
+import { ImageDirectory } from '../shared/local/image-dir.ts';
 import { type DamagedEntry, LocalStateStore } from '../shared/local/state-dir.ts';
 import { DEFAULT_LIMITS, type NodeLimits } from '../shared/net/limits.ts';
 import type { NodeTls } from '../shared/net/peer.ts';
@@ -250,7 +251,8 @@ const serve = program
     if (o.listen === undefined)
       throw new ConfigError('serve: give --listen HOST:PORT', { setting: 'listen' });
     if (o.target === undefined) throw new ConfigError('serve: give --target file:DIR', { setting: 'target' });
-    const targetDir = nodeTargetDir(o.target);
+    // The node writes whatever targets it is given; from the command line, file images in a directory.
+    const targets = await ImageDirectory.open(nodeTargetDir(o.target));
     let tls: NodeTls | undefined;
     if (!o.insecure) {
       if (o.state === undefined) {
@@ -272,8 +274,9 @@ const serve = program
     const { startNode } = await import('../shared/net/node.ts');
     const node = await startNode({
       listen: o.listen,
-      targetDir,
-      ...(o.state !== undefined ? { stateDir: o.state } : {}),
+      targets,
+      // Without --state (loopback --insecure only) the session records lie beside the images.
+      ...(o.state !== undefined ? { stateDir: o.state } : { sessionDir: targets.dir }),
       ...(o.nodeBudget !== undefined ? { nodeBudget: parseSize(o.nodeBudget, 'nodeBudget') } : {}),
       ...limitsFromFlags(o),
       ...(tls !== undefined ? { tls } : { insecure: true }),
@@ -281,7 +284,7 @@ const serve = program
     });
     if (tls === undefined) {
       err(
-        `ferry: warning: --insecure: plain TCP on ${node.address}, no encryption and no authentication; any process on this host can write images to ${targetDir}`,
+        `ferry: warning: --insecure: plain TCP on ${node.address}, no encryption and no authentication; any process on this host can write images to ${targets.dir}`,
       );
     }
     out(`ferry node listening on ${node.address}`);

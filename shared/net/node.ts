@@ -1,6 +1,7 @@
-// The replication node (`ferry serve`): grants credit, verifies and writes chunks into file images.
+// The replication node (`ferry serve`): grants credit, verifies chunks and writes them into the disk
+// targets its composition root gives it (NodeTargets; the CLI's are file images in a directory).
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, rename, stat, writeFile } from 'node:fs/promises';
+import { mkdir, rename, writeFile } from 'node:fs/promises';
 import type net from 'node:net';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -11,9 +12,8 @@ import type { Descriptor } from '../engine/descriptors.ts';
 import { ConfigError, errorMessage, FerryError, IntegrityError, TransferError } from '../engine/errors.ts';
 import type { Extent } from '../engine/extents.ts';
 import { isValidName, NAME_RULE } from '../engine/names.ts';
-import type { Clock, CopyKind } from '../engine/ports.ts';
+import type { Clock, CopyKind, DiskTarget } from '../engine/ports.ts';
 import { formatBytes } from '../engine/units.ts';
-import { FILE_TARGET_BLOCK_SIZE, FileTarget, verifyFileImage } from '../local/file-target.ts';
 import { systemClock } from '../runtime/clock.ts';
 import { allocateCredit, creditStep, INITIAL_GRANT_UNIT } from './credit.ts';
 import {
@@ -25,6 +25,7 @@ import {
   overLimit,
   resolveLimits,
 } from './limits.ts';
+import type { NodeTargets } from './node-targets.ts';
 import { diskInScope, INSECURE_PEER, type NodeTls, type PeerIdentity } from './peer.ts';
 import {
   type ChunkMeta,
@@ -79,14 +80,19 @@ const PERMANENT_ERRNOS = new Set(['ENOSPC', 'EDQUOT', 'EROFS', 'EACCES', 'EPERM'
 export interface NodeOptions extends Partial<NodeLimits> {
   /** `host:port` or {host, port}; port 0 picks a free port (see `address`). */
   readonly listen: string | { readonly host: string; readonly port: number };
-  /** Directory of the file images; a disk named D is written to `<targetDir>/D`. Must exist. */
-  readonly targetDir: string;
+  /** What the node writes each disk into: made by whoever starts the node (the CLI: file images). */
+  readonly targets: NodeTargets;
   /**
    * Where the node records each disk's session (resume token, the digest of every chunk it
    * verified) under `sessions/`, and its last commit (for `ferry verify` on this host) under
-   * `commits/`. Without it the session records lie beside the images.
+   * `commits/`. Without it the session records go to `sessionDir`.
    */
   readonly stateDir?: string;
+  /**
+   * Where the session records go when there is no `stateDir` (`ferry serve --insecure` without
+   * --state keeps them beside its images). One of the two is required.
+   */
+  readonly sessionDir?: string;
   /** Bytes the node holds for all disks at once: granted credit plus chunks being received or written. */
   readonly nodeBudget?: number;
   /** Window levels per disk (ascending, bytes); default the engine's levels. */
@@ -215,7 +221,7 @@ class Session {
     readonly id: string,
     readonly sizeBytes: number,
     readonly kind: CopyKind,
-    readonly target: FileTarget,
+    readonly target: DiskTarget,
     readonly controller: WindowController | undefined,
     initialWindow: number,
     /** The node's durable record of the session (its token; committed or not). */
@@ -417,10 +423,13 @@ class Node implements ReplicationNode {
       opts.initialWindow ??
       (this.levels.includes(DEFAULT_PARAMS.window) ? DEFAULT_PARAMS.window : this.levels[0]!);
     this.log = opts.log ?? (() => {});
-    this.store = new SessionStore(
-      opts.stateDir !== undefined ? join(opts.stateDir, 'sessions') : opts.targetDir,
-      this.log,
-    );
+    const sessions = opts.stateDir !== undefined ? join(opts.stateDir, 'sessions') : opts.sessionDir;
+    if (sessions === undefined) {
+      throw new ConfigError('a node needs a state directory (or a directory for its session records)', {
+        setting: 'stateDir',
+      });
+    }
+    this.store = new SessionStore(sessions, this.log);
     if (!Number.isSafeInteger(this.budget) || this.budget < INITIAL_GRANT_UNIT) {
       throw new ConfigError(
         `node budget ${this.budget} bytes is below one ${formatBytes(INITIAL_GRANT_UNIT)} chunk`,
@@ -455,12 +464,6 @@ class Node implements ReplicationNode {
 
   async start(): Promise<void> {
     const { host, port } = parseListen(this.opts.listen);
-    const dir = await stat(this.opts.targetDir).catch(() => undefined);
-    if (!dir?.isDirectory()) {
-      throw new ConfigError(`target directory ${this.opts.targetDir} does not exist or is not a directory`, {
-        setting: 'targetDir',
-      });
-    }
     if (this.opts.stateDir !== undefined)
       await mkdir(join(this.opts.stateDir, 'commits'), { recursive: true });
     await this.store.init();
@@ -776,7 +779,7 @@ class Node implements ReplicationNode {
         return;
       case 'after-publish':
         void this.control(conn, s, 'after publish', async () => {
-          await s.target.afterPublish();
+          await s.target.afterPublish?.();
           await this.store.markPublished(s.disk);
           conn.send({ type: 'done' });
         });
@@ -784,7 +787,7 @@ class Node implements ReplicationNode {
       case 'flush':
         // Every chunk ACKed so far is written; make it and its digest slot durable, then say so.
         void this.control(conn, s, 'flush', async () => {
-          await s.target.flush();
+          await s.target.flush?.();
           await s.digests.sync();
           conn.send({ type: 'flushed' });
         });
@@ -938,8 +941,7 @@ class Node implements ReplicationNode {
       return undefined;
     }
     const credential = conn.identity.credential;
-    const overImage =
-      (await stat(join(this.opts.targetDir, hello.disk)).catch(() => undefined)) !== undefined;
+    const overImage = await this.opts.targets.exists(hello.disk);
     const total = this.store.usage(credential, hello.disk) + hello.sizeBytes * (overImage ? 2 : 1);
     if (total > this.limits.maxImageBytesPerCredential) {
       this.refuseLimit(
@@ -993,15 +995,22 @@ class Node implements ReplicationNode {
     if (record?.state !== 'committed' || record.published || (live !== undefined && !live.tearingDown))
       return;
     if (live !== undefined) await this.retire(live);
-    const target = new FileTarget(join(this.opts.targetDir, disk));
-    if (published(record)) {
-      await target.afterPublish();
-      await this.store.markPublished(disk);
-      this.log(`node: disk ${disk}: the commit of cycle ${record.cycle} was published; it is final`);
-    } else {
-      await target.rollback();
-      await this.store.reopen(disk);
-      this.log(`node: disk ${disk}: the commit of cycle ${record.cycle} was never published; rolled back`);
+    const target = this.opts.targets.target(disk);
+    try {
+      if (published(record)) {
+        await target.afterPublish?.();
+        await this.store.markPublished(disk);
+        this.log(`node: disk ${disk}: the commit of cycle ${record.cycle} was published; it is final`);
+      } else {
+        // A target without rollback never changed the last checkpoint's data in place (ports.ts).
+        await target.rollback?.();
+        await this.store.reopen(disk);
+        this.log(`node: disk ${disk}: the commit of cycle ${record.cycle} was never published; rolled back`);
+      }
+    } finally {
+      await target
+        .close()
+        .catch((err) => this.log(`node: disk ${disk}: closing the image failed: ${errorMessage(err)}`));
     }
   }
 
@@ -1023,14 +1032,16 @@ class Node implements ReplicationNode {
     else {
       const live = this.sessions.get(hello.disk);
       const digests = live?.record.id === record.id ? live.digests : await this.store.openDigests(hello.disk);
+      let target: DiskTarget | undefined;
       try {
-        const target = new FileTarget(join(this.opts.targetDir, hello.disk));
+        target = this.opts.targets.target(hello.disk);
         reason =
           (await checkProblem(digests, check)) ??
-          (await target.checkResume({ cycleId: record.id, chunks: [] }));
+          (await target.checkResume?.({ cycleId: record.id, chunks: [] }));
       } catch (err) {
         reason = `the node could not read its record: ${errorMessage(err)}`;
       } finally {
+        await target?.close().catch(() => {});
         if (digests !== live?.digests) await digests.close().catch(() => {});
       }
     }
@@ -1055,11 +1066,14 @@ class Node implements ReplicationNode {
     if (conn.closing) return;
     const live = this.sessions.get(disk);
     let answer: FrameOf<'verified'>;
+    const verify = this.opts.targets.verify?.bind(this.opts.targets);
     if (live !== undefined && !live.tearingDown) {
       answer = verifiedFailure('a source is replicating it now; verify once that run has ended');
+    } else if (verify === undefined) {
+      answer = verifiedFailure(`this node's targets (${this.opts.targets.name}) cannot be re-hashed here`);
     } else {
       try {
-        const report = await verifyFileImage(join(this.opts.targetDir, disk), expectedRef || undefined);
+        const report = await verify(disk, expectedRef || undefined);
         answer = {
           type: 'verified',
           ok: report.ok,
@@ -1085,9 +1099,11 @@ class Node implements ReplicationNode {
   }
 
   private async openSession(conn: Conn, hello: FrameOf<'hello'>, start: SessionStart): Promise<Session> {
-    if (FILE_TARGET_BLOCK_SIZE !== PROTOCOL_BLOCK_SIZE) {
+    // Sources cut extents at protocol blocks: a target must be able to write any one of them.
+    const target = this.opts.targets.target(hello.disk);
+    if (PROTOCOL_BLOCK_SIZE % target.blockSize !== 0) {
       throw new FerryError(
-        `file images use ${FILE_TARGET_BLOCK_SIZE}-byte blocks, the protocol ${PROTOCOL_BLOCK_SIZE}`,
+        `${target.name} writes ${target.blockSize}-byte blocks, which do not divide the protocol's ${PROTOCOL_BLOCK_SIZE}`,
       );
     }
     // A new session is recorded (and its token durable) before its image is touched or welcomed.
@@ -1104,7 +1120,6 @@ class Node implements ReplicationNode {
           });
     // Undo data stays until the source says the checkpoint is published (AFTER_PUBLISH) or the node
     // settles it (settleCommit): a set whose source dies mid-commit can still be rolled back.
-    const target = new FileTarget(join(this.opts.targetDir, hello.disk));
     // A committed session is resumed only to answer a retried COMMIT or AFTER_PUBLISH: its image
     // is not opened for writing at all.
     if (record.state === 'open')
@@ -1361,7 +1376,7 @@ class Node implements ReplicationNode {
       // The node commits only its own finding: what it verified, chunk by chunk, in its record.
       const problem = await commitProblem(s.digests, claim, extents);
       if (problem !== undefined) throw new CommitRefused(`refused: ${problem}; the image is unchanged`);
-      const targetRef = await s.target.commit({ ...claim, extents });
+      const targetRef = (await s.target.commit({ ...claim, extents })) ?? '';
       s.record = await this.store.commit(s.disk, claim, targetRef);
       await this.recordCommit(s, commit, targetRef);
       this.log(
@@ -1393,7 +1408,7 @@ class Node implements ReplicationNode {
     const path = join(dir, 'commits', `${s.disk}.json`);
     const record = {
       disk: s.disk,
-      image: join(this.opts.targetDir, s.disk),
+      image: s.target.name,
       kind: s.kind,
       sizeBytes: s.sizeBytes,
       chunks: commit.chunks,

@@ -8,6 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { MiB } from '../../shared/engine/units.ts';
+import { ImageDirectory } from '../../shared/local/image-dir.ts';
 import { startNode } from '../../shared/net/node.ts';
 import {
   encodeFrame,
@@ -53,7 +54,13 @@ describe('ferry serve and disk names', () => {
   it('refuses a HELLO whose disk name breaks the name rule, and welcomes one that keeps it', async () => {
     // Prepare
     const dir = await mkdtemp(join(tmpdir(), 'ferry-node-names-'));
-    const node = await startNode({ listen: '127.0.0.1:0', targetDir: dir, insecure: true, log: () => {} });
+    const node = await startNode({
+      listen: '127.0.0.1:0',
+      targets: await ImageDirectory.open(dir),
+      sessionDir: dir,
+      insecure: true,
+      log: () => {},
+    });
     cleanups.push(() => node.close());
     // Names the protocol's own checks let through (no separator, no "..") but the rule does not.
     const bad = ['.hidden', '-rf', 'a b', 'disk\u00e9', 'x'.repeat(129)];

@@ -14,6 +14,7 @@ import type { Descriptor } from '../../shared/engine/descriptors.ts';
 import { TransferError } from '../../shared/engine/errors.ts';
 import { linearAggregate, sha256Hex, toHex } from '../../shared/engine/integrity.ts';
 import { MiB } from '../../shared/engine/units.ts';
+import { ImageDirectory } from '../../shared/local/image-dir.ts';
 import { createDiskImage, firstDifference } from '../../shared/local/workload.ts';
 import { type NodeOptions, type ReplicationNode, startNode } from '../../shared/net/node.ts';
 import {
@@ -52,7 +53,7 @@ async function startTestNode(opts: Partial<NodeOptions> = {}): Promise<TestNode>
   const log: string[] = [];
   const node = await startNode({
     listen: '127.0.0.1:0',
-    targetDir: images,
+    targets: await ImageDirectory.open(images),
     stateDir: await workdir(),
     insecure: true,
     log: (line) => log.push(line),
@@ -337,7 +338,12 @@ describe('a source flushes, proves its resume, and resumes with the node token',
     // Prepare: two chunks written and flushed by one source; the node restarts.
     const images = await workdir();
     const nodeState = await workdir();
-    const opts = { targetDir: images, stateDir: nodeState, insecure: true, log: () => {} };
+    const opts = {
+      targets: await ImageDirectory.open(images),
+      stateDir: nodeState,
+      insecure: true,
+      log: () => {},
+    };
     let node = await startNode({ listen: '127.0.0.1:0', ...opts });
     const port = node.port;
     const uri = parseFerryUri(`ferry://127.0.0.1:${port}/r0?connections=2`);

@@ -8,6 +8,7 @@ import fc from 'fast-check';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { Extent } from '../../shared/engine/extents.ts';
 import { MiB } from '../../shared/engine/units.ts';
+import { ImageDirectory } from '../../shared/local/image-dir.ts';
 import { type ReplicationNode, startNode } from '../../shared/net/node.ts';
 import {
   CHUNK_FIXED_BYTES,
@@ -484,7 +485,8 @@ async function startTestNode(log?: string[]): Promise<{ node: ReplicationNode; d
   const dir = await mkdtemp(join(tmpdir(), 'ferry-node-'));
   const node = await startNode({
     listen: '127.0.0.1:0',
-    targetDir: dir,
+    targets: await ImageDirectory.open(dir),
+    sessionDir: dir,
     insecure: true, // raw frames on loopback
     levels: [MiB, 2 * MiB],
     initialWindow: 2 * MiB,

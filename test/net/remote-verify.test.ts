@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { runLocalJob } from '../../cli/run.ts';
 import { MiB } from '../../shared/engine/units.ts';
+import { ImageDirectory } from '../../shared/local/image-dir.ts';
 import { createDiskImage } from '../../shared/local/workload.ts';
 import { startNode } from '../../shared/net/node.ts';
 import { ferry } from '../support/ferry-cli.ts';
@@ -21,7 +22,13 @@ describe('ferry verify of a replica on a node', () => {
   it('has the node re-hash it: OK, MISMATCH once damaged, NOT CHECKED without a way to reach it', async () => {
     // Prepare: a 16 MiB disk replicated to a node on this host.
     const images = await workdir();
-    const node = await startNode({ listen: '127.0.0.1:0', targetDir: images, insecure: true, log: () => {} });
+    const node = await startNode({
+      listen: '127.0.0.1:0',
+      targets: await ImageDirectory.open(images),
+      sessionDir: images,
+      insecure: true,
+      log: () => {},
+    });
     cleanups.push(() => node.close());
     const source = join(await workdir(), 'v0.img');
     await createDiskImage(source, { size: 16 * MiB, seed: 21 });

@@ -11,6 +11,7 @@ import type { Extent } from '../../shared/engine/extents.ts';
 import type { ReplicationEvent } from '../../shared/engine/replicate.ts';
 import { MiB } from '../../shared/engine/units.ts';
 import { verifyFileImage } from '../../shared/local/file-target.ts';
+import { ImageDirectory } from '../../shared/local/image-dir.ts';
 import { LocalStateStore } from '../../shared/local/state-dir.ts';
 import { createDiskImage, firstDifference, mutateDisk } from '../../shared/local/workload.ts';
 import { type NodeOptions, type ReplicationNode, startNode } from '../../shared/net/node.ts';
@@ -41,7 +42,7 @@ async function startTestNode(
   // test/net/tls.test.ts's).
   const node = await startNode({
     listen: '127.0.0.1:0',
-    targetDir: images,
+    targets: await ImageDirectory.open(images),
     stateDir: nodeState,
     insecure: true,
     log: (line) => log.push(line),

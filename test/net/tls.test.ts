@@ -11,6 +11,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { type JobSpec, runLocalJob } from '../../cli/run.ts';
 import { ConfigError, TransferError } from '../../shared/engine/errors.ts';
 import { MiB } from '../../shared/engine/units.ts';
+import { ImageDirectory } from '../../shared/local/image-dir.ts';
 import { createDiskImage, mutateDisk } from '../../shared/local/workload.ts';
 import { type JoinCredential, parseJoinFile, readJoinFile } from '../../shared/net/join.ts';
 import { type NodeOptions, startNode } from '../../shared/net/node.ts';
@@ -49,7 +50,7 @@ async function startTlsNode(opts: Partial<NodeOptions> = {}) {
   const waiters: { re: RegExp; resolve: (line: string) => void }[] = [];
   const node = await startNode({
     listen: '127.0.0.1:0',
-    targetDir: images,
+    targets: await ImageDirectory.open(images),
     stateDir: state,
     tls: pki.tls,
     log: (line) => {
@@ -78,7 +79,8 @@ async function startInsecureNode() {
   const log: string[] = [];
   const node = await startNode({
     listen: '127.0.0.1:0',
-    targetDir: images,
+    targets: await ImageDirectory.open(images),
+    sessionDir: images,
     insecure: true,
     log: (line) => log.push(line),
   });
@@ -399,19 +401,20 @@ describe('refusals: the source says which, the node writes nothing', () => {
 
 describe('what a node and a source accept to start with', () => {
   it('a node without TLS and without insecure, or insecure on a non-loopback address, is refused', async () => {
-    const images = await workdir();
-    await expect(startNode({ listen: '127.0.0.1:0', targetDir: images })).rejects.toThrow(
+    const dir = await workdir();
+    const images = { targets: await ImageDirectory.open(dir), sessionDir: dir };
+    await expect(startNode({ listen: '127.0.0.1:0', ...images })).rejects.toThrow(
       /a node needs its TLS credentials .* or, on loopback only, --insecure/,
     );
     for (const listen of ['0.0.0.0:0', '[::]:0', 'example.com:0']) {
-      const err = await startNode({ listen, targetDir: images, insecure: true }).catch((e: unknown) => e);
+      const err = await startNode({ listen, ...images, insecure: true }).catch((e: unknown) => e);
       expect(err, listen).toBeInstanceOf(ConfigError);
       expect((err as Error).message, listen).toMatch(
         /--insecure \(plain TCP: no encryption, no authentication\) is refused on/,
       );
     }
     for (const listen of ['127.0.0.1:0', 'localhost:0']) {
-      const node = await startNode({ listen, targetDir: images, insecure: true });
+      const node = await startNode({ listen, ...images, insecure: true });
       await node.close();
     }
   });
