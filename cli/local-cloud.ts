@@ -2,8 +2,11 @@
 // produces runs in aws-local-stepfunctions with the real Lambda handlers, on DynamoDB (dynalite),
 // SQS (fauxqs) and EBS (Ferry's emulator); EC2 volumes are buffers in memory. A two-disk plan
 // replicates a full cycle and incremental cycles, and every published checkpoint's snapshots are
-// read back block by block and compared with the volumes as they were snapshotted.
+// read back block by block and compared with the volumes as they were snapshotted. Each cycle's
+// requests are counted and priced (local-cloud/usage.ts, cost.ts, prices.ts).
 import type { ExecutionOutcome, LocalCloudEvent } from '../local-cloud/cloud.ts';
+import type { CycleCost } from '../local-cloud/cost.ts';
+import type { Usage } from '../local-cloud/usage.ts';
 import { formatBytes, MiB } from '../shared/engine/units.ts';
 
 export interface LocalCloudDemoOptions {
@@ -23,8 +26,10 @@ const VOLUMES = [
   { disk: 'data', size: 96 * MiB },
 ];
 
-interface CycleSummary {
+interface CycleSummary extends Omit<CycleCost, 'costPerCycle'> {
   readonly cycle: string;
+  /** 'full' or 'incremental'. */
+  readonly kind: 'full' | 'incremental';
   readonly status: ExecutionOutcome['status'];
   readonly checkpointId?: string;
   readonly error?: string;
@@ -35,6 +40,9 @@ interface CycleSummary {
   readonly throttled: number;
   readonly seconds: number;
   readonly verified: boolean;
+  readonly costPerCycle: CycleCost['costPerCycle'];
+  /** Every counter the cost is computed from (local-cloud/usage.ts). */
+  readonly usage: Usage;
 }
 
 /** Runs the demo; true when every cycle published a checkpoint equal to its volumes. */
@@ -44,10 +52,13 @@ export async function runLocalCloud(opts: LocalCloudDemoOptions): Promise<boolea
     '../local-cloud/start-emulators.ts'
   );
   await checkLocalCloudPrerequisites();
-  const [{ LocalCloud }, { fillRegion, scatterWrites, zeroBlock }] = await Promise.all([
-    import('../local-cloud/cloud.ts'),
-    import('../local-cloud/workload.ts'),
-  ]);
+  const [{ LocalCloud }, { fillRegion, scatterWrites, zeroBlock }, { cycleCost }, { PRICES }] =
+    await Promise.all([
+      import('../local-cloud/cloud.ts'),
+      import('../local-cloud/workload.ts'),
+      import('../local-cloud/cost.ts'),
+      import('../local-cloud/prices.ts'),
+    ]);
   const log = opts.json ? () => {} : opts.log;
 
   log('starting emulators: DynamoDB (dynalite), SQS (fauxqs), EBS direct APIs (Ferry emulator)');
@@ -118,6 +129,7 @@ export async function runLocalCloud(opts: LocalCloudDemoOptions): Promise<boolea
         }
         const summary: CycleSummary = {
           cycle: name,
+          kind: n === 0 ? 'full' : 'incremental',
           status: outcome.status,
           ...(output?.checkpointId === undefined ? {} : { checkpointId: output.checkpointId }),
           ...(outcome.error === undefined ? {} : { error: `${outcome.error}: ${outcome.cause}` }),
@@ -128,11 +140,14 @@ export async function runLocalCloud(opts: LocalCloudDemoOptions): Promise<boolea
           throttled: emulators.ebs.counters.throttled.PutSnapshotBlock - throttled0,
           seconds: Math.round(outcome.ms / 100) / 10,
           verified,
+          ...cycleCost(outcome.usage, outcome.work),
+          usage: outcome.usage,
         };
         summaries.push(summary);
         log(
           `  ${summary.status === 'SUCCEEDED' ? 'published' : 'FAILED'} ${summary.checkpointId ?? summary.error ?? ''} in ${summary.seconds} s: ${summary.blocksWritten} blocks written, ${summary.writerInvocations} writer invocations (${summary.writersKilled} killed), ${summary.throttled} throttled, ${summary.childExecutions} child executions; ${verified ? 'bit-exact' : 'NOT VERIFIED'}`,
         );
+        log(`  ${costLine(summary)}`);
         if (!verified) break;
       }
     } finally {
@@ -142,9 +157,22 @@ export async function runLocalCloud(opts: LocalCloudDemoOptions): Promise<boolea
     await emulators.stop();
   }
   const ok = summaries.length === opts.incrementals + 1 && summaries.every((s) => s.verified);
-  if (opts.json) opts.log(JSON.stringify({ ok, cycles: summaries }, null, 2));
+  if (opts.json) opts.log(JSON.stringify({ ok, prices: PRICES, cycles: summaries }, null, 2));
   else log(ok ? 'every checkpoint verified bit-exact against its volumes' : 'local cloud run FAILED');
   return ok;
+}
+
+/** One line: the cycle's requests per chunk and what everything but the EBS direct APIs adds. */
+function costLine(s: CycleSummary): string {
+  const p = s.perChunk;
+  if (p === undefined) return `cost: no chunks replicated; ${requestTotal(s.usage)} requests`;
+  const f = (x: number) => (x >= 10 ? x.toFixed(0) : x.toFixed(1));
+  const ratio = s.overheadRatio === undefined ? 'n/a' : `${(s.overheadRatio * 100).toFixed(0)}%`;
+  return `per chunk (${s.chunks} chunks): DynamoDB ${f(p.dynamodbWrites)} WRU / ${f(p.dynamodbReads)} RRU (${f(p.dynamodbWriteRequests)} writes, ${f(p.dynamodbReadRequests)} reads), SQS ${f(p.sqsRequests)}, Lambda ${f(p.lambdaInvocations)} invocations, ${f(p.stepFunctionsTransitions)} transitions; overhead ${ratio} of the EBS direct API fees`;
+}
+
+function requestTotal(u: Usage): number {
+  return Object.values(u.requests).reduce((n, ops) => n + Object.values(ops).reduce((a, b) => a + b, 0), 0);
 }
 
 /** Milestones: executions, Task states of the top-level execution, failures; all states if verbose. */

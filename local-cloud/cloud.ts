@@ -19,13 +19,14 @@ import { handler as differHandler } from '../functions/differ/handler.ts';
 import { handler as finalizerHandler } from '../functions/finalizer/handler.ts';
 import { handler as plannerHandler } from '../functions/planner/handler.ts';
 import { EC2_MODULE, EVENTBRIDGE_MODULE, provideRuntimeModule } from '../functions/shared/optional-sdk.ts';
-import { clients } from '../functions/shared/runtime.ts';
+import { clients, onClientCreated } from '../functions/shared/runtime.ts';
 import { tableDefinition } from '../shared/aws/dynamo/schema.ts';
 import { DynamoStateStore } from '../shared/aws/dynamo/state-store.ts';
 import { createEbsClient } from '../shared/aws/ebs/client.ts';
 import { createGrantQueue } from '../shared/aws/sqs/grant-queue.ts';
 import type { RecoveryCheckpoint } from '../shared/engine/ports.ts';
 import { allStates, ensurePromiseWithResolvers, FAKE, logicalIdOfFakeArn } from './asl.ts';
+import type { CycleWork } from './cost.ts';
 import { Ec2Error, LocalEc2, type SnapshotStore } from './ec2.ts';
 import {
   type EventSourceStats,
@@ -33,13 +34,21 @@ import {
   type WriterBatchReport,
   type WriterFaults,
 } from './event-source.ts';
-import { type Handler, instrumentClients, invokeLambda, type KillSwitch } from './lambda.ts';
+import {
+  currentFunction,
+  type Handler,
+  type InvocationResult,
+  instrumentClients,
+  invokeLambda,
+  type KillSwitch,
+} from './lambda.ts';
 import {
   type DeployedFunction,
   type DeployedStack,
   resolveEnvironment,
   synthesizeDeployment,
 } from './synth.ts';
+import { diffUsage, type Usage, UsageMeter } from './usage.ts';
 import { compareSnapshot, type SnapshotComparison } from './verify.ts';
 
 type Json = Record<string, unknown>;
@@ -139,6 +148,10 @@ export interface ExecutionOutcome {
   readonly children: number;
   readonly writers: EventSourceStats;
   readonly ms: number;
+  /** What the execution would be billed for: every request, invocation and transition it caused. */
+  readonly usage: Usage;
+  /** What it replicated (chunks, blocks, bytes), for the usage per chunk and per GiB. */
+  readonly work: CycleWork;
 }
 
 /** An EventBridge put, as the local bus keeps it. */
@@ -154,12 +167,43 @@ let started = false;
 interface RunContext {
   readonly onEvent: (event: LocalCloudEvent) => void;
   children: number;
+  /** The disks of the checkpoint the finalizer published, if it did. */
+  published?: readonly { descriptors: number; blocks: number; bytes: number }[];
+  /** The disks as the last tick reported them (a cycle that published nothing). */
+  lastTick?: readonly { completed: number; completedBytes: number }[];
+}
+
+/** 512 KiB: the EBS block, for a tick's completed bytes in blocks. */
+const EBS_BLOCK = 512 * 1024;
+
+function cycleWork(ctx: RunContext): CycleWork {
+  const add = (xs: readonly number[]) => xs.reduce((a, b) => a + b, 0);
+  if (ctx.published !== undefined) {
+    return {
+      chunks: add(ctx.published.map((d) => d.descriptors)),
+      blocks: add(ctx.published.map((d) => d.blocks)),
+      bytes: add(ctx.published.map((d) => d.bytes)),
+      source: 'finalizer',
+    };
+  }
+  if (ctx.lastTick !== undefined) {
+    const bytes = add(ctx.lastTick.map((d) => d.completedBytes));
+    return {
+      chunks: add(ctx.lastTick.map((d) => d.completed)),
+      blocks: Math.ceil(bytes / EBS_BLOCK),
+      bytes,
+      source: 'tick',
+    };
+  }
+  return { chunks: 0, blocks: 0, bytes: 0, source: 'none' };
 }
 
 export class LocalCloud {
   readonly ec2: LocalEc2;
   /** Every announcement the finalizer put on the event bus, in order. */
   readonly announcements: Announcement[] = [];
+  /** Every billable request, invocation and transition of the functions and the state machine. */
+  readonly meter: UsageMeter;
   private readonly machine: StateMachine;
   private readonly definition: StateMachineDefinition;
   private readonly functions: Map<string, DeployedFunction>;
@@ -179,10 +223,12 @@ export class LocalCloud {
     restoreEnv: () => void,
     esmSqs: SQSClient,
     dynamo: DynamoDBClient,
+    meter: UsageMeter,
   ) {
     this.restoreEnv = restoreEnv;
     this.esmSqs = esmSqs;
     this.dynamo = dynamo;
+    this.meter = meter;
     this.ebs = createEbsClient({
       endpoint: opts.endpoints.ebs,
       region: FAKE.region,
@@ -192,7 +238,7 @@ export class LocalCloud {
     this.definition = localDefinition(deployment.definition);
     this.machine = new StateMachine(this.definition);
     this.functions = new Map(deployment.functions.map((f) => [f.logicalId, f]));
-    provideRuntimeModule(EC2_MODULE, this.ec2.sdkModule());
+    provideRuntimeModule(EC2_MODULE, this.countedEc2Module());
     provideRuntimeModule(EVENTBRIDGE_MODULE, this.eventBridgeModule());
   }
 
@@ -238,9 +284,28 @@ export class LocalCloud {
       AWS_ENDPOINT_URL_SQS: opts.endpoints.sqs,
       AWS_ENDPOINT_URL_EBS: opts.endpoints.ebs,
     });
-    // The clients the handlers will use (created now, from this environment), made freezable.
-    instrumentClients([clients.dynamo(), clients.sqs(), clients.ebs()]);
-    return new LocalCloud(opts, deployment, tableName, queueUrl, eventBusName, restoreEnv, sqs, dynamo);
+    // Every client the handlers use is made freezable and counted; they are created now, from this
+    // environment. The event source mapping's client is counted too: its polls are billed.
+    const meter = new UsageMeter(currentFunction);
+    onClientCreated((client) => {
+      instrumentClients([client]);
+      meter.attach(client, 'function');
+    });
+    clients.dynamo();
+    clients.sqs();
+    clients.ebs();
+    meter.attach(sqs, 'event-source');
+    return new LocalCloud(
+      opts,
+      deployment,
+      tableName,
+      queueUrl,
+      eventBusName,
+      restoreEnv,
+      sqs,
+      dynamo,
+      meter,
+    );
   }
 
   /**
@@ -261,26 +326,37 @@ export class LocalCloud {
         this.opts.writerConcurrency ?? LOCAL_DEFAULTS.writerConcurrency,
         this.deployment.eventSource.maximumConcurrency ?? Number.POSITIVE_INFINITY,
       ),
-      invoke: (event: SQSEvent, kill: KillSwitch | undefined) =>
-        invokeLambda(writer, this.deployment.stackName, HANDLERS[writer.name], event, kill),
+      invoke: async (event: SQSEvent, kill: KillSwitch | undefined) =>
+        this.metered(
+          writer,
+          await invokeLambda(writer, this.deployment.stackName, HANDLERS[writer.name], event, kill),
+        ),
       ...(opts.faults === undefined ? {} : { faults: opts.faults }),
       onBatch: (report) => onEvent({ kind: 'writer', ...report }),
     });
     this.onAnnouncement = (a) => onEvent({ kind: 'announcement', ...a });
+    // The execution's usage: from here until the event source has stopped polling (its last empty
+    // receives are billed too). One execution at a time, or each counts the other's requests.
+    const before = this.meter.snapshot();
     esm.start();
+    let run: Awaited<ReturnType<LocalCloud['execute']>>;
+    let ms: number;
     try {
-      const run = await this.execute(input, opts.name, 0, ctx);
-      return {
-        name: opts.name,
-        ...run,
-        children: ctx.children,
-        writers: esm.stats,
-        ms: Math.round(performance.now() - t0),
-      };
+      run = await this.execute(input, opts.name, 0, ctx);
+      ms = Math.round(performance.now() - t0);
     } finally {
       await esm.stop();
       this.onAnnouncement = undefined;
     }
+    return {
+      name: opts.name,
+      ...run,
+      children: ctx.children,
+      writers: esm.stats,
+      ms,
+      usage: diffUsage(this.meter.snapshot(), before),
+      work: cycleWork(ctx),
+    };
   }
 
   /** The checkpoint the catalog (DynamoDB) names current for `set`. */
@@ -320,7 +396,10 @@ export class LocalCloud {
       },
     });
     const events = (async () => {
-      for await (const ev of execution.eventLogs) forward(ev as EventLog, name, depth, ctx.onEvent);
+      for await (const ev of execution.eventLogs) {
+        this.countTransition(ev as EventLog);
+        forward(ev as EventLog, name, depth, ctx.onEvent);
+      }
     })();
     try {
       const output = await execution.result;
@@ -344,7 +423,7 @@ export class LocalCloud {
         const fn = this.functions.get(lambdaId);
         if (fn === undefined)
           throw new Error(`state "${stateName}" invokes ${lambdaId}, not in the template`);
-        handlers[stateName] = (input) => this.invokeTask(fn, input);
+        handlers[stateName] = (input) => this.invokeTask(fn, input, ctx);
       } else if (resource.startsWith('arn:aws:states:::aws-sdk:ec2:')) {
         const action = resource.slice('arn:aws:states:::aws-sdk:ec2:'.length);
         handlers[stateName] = async (input) => this.ec2Call(action, input);
@@ -358,9 +437,12 @@ export class LocalCloud {
   }
 
   /** A Lambda task: the handler's answer, or its error as Step Functions reports it (name = errorType). */
-  private async invokeTask(fn: DeployedFunction, input: unknown): Promise<unknown> {
-    const r = await invokeLambda(fn, this.deployment.stackName, HANDLERS[fn.name], input);
-    if (r.status === 'ok') return r.result;
+  private async invokeTask(fn: DeployedFunction, input: unknown, ctx: RunContext): Promise<unknown> {
+    const r = this.metered(fn, await invokeLambda(fn, this.deployment.stackName, HANDLERS[fn.name], input));
+    if (r.status === 'ok') {
+      noteWork(fn.name, r.result, ctx);
+      return r.result;
+    }
     if (r.status === 'error') {
       const e = r.error as Error;
       throw named(e?.name ?? 'Error', JSON.stringify({ errorType: e?.name, errorMessage: e?.message }));
@@ -368,7 +450,20 @@ export class LocalCloud {
     throw named('Sandbox.Timedout', `${fn.name} did not answer within ${fn.timeoutSeconds} s`);
   }
 
+  /** Counts an invocation (its measured time at the function's memory) and passes its result on. */
+  private metered(fn: DeployedFunction, r: InvocationResult): InvocationResult {
+    this.meter.invocation(fn.name, fn.memoryMb, r.ms, r.status === 'ok' || r.status === 'error');
+    return r;
+  }
+
+  /** Standard workflows bill each state entered and each retry; an execution's start is counted too. */
+  private countTransition(ev: EventLog): void {
+    if (ev.type === 'ExecutionStarted') this.meter.execution();
+    else if (ev.type === 'StateEntered' || ev.type === 'StateRetried') this.meter.transition();
+  }
+
   private ec2Call(action: string, input: never): unknown {
+    this.meter.ec2(action);
     try {
       if (action === 'createSnapshot') return this.ec2.createSnapshot(input);
       if (action === 'describeSnapshots') return this.ec2.describeSnapshots(input);
@@ -439,6 +534,7 @@ export class LocalCloud {
         if (!(command instanceof PutEventsCommand))
           throw new Error('the local event bus answers PutEvents only');
         const entries = command.input.Entries ?? [];
+        cloud.meter.putEvents(entries.length);
         for (const e of entries) {
           const a: Announcement = {
             busName: e.EventBusName ?? 'default',
@@ -457,6 +553,38 @@ export class LocalCloud {
       destroy() {}
     }
     return { EventBridgeClient, PutEventsCommand };
+  }
+
+  /** LocalEc2's SDK-shaped module, its calls counted (the finalizer's DescribeSnapshots). */
+  private countedEc2Module(): Record<string, unknown> {
+    const mod = this.ec2.sdkModule();
+    const Inner = mod.EC2Client as new (
+      config: Record<string, unknown>,
+    ) => { send(command: unknown): Promise<unknown> };
+    const meter = this.meter;
+    class EC2Client {
+      private readonly inner: { send(command: unknown): Promise<unknown> };
+      constructor(config: Record<string, unknown>) {
+        this.inner = new Inner(config);
+      }
+      async send(command: unknown) {
+        meter.ec2(String((command as object).constructor.name).replace(/Command$/, ''));
+        return this.inner.send(command);
+      }
+      destroy() {}
+    }
+    return { ...mod, EC2Client };
+  }
+}
+
+/** Records what the cycle replicated from the answers that report it: a tick's, the finalizer's. */
+function noteWork(fn: FunctionName, result: unknown, ctx: RunContext): void {
+  const r = result as { status?: string; disks?: unknown[]; idleTicks?: number } | undefined;
+  if (!Array.isArray(r?.disks)) return;
+  if (fn === 'finalizer' && r.status === 'published') {
+    ctx.published = r.disks as { descriptors: number; blocks: number; bytes: number }[];
+  } else if (fn === 'planner' && r.idleTicks !== undefined) {
+    ctx.lastTick = r.disks as { completed: number; completedBytes: number }[];
   }
 }
 

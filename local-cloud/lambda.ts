@@ -19,6 +19,8 @@ export interface KillSwitch {
 
 interface Invocation {
   readonly requestId: string;
+  /** The function invoked (its folder under functions/). */
+  readonly fn: string;
   readonly kill: KillSwitch | undefined;
   puts: number;
   frozen: boolean;
@@ -26,6 +28,11 @@ interface Invocation {
 }
 
 const invocations = new AsyncLocalStorage<Invocation>();
+
+/** The function whose invocation the caller runs in, if any: to attribute the requests it sends. */
+export function currentFunction(): string | undefined {
+  return invocations.getStore()?.fn;
+}
 const never = <T>(): Promise<T> => new Promise<T>(() => {});
 
 /** An SDK v3 client's middleware stack, as far as freezing needs it. */
@@ -116,6 +123,7 @@ export async function invokeLambda(
   });
   const inv: Invocation = {
     requestId,
+    fn: fn.name,
     kill,
     puts: 0,
     frozen: false,

@@ -17,21 +17,40 @@ let dynamo: DynamoDBClient | undefined;
 let sqs: SQSClient | undefined;
 let ebs: EBSClient | undefined;
 
+/** Sees every client `clients` creates (to add middleware to its stack). */
+export type ClientHook = (client: DynamoDBClient | SQSClient | EBSClient) => void;
+const clientHooks: ClientHook[] = [];
+
+/**
+ * For hosts that are not the Lambda runtime (the local cloud: its fault switches and request
+ * counters): `hook` is called with every client created so far and with each one created later.
+ * Never set in Lambda.
+ */
+export function onClientCreated(hook: ClientHook): void {
+  clientHooks.push(hook);
+  for (const client of [dynamo, sqs, ebs]) if (client !== undefined) hook(client);
+}
+
+function created<C extends DynamoDBClient | SQSClient | EBSClient>(client: C): C {
+  for (const hook of clientHooks) hook(client);
+  return client;
+}
+
 export const clients = {
   dynamo: (): DynamoDBClient => {
-    dynamo ??= new DynamoDBClient({});
+    dynamo ??= created(new DynamoDBClient({}));
     return dynamo;
   },
   sqs: (): SQSClient => {
     // The grant queue is in the function's region, so the client's own endpoint reaches it; and
     // where AWS_ENDPOINT_URL_SQS names an emulator, that endpoint (not the queue URL's host) is used.
-    sqs ??= new SQSClient({ useQueueUrlAsEndpoint: false });
+    sqs ??= created(new SQSClient({ useQueueUrlAsEndpoint: false }));
     return sqs;
   },
   // One retry layer: the adapter retries with backoff and reports throttling to the controller, so
   // the SDK must not retry underneath it (createEbsClient sets maxAttempts 1 and keep-alive sockets).
   ebs: (): EBSClient => {
-    ebs ??= createEbsClient();
+    ebs ??= created(createEbsClient());
     return ebs;
   },
 };
