@@ -175,6 +175,43 @@ export interface ControllerSnapshot {
   readonly stepsDown: number;
 }
 
+/**
+ * What a controller carries from one evaluation to the next, as plain JSON data: a controller can
+ * stop and be rebuilt elsewhere with `WindowController.restore` (the serverless planner keeps it in
+ * its cycle record between ticks), under the same levels and tunables.
+ *
+ * Carried: the level; the climb hold (hysteresis); the instants the control law measures from (its
+ * start, the last change, the last step-down, since when latency has been inflated and the budget
+ * pressing, the last evaluation); and the latency baseline's slots, which evaluations feed, not
+ * samples, so no replay of samples could rebuild them.
+ * Not carried: the signal ring, the last few seconds of samples (`historyMs` before `evaluatedAt`,
+ * about ten seconds by default). Whoever restores holds those samples already (the serverless
+ * planner's signal buckets) and records them again after `restore`; recorded in the same order they
+ * rebuild the same ring, so decisions continue as if never interrupted. Nor the counters
+ * and last reason, which only progress lines show: a restored controller counts from its restore.
+ * An instant that has not happened yet is absent (JSON has no -Infinity).
+ */
+export interface ControllerState {
+  /** Index into the levels, 0 = smallest. */
+  readonly level: number;
+  /** How long the next climb must wait after a change. */
+  readonly climbHoldMs: number;
+  /** The first sample or evaluation: intervals never reach before it. */
+  readonly startedAt?: number;
+  /** The last evaluation: a clock that steps back stands still at it. */
+  readonly evaluatedAt?: number;
+  /** The last change of level (or the start): the next climb waits the climb hold from it. */
+  readonly lastChangeAt?: number;
+  /** The last step-down: faults within the cool-down after it are not counted. */
+  readonly lastDecreaseAt?: number;
+  /** Since when latency has looked like queueing. */
+  readonly inflatedSince?: number;
+  /** Since when the node budget has held this disk back. */
+  readonly pressureSince?: number;
+  /** The latency baseline's filled slots: slot number (time / slot length) and the least mean latency in it. */
+  readonly baseline: readonly { readonly slot: number; readonly minMs: number }[];
+}
+
 export interface ControllerOptions {
   /** Window sizes in bytes, strictly ascending. */
   readonly levels: readonly number[];
@@ -219,6 +256,68 @@ export class WindowController {
     this.ring = new SignalRing(t.bucketMs, span);
     this.baseline = new WindowedMin(t.baselineHorizonMs);
     this.climbHoldMs = t.climbHoldMs;
+  }
+
+  /**
+   * A controller that continues from `state` (taken by `state()` under the same levels and tunables)
+   * as if never stopped, once the samples of the last look-back are recorded again. A climb hold
+   * outside the tunables' range is clamped into it.
+   */
+  static restore(opts: Omit<ControllerOptions, 'initial'>, state: ControllerState): WindowController {
+    const levels = validateLevels(opts.levels);
+    const bad = (why: string) => new ConfigError(`controller state: ${why}`, { setting: 'controller state' });
+    if (!Number.isSafeInteger(state.level) || state.level < 0 || state.level >= levels.length) {
+      throw bad(`level ${state.level} is not one of the ${levels.length} window levels`);
+    }
+    const c = new WindowController({ ...opts, initial: levels[state.level]! });
+    const t = c.tunables;
+    const instant = (name: string, v: number | undefined) => {
+      if (v !== undefined && !Number.isFinite(v)) throw bad(`${name} ${v} is not a time in ms`);
+      return v;
+    };
+    if (!Number.isFinite(state.climbHoldMs)) throw bad(`climbHoldMs ${state.climbHoldMs} is not a duration`);
+    c.climbHoldMs = Math.min(t.maxClimbHoldMs, Math.max(t.climbHoldMs, state.climbHoldMs));
+    c.startedAt = instant('startedAt', state.startedAt);
+    c.lastNow = instant('evaluatedAt', state.evaluatedAt) ?? Number.NEGATIVE_INFINITY;
+    c.lastChangeAt = instant('lastChangeAt', state.lastChangeAt) ?? Number.NEGATIVE_INFINITY;
+    c.lastDecreaseAt = instant('lastDecreaseAt', state.lastDecreaseAt) ?? Number.NEGATIVE_INFINITY;
+    c.inflatedSince = instant('inflatedSince', state.inflatedSince);
+    c.pressureSince = instant('pressureSince', state.pressureSince);
+    for (const { slot, minMs } of state.baseline) {
+      if (!Number.isSafeInteger(slot) || !Number.isFinite(minMs))
+        throw bad(`baseline slot ${slot} (${minMs} ms) is not a slot number and a latency`);
+      c.baseline.restore(slot, minMs);
+    }
+    return c;
+  }
+
+  /** What the controller carries across evaluations, as plain JSON data (see ControllerState). */
+  state(): ControllerState {
+    const instants = {
+      startedAt: this.startedAt,
+      evaluatedAt: this.lastNow,
+      lastChangeAt: this.lastChangeAt,
+      lastDecreaseAt: this.lastDecreaseAt,
+      inflatedSince: this.inflatedSince,
+      pressureSince: this.pressureSince,
+    };
+    const state: Record<string, unknown> = {
+      level: this.level,
+      climbHoldMs: this.climbHoldMs,
+      baseline: this.baseline.filled(),
+    };
+    // Absent, not undefined or -Infinity: the state is JSON data and equals its own round trip.
+    for (const [name, at] of Object.entries(instants))
+      if (at !== undefined && Number.isFinite(at)) state[name] = at;
+    return state as unknown as ControllerState;
+  }
+
+  /**
+   * How far back a restored controller needs its samples again: those recorded less than this before
+   * the state's `evaluatedAt` (all of them when it never evaluated). The signal ring holds no more.
+   */
+  get historyMs(): number {
+    return this.ring.historyMs;
   }
 
   /** Current window in bytes. */
@@ -435,6 +534,11 @@ class SignalRing {
     this.buckets = Array.from({ length: count }, () => emptyBucket(Number.NEGATIVE_INFINITY));
   }
 
+  /** Time the ring covers: a sample older than this behind the newest bucket is forgotten. */
+  get historyMs(): number {
+    return this.buckets.length * this.bucketMs;
+  }
+
   add(s: ChunkSample): void {
     const id = Math.floor(s.at / this.bucketMs);
     const slot = this.slot(id);
@@ -516,13 +620,26 @@ class WindowedMin {
   }
 
   add(at: number, value: number): void {
-    const id = Math.floor(at / this.slotMs);
+    this.put(Math.floor(at / this.slotMs), value);
+  }
+
+  private put(id: number, value: number): void {
     const slot = this.slots[((id % WindowedMin.SLOTS) + WindowedMin.SLOTS) % WindowedMin.SLOTS]!;
     if (slot.id > id) return;
     if (slot.id < id) {
       slot.id = id;
       slot.min = value;
     } else slot.min = Math.min(slot.min, value);
+  }
+
+  /** The filled slots, for ControllerState. */
+  filled(): { slot: number; minMs: number }[] {
+    return this.slots.filter((s) => Number.isFinite(s.id)).map((s) => ({ slot: s.id, minMs: s.min }));
+  }
+
+  /** Puts back a slot `filled()` returned. */
+  restore(slot: number, minMs: number): void {
+    this.put(slot, minMs);
   }
 
   min(now: number): number | undefined {

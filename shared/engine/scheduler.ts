@@ -2,6 +2,7 @@
 // the node's in-flight budget, shared fairly. Synchronous and pure: the caller owns concurrency.
 import type { Descriptor } from './descriptors.ts';
 import { FerryError } from './errors.ts';
+import { fitsWindow, pickNext, type Lane as RuleLane } from './grant-rule.ts';
 
 /** A descriptor handed to a worker; its bytes are reserved until `complete` or `release`. */
 export interface Grant {
@@ -54,10 +55,11 @@ export interface LaneStats {
 }
 
 /**
- * Fairness rule: among disks that have work and window room, the one with the fewest bytes in
- * flight goes next (max-min fairness). If that disk's next chunk does not fit the node budget,
- * nothing is granted until completions free budget — a large disk cannot keep taking budget that
- * a small disk is waiting for.
+ * Fairness rule (grant-rule.ts `pickNext`, the one rule the node and the serverless planner use too):
+ * among disks that have work and window room, the one with the fewest bytes in flight goes next
+ * (max-min fairness). If that disk's next chunk does not fit the node budget, nothing is granted
+ * until completions free budget — a large disk cannot keep taking budget that a small disk is
+ * waiting for. The scheduler only keeps each disk's ledger and shows it to the rule (`view`).
  */
 export class Scheduler {
   private readonly lanes = new Map<string, Lane>();
@@ -113,24 +115,17 @@ export class Scheduler {
 
   /** Grants the next descriptor, or undefined when the windows or the budget are full (or all is granted). */
   next(): Grant | undefined {
-    let best: Lane | undefined;
-    for (const lane of this.lanes.values()) {
-      const head = this.peek(lane);
-      if (head === undefined || !this.fits(lane, head)) continue;
-      if (
-        best === undefined ||
-        lane.inflight < best.inflight ||
-        (lane.inflight === best.inflight && lane.lastGrantTick < best.lastGrantTick)
-      ) {
-        best = lane;
-      }
-    }
-    if (best === undefined) return undefined;
-    const descriptor = this.peek(best)!;
-    if (this.inflightTotal + descriptor.bytes > this.nodeBudget) {
-      best.budgetLimited = true;
+    const lanes = [...this.lanes.values()];
+    const decision = pickNext(
+      lanes.map((lane) => this.view(lane)),
+      { limit: this.nodeBudget, inflight: this.inflightTotal },
+    );
+    if (decision.lane === undefined) {
+      if (decision.budgetHeld !== undefined) lanes[decision.budgetHeld]!.budgetLimited = true;
       return undefined;
     }
+    const best = lanes[decision.lane]!;
+    const descriptor = this.peek(best)!;
     best.budgetLimited = false;
     this.take(best);
     best.outstanding.add(descriptor.seq);
@@ -143,11 +138,11 @@ export class Scheduler {
     best.inflight += descriptor.bytes;
     best.lastGrantTick = this.tick++;
     this.inflightTotal += descriptor.bytes;
-    const after = this.peek(best);
+    const after = this.view(best);
     return {
       disk: best.disk,
       descriptor,
-      windowLimited: after !== undefined && !this.fits(best, after),
+      windowLimited: after.next !== undefined && !fitsWindow(after),
     };
   }
 
@@ -198,14 +193,21 @@ export class Scheduler {
   }
 
   /**
-   * A re-granted descriptor is already inside the span; a new one must fit beside it. An empty
-   * span always takes one descriptor, so a window shrunk below a chunk slows a disk, never stalls it.
+   * The disk as the grant rule sees it. A re-granted descriptor is already inside the span; a new
+   * one must fit beside it. Completed bytes a lagging save has not made durable count as span: the
+   * save holds new grants until it lands (it always lands or fails the run), even on an empty span,
+   * so what a crash can lose stays within the checkpoint interval plus the window.
    */
-  private fits(lane: Lane, d: Descriptor): boolean {
-    if (lane.ledgerIndex.has(d.seq)) return true;
-    const withinWindow = lane.span === 0 || lane.span + d.bytes <= lane.window;
-    // A lagging save holds new grants until it lands; it always lands or fails the run.
-    return withinWindow && (lane.lag === 0 || lane.span + d.bytes + lane.lag <= lane.window);
+  private view(lane: Lane): RuleLane {
+    const head = this.peek(lane);
+    return {
+      window: lane.window,
+      span: lane.span + lane.lag,
+      inflight: lane.inflight,
+      next: head?.bytes,
+      nextInSpan: head !== undefined && lane.ledgerIndex.has(head.seq),
+      lastGrant: lane.lastGrantTick,
+    };
   }
 
   private free(grant: Grant): void {
