@@ -1,9 +1,11 @@
 // The `ferry` command line: replicate, checkpoints, verify, demo, local-cloud, serve.
 import { readFile } from 'node:fs/promises';
 import { Command, Option } from 'commander';
+import { uncheckableAggregate } from '../shared/engine/aggregate.ts';
 import { unknownSettings } from '../shared/engine/config.ts';
 import { ChangeMapError, ConfigError, errorMessage } from '../shared/engine/errors.ts';
 import { checkName } from '../shared/engine/names.ts';
+import type { AggregateAlgorithm } from '../shared/engine/ports.ts';
 import type { ReplicationResult } from '../shared/engine/replicate.ts';
 import { formatBytes, parseSize } from '../shared/engine/units.ts';
 import { verifyFileImage } from '../shared/local/file-target.ts';
@@ -135,16 +137,28 @@ program
       if (!cp) throw new ConfigError(`no checkpoint for set "${set}" in ${o.state}`, { setting: 'set' });
       const reports = [];
       for (const d of cp.disks) {
+        const named = { disk: d.disk, target: d.target, aggregate: d.aggregate };
+        if (!VERIFY_CHECKS.includes(d.aggregate.algorithm)) {
+          const check = { checkpoint: cp.id, disk: d.disk, verifier: 'ferry verify' };
+          reports.push({
+            ...named,
+            ok: false,
+            regions: 0,
+            mismatches: [],
+            unchecked: true,
+            reason: uncheckableAggregate(check, d.aggregate, VERIFY_CHECKS),
+          });
+          continue;
+        }
         if (d.target.startsWith('ferry://') && access !== undefined) {
           // The node re-hashes its image against its manifest and the checkpoint's reference.
           const remote = await verifyOnNode(d.target, d.targetRef, d.sizeBytes, access);
-          reports.push({ disk: d.disk, target: d.target, ...remote });
+          reports.push({ ...named, ...remote });
           continue;
         }
         if (!d.target.startsWith('file:')) {
           reports.push({
-            disk: d.disk,
-            target: d.target,
+            ...named,
             ok: false,
             regions: 0,
             mismatches: [],
@@ -154,7 +168,7 @@ program
           continue;
         }
         const report = await verifyFileImage(filePath(d.target, 'target'), d.targetRef);
-        reports.push({ disk: d.disk, target: d.target, ...report, unchecked: false, reason: '' });
+        reports.push({ ...named, ...report, unchecked: false, reason: '' });
       }
       return { cp, reports };
     });
@@ -453,6 +467,15 @@ function limitsFromFlags(o: Record<string, unknown>): Partial<NodeLimits> {
   }
   return limits;
 }
+
+/**
+ * The aggregates `ferry verify` stands behind. It re-hashes a Ferry target's image against the
+ * reference the target made when the engine committed the disk, a commit the engine (and a node,
+ * on its own) made only for chunks matching the ferry-chunk-sha256 aggregate. An aggregate of
+ * another algorithm was computed by another publisher over what this check never sees: it is
+ * reported as not checked, never compared.
+ */
+const VERIFY_CHECKS: readonly AggregateAlgorithm[] = ['ferry-chunk-sha256'];
 
 /** How `ferry verify` reaches ferry:// replicas: --join, $FERRY_JOIN, or --insecure; undefined for none. */
 function remoteAccess(o: Record<string, unknown>): { join?: string; insecure?: boolean } | undefined {

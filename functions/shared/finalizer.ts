@@ -5,7 +5,7 @@ import type { DynamoGrants, DynamoPlanLocks } from '../../shared/aws/dynamo/budg
 import { StateConflictError } from '../../shared/aws/dynamo/errors.ts';
 import type { JobStatus } from '../../shared/aws/dynamo/schema.ts';
 import type { DynamoStateStore } from '../../shared/aws/dynamo/state-store.ts';
-import { ebsLinearAggregate } from '../../shared/engine/aggregate.ts';
+import { aggregateProblem, ebsLinearAggregate } from '../../shared/engine/aggregate.ts';
 import { errorMessage } from '../../shared/engine/errors.ts';
 import type { CheckpointDisk, RecoveryCheckpoint } from '../../shared/engine/ports.ts';
 import type { AbortResult, CycleRef, FinalizeResult } from '../contracts.ts';
@@ -258,6 +258,18 @@ async function publishOnce(deps: FinalizerDeps, checkpoint: RecoveryCheckpoint):
       (c) => c.id === checkpoint.id && c.sequence === checkpoint.sequence,
     );
     if (mine === undefined) throw err;
+    // Ours only if it records what this validation computed, compared by the algorithm it names.
+    for (const d of checkpoint.disks) {
+      const recorded = mine.disks.find((r) => r.disk === d.disk);
+      const check = { checkpoint: checkpoint.id, disk: d.disk, verifier: 'the finalizer' };
+      const problem =
+        recorded === undefined
+          ? `checkpoint ${checkpoint.id} is published without disk ${d.disk}`
+          : aggregateProblem(check, recorded.aggregate, d.aggregate);
+      if (problem !== undefined) {
+        throw new CycleFailedError(`${problem}: it is not this cycle's publication`, { set: checkpoint.set });
+      }
+    }
     deps.log.info('checkpoint was already published by an earlier attempt', { checkpointId: checkpoint.id });
   }
 }
