@@ -128,8 +128,9 @@ function byFunction(u: Usage): Record<string, FunctionCounts> {
   return out;
 }
 
-function scaled<T extends object>(values: T, by: number): T {
-  return Object.fromEntries(Object.entries(values).map(([k, v]) => [k, (v as number) * by])) as T;
+/** Each value divided by `n` (per chunk, per GiB). */
+function per<T extends object>(values: T, n: number): T {
+  return Object.fromEntries(Object.entries(values).map(([k, v]) => [k, (v as number) / n])) as T;
 }
 
 /** The cycle's usage priced with `prices`. */
@@ -174,13 +175,13 @@ export function cycleCost(usage: Usage, work: CycleWork, prices: Prices = PRICES
     lambdaDurationSource: 'measured-local',
     ...(work.chunks > 0
       ? {
-          perChunk: scaled(counts, 1 / work.chunks),
+          perChunk: per(counts, work.chunks),
           perChunkByFunction: Object.fromEntries(
-            Object.entries(byFunction(usage)).map(([name, c]) => [name, scaled(c, 1 / work.chunks)]),
+            Object.entries(byFunction(usage)).map(([name, c]) => [name, per(c, work.chunks)]),
           ),
         }
       : {}),
-    ...(gib > 0 ? { perGiB: scaled(counts, 1 / gib), costPerGiB: scaled(costPerCycle, 1 / gib) } : {}),
+    ...(gib > 0 ? { perGiB: per(counts, gib), costPerGiB: per(costPerCycle, gib) } : {}),
     costPerCycle,
     ...(costPerCycle.ebsDirect > 0 ? { overheadRatio: costPerCycle.overhead / costPerCycle.ebsDirect } : {}),
   };

@@ -256,6 +256,14 @@ export function renderCostSection(m: Measurement, file: string): string {
       '',
       ...kinds.flatMap((p) => ['', bold(ratio(p.cost.overheadRatio))]),
     ],
+    [
+      'overhead ratio without the Step Functions transitions',
+      '',
+      ...kinds.flatMap((p) => {
+        const c = p.cost.costPerCycle;
+        return ['', ratio(c.ebsDirect > 0 ? (c.overhead - c.stepFunctions) / c.ebsDirect : undefined)];
+      }),
+    ],
   );
   const head = [
     'item',
