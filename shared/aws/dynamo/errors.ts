@@ -97,7 +97,9 @@ export function translateDynamoError(err: unknown, op: string, ctx: DynamoErrorC
     return new TransferError(`${where} failed (${name}), may succeed on retry`, { ...full, retryable: true });
   }
   // ValidationException and anything unknown: a defect in the request, not a passing condition.
-  return new TransferError(`${where} failed (${name})`, { ...full, retryable: false });
+  // Its message says what DynamoDB refused (never an item's data).
+  const detail = err instanceof Error && err.message !== '' ? `: ${err.message}` : '';
+  return new TransferError(`${where} failed (${name})${detail}`, { ...full, retryable: false });
 }
 
 /**
