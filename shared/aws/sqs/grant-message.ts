@@ -1,11 +1,18 @@
-// The SQS grant message: one descriptor of one disk leased to a worker, its wire schema and codec.
+// The SQS grant message: one descriptor of one disk for a writer, its wire schema and codec.
+//
+// Version 2 carries the cycle port's Grant (shared/engine/cycle/ports.ts): `{set, cycleId, disk,
+// descriptor, attempt, repair?}`, nothing leased. Version 1 is the lease-based GrantMessage that
+// functions/shared still sends; it goes with functions/shared. Each reader refuses the other version.
 import { z } from 'zod';
+import type { Grant } from '../../engine/cycle/ports.ts';
 import type { Descriptor } from '../../engine/descriptors.ts';
 import { type ErrorContext, FerryError } from '../../engine/errors.ts';
 import type { Extent } from '../../engine/extents.ts';
 
-/** Wire format version; a reader refuses any other rather than guess at its meaning. */
+/** Wire format version of GrantMessage (leases); a reader refuses any other rather than guess. */
 export const GRANT_MESSAGE_VERSION = 1;
+/** Wire format version of the cycle's Grant. */
+export const CYCLE_GRANT_VERSION = 2;
 
 // A 1 MiB descriptor of Azure 512 B pages, every other page changed, holds 512 extents; 1024 leaves
 // room for twice that and still keeps the worst-case body near 20 KiB. A denser change map must be
@@ -30,7 +37,10 @@ if (MAX_GRANT_MESSAGE_BYTES * SQS_MAX_BATCH_ENTRIES > SQS_BATCH_LIMIT_BYTES) {
   throw new Error('grant message limit does not let a full batch fit the SQS batch limit');
 }
 
-/** A grant as producers and consumers see it: which descriptor of which disk, under which lease. */
+/**
+ * The lease-based grant functions/shared sends (wire version 1).
+ * @deprecated the cycle sends the port's `Grant` (encodeCycleGrant); this goes with functions/shared.
+ */
 export interface GrantMessage {
   /** The replication set (protection plan) the disk belongs to. */
   readonly set: string;
@@ -64,11 +74,11 @@ const name = z
 const count = z.number().int().nonnegative();
 
 /**
- * Version 1 on the wire. `extents` is flat pairs `[start, length, start, length, ...]` with `start`
- * relative to `offset`: two short numbers per extent instead of an object with two absolute offsets.
+ * The fields both versions share. `extents` is flat pairs `[start, length, start, length, ...]` with
+ * `start` relative to `offset`: two short numbers per extent instead of an object with two absolute
+ * offsets.
  */
-const wireSchema = z.strictObject({
-  version: z.literal(GRANT_MESSAGE_VERSION),
+const wireDescriptor = {
   set: name,
   cycleId: name,
   disk: name,
@@ -81,12 +91,27 @@ const wireSchema = z.strictObject({
     .max(2 * MAX_GRANT_EXTENTS)
     .refine((a) => a.length % 2 === 0, 'must hold [start, length] pairs'),
   bytes: z.number().int().positive(),
+  attempt: z.number().int().positive(),
+};
+
+const wireSchema = z.strictObject({
+  version: z.literal(GRANT_MESSAGE_VERSION),
+  ...wireDescriptor,
   leaseId: name,
   leaseExpiresAt: count,
-  attempt: z.number().int().positive(),
 });
 
-type WireGrant = z.infer<typeof wireSchema>;
+/** Version 2: the cycle's Grant. `repair` is sent only when true. */
+const cycleWireSchema = z.strictObject({
+  version: z.literal(CYCLE_GRANT_VERSION),
+  ...wireDescriptor,
+  repair: z.literal(true).optional(),
+});
+
+type WireDescriptor = Pick<
+  z.infer<typeof wireSchema>,
+  'disk' | 'seq' | 'offset' | 'length' | 'extents' | 'bytes'
+>;
 
 function where(disk: unknown, seq: unknown): string {
   const d = typeof disk === 'string' && disk.length > 0 ? disk.slice(0, MAX_GRANT_NAME_LENGTH) : '(unknown)';
@@ -103,7 +128,7 @@ function refuse(disk: unknown, seq: unknown, why: string, cause?: unknown): Gran
 }
 
 /** The span and extent checks zod cannot express; shared by encode and decode so both refuse alike. */
-function checkExtents(w: WireGrant): Extent[] {
+function checkExtents(w: WireDescriptor): Extent[] {
   const spanEnd = w.offset + w.length;
   if (!Number.isSafeInteger(spanEnd)) throw refuse(w.disk, w.seq, `span ends beyond 2^53`);
   const extents: Extent[] = [];
@@ -141,45 +166,40 @@ function describeIssues(error: z.ZodError): string {
   return shown.join('; ') + more;
 }
 
-/**
- * Encodes a grant as a message body. Refuses (GrantMessageError) anything a reader would refuse,
- * and any body over MAX_GRANT_MESSAGE_BYTES, so a bad grant fails at the planner, not in a worker.
- */
-export function encodeGrant(grant: GrantMessage): string {
-  const d = grant.descriptor;
+function wireExtents(d: Descriptor): number[] {
   const extents: number[] = [];
   for (const e of d.extents) extents.push(e.offset - d.offset, e.length);
-  const wire = {
-    version: GRANT_MESSAGE_VERSION,
-    set: grant.set,
-    cycleId: grant.cycleId,
-    disk: grant.disk,
-    seq: d.seq,
-    offset: d.offset,
-    length: d.length,
-    extents,
-    bytes: d.bytes,
-    leaseId: grant.leaseId,
-    leaseExpiresAt: grant.leaseExpiresAt,
-    attempt: grant.attempt,
-  };
-  const parsed = wireSchema.safeParse(wire);
-  if (!parsed.success) throw refuse(grant.disk, d.seq, describeIssues(parsed.error), parsed.error);
+  return extents;
+}
+
+/** Validates the wire form and bounds its size; shared by both encoders. */
+function encodeWire<T extends WireDescriptor>(
+  schema: z.ZodType<T>,
+  wire: unknown,
+  disk: string,
+  seq: number,
+): string {
+  const parsed = schema.safeParse(wire);
+  if (!parsed.success) throw refuse(disk, seq, describeIssues(parsed.error), parsed.error);
   checkExtents(parsed.data);
   const body = JSON.stringify(parsed.data);
   const size = Buffer.byteLength(body, 'utf8');
   if (size > MAX_GRANT_MESSAGE_BYTES) {
     throw refuse(
-      grant.disk,
-      d.seq,
+      disk,
+      seq,
       `encodes to ${size} bytes, over the ${MAX_GRANT_MESSAGE_BYTES}-byte grant message limit`,
     );
   }
   return body;
 }
 
-/** Decodes and fully validates a message body; any defect is a GrantMessageError naming disk and seq. */
-export function decodeGrant(body: string): GrantMessage {
+/** Parses and fully validates a body of `version`; any defect is a GrantMessageError naming disk and seq. */
+function decodeWire<T extends WireDescriptor>(
+  schema: z.ZodType<T>,
+  version: number,
+  body: string,
+): { wire: T; descriptor: Descriptor } {
   if (Buffer.byteLength(body, 'utf8') > MAX_GRANT_MESSAGE_BYTES) {
     throw refuse(
       undefined,
@@ -195,24 +215,93 @@ export function decodeGrant(body: string): GrantMessage {
   }
   // Best effort, only to name the grant in the error: nothing read here is trusted.
   const loose = typeof raw === 'object' && raw !== null ? (raw as Record<string, unknown>) : {};
-  if (loose.version !== undefined && loose.version !== GRANT_MESSAGE_VERSION) {
+  if (loose.version !== undefined && loose.version !== version) {
     throw refuse(
       loose.disk,
       loose.seq,
-      `message version ${String(loose.version)} is not supported (this reader knows ${GRANT_MESSAGE_VERSION})`,
+      `message version ${String(loose.version)} is not supported (this reader knows ${version})`,
     );
   }
-  const parsed = wireSchema.safeParse(raw);
+  const parsed = schema.safeParse(raw);
   if (!parsed.success) throw refuse(loose.disk, loose.seq, describeIssues(parsed.error), parsed.error);
   const w = parsed.data;
   const extents = checkExtents(w);
+  return { wire: w, descriptor: { seq: w.seq, offset: w.offset, length: w.length, extents, bytes: w.bytes } };
+}
+
+/**
+ * Encodes a lease-based grant (version 1). Refuses (GrantMessageError) anything a reader would
+ * refuse, and any body over MAX_GRANT_MESSAGE_BYTES, so a bad grant fails at the planner, not in a
+ * worker.
+ * @deprecated use encodeCycleGrant
+ */
+export function encodeGrant(grant: GrantMessage): string {
+  const d = grant.descriptor;
+  const wire = {
+    version: GRANT_MESSAGE_VERSION,
+    set: grant.set,
+    cycleId: grant.cycleId,
+    disk: grant.disk,
+    seq: d.seq,
+    offset: d.offset,
+    length: d.length,
+    extents: wireExtents(d),
+    bytes: d.bytes,
+    leaseId: grant.leaseId,
+    leaseExpiresAt: grant.leaseExpiresAt,
+    attempt: grant.attempt,
+  };
+  return encodeWire(wireSchema, wire, grant.disk, d.seq);
+}
+
+/**
+ * Decodes and fully validates a version 1 body.
+ * @deprecated use decodeCycleGrant
+ */
+export function decodeGrant(body: string): GrantMessage {
+  const { wire: w, descriptor } = decodeWire(wireSchema, GRANT_MESSAGE_VERSION, body);
   return {
     set: w.set,
     cycleId: w.cycleId,
     disk: w.disk,
-    descriptor: { seq: w.seq, offset: w.offset, length: w.length, extents, bytes: w.bytes },
+    descriptor,
     leaseId: w.leaseId,
     leaseExpiresAt: w.leaseExpiresAt,
     attempt: w.attempt,
+  };
+}
+
+/**
+ * Encodes the cycle's grant (version 2). Refuses (GrantMessageError) anything a reader would refuse,
+ * and any body over MAX_GRANT_MESSAGE_BYTES, so a bad grant fails at the sender, not in a writer.
+ */
+export function encodeCycleGrant(grant: Grant): string {
+  const d = grant.descriptor;
+  const wire = {
+    version: CYCLE_GRANT_VERSION,
+    set: grant.set,
+    cycleId: grant.cycleId,
+    disk: grant.disk,
+    seq: d.seq,
+    offset: d.offset,
+    length: d.length,
+    extents: wireExtents(d),
+    bytes: d.bytes,
+    attempt: grant.attempt,
+    ...(grant.repair === true ? { repair: true } : {}),
+  };
+  return encodeWire(cycleWireSchema, wire, grant.disk, d.seq);
+}
+
+/** Decodes and strictly validates a version 2 body: an unknown field or another version is refused. */
+export function decodeCycleGrant(body: string): Grant {
+  const { wire: w, descriptor } = decodeWire(cycleWireSchema, CYCLE_GRANT_VERSION, body);
+  return {
+    set: w.set,
+    cycleId: w.cycleId,
+    disk: w.disk,
+    descriptor,
+    attempt: w.attempt,
+    ...(w.repair === true ? { repair: true } : {}),
   };
 }

@@ -105,12 +105,12 @@ export interface EntryFailure {
  * Some grants were not sent. `unsent` are exactly the grants not confirmed by SQS (those of later
  * batches included); retry with them, not with the whole list, or the sent ones are duplicated.
  */
-export class GrantSendError extends TransferError {
-  readonly unsent: readonly GrantMessage[];
+export class GrantSendError<G = GrantMessage> extends TransferError {
+  readonly unsent: readonly G[];
 
   constructor(
     message: string,
-    ctx: ErrorContext & { retryable: boolean; throttled?: boolean; unsent: readonly GrantMessage[] },
+    ctx: ErrorContext & { retryable: boolean; throttled?: boolean; unsent: readonly G[] },
   ) {
     super(message, ctx);
     this.name = 'GrantSendError';
@@ -259,6 +259,94 @@ function* batches<T>(items: readonly T[], size: number): Generator<T[]> {
   for (let i = 0; i < items.length; i += size) yield items.slice(i, i + size);
 }
 
+/** What a batch sender needs of a grant to name it in an error. */
+export interface Named {
+  readonly disk: string;
+  readonly descriptor: { readonly seq: number };
+}
+
+/** Why sending stopped: a TransferError's context, with the message naming the first grant not sent. */
+export interface SendFailure {
+  readonly message: string;
+  readonly retryable: boolean;
+  readonly throttled: boolean;
+  readonly disk?: string | undefined;
+  readonly seq?: number | undefined;
+  readonly cause?: unknown;
+}
+
+/**
+ * Sends encoded grants with SendMessageBatch, 10 per request, in order. Entries that fail server-side
+ * are retried on their own (`entryAttempts` rounds); sending stops at a whole-call failure, a
+ * sender-fault entry or exhausted retries, and `unsent` then lists exactly the grants not confirmed
+ * (those of later batches included). Shared by GrantQueue and SqsGrantChannel.
+ */
+export async function sendGrantBodies<G extends Named>(
+  client: SQSClient,
+  queueUrl: string,
+  bodies: readonly { grant: G; body: string }[],
+  opts: {
+    entryAttempts: number;
+    backoff: (attempt: number) => Promise<void>;
+    signal?: AbortSignal | undefined;
+  },
+): Promise<{ unsent: G[]; failure?: SendFailure }> {
+  const chunks = [...batches(bodies, SQS_MAX_BATCH_ENTRIES)];
+  for (const [n, chunk] of chunks.entries()) {
+    const later = chunks.slice(n + 1).flatMap((c) => c.map((b) => b.grant));
+    // Ids are positions in the chunk, so a failed entry maps straight back to its grant.
+    let pending = chunk.map((b, i) => ({ ...b, id: `g${i}` }));
+    for (let attempt = 1; ; attempt++) {
+      const entries: SendMessageBatchRequestEntry[] = pending.map((p) => ({ Id: p.id, MessageBody: p.body }));
+      let failed: BatchResultErrorEntry[];
+      try {
+        const out = await client.send(new SendMessageBatchCommand({ QueueUrl: queueUrl, Entries: entries }), {
+          abortSignal: opts.signal,
+        });
+        failed = out.Failed ?? [];
+      } catch (err) {
+        const t = translateSqsError(err, queueUrl, 'SendMessageBatch', opts.signal);
+        if (!(t instanceof TransferError)) throw t;
+        return {
+          unsent: [...pending.map((p) => p.grant), ...later],
+          failure: {
+            message: `${pending.length + later.length} grant(s) not sent: ${t.message}`,
+            retryable: t.retryable,
+            throttled: t.throttled,
+            cause: t,
+          },
+        };
+      }
+      if (failed.length === 0) break;
+      const failedIds = new Map(failed.map((f) => [f.Id, f]));
+      const retry = pending.filter((p) => failedIds.has(p.id));
+      const senderFault = failed.find((f) => f.SenderFault !== false);
+      if (senderFault !== undefined || attempt >= opts.entryAttempts) {
+        const first = retry[0]?.grant;
+        const f = senderFault ?? failed[0]!;
+        const code = f.Code ?? 'unknown';
+        const why =
+          senderFault !== undefined
+            ? `refused by SQS (${code})`
+            : `still failing after ${attempt} attempts (${code})`;
+        return {
+          unsent: [...retry.map((p) => p.grant), ...later],
+          failure: {
+            message: `${retry.length} grant(s) ${why}, first disk ${first?.disk} seq ${first?.descriptor.seq}, queue ${queueUrl}`,
+            retryable: senderFault === undefined,
+            throttled: senderFault === undefined && isThrottleCode(code),
+            disk: first?.disk,
+            seq: first?.descriptor.seq,
+          },
+        };
+      }
+      pending = retry;
+      await opts.backoff(attempt);
+    }
+  }
+  return { unsent: [] };
+}
+
 /** A grant queue: one SQS standard queue (with a DLQ) carrying GrantMessages. */
 export class GrantQueue {
   private readonly entryAttempts: number;
@@ -283,60 +371,22 @@ export class GrantQueue {
    */
   async sendGrants(grants: readonly GrantMessage[], signal?: AbortSignal): Promise<void> {
     const bodies = grants.map((grant) => ({ grant, body: encodeGrant(grant) }));
-    const chunks = [...batches(bodies, SQS_MAX_BATCH_ENTRIES)];
-    for (const [n, chunk] of chunks.entries()) {
-      const later = chunks.slice(n + 1).flatMap((c) => c.map((b) => b.grant));
-      // Ids are positions in the chunk, so a failed entry maps straight back to its grant.
-      let pending = chunk.map((b, i) => ({ ...b, id: `g${i}` }));
-      for (let attempt = 1; ; attempt++) {
-        const entries: SendMessageBatchRequestEntry[] = pending.map((p) => ({
-          Id: p.id,
-          MessageBody: p.body,
-        }));
-        let failed: BatchResultErrorEntry[];
-        try {
-          const out = await this.client.send(
-            new SendMessageBatchCommand({ QueueUrl: this.queueUrl, Entries: entries }),
-            { abortSignal: signal },
-          );
-          failed = out.Failed ?? [];
-        } catch (err) {
-          const t = translateSqsError(err, this.queueUrl, 'SendMessageBatch', signal);
-          if (!(t instanceof TransferError)) throw t;
-          throw new GrantSendError(`${pending.length + later.length} grant(s) not sent: ${t.message}`, {
-            retryable: t.retryable,
-            throttled: t.throttled,
-            cause: t,
-            unsent: [...pending.map((p) => p.grant), ...later],
-          });
-        }
-        if (failed.length === 0) break;
-        const failedIds = new Map(failed.map((f) => [f.Id, f]));
-        const retry = pending.filter((p) => failedIds.has(p.id));
-        const senderFault = failed.find((f) => f.SenderFault !== false);
-        if (senderFault !== undefined || attempt >= this.entryAttempts) {
-          const first = retry[0]?.grant;
-          const f = senderFault ?? failed[0]!;
-          const code = f.Code ?? 'unknown';
-          const why =
-            senderFault !== undefined
-              ? `refused by SQS (${code})`
-              : `still failing after ${attempt} attempts (${code})`;
-          throw new GrantSendError(
-            `${retry.length} grant(s) ${why}, first disk ${first?.disk} seq ${first?.descriptor.seq}, queue ${this.queueUrl}`,
-            {
-              retryable: senderFault === undefined,
-              throttled: senderFault === undefined && isThrottleCode(code),
-              disk: first?.disk,
-              seq: first?.descriptor.seq,
-              unsent: [...retry.map((p) => p.grant), ...later],
-            },
-          );
-        }
-        pending = retry;
-        await this.backoff(attempt, signal);
-      }
+    const out = await this.sendBodies(bodies, signal);
+    if (out.failure !== undefined) {
+      throw new GrantSendError(out.failure.message, { ...out.failure, unsent: out.unsent });
     }
+  }
+
+  /** Sends bodies already encoded (sendGrantBodies with this queue's retry settings). */
+  sendBodies<G extends Named>(
+    bodies: readonly { grant: G; body: string }[],
+    signal?: AbortSignal,
+  ): Promise<{ unsent: G[]; failure?: SendFailure }> {
+    return sendGrantBodies(this.client, this.queueUrl, bodies, {
+      entryAttempts: this.entryAttempts,
+      backoff: (attempt) => this.backoff(attempt, signal),
+      signal,
+    });
   }
 
   /** One long poll. Malformed messages are returned apart, never thrown for the whole batch. */
