@@ -70,6 +70,8 @@ export interface WorldOptions {
   readonly maxGrantsPerTick?: number;
   readonly stuckTicks?: number;
   readonly concurrency?: number;
+  /** The largest descriptor of the test's cycles (the span check allows one into an empty span). */
+  readonly maxChunk?: number;
 }
 
 /** Everything a cycle runs on, shared by the cycles of a test (one node). */
@@ -102,14 +104,47 @@ export class World {
     this.queue = new MemoryGrantQueue(this.clock, { random: this.random, ...opts.queue });
     this.ebs = new MemorySnapshots(this.clock, opts.snapshots);
     this.plannerPages = new DescriptorCache(this.ledger);
-    this.flow.onWrite = () => this.check();
+    this.flow.onWrite = (key) => {
+      this.checkGrants(key);
+      this.check();
+    };
     this.budget.onWrite = () => this.check();
+  }
+
+  private readonly granted = new Map<string, number>();
+
+  /**
+   * A write that granted (moved the cursor) kept the disk inside its window and its allowance: the
+   * span at most the window (or one chunk into an empty span), in flight at most the allowance in
+   * force. A write that only counted or set controls is not held to it (a window may shrink below
+   * what is in flight; then nothing is granted until it drains).
+   */
+  private checkGrants(key: { set: string; disk: string; cycleId: string }): void {
+    const state = this.flow.peek(key);
+    if (state === undefined) return;
+    const id = `${key.set}/${key.disk}/${key.cycleId}`;
+    const before = this.granted.get(id) ?? 0;
+    this.granted.set(id, state.grantedBytes);
+    if (state.grantedBytes <= before) return;
+    const span = state.grantedBytes - state.lowBytes;
+    const chunk = this.opts.maxChunk ?? MiB;
+    if (span > Math.max(state.window, chunk)) {
+      this.violations.push(`disk ${key.disk}: granted to a span of ${span} past its window ${state.window}`);
+    }
+    const cap = this.clock.now() < state.allowanceUntil ? state.allowance : 0;
+    if (inflightOf(state) > cap) {
+      this.violations.push(
+        `disk ${key.disk}: granted to ${inflightOf(state)} in flight past its allowance ${cap}`,
+      );
+    }
   }
 
   /**
    * The node budget holds at every step: live reservations sum to at most the budget; allowances in
-   * force sum to at most the budget and, per cycle, to at most that cycle's reservation; in-flight
-   * bytes of open flows sum to at most the budget and each flow's to at most its allowance when set.
+   * force sum to at most the budget and, per cycle, to at most that cycle's reservation; the
+   * in-flight bytes of a cycle's open flows are at most its live reservation. A cycle without one
+   * (its planner died and the reservation expired) is not counted: its grants are the lost ones the
+   * expiry gives back, and it can grant no more (its allowances lapsed with the reservation).
    */
   check(): void {
     const now = this.clock.now();
@@ -119,25 +154,32 @@ export class World {
       this.violations.push(`reservations ${reserved} > budget ${this.nodeBudget}`);
     let allowances = 0;
     let inflight = 0;
-    const perCycle = new Map<string, number>();
+    const allowed = new Map<string, number>();
+    const carried = new Map<string, number>();
     for (const { key, state } of this.flow.all()) {
       const inForce = now < state.allowanceUntil ? state.allowance : 0;
       allowances += inForce;
       const holder = `${key.set}/${key.cycleId}`;
-      perCycle.set(holder, (perCycle.get(holder) ?? 0) + inForce);
-      if (!state.open) continue;
-      inflight += inflightOf(state);
+      allowed.set(holder, (allowed.get(holder) ?? 0) + inForce);
       if (inflightOf(state) < 0) this.violations.push(`disk ${key.disk}: in flight ${inflightOf(state)} < 0`);
       if (state.low > state.next)
         this.violations.push(`disk ${key.disk}: low ${state.low} > next ${state.next}`);
+      if (!state.open || !live.has(holder)) continue;
+      inflight += inflightOf(state);
+      carried.set(holder, (carried.get(holder) ?? 0) + inflightOf(state));
     }
     this.peakInflight = Math.max(this.peakInflight, inflight);
     if (allowances > this.nodeBudget)
       this.violations.push(`allowances ${allowances} > budget ${this.nodeBudget}`);
     if (inflight > this.nodeBudget) this.violations.push(`in flight ${inflight} > budget ${this.nodeBudget}`);
-    for (const [holder, sum] of perCycle) {
+    for (const [holder, sum] of allowed) {
       if (sum > (live.get(holder) ?? 0)) {
         this.violations.push(`cycle ${holder}: allowances ${sum} > its reservation ${live.get(holder) ?? 0}`);
+      }
+    }
+    for (const [holder, sum] of carried) {
+      if (sum > (live.get(holder) ?? 0)) {
+        this.violations.push(`cycle ${holder}: in flight ${sum} > its reservation ${live.get(holder) ?? 0}`);
       }
     }
   }
@@ -329,7 +371,7 @@ export async function diffAll(world: World, ref: CycleRef, remainingMs?: () => n
   }
 }
 
-/** Receives and writes batches until the queue has nothing visible (bounded). */
+/** Receives and writes batches until the next tick is due or the queue has nothing visible. */
 export async function writeRound(
   world: World,
   opts: DriveOptions,
@@ -337,7 +379,9 @@ export async function writeRound(
 ): Promise<{ batches: BatchResult[]; killed: number }> {
   const batches: BatchResult[] = [];
   let killed = 0;
-  for (let round = 0; round < 200 && world.queue.hasVisible(); round++) {
+  // Writers run until the state machine's next tick is due (or nothing is left to receive).
+  const until = world.clock.now() + (opts.tickEveryMs ?? 1000);
+  for (let round = 0; round < 200 && world.queue.hasVisible() && world.clock.now() < until; round++) {
     const running: Promise<void>[] = [];
     for (let p = 0; p < (opts.parallel ?? 2); p++) {
       const records = world.queue.receive(opts.batchSize ?? 10);
@@ -376,33 +420,65 @@ export async function driveCycle(
 
 /** Ticks, writer rounds and finalize for a prepared and diffed cycle. */
 export async function driveFrom(world: World, ref: CycleRef, opts: DriveOptions = {}): Promise<DriveResult> {
-  const ticks: TickResult[] = [];
+  return (await driveAll(world, [ref], opts))[0]!;
+}
+
+/**
+ * Several prepared and diffed cycles at once on one node: each round ticks every cycle still
+ * running (finalizing or aborting the ones that end), then writer batches drain the shared queue,
+ * then virtual time moves on by `tickEveryMs`.
+ */
+export async function driveAll(
+  world: World,
+  refs: readonly CycleRef[],
+  opts: DriveOptions = {},
+): Promise<DriveResult[]> {
+  const runs = refs.map((ref) => ({
+    ref,
+    ticks: [] as TickResult[],
+    finalized: undefined as FinalizeResult | undefined,
+    aborted: undefined as string | undefined,
+    over: false,
+  }));
   const batches: BatchResult[] = [];
   let killed = 0;
   const warm = world.container();
   for (let i = 0; i < (opts.maxTicks ?? 500); i++) {
-    const t = await tick(world.tickDeps(), ref);
-    ticks.push(t);
-    opts.afterTick?.(t);
-    if (t.status === 'done') {
-      for (let w = 0; w < 20; w++) {
-        const f = await finalize(world.finalizeDeps(), ref);
-        if (f.status === 'published') return { ref, ticks, finalized: f, batches, killed };
-        await world.clock.sleep(30_000);
+    for (const run of runs) {
+      if (run.over) continue;
+      const t = await tick(world.tickDeps(), run.ref);
+      run.ticks.push(t);
+      opts.afterTick?.(t);
+      if (t.status === 'done') {
+        for (let w = 0; w < 20 && run.finalized?.status !== 'published'; w++) {
+          run.finalized = await finalize(world.finalizeDeps(), run.ref);
+          if (run.finalized.status !== 'published') await world.clock.sleep(30_000);
+        }
+        if (run.finalized?.status !== 'published') throw new Error('finalize never published');
+        run.over = true;
+      } else if (t.status === 'failed' || t.status === 'stuck') {
+        run.aborted = t.reason ?? t.status;
+        await abort(world.finalizeDeps(), run.ref, run.aborted);
+        run.over = true;
       }
-      throw new Error('finalize never published');
     }
-    if (t.status === 'failed' || t.status === 'stuck') {
-      const reason = t.reason ?? t.status;
-      await abort(world.finalizeDeps(), ref, reason);
-      return { ref, ticks, aborted: reason, batches, killed };
+    if (runs.every((r) => r.over)) {
+      return runs.map((r) => ({
+        ref: r.ref,
+        ticks: r.ticks,
+        finalized: r.finalized,
+        aborted: r.aborted,
+        batches,
+        killed,
+      }));
     }
+    const next = world.clock.now() + (opts.tickEveryMs ?? 1000);
     const r = await writeRound(world, opts, warm);
     batches.push(...r.batches);
     killed += r.killed;
-    await world.clock.sleep(opts.tickEveryMs ?? 1000);
+    await world.clock.sleep(Math.max(0, next - world.clock.now()));
   }
-  throw new Error(`cycle ${ref.cycleId} did not finish in ${opts.maxTicks ?? 500} ticks`);
+  throw new Error(`cycles did not finish in ${opts.maxTicks ?? 500} ticks`);
 }
 
 /** A disk's blocks for a cycle input: the source snapshot's id. */

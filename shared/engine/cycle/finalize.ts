@@ -124,7 +124,9 @@ export async function finalize(deps: FinalizeDeps, ref: CycleRef): Promise<Final
     cycle = (await ledger.updateCycle(set, cycleId, { state: 'finalizing' }, ['active'])) ?? cycle;
     await moveJob(deps, set, cycleId, 'finalizing');
   }
-  for (const d of disks) await deps.flow.control({ set, disk: d.disk, cycleId }, { open: false });
+  // Closed with no allowance: the node reservation behind it is given back below.
+  for (const d of disks)
+    await deps.flow.control({ set, disk: d.disk, cycleId }, { open: false, allowance: 0 });
   disks = await Promise.all(
     disks.map(async (d) =>
       d.state === 'active'
@@ -373,7 +375,7 @@ export async function abort(deps: FinalizeDeps, ref: CycleRef, reason: string): 
       const rec = await ledger.getDisk(set, disk, cycleId);
       if (rec === undefined) continue;
       // A prepare that stopped between the disk record and its flow leaves no flow to close.
-      await deps.flow.control({ set, disk, cycleId }, { open: false }).catch((err: unknown) => {
+      await deps.flow.control({ set, disk, cycleId }, { open: false, allowance: 0 }).catch((err: unknown) => {
         deps.log.warn('flow not closed', { disk, error: errorMessage(err) });
       });
       if (rec.state !== 'aborted') await ledger.updateDisk(set, disk, cycleId, { state: 'aborted' });
