@@ -14,7 +14,8 @@ import { DynamoGrantFlow, FlowMissingError, seqKey } from '../../shared/aws/dyna
 import { itemSize, writeUnits } from '../../shared/aws/dynamo/items.ts';
 import { DynamoNodeBudget } from '../../shared/aws/dynamo/node-budget.ts';
 import { DynamoPlanLocks } from '../../shared/aws/dynamo/plan-locks.ts';
-import type { FlowKey } from '../../shared/engine/cycle/ports.ts';
+import { DynamoStateStore } from '../../shared/aws/dynamo/state-store.ts';
+import type { CycleCatalog, FlowKey } from '../../shared/engine/cycle/ports.ts';
 import {
   completion,
   cycleLedgerContract,
@@ -39,6 +40,9 @@ afterAll(async () => {
   meter?.client.destroy();
   await db?.stop();
 });
+
+// The catalog port is DynamoStateStore as it is (structurally): this stops compiling if they drift.
+const asCatalog = (store: DynamoStateStore): CycleCatalog => store;
 
 cycleLedgerContract(
   'dynamodb (dynalite)',
@@ -480,6 +484,27 @@ describe('DynamoCycleLedger costs and layout', () => {
       }),
     );
     expect(out.Items?.map((i) => i.sk)).toEqual(['CYCLE#c%231', 'DONE#c%231#batch%231', 'FLOW#c%231']);
+  });
+});
+
+describe('DynamoStateStore as the CycleCatalog port', () => {
+  it('creates a job once and moves it only from the status it is in', async () => {
+    const catalog = asCatalog(new DynamoStateStore(db.doc, await db.createTable()));
+    const job = {
+      set: 'finance',
+      cycleId: 'c1',
+      plan: 'plan-finance',
+      status: 'replicating' as const,
+      startedAt: '2024-06-01T00:00:00.000Z',
+      updatedAt: '2024-06-01T00:00:00.000Z',
+    };
+    await catalog.createJob(job);
+    await expect(catalog.createJob(job)).rejects.toThrow(/already exists/);
+    await catalog.updateJobStatus('finance', 'c1', 'replicating', 'finalizing', '2024-06-01T01:00:00.000Z');
+    await expect(
+      catalog.updateJobStatus('finance', 'c1', 'replicating', 'failed', '2024-06-01T02:00:00.000Z'),
+    ).rejects.toThrow(/not replicating/);
+    expect((await catalog.getJob('finance', 'c1'))?.status).toBe('finalizing');
   });
 });
 

@@ -21,7 +21,7 @@ import {
   type CycleRecord,
   DISK_KINDS,
 } from '../../engine/cycle/ports.ts';
-import type { Key } from './schema.ts';
+import { diskPk, type Key, keys } from './schema.ts';
 
 /** The attribute (epoch seconds) DynamoDB's TTL deletes pages, completions and signals by. */
 export const TTL_ATTRIBUTE = 'expiresAt';
@@ -33,11 +33,9 @@ export const SIGNAL_RETENTION_SECONDS = 24 * 60 * 60;
 
 const enc = (id: string): string => encodeURIComponent(id);
 const pad = (n: number, width: number): string => String(n).padStart(width, '0');
-// The same partition as schema.ts's per-disk items (`keys.progress(set, disk).pk`).
-const diskPk = (set: string, disk: string): string => `DISK#${enc(set)}#${enc(disk)}`;
 
 export const cycleKeys = {
-  cycle: (set: string, cycleId: string): Key => ({ pk: `SET#${enc(set)}`, sk: `CYCLE#${enc(cycleId)}` }),
+  cycle: (set: string, cycleId: string): Key => ({ pk: keys.set(set).pk, sk: `CYCLE#${enc(cycleId)}` }),
   disk: (set: string, disk: string, cycleId: string): Key => ({
     pk: diskPk(set, disk),
     sk: `CYCLE#${enc(cycleId)}`,

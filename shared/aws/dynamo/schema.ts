@@ -20,6 +20,11 @@
 //   node budget counter      BUDGET#<node>                   BUDGET
 //   plan lock                PLAN#<plan>                     LOCK
 //
+// The serverless cycle's items (cycle, disk of a cycle, descriptor pages, completion batches,
+// signals, grant flow, node reservations) share this table and the disk partitions above: their
+// keys and layout are in cycle-items.ts. Window state, grant leases, the node budget counter and the
+// lease GSI belong to functions/shared's lease design and go with it.
+//
 // Why this partitioning:
 // - Everything one disk touches per chunk (window reservation, grant lease, progress, digests)
 //   lives in that disk's own partition, so disks do not share a partition's ~1,000 writes/s and a
@@ -139,7 +144,8 @@ export const keys = {
 /** GSI partition of a set's grant leases. */
 export const leaseScope = (set: string): string => `LEASES#${enc(set)}`;
 
-function diskPk(set: string, disk: string): string {
+/** The partition of everything one disk of a set touches (progress, digests, and the cycle's items). */
+export function diskPk(set: string, disk: string): string {
   return `DISK#${enc(set)}#${enc(disk)}`;
 }
 
