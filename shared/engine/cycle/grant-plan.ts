@@ -81,10 +81,12 @@ export interface PreparedLane {
 
 /**
  * The flow as a lane of the grant rule. Waiting re-grants come first and lie inside the span; their
- * bytes are still counted in flight by the record (granted, never completed), so the lane leaves
- * them out of `inflight` and granting them adds them back: after any plan, the lane's in-flight bytes
- * are exactly what the record will derive. `bytesOf` gives a seq's descriptor bytes, or undefined
- * when not loaded: the lane's work stops there. `total` is the disk's descriptor count.
+ * bytes are still counted in flight by the record (granted, never completed), and granting them
+ * again changes no count. So the lane carries the record's in-flight bytes whole, and a re-grant
+ * weighs 0 bytes in the rule: it goes while the record's in-flight bytes are within the allowance,
+ * and after any plan the lane's in-flight bytes are exactly what the record will derive. `bytesOf`
+ * gives a seq's descriptor bytes, or undefined when not loaded: the lane's work stops there. `total`
+ * is the disk's descriptor count.
  */
 export function prepareLane(
   s: FlowState,
@@ -101,7 +103,6 @@ export function prepareLane(
     if (seq < low || s.done.has(seq) || (r.at === undefined && seq >= s.next)) dropRegrants.push(seq);
   }
   const upcoming: SeqGrant[] = [];
-  let waitingBytes = 0;
   let blocked = false;
   for (const w of waitingRegrants(s, low)) {
     const bytes = bytesOf(w.seq);
@@ -110,7 +111,6 @@ export function prepareLane(
       break;
     }
     upcoming.push({ seq: w.seq, attempt: w.attempt, bytes });
-    waitingBytes += bytes;
   }
   const inSpan = upcoming.length;
   if (s.open && !blocked) {
@@ -123,8 +123,8 @@ export function prepareLane(
   const lane: LaneQueue = {
     window: s.window,
     span: s.grantedBytes - lowBytes,
-    inflight: inflightOf(s) - waitingBytes,
-    upcoming: s.open ? upcoming.map((u) => u.bytes) : [],
+    inflight: inflightOf(s),
+    upcoming: s.open ? upcoming.map((u, i) => (i < inSpan ? 0 : u.bytes)) : [],
     inSpan,
     lastGrant,
     cap: capAt(s, now),
@@ -134,18 +134,22 @@ export function prepareLane(
 
 /** What held the lane back after `count` grants: its window, its allowance (`budget`), or nothing. */
 export function limitOf(p: PreparedLane, count: number): Limit {
-  const taken = p.upcoming.slice(0, count);
-  const added = taken.reduce((sum, g) => sum + g.bytes, 0);
-  const inSpan = Math.min(count, p.lane.inSpan ?? 0);
-  const spanAdded = taken.slice(inSpan).reduce((sum, g) => sum + g.bytes, 0);
-  const next = p.lane.upcoming[count];
+  const weights = p.lane.upcoming;
+  const inSpan = p.lane.inSpan ?? 0;
+  let added = 0;
+  let spanAdded = 0;
+  for (let i = 0; i < count; i++) {
+    added += weights[i] ?? 0;
+    if (i >= inSpan) spanAdded += weights[i] ?? 0;
+  }
+  const next = weights[count];
   if (next === undefined) return 'none';
   const view: Lane = {
     window: p.lane.window,
     span: p.lane.span + spanAdded,
     inflight: p.lane.inflight + added,
     next,
-    nextInSpan: count < (p.lane.inSpan ?? 0),
+    nextInSpan: count < inSpan,
     lastGrant: p.lane.lastGrant,
     cap: p.lane.cap,
   };
