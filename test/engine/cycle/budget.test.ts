@@ -127,12 +127,5 @@ describe('the request budget', () => {
     const reads = world.ledger.calls.reads + world.flow.calls.reads;
     expect(writes / chunks).toBeLessThanOrEqual(3);
     expect(reads / chunks).toBeLessThanOrEqual(2);
-    console.info(
-      `per chunk: ${(writes / chunks).toFixed(2)} writes, ${(reads / chunks).toFixed(2)} reads`,
-      Object.fromEntries([
-        ...world.ledger.calls.byMethod,
-        ...[...world.flow.calls.byMethod].map(([k, v]) => [`flow.${k}`, v]),
-      ]),
-    );
   });
 });

@@ -1,0 +1,225 @@
+// The cycle's steps one by one on the memory fakes: prepare (idempotent, refusing an overlapping
+// cycle or a cycle id that already ran), the differ (resumable, refusing a listing past the volume
+// or of another size), and the tick's own judgements (a lost plan lock, a descriptor that used up its
+// grants, seqs the ledger lacks written again).
+import { describe, expect, it } from 'vitest';
+import { runDiffer } from '../../../shared/engine/cycle/differ.ts';
+import { CycleStateError, PlanBusyError } from '../../../shared/engine/cycle/errors.ts';
+import { finalize } from '../../../shared/engine/cycle/finalize.ts';
+import { MAX_GRANT_ATTEMPTS } from '../../../shared/engine/cycle/grant-plan.ts';
+import { prepare } from '../../../shared/engine/cycle/prepare.ts';
+import { tick } from '../../../shared/engine/cycle/tick.ts';
+import { ChangeMapError } from '../../../shared/engine/errors.ts';
+import { sameImage } from '../../support/cycle-fakes.ts';
+import {
+  BLOCK,
+  blockOf,
+  diffAll,
+  driveCycle,
+  input,
+  World,
+  writeRound,
+} from '../../support/cycle-harness.ts';
+
+function run(count: number, from = 0): Map<number, Uint8Array> {
+  const m = new Map<number, Uint8Array>();
+  for (let i = 0; i < count; i++) m.set(from + i, blockOf(from + i));
+  return m;
+}
+
+describe('prepare', () => {
+  it('is idempotent for one cycle id', async () => {
+    const world = new World();
+    const cycle = input(world, 'c1', { a: run(8), b: run(4) });
+
+    const first = await prepare(world.prepareDeps(), cycle);
+    const again = await prepare(world.prepareDeps(), cycle);
+
+    expect(again).toEqual(first);
+    expect(world.ebs.targets.size).toBe(2);
+    expect(world.catalog.jobs.size).toBe(1);
+    expect(world.flow.all()).toHaveLength(2);
+    const target = [...world.ebs.targets.values()][0]!;
+    expect(target.tags).toMatchObject({
+      'ferry:stack': 'test',
+      'ferry:role': 'target',
+      'ferry:set': 'set-a',
+      'ferry:cycle': 'c1',
+    });
+    // No allowance before the first tick has reserved node budget.
+    expect(world.flow.all().every((f) => f.state.allowance === 0 && f.state.window === 4 * 1024 * 1024)).toBe(
+      true,
+    );
+  });
+
+  it('refuses a second cycle of the same plan while the first holds the lock', async () => {
+    const world = new World();
+    await prepare(world.prepareDeps(), input(world, 'c1', { a: run(2) }));
+
+    const err = await prepare(world.prepareDeps(), input(world, 'c2', { a: run(2) })).catch(
+      (e: unknown) => e,
+    );
+
+    expect(err).toBeInstanceOf(PlanBusyError);
+    expect((err as PlanBusyError).holder).toBe('cycle:c1');
+    expect((err as Error).message).toMatch(
+      /plan plan-a is busy: its lock is held by cycle:c1 until 2026-01-01T01:00:00.000Z/,
+    );
+  });
+
+  it('refuses a cycle id that already ran', async () => {
+    const world = new World();
+    const a = run(4);
+    const cycle = input(world, 'c1', { a });
+    await driveCycle(world, cycle);
+
+    await expect(prepare(world.prepareDeps(), cycle)).rejects.toThrow(
+      /cycle c1 of set set-a already ran \(job published\)/,
+    );
+  });
+});
+
+describe('the differ', () => {
+  it('resumes where it stopped before its deadline and cuts the same descriptors', async () => {
+    // Prepare: the same disk diffed in one go and in invocations that stop after every page.
+    const blocks = new Map([...run(30), ...run(20, 400), ...run(5, 1500)]);
+    const once = new World({ maxDescriptorsPerPage: 4, snapshots: { listPageBlocks: 3 } });
+    const refOnce = await prepare(once.prepareDeps(), input(once, 'c1', { a: blocks }));
+    await diffAll(once, refOnce);
+    const parts = new World({ maxDescriptorsPerPage: 4, snapshots: { listPageBlocks: 3 } });
+    const refParts = await prepare(parts.prepareDeps(), input(parts, 'c1', { a: blocks }));
+
+    // Act: no time left after the first stored page, every time.
+    let calls = 0;
+    for (;;) {
+      calls++;
+      const r = await runDiffer(
+        parts.differDeps(() => 0),
+        refParts.disks[0]!,
+      );
+      if (r.done) break;
+    }
+
+    // Assess
+    expect(calls).toBeGreaterThan(3);
+    const pages = (w: World) => [...w.ledger.pages.values()].flat().map(({ tokens: _, ...d }) => d);
+    expect(pages(parts)).toEqual(pages(once));
+    const rec = [...parts.ledger.disks.values()][0]!;
+    expect(rec).toMatchObject({ diffDone: true, descriptors: 28, diffBlocks: 55, diffBytes: 55 * BLOCK });
+  });
+
+  it('refuses a listed block past the end of the volume', async () => {
+    const world = new World();
+    // A 1 GiB volume has blocks 0 to 2047.
+    const ref = await prepare(world.prepareDeps(), input(world, 'c1', { a: new Map([[2048, blockOf(1)]]) }));
+
+    const err = await runDiffer(world.differDeps(), ref.disks[0]!).catch((e: unknown) => e);
+
+    expect(err).toBeInstanceOf(ChangeMapError);
+    expect((err as Error).message).toMatch(
+      /change map of disk a: listing of snapshot snap-\w+ returned block 2048 at offset 1073741824 with length 524288, past the end of the disk \(1 GiB: 1073741824 bytes, blocks 0 to 2047\)/,
+    );
+  });
+
+  it('refuses a source snapshot of another size than the cycle was prepared for', async () => {
+    const world = new World();
+    const source = world.ebs.source(run(2), 2);
+    const ref = await prepare(world.prepareDeps(), {
+      plan: 'p',
+      set: 's',
+      cycleId: 'c1',
+      disks: [{ disk: 'a', sourceSnapshotId: source, volumeSizeGiB: 1 }],
+    });
+
+    await expect(runDiffer(world.differDeps(), ref.disks[0]!)).rejects.toThrow(
+      /is 2 GiB, but the cycle was prepared for 1 GiB/,
+    );
+  });
+
+  it('refuses a disk that was never prepared', async () => {
+    const world = new World();
+    await expect(runDiffer(world.differDeps(), { set: 's', cycleId: 'c', disk: 'x' })).rejects.toBeInstanceOf(
+      CycleStateError,
+    );
+  });
+});
+
+describe('the tick', () => {
+  it('fails the cycle when its plan lock was taken over', async () => {
+    const world = new World();
+    const ref = await prepare(world.prepareDeps(), input(world, 'c1', { a: run(4) }));
+    await diffAll(world, ref);
+    world.locks.locks.set('plan-a', {
+      plan: 'plan-a',
+      owner: 'cycle:other',
+      lockExpiresAt: Number.MAX_SAFE_INTEGER,
+    });
+
+    const t = await tick(world.tickDeps(), ref);
+
+    expect(t.status).toBe('failed');
+    expect(t.reason).toMatch(/lock is no longer held by cycle:c1/);
+    expect(world.ledger.cycle('set-a', 'c1')?.failure).toBe(t.reason);
+  });
+
+  it('fails the cycle when a descriptor is granted MAX_GRANT_ATTEMPTS times and never completes', async () => {
+    // Prepare: every grant of seq 3 is lost before a writer sees it.
+    const world = new World({ leaseMs: 10_000 });
+    const drop = () => {
+      const at = world.queue.messages.findIndex(
+        (m) => (JSON.parse(m.body) as { descriptor: { seq: number } }).descriptor.seq === 3,
+      );
+      if (at >= 0) world.queue.messages.splice(at, 1);
+    };
+    const origSend = world.queue.send.bind(world.queue);
+    world.queue.send = async (grants) => {
+      const out = await origSend(grants);
+      drop();
+      return out;
+    };
+
+    const result = await driveCycle(world, input(world, 'c1', { a: run(16) }), { maxTicks: 2000 });
+
+    expect(result.aborted).toBe(
+      `descriptor seq 3 of disk a was granted ${MAX_GRANT_ATTEMPTS} times and never completed`,
+    );
+    expect(world.catalog.checkpoints).toEqual([]);
+  });
+
+  it('writes again a seq the flow counts complete but the ledger has no completion of', async () => {
+    // Prepare: run a cycle until every seq is counted, then lose one seq's completion record.
+    const world = new World();
+    const a = run(12);
+    const ref = await prepare(world.prepareDeps(), input(world, 'c1', { a }));
+    await diffAll(world, ref);
+    const warm = world.container();
+    for (let i = 0; i < 50; i++) {
+      const f = world.flow.all()[0]!.state;
+      if (f.completedCount === 6) break;
+      await tick(world.tickDeps(), ref);
+      await writeRound(world, {}, warm);
+      await world.clock.sleep(1000);
+    }
+    for (const batches of world.ledger.completions.values()) {
+      for (const [id, entries] of batches)
+        batches.set(
+          id,
+          entries.filter((e) => e.seq !== 4),
+        );
+    }
+
+    // Act: the tick finds seq 4 missing and sends it again; a writer writes it.
+    const found = await tick(world.tickDeps(), ref);
+    await writeRound(world, {}, warm);
+    const confirmed = await tick(world.tickDeps(), ref);
+    const published = await finalize(world.finalizeDeps(), ref);
+
+    // Assess
+    expect(found.status).toBe('running');
+    expect(confirmed.status).toBe('done');
+    expect(published.status).toBe('published');
+    const cp = world.catalog.checkpoints[0]!;
+    expect(sameImage(world.ebs.image(cp.disks[0]!.target), a)).toBeUndefined();
+    expect(world.flow.all()[0]!.state.completedCount).toBe(6);
+  });
+});
