@@ -1,6 +1,4 @@
-// Descriptor lookups by seq for writers and the tick, page-cached (LRU) per container: descriptors
-// never change within a cycle, and a writer's batch of one disk mostly falls in one page, so one
-// page read serves many grants.
+// Descriptor lookups by seq, page-cached (LRU) per container: one page read serves many grants.
 import { pageOf } from './descriptor-pages.ts';
 import { CycleStateError } from './errors.ts';
 import type { CycleDiskRecord, CycleLedger, PlannedDescriptor } from './ports.ts';

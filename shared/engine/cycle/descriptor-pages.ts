@@ -1,6 +1,4 @@
-// A cycle's descriptors in pages: how many fit a page, which page holds a seq, and the per-block
-// view (block indexes) writers and validation work from. Encoding a page for storage is the ledger
-// adapter's business.
+// Descriptors in pages: how many fit a page, which page holds a seq, and a descriptor's block indexes.
 import type { Descriptor } from '../descriptors.ts';
 import { EBS_BLOCK_SIZE } from './ports.ts';
 

@@ -1,6 +1,4 @@
-// The snapshot differ: lists a source disk's changed blocks (or every block with data, for a first
-// copy), cuts them into descriptors with the engine's cutter and stores them in ledger pages.
-// Resumable at any page boundary, so a disk of any size is diffed in invocations of bounded length.
+// The snapshot differ: lists changed blocks, cuts descriptors, stores them in pages; resumable.
 import { cutDescriptors } from '../descriptors.ts';
 import { ChangeMapError } from '../errors.ts';
 import type { Extent } from '../extents.ts';

@@ -1,5 +1,4 @@
-// The cycle's error tree. `name` is what a Step Functions Catch matches on (ErrorEquals), so every
-// class sets a stable one; messages name the plan, cycle, disk or seq an operator needs.
+// The cycle's error tree; `name` is what a Step Functions Catch matches on, so each class sets one.
 import { type ErrorContext, FerryError } from '../errors.ts';
 
 export interface CycleErrorContext extends ErrorContext {

@@ -1,7 +1,4 @@
-// finalize and abort: `finalize` closes every flow, validates every disk, completes its target
-// snapshot with the LINEAR aggregate, publishes the recovery checkpoint exactly once and announces it
-// at least once; `abort` ends a failed cycle publishing nothing, so the last good checkpoint stays
-// current. Both give the node reservation and the plan lock back.
+// finalize (validate, CompleteSnapshot, publish once, announce) and abort (publish nothing).
 import { aggregateProblem, ebsLinearAggregate } from '../aggregate.ts';
 import { errorMessage } from '../errors.ts';
 import type { CheckpointDisk, Clock, RecoveryCheckpoint } from '../ports.ts';
@@ -96,9 +93,12 @@ async function loadCycle(deps: FinalizeDeps, ref: CycleRef) {
 }
 
 /**
- * Finalizes a cycle. Idempotent: a repeated call after a crash resumes where the last one stopped
- * (CompleteSnapshot is not sent twice, the checkpoint is published once, the event is sent at least
- * once). Answers `completing` while target snapshots are still sealing: call again after a wait.
+ * Finalizes a cycle: closes every flow (writers then write nothing new), validates every disk,
+ * completes its target snapshot with the LINEAR aggregate, publishes the checkpoint, announces it,
+ * gives the node reservation and the plan lock back. Idempotent: a repeated call after a crash
+ * resumes where the last one stopped (CompleteSnapshot is not sent twice, the checkpoint is published
+ * once, the event is sent at least once). Answers `completing` while target snapshots are still
+ * sealing: call again after a wait.
  */
 export async function finalize(deps: FinalizeDeps, ref: CycleRef): Promise<FinalizeResult> {
   const { ledger } = deps;

@@ -1,7 +1,4 @@
-// The grant arithmetic on a disk's flow record, pure and synchronous: where `low` moves, which seqs
-// to grant next under the window and the disk's allowance (through the one grant rule), which grants
-// are lost (reclaim from the grant marks), and the marks themselves. Writers and the tick both plan
-// through here; callers do the I/O.
+// The grant arithmetic on a disk's flow record, pure: low, top-ups, reclaim, grant marks.
 import { fitsWindow, type Lane, type LaneQueue, type Limit, planGrants } from '../grant-rule.ts';
 import { EBS_BLOCK_SIZE, type FlowAdvance, type FlowState, type GrantMark, type Regrant } from './ports.ts';
 

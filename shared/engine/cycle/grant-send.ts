@@ -1,5 +1,4 @@
-// Sending grants: the messages built from stored descriptors, and what the channel did not take
-// marked to grant again in the flow (the next top-up or tick sends it).
+// Sending grants built from stored descriptors; what the channel did not take is granted again.
 import type { Descriptor } from '../descriptors.ts';
 import type { FlowKey, Grant, GrantChannel, GrantFlow, Log, Regrant } from './ports.ts';
 

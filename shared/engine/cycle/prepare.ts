@@ -1,6 +1,4 @@
-// prepare: opens a cycle. Takes the plan lock, records the set, the job and the cycle, and per disk
-// starts the target snapshot (deterministic ClientToken and tags), records the disk and creates its
-// grant flow. Idempotent for one cycle id: Step Functions may retry it.
+// prepare: opens a cycle (plan lock, job, cycle, target snapshots, disk records, flows); idempotent.
 import { createHash } from 'node:crypto';
 import { resolveParams } from '../config.ts';
 import type { Clock } from '../ports.ts';

@@ -1,9 +1,4 @@
-// The tick: keeps a cycle moving between writer batches. Per disk it reads the disk and its flow,
-// reclaims grants that were lost or expired, replays the writers' signals into the disk's window
-// controller, shares the node budget across the disks (a reservation that expires unless renewed)
-// and kick-starts or refills the windows through the one grant rule; the writers keep the ACK clock
-// between ticks. Reports whether the cycle is running, done (confirmed from the recorded
-// completions, never from counters alone), stuck or failed.
+// The tick: reclaim, adapt windows, share the node budget, kick-start and refill grants, confirm done.
 import { planGrants, shareBudget } from '../grant-rule.ts';
 import type { Clock } from '../ports.ts';
 import type { DescriptorCache } from './descriptor-cache.ts';

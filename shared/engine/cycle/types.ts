@@ -1,7 +1,4 @@
-// The cycle's inputs and results as plain types: what the state machine hands the cycle logic and
-// gets back. functions/contracts.ts parses the same shapes with zod at the handler boundary (a
-// type-level test keeps the two assignable both ways). Results use plain arrays so a handler can
-// return them as its contract's output type.
+// The cycle's inputs and results as plain types (functions/contracts.ts parses the same with zod).
 
 /** A size as a person writes it ("32 MiB") or a whole number of bytes. */
 export type SizeInput = number | string;

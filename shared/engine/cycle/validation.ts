@@ -1,7 +1,4 @@
-// Reading a disk's completions back against its descriptors: the tick's check that every seq has a
-// completion, and the finalizer's validation and LINEAR aggregate. Completions come in any order and
-// with duplicates (one per delivery that wrote); they are deduplicated by seq, and two copies of one
-// seq must agree block for block.
+// A disk's completions read back against its descriptors: the done check, validation, LINEAR aggregate.
 import { IntegrityError } from '../errors.ts';
 import { LinearAggregator } from '../integrity.ts';
 import { blockIndexes } from './descriptor-pages.ts';

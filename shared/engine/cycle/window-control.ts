@@ -1,8 +1,4 @@
-// The adaptive window across invocations: writers add their chunks' signals to per-bucket counters
-// in the ledger; each tick restores the disk's WindowController from the state kept in its disk
-// record, records the buckets of the controller's look-back again, evaluates at every bucket step
-// since the last evaluation, as the in-process pipeline evaluates every 250 ms, and hands back the
-// state to keep only when it changed.
+// The adaptive window across invocations: writer signals replayed into a restored WindowController.
 import { type ChunkSample, type ControllerState, WindowController } from '../controller.ts';
 import { SIGNAL_BUCKET_MS, type SignalBucket } from './ports.ts';
 

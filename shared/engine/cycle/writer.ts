@@ -1,8 +1,4 @@
-// The chunk writer, one queue batch at a time: for each disk in the batch, read its flow once, skip
-// what is already complete, write the rest (source blocks read, target blocks written, checked end to
-// end), then record the batch's completions once, count them once, top the disk's window up
-// (ACK-clocked) with one conditional advance and send the new grants. Reports which grants the
-// queue must deliver again.
+// The chunk writer, one queue batch at a time, ACK-clocked: write, record, count, top up, send.
 import { setMaxListeners } from 'node:events';
 import {
   AbortedError,
