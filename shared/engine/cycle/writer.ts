@@ -338,6 +338,7 @@ async function writeGroup(b: Batch, key: FlowKey, items: readonly Item[]): Promi
 
   const signals = emptySignals();
   const written: { item: Item; entry: CompletionEntry; bytes: number }[] = [];
+  let poisoned = false;
   await Promise.all(
     toWrite.map(async (item) => {
       const at = {
@@ -361,7 +362,10 @@ async function writeGroup(b: Batch, key: FlowKey, items: readonly Item[]): Promi
           err = caught.cause;
         }
         if (b.signal.aborted || err instanceof AbortedError) return handBack(b, item);
-        if (isPermanent(err)) return failForGood(b, item, err, at);
+        if (isPermanent(err)) {
+          poisoned = true;
+          return failForGood(b, item, err, at);
+        }
         deps.log.warn('grant failed; the queue delivers it again', { ...at, error: errorMessage(err) });
         b.settle(item.record, 'retry');
       }
@@ -397,16 +401,19 @@ async function writeGroup(b: Batch, key: FlowKey, items: readonly Item[]): Promi
     }
   }
 
-  // 3. Top the window up: the ACK clock. A failure here only delays grants until the next tick.
+  // 3. Top the window up: the ACK clock. A failure here only delays grants until the next tick. A
+  //    cycle this batch just failed gets no more grants.
   let limit: Limit = 'none';
-  try {
-    const max = Math.min(MAX_TOP_UP, TOP_UP_PER_COMPLETION * Math.max(1, counted));
-    limit = await topUp(deps, key, disk, state, max);
-  } catch (err) {
-    deps.log.warn('top-up after completions failed; the next tick grants instead', {
-      ...where,
-      error: errorMessage(err),
-    });
+  if (!poisoned) {
+    try {
+      const max = Math.min(MAX_TOP_UP, TOP_UP_PER_COMPLETION * Math.max(1, counted));
+      limit = await topUp(deps, key, disk, state, max);
+    } catch (err) {
+      deps.log.warn('top-up after completions failed; the next tick grants instead', {
+        ...where,
+        error: errorMessage(err),
+      });
+    }
   }
   if (signals.attempts > 0) {
     // The controller's evidence: the window (not the source) was the limit, or the node budget was.
