@@ -2,13 +2,27 @@
 // function's environment, as zod schemas parsed at the boundary. Shared by the handlers, the CDK
 // stack (which types each function's environment from these) and the local run.
 import { z } from 'zod';
+import { TICK_STATUSES } from '../shared/engine/cycle/types.ts';
+import { type ErrorContext, FerryError } from '../shared/engine/errors.ts';
 import { parseSize } from '../shared/engine/units.ts';
-import { EventValidationError } from './shared/errors.ts';
+
+/**
+ * An event or environment that does not match its contract; `field` is the first offending path.
+ * Its `name` is what the state machine's Catch matches (a permanent error: asking again cannot help).
+ */
+export class EventValidationError extends FerryError {
+  readonly field: string | undefined;
+  constructor(message: string, ctx: ErrorContext & { field?: string | undefined } = {}) {
+    super(message, { ...ctx, setting: ctx.field });
+    this.name = 'EventValidationError';
+    this.field = ctx.field;
+  }
+}
 
 // ---- identifiers -------------------------------------------------------------------------------
 
-// Ids end up in DynamoDB keys (URI-encoded), SQS grant messages (<= 256 characters each), lease ids
-// and checkpoint ids. A Step Functions execution name is at most 80 characters of this alphabet, so
+// Ids end up in DynamoDB keys (URI-encoded), SQS grant messages (<= 256 characters each) and
+// checkpoint ids. A Step Functions execution name is at most 80 characters of this alphabet, so
 // the state machine can pass `$$.Execution.Name` as the cycle id unchanged.
 const CYCLE_ID = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,79}$/;
 // Plans, sets and disks are operator names: letters, digits and a few separators, nothing that would
@@ -126,7 +140,7 @@ export type PlannerEvent = z.infer<typeof plannerEventSchema>;
 export const prepareResultSchema = cycleRefSchema;
 export type PrepareResult = CycleRef;
 
-export const TICK_STATUSES = ['running', 'done', 'stuck', 'failed'] as const;
+export { TICK_STATUSES };
 export type TickStatus = (typeof TICK_STATUSES)[number];
 
 export const diskProgressSchema = z.strictObject({
@@ -254,13 +268,15 @@ const queueUrl = z.url({ error: 'QUEUE_URL must be the grant queue URL' });
 
 // Defaults, each with the reason for its value.
 export const ENV_DEFAULTS = Object.freeze({
-  // One budget counter per deployment: the node the serverless form is.
+  // The node whose budget the cycles share: one per deployment (the serverless form is one node).
   NODE_ID: 'serverless',
   // Four disks at the top window level, as the engine's default.
   NODE_BUDGET: '256 MiB',
-  // A grant's lease: a writer renews it when it picks the grant up, so this covers one chunk's
-  // read + write with retries (seconds, minutes when throttled) and is how long a crashed writer's
-  // bytes stay reserved before the planner reclaims them.
+  // Two clocks of the tick. A grant not completed this long after it was granted is granted again
+  // (its writer crashed, or its message went to the DLQ): it covers one chunk's read + write with
+  // retries (seconds, minutes when throttled) and the time the grant waited in the queue. And the
+  // node reservation a tick takes (with the allowances behind it) lasts this long without a tick
+  // renewing it, so a dead cycle's share of the node budget comes back within it.
   LEASE_SECONDS: 300,
   // The plan lock is renewed on every tick; an hour covers a long finalize and a paused state machine,
   // and is how long a crashed cycle blocks the next one of its plan.
@@ -273,8 +289,11 @@ export const ENV_DEFAULTS = Object.freeze({
   // EBS loses a pending snapshot after this long without a write; a day lets a stuck cycle be
   // diagnosed and the finalizer is never that late.
   SNAPSHOT_TIMEOUT_MINUTES: 1440,
-  // Grants one writer invocation works on at once: 4 x 1 MiB chunks is 8 EBS calls in flight.
-  WRITER_CONCURRENCY: 4,
+  // Grants one writer invocation works on at once: the whole SQS batch (10). Lambda bills the
+  // invocation's duration, and a chunk's time is mostly waiting on EBS, so a batch written at once
+  // costs about one chunk's duration instead of one per chunk (at 4, ten chunks took three rounds).
+  // 10 x 1 MiB chunks is 20 EBS calls in flight and 10 MiB of buffers.
+  WRITER_CONCURRENCY: 10,
   // Stop this long before the Lambda deadline and hand unfinished work back.
   DEADLINE_MARGIN_MS: 10_000,
 });
@@ -283,21 +302,19 @@ const common = {
   TABLE_NAME: tableName,
   DEADLINE_MARGIN_MS: envInt('DEADLINE_MARGIN_MS', 0, 600_000, ENV_DEFAULTS.DEADLINE_MARGIN_MS),
 };
-// The node budget's identity: every function that takes or returns budget names the same counter.
-const node = {
-  NODE_ID: z.string().min(1).max(128).default(ENV_DEFAULTS.NODE_ID),
-  NODE_BUDGET: envSize('NODE_BUDGET', ENV_DEFAULTS.NODE_BUDGET),
-};
-const granting = {
-  ...node,
-  QUEUE_URL: queueUrl,
-  LEASE_SECONDS: envInt('LEASE_SECONDS', 10, 43_200, ENV_DEFAULTS.LEASE_SECONDS),
+// The node whose budget a cycle reserves from (the tick) and gives back (the finalizer).
+const nodeId = { NODE_ID: z.string().min(1).max(128).default(ENV_DEFAULTS.NODE_ID) };
+const planLock = {
+  PLAN_LOCK_SECONDS: envInt('PLAN_LOCK_SECONDS', 60, 86_400, ENV_DEFAULTS.PLAN_LOCK_SECONDS),
 };
 
 export const plannerEnvSchema = z.object({
   ...common,
-  ...granting,
-  PLAN_LOCK_SECONDS: envInt('PLAN_LOCK_SECONDS', 60, 86_400, ENV_DEFAULTS.PLAN_LOCK_SECONDS),
+  ...nodeId,
+  ...planLock,
+  NODE_BUDGET: envSize('NODE_BUDGET', ENV_DEFAULTS.NODE_BUDGET),
+  QUEUE_URL: queueUrl,
+  LEASE_SECONDS: envInt('LEASE_SECONDS', 10, 43_200, ENV_DEFAULTS.LEASE_SECONDS),
   STUCK_TICKS: envInt('STUCK_TICKS', 1, 100_000, ENV_DEFAULTS.STUCK_TICKS),
   MAX_GRANTS_PER_TICK: envInt('MAX_GRANTS_PER_TICK', 1, 100_000, ENV_DEFAULTS.MAX_GRANTS_PER_TICK),
   SNAPSHOT_TIMEOUT_MINUTES: envInt(
@@ -322,17 +339,19 @@ export const plannerEnvSchema = z.object({
     .min(1)
     .max(255),
 });
+// The writer tops its disk's window up within the allowance the tick wrote on the flow: it needs no
+// node budget or lease of its own.
 export const chunkWriterEnvSchema = z.object({
   ...common,
-  ...granting,
+  QUEUE_URL: queueUrl,
   WRITER_CONCURRENCY: envInt('WRITER_CONCURRENCY', 1, 10, ENV_DEFAULTS.WRITER_CONCURRENCY),
 });
 export const differEnvSchema = z.object({ ...common });
 export const finalizerEnvSchema = z.object({
   ...common,
-  // The finalizer returns the bytes of grants left over when a cycle ends (stray re-grants).
-  ...node,
-  PLAN_LOCK_SECONDS: envInt('PLAN_LOCK_SECONDS', 60, 86_400, ENV_DEFAULTS.PLAN_LOCK_SECONDS),
+  // The finalizer gives the cycle's node reservation back when the cycle ends.
+  ...nodeId,
+  ...planLock,
   /** The EventBridge bus "Ferry Checkpoint Published" goes to. */
   EVENT_BUS_NAME: z.string({ error: 'EVENT_BUS_NAME must name the EventBridge bus' }).min(1).max(256),
 });

@@ -33,10 +33,11 @@ export const CHILD_KINDS = {
 } as const;
 
 /**
- * Errors the handlers throw (functions/shared/errors.ts names) that retrying cannot fix: they go
- * straight to the Catch. The engine's ConfigError (a plan's parameters refused), ChangeMapError (a
- * change map that cannot be cut into descriptors) and IntegrityError (data that does not match its
- * checksum or descriptor) give the same answer however often they are asked.
+ * Errors the handlers throw (shared/engine/cycle/errors.ts names, and functions/contracts.ts's
+ * EventValidationError) that retrying cannot fix: they go straight to the Catch. The engine's
+ * ConfigError (a plan's parameters refused), ChangeMapError (a change map that cannot be cut into
+ * descriptors) and IntegrityError (data that does not match its checksum or descriptor) give the
+ * same answer however often they are asked.
  */
 export const PERMANENT_ERRORS = [
   'EventValidationError',

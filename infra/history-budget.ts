@@ -17,8 +17,9 @@ export const HISTORY_LIMIT = 25_000;
 
 /**
  * Seconds between planner ticks. The planner's STUCK_TICKS default (60) assumes 10 s (about ten idle
- * minutes before "stuck"); writers top windows up themselves after every chunk, so a tick only
- * reclaims expired leases and adapts windows, and a longer wait costs throughput only on repairs.
+ * minutes before "stuck"); writers top windows up themselves after every batch, so a tick only
+ * re-grants lost grants, adapts windows and shares the node budget, and a longer wait costs
+ * throughput only on repairs.
  */
 export const TICK_WAIT_SECONDS = 10;
 /** Seconds between checks of the source snapshots EC2 is taking (minutes to hours each). */

@@ -18,11 +18,12 @@ import * as snsSubscriptions from 'aws-cdk-lib/aws-sns-subscriptions';
 import * as sqs from 'aws-cdk-lib/aws-sqs';
 import { NagSuppressions } from 'cdk-nag';
 import type { Construct } from 'constructs';
-import { TTL_ATTRIBUTE } from '../functions/shared/cycle-store.ts';
+import { TTL_ATTRIBUTE } from '../shared/aws/dynamo/cycle-items.ts';
 import { tableDefinition } from '../shared/aws/dynamo/schema.ts';
 import { type FerryConfig, planParams } from './config.ts';
 import { CycleStateMachine } from './cycle-state-machine.ts';
 import { FerryFunction, serviceNameOf } from './function.ts';
+import { TABLE_ACTIONS } from './table-access.ts';
 
 /** The tag key on every snapshot Ferry creates; its value is the stack name. IAM is conditioned on it. */
 export const SNAPSHOT_TAG_KEY = 'ferry:deployment';
@@ -40,12 +41,12 @@ export const CHECKPOINT_AGE_METRIC = {
 export const CHECKPOINT_EVENT = { source: 'ferry', detailType: 'Ferry Checkpoint Published' } as const;
 
 // Lambda timeouts, each with its reason.
-// A tick issues at most MAX_GRANTS_PER_TICK grants and reclaims leases: seconds; prepare starts one
+// A tick issues at most MAX_GRANTS_PER_TICK grants and re-grants lost ones: seconds; prepare starts one
 // target snapshot per disk (StartSnapshot allows 10/s): well under a minute for 64 disks.
 const PLANNER_TIMEOUT = Duration.minutes(5);
 // The differ pages ListChangedBlocks until its deadline and is invoked again (resumable).
 const DIFFER_TIMEOUT = Duration.minutes(15);
-// A batch of up to 10 grants, four chunks at a time; the EBS "snapshot does not exist yet" window and
+// A batch of up to 10 grants, written at once; the EBS "snapshot does not exist yet" window and
 // throttling backoff can take minutes, and the writer hands unfinished grants back before the end.
 const WRITER_TIMEOUT = Duration.minutes(5);
 // CompleteSnapshot, then waiting for the snapshots to leave `pending` until close to the deadline.
@@ -58,6 +59,16 @@ const GRANT_VISIBILITY_TIMEOUT = Duration.minutes(WRITER_TIMEOUT.toMinutes() * 6
 const MAX_RECEIVE_COUNT = 5;
 // Grants in a batch per writer invocation; the writer works on WRITER_CONCURRENCY of them at a time.
 const WRITER_BATCH_SIZE = 10;
+
+// What DynamoDB needs on the table's customer-managed key for a principal that reads and writes
+// items (the same CDK's table grant methods give).
+const STATE_KEY_ACTIONS = [
+  'kms:Decrypt',
+  'kms:DescribeKey',
+  'kms:Encrypt',
+  'kms:ReEncrypt*',
+  'kms:GenerateDataKey*',
+] as const;
 
 /** cdk-nag's rendering of the snapshot ARN pattern (the region is a token or, with an env, a name). */
 const SNAPSHOT_ARN_FINDING =
@@ -176,7 +187,7 @@ export class FerryStack extends Stack {
       // One data key per hour instead of per 5 minutes: far fewer KMS requests per chunk.
       dataKeyReuse: Duration.hours(1),
       visibilityTimeout: GRANT_VISIBILITY_TIMEOUT,
-      // A grant older than its lease has been reclaimed and re-issued by the planner; a day is ample.
+      // A grant unfinished for LEASE_SECONDS has been granted again by the tick; a day is ample.
       retentionPeriod: Duration.days(1),
       deadLetterQueue: { queue: this.deadLetterQueue, maxReceiveCount: MAX_RECEIVE_COUNT },
       enforceSSL: true,
@@ -217,7 +228,8 @@ export class FerryStack extends Stack {
     const nodeBudget = String(config.nodeBudget);
     const planner = new FerryFunction(this, 'Planner', {
       name: 'planner',
-      description: 'Ferry planner: prepares cycles, rations grants per disk window, reclaims leases',
+      description:
+        'Ferry planner: prepares cycles, shares the node budget, grants per disk window, re-grants lost grants',
       environment: {
         TABLE_NAME: this.table.tableName,
         QUEUE_URL: this.grantQueue.queueUrl,
@@ -244,14 +256,10 @@ export class FerryStack extends Stack {
     const chunkWriter = new FerryFunction(this, 'ChunkWriter', {
       name: 'chunk-writer',
       description: 'Ferry chunk-writer: reads, verifies and writes granted chunks, tops windows up',
-      environment: {
-        TABLE_NAME: this.table.tableName,
-        QUEUE_URL: this.grantQueue.queueUrl,
-        NODE_BUDGET: nodeBudget,
-      },
+      environment: { TABLE_NAME: this.table.tableName, QUEUE_URL: this.grantQueue.queueUrl },
       house,
-      // Chunks are buffered whole (1 MiB x WRITER_CONCURRENCY) and Lambda network bandwidth grows
-      // with memory.
+      // Chunks are buffered whole (1 MiB x WRITER_CONCURRENCY, the whole batch) and Lambda network
+      // bandwidth grows with memory.
       memorySize: 1024,
       timeout: WRITER_TIMEOUT,
       logRetention,
@@ -277,7 +285,23 @@ export class FerryStack extends Stack {
 
     // ---- IAM: data -------------------------------------------------------------------------------------
 
-    for (const f of [planner, differ, chunkWriter, finalizer]) this.table.grantReadWriteData(f.role);
+    // Each function the table operations it makes (table-access.ts), on the table only: nothing
+    // queries an index. On the table's key, what CDK's table grants give a reader and writer.
+    for (const [f, actions] of [
+      [planner, TABLE_ACTIONS.planner],
+      [differ, TABLE_ACTIONS.differ],
+      [chunkWriter, TABLE_ACTIONS['chunk-writer']],
+      [finalizer, TABLE_ACTIONS.finalizer],
+    ] as const) {
+      f.role.addToPrincipalPolicy(
+        new iam.PolicyStatement({
+          sid: 'StateTable',
+          actions: [...actions],
+          resources: [this.table.tableArn],
+        }),
+      );
+      stateKey.grant(f.role, ...STATE_KEY_ACTIONS);
+    }
     // The planner issues grants; writers issue the ACK-clocked top-ups (consuming is the event source's).
     this.grantQueue.grantSendMessages(planner.role);
     this.grantQueue.grantSendMessages(chunkWriter.role);
@@ -534,13 +558,7 @@ export class FerryStack extends Stack {
           {
             id: 'AwsSolutions-IAM5',
             reason:
-              "Table grants include the table indexes (the leases-by-expiry GSI is queried for expired grants); the wildcard covers only this table's indexes.",
-            appliesTo: [{ regex: '/^Resource::<State[A-Za-z0-9]+\\.Arn>\\/index\\/\\*$/' }],
-          },
-          {
-            id: 'AwsSolutions-IAM5',
-            reason:
-              "KMS GenerateDataKey*/ReEncrypt* are what the SQS and DynamoDB grant methods need on this stack's own key only.",
+              "KMS GenerateDataKey*/ReEncrypt* are what SQS and DynamoDB need on this stack's own key only (the state table's and the grant queue's).",
             appliesTo: ['Action::kms:GenerateDataKey*', 'Action::kms:ReEncrypt*'],
           },
           {

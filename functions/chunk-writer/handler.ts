@@ -1,14 +1,14 @@
-// Chunk-writer Lambda: SQS-triggered (ReportBatchItemFailures), one grant per record.
+// Chunk-writer Lambda: SQS-triggered (ReportBatchItemFailures), one grant per record, a batch at once.
 import { SqsSchema } from '@aws-lambda-powertools/parser/schemas';
 import type { Context, SQSBatchResponse } from 'aws-lambda';
-import { describeIssues, parseEnvironment } from '../contracts.ts';
-import { type WriterDeps, writeGrants } from '../shared/chunk-writer.ts';
+import { type WriterDeps, writeBatch } from '../../shared/engine/cycle/writer.ts';
+import { describeIssues, EventValidationError, parseEnvironment } from '../contracts.ts';
 import { ebsPorts } from '../shared/ebs-binding.ts';
-import { EventValidationError } from '../shared/errors.ts';
 import { clients, invoke, type Observability, powertools, remainingTime } from '../shared/runtime.ts';
 import { writerDeps } from '../shared/wiring.ts';
 
 export interface WriterRuntime {
+  /** Built once per container: its WriterCache keeps disk records and descriptor pages warm. */
   readonly deps: WriterDeps;
   readonly obs: Observability;
 }
@@ -28,7 +28,7 @@ export function createChunkWriterHandler(runtime: () => WriterRuntime) {
     return invoke(obs, context, async (annotate) => {
       const sqsEvent = parseSqsEvent(event);
       annotate({ records: sqsEvent.Records.length });
-      const result = await writeGrants(
+      const result = await writeBatch(
         deps,
         sqsEvent.Records.map((r) => ({
           messageId: r.messageId,

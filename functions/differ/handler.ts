@@ -1,13 +1,13 @@
 // Differ Lambda: lists one EBS source disk's changed blocks and stores the cycle's descriptors.
 import type { Context } from 'aws-lambda';
+import { runDiffer } from '../../shared/engine/cycle/differ.ts';
 import { type DifferResult, differEventSchema, parseContract, parseEnvironment } from '../contracts.ts';
-import { type DifferDeps, runDiffer } from '../shared/differ.ts';
 import { ebsPorts } from '../shared/ebs-binding.ts';
 import { clients, invoke, type Observability, powertools, remainingTime } from '../shared/runtime.ts';
-import { differDeps } from '../shared/wiring.ts';
+import { type DifferContainerDeps, differDeps } from '../shared/wiring.ts';
 
 export interface DifferRuntime {
-  readonly deps: DifferDeps;
+  readonly deps: DifferContainerDeps;
   readonly obs: Observability;
 }
 

@@ -1,6 +1,7 @@
 // Finalizer Lambda: `finalize` publishes the cycle's recovery checkpoint, `abort` ends a failed cycle.
 import type { Context } from 'aws-lambda';
 import { listProbeStatusReader } from '../../shared/aws/ebs/status.ts';
+import { abort, finalize } from '../../shared/engine/cycle/finalize.ts';
 import {
   type AbortResult,
   type FinalizeResult,
@@ -9,10 +10,9 @@ import {
   parseEnvironment,
 } from '../contracts.ts';
 import { ebsPorts } from '../shared/ebs-binding.ts';
-import { abort, type FinalizerDeps, finalize } from '../shared/finalizer.ts';
 import { cloudStatusReader, eventBridgePublisher } from '../shared/optional-sdk.ts';
 import { clients, invoke, type Observability, powertools, remainingTime } from '../shared/runtime.ts';
-import { finalizerDeps } from '../shared/wiring.ts';
+import { type FinalizerDeps, finalizerDeps } from '../shared/wiring.ts';
 
 export interface FinalizerRuntime {
   readonly deps: FinalizerDeps;
@@ -36,7 +36,7 @@ export function createFinalizerHandler(runtime: () => FinalizerRuntime) {
     return invoke(obs, context, async (annotate) => {
       const e = parseContract(finalizerEventSchema, event, 'finalizer event');
       annotate({ action: e.action, plan: e.cycle.plan, set: e.cycle.set, cycleId: e.cycle.cycleId });
-      const d: FinalizerDeps = { ...deps, remainingMs: remainingTime(context) };
+      const d = { ...deps, remainingMs: remainingTime(context) };
       return e.action === 'finalize' ? finalize(d, e.cycle) : abort(d, e.cycle, abortReason(e));
     });
   };

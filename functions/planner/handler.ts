@@ -1,8 +1,9 @@
 // Planner Lambda: `prepare` opens a cycle, `tick` keeps it moving. A composition root only: parse the
-// event, build adapters once per container, call the planner logic.
+// event, build adapters once per container, call the cycle core.
 import type { Context } from 'aws-lambda';
+import { prepare } from '../../shared/engine/cycle/prepare.ts';
+import { tick } from '../../shared/engine/cycle/tick.ts';
 import {
-  type PlannerEnv,
   type PrepareResult,
   parseContract,
   parseEnvironment,
@@ -10,9 +11,8 @@ import {
   type TickResult,
 } from '../contracts.ts';
 import { ebsPorts } from '../shared/ebs-binding.ts';
-import { type PlannerDeps, prepare, tick } from '../shared/planner.ts';
 import { clients, invoke, type Observability, powertools, remainingTime } from '../shared/runtime.ts';
-import { plannerDeps } from '../shared/wiring.ts';
+import { type PlannerDeps, plannerDeps } from '../shared/wiring.ts';
 
 export interface PlannerRuntime {
   readonly deps: PlannerDeps;
@@ -26,8 +26,8 @@ export function createPlannerHandler(runtime: () => PlannerRuntime) {
     return invoke(obs, context, async (annotate) => {
       const e = parseContract(plannerEventSchema, event, 'planner event');
       annotate({ action: e.action, plan: e.cycle.plan, set: e.cycle.set, cycleId: e.cycle.cycleId });
-      const d: PlannerDeps = { ...deps, remainingMs: remainingTime(context) };
-      return e.action === 'prepare' ? prepare(d, e.cycle) : tick(d, e.cycle);
+      if (e.action === 'prepare') return prepare(deps.prepare, e.cycle);
+      return tick({ ...deps.tick, remainingMs: remainingTime(context) }, e.cycle);
     });
   };
 }
@@ -35,7 +35,7 @@ export function createPlannerHandler(runtime: () => PlannerRuntime) {
 let container: PlannerRuntime | undefined;
 
 function fromEnvironment(): PlannerRuntime {
-  const env: PlannerEnv = parseEnvironment('planner', process.env);
+  const env = parseEnvironment('planner', process.env);
   const obs = powertools('ferry-planner');
   const deps = plannerDeps(
     {

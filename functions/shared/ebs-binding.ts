@@ -12,11 +12,17 @@ import {
 } from '../../shared/aws/ebs/reader.ts';
 import { listProbeStatusReader, type SnapshotStatusReader } from '../../shared/aws/ebs/status.ts';
 import { completeSnapshot, putSnapshotBlocks, startSnapshot } from '../../shared/aws/ebs/writer.ts';
+import type {
+  BlockReader,
+  CallSignals,
+  ChangeLister,
+  ChangePage,
+  SnapshotWriter,
+} from '../../shared/engine/cycle/ports.ts';
 import { AbortedError, TransferError } from '../../shared/engine/errors.ts';
 import type { Clock, Random } from '../../shared/engine/ports.ts';
 import { DEFAULT_RETRY_POLICY, type RetryPolicy, withRetry } from '../../shared/engine/retry.ts';
-import { systemClock } from '../../shared/local/clock.ts';
-import type { BlockReader, CallSignals, ChangeLister, ChangePage, SnapshotWriter } from './ports.ts';
+import { systemClock } from '../../shared/runtime/clock.ts';
 
 // Status polling starts fast (small snapshots seal in well under a second) and backs off to this.
 const MAX_POLL_MS = 5_000;

@@ -7,8 +7,8 @@ import {
   describeSnapshotsStatusReader,
   type SnapshotStatusReader,
 } from '../../shared/aws/ebs/status.ts';
+import type { EventPublisher } from '../../shared/engine/cycle/ports.ts';
 import { TransferError } from '../../shared/engine/errors.ts';
-import type { EventPublisher } from './ports.ts';
 
 // Variables, so neither tsc nor esbuild tries to resolve the packages at build time.
 export const EVENTBRIDGE_MODULE = '@aws-sdk/client-eventbridge';

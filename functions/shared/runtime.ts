@@ -7,8 +7,8 @@ import type { EBSClient } from '@aws-sdk/client-ebs';
 import { SQSClient } from '@aws-sdk/client-sqs';
 import type { Context } from 'aws-lambda';
 import { createEbsClient } from '../../shared/aws/ebs/client.ts';
+import { type Log, type Meter, noMeter, silentLog } from '../../shared/engine/cycle/ports.ts';
 import { errorMessage, FerryError } from '../../shared/engine/errors.ts';
-import { type Log, type Meter, noMeter, silentLog } from './ports.ts';
 
 // Clients are module state on purpose: one per container, reused by every warm invocation. Region
 // and credentials come from the Lambda environment; AWS_ENDPOINT_URL_<SERVICE> (the SDK's own
@@ -131,9 +131,13 @@ export const silentObservability: Observability = {
   end() {},
 };
 
-/** Milliseconds left in the invocation; without a context (a direct call), effectively unlimited. */
+// Without a Lambda context (a direct call) an invocation gets as long as Lambda's longest (15
+// minutes): the deadlines derived from it become timers, and a timer past 2^31 ms fires at once.
+const NO_CONTEXT_REMAINING_MS = 15 * 60 * 1000;
+
+/** Milliseconds left in the invocation; without a context (a direct call), Lambda's longest. */
 export function remainingTime(context: Context | undefined): () => number {
-  return () => context?.getRemainingTimeInMillis?.() ?? Number.MAX_SAFE_INTEGER;
+  return () => context?.getRemainingTimeInMillis?.() ?? NO_CONTEXT_REMAINING_MS;
 }
 
 /**

@@ -1,136 +1,165 @@
-// Builds each function's dependencies from its parsed environment and the clients given: the
-// handlers call these with the container's SDK clients, the tests and the local run with clients
-// pointed at emulators. Nothing here holds a rule; it only connects adapters.
+// Builds each function's dependencies on the cycle core (shared/engine/cycle) from its parsed
+// environment and the clients given: the handlers call these once per container with the
+// container's SDK clients, the tests with clients pointed at emulators. Nothing here holds a rule;
+// it only connects adapters to the core's ports.
 import type { DynamoDBClient } from '@aws-sdk/client-dynamodb';
 import type { SQSClient } from '@aws-sdk/client-sqs';
 import type { DynamoDBDocumentClient } from '@aws-sdk/lib-dynamodb';
-import {
-  DynamoBudget,
-  DynamoGrants,
-  DynamoPlanLocks,
-  DynamoWindows,
-} from '../../shared/aws/dynamo/budget.ts';
+import { DynamoCycleLedger } from '../../shared/aws/dynamo/cycle-ledger.ts';
+import { DynamoGrantFlow } from '../../shared/aws/dynamo/grant-flow.ts';
+import { DynamoNodeBudget } from '../../shared/aws/dynamo/node-budget.ts';
+import { DynamoPlanLocks } from '../../shared/aws/dynamo/plan-locks.ts';
 import { DynamoStateStore } from '../../shared/aws/dynamo/state-store.ts';
-import { GrantQueue } from '../../shared/aws/sqs/grant-queue.ts';
+import { SqsGrantChannel } from '../../shared/aws/sqs/grant-channel.ts';
+import { DescriptorCache } from '../../shared/engine/cycle/descriptor-cache.ts';
+import type { DifferDeps } from '../../shared/engine/cycle/differ.ts';
+import type { FinalizeDeps } from '../../shared/engine/cycle/finalize.ts';
+import type { EventPublisher, Log, Meter } from '../../shared/engine/cycle/ports.ts';
+import type { PrepareDeps } from '../../shared/engine/cycle/prepare.ts';
+import type { TickDeps } from '../../shared/engine/cycle/tick.ts';
+import { WriterCache, type WriterDeps } from '../../shared/engine/cycle/writer.ts';
+import type { Clock, Random } from '../../shared/engine/ports.ts';
+import { systemClock, systemRandom } from '../../shared/runtime/clock.ts';
 import type { ChunkWriterEnv, DifferEnv, FinalizerEnv, PlannerEnv } from '../contracts.ts';
-import type { WriterDeps } from './chunk-writer.ts';
-import { CycleStore } from './cycle-store.ts';
-import type { DifferDeps } from './differ.ts';
 import type { EbsPorts } from './ebs-binding.ts';
-import type { FinalizerDeps } from './finalizer.ts';
-import { DescriptorCache, type GrantingDeps } from './granting.ts';
-import type { PlannerDeps } from './planner.ts';
-import type { EventPublisher, Log, Meter, Now } from './ports.ts';
 
 export interface Wiring {
   readonly dynamo: DynamoDBClient | DynamoDBDocumentClient;
   readonly sqs?: SQSClient;
   readonly ebs?: EbsPorts;
   readonly events?: EventPublisher;
-  readonly now?: Now;
+  /** Wall-clock time: locks, grant times and signal buckets are shared across Lambdas. */
+  readonly clock?: Clock;
+  /** Writer batch ids. */
+  readonly random?: Random;
   readonly log: Log;
   readonly meter: Meter;
-  /** Per-invocation time left; the handlers replace it with the Lambda context's. */
-  readonly remainingMs?: () => number;
   /** Cap on descriptors per page (tests: small pages exercise paging). */
   readonly maxDescriptorsPerPage?: number;
-  /** Grant queue options (tests inject an instant sleep). */
+  /** The grant channel's pause between send retries (tests inject an instant one). */
   readonly queueSleep?: (ms: number, signal?: AbortSignal) => Promise<void>;
 }
+
+/** Dependencies a handler completes with the invocation's time left (the Lambda context's). */
+type PerContainer<D> = Omit<D, 'remainingMs'>;
+
+export interface PlannerDeps {
+  readonly prepare: PrepareDeps;
+  readonly tick: PerContainer<TickDeps>;
+}
+export type DifferContainerDeps = PerContainer<DifferDeps>;
+export type FinalizerDeps = PerContainer<FinalizeDeps>;
 
 function need<T>(value: T | undefined, what: string): T {
   if (value === undefined) throw new Error(`wiring: ${what} is required for this function`);
   return value;
 }
 
-function granting(w: Wiring, env: PlannerEnv | ChunkWriterEnv): GrantingDeps & { store: CycleStore } {
-  const store = new CycleStore(w.dynamo, env.TABLE_NAME);
-  const budget = new DynamoBudget(w.dynamo, {
-    table: env.TABLE_NAME,
-    node: env.NODE_ID,
-    capacityBytes: env.NODE_BUDGET,
-  });
+const clockOf = (w: Wiring): Clock => w.clock ?? systemClock;
+
+function ledgerOf(w: Wiring, table: string): DynamoCycleLedger {
+  const clock = clockOf(w);
+  return new DynamoCycleLedger(w.dynamo, { table, now: () => clock.now() });
+}
+
+function channelOf(w: Wiring, queueUrl: string): SqsGrantChannel {
+  return new SqsGrantChannel(
+    need(w.sqs, 'an SQS client'),
+    queueUrl,
+    w.queueSleep === undefined ? {} : { sleep: w.queueSleep },
+  );
+}
+
+/** The planner's prepare and tick; the tick's descriptor cache lives as long as the container. */
+export function plannerDeps(w: Wiring, env: PlannerEnv): PlannerDeps {
+  const clock = clockOf(w);
+  const ledger = ledgerOf(w, env.TABLE_NAME);
+  const flow = new DynamoGrantFlow(w.dynamo, { table: env.TABLE_NAME });
+  const locks = new DynamoPlanLocks(w.dynamo, { table: env.TABLE_NAME });
+  const lockMs = env.PLAN_LOCK_SECONDS * 1000;
   return {
-    store,
-    grants: new DynamoGrants(w.dynamo, { table: env.TABLE_NAME }, budget),
-    windows: new DynamoWindows(w.dynamo, { table: env.TABLE_NAME }),
-    queue: new GrantQueue(
-      need(w.sqs, 'an SQS client'),
-      env.QUEUE_URL,
-      w.queueSleep === undefined ? {} : { sleep: w.queueSleep },
-    ),
-    pages: new DescriptorCache(store),
-    now: w.now ?? Date.now,
-    leaseMs: env.LEASE_SECONDS * 1000,
-    log: w.log,
+    prepare: {
+      ledger,
+      flow,
+      locks,
+      catalog: new DynamoStateStore(w.dynamo, env.TABLE_NAME),
+      writer: need(w.ebs, 'the EBS ports').writer,
+      clock,
+      log: w.log,
+      meter: w.meter,
+      nodeBudget: env.NODE_BUDGET,
+      lockMs,
+      snapshotTimeoutMinutes: env.SNAPSHOT_TIMEOUT_MINUTES,
+      kmsKeyArn: env.KMS_KEY_ARN,
+      snapshotTags: { [env.SNAPSHOT_TAG_KEY]: env.SNAPSHOT_TAG_VALUE },
+      ...(w.maxDescriptorsPerPage === undefined ? {} : { maxDescriptorsPerPage: w.maxDescriptorsPerPage }),
+    },
+    tick: {
+      ledger,
+      flow,
+      locks,
+      budget: new DynamoNodeBudget(w.dynamo, { table: env.TABLE_NAME }),
+      channel: channelOf(w, env.QUEUE_URL),
+      pages: new DescriptorCache(ledger),
+      clock,
+      log: w.log,
+      meter: w.meter,
+      nodeId: env.NODE_ID,
+      nodeBudget: env.NODE_BUDGET,
+      lockMs,
+      leaseMs: env.LEASE_SECONDS * 1000,
+      stuckTicks: env.STUCK_TICKS,
+      maxGrantsPerTick: env.MAX_GRANTS_PER_TICK,
+      marginMs: env.DEADLINE_MARGIN_MS,
+    },
   };
 }
 
-export function plannerDeps(w: Wiring, env: PlannerEnv): PlannerDeps {
-  const g = granting(w, env);
+export function differDeps(w: Wiring, env: DifferEnv): DifferContainerDeps {
   return {
-    ...g,
-    state: new DynamoStateStore(w.dynamo, env.TABLE_NAME),
-    locks: new DynamoPlanLocks(w.dynamo, { table: env.TABLE_NAME }),
-    writer: need(w.ebs, 'the EBS ports').writer,
+    ledger: ledgerOf(w, env.TABLE_NAME),
+    lister: need(w.ebs, 'the EBS ports').lister,
+    clock: clockOf(w),
+    log: w.log,
     meter: w.meter,
-    nodeBudget: env.NODE_BUDGET,
-    lockMs: env.PLAN_LOCK_SECONDS * 1000,
-    stuckTicks: env.STUCK_TICKS,
-    maxGrantsPerTick: env.MAX_GRANTS_PER_TICK,
-    snapshotTimeoutMinutes: env.SNAPSHOT_TIMEOUT_MINUTES,
-    kmsKeyArn: env.KMS_KEY_ARN,
-    snapshotTags: { [env.SNAPSHOT_TAG_KEY]: env.SNAPSHOT_TAG_VALUE },
-    ...(w.maxDescriptorsPerPage === undefined ? {} : { maxDescriptorsPerPage: w.maxDescriptorsPerPage }),
-    ...(w.remainingMs === undefined ? {} : { remainingMs: w.remainingMs }),
     marginMs: env.DEADLINE_MARGIN_MS,
   };
 }
 
+/** The writer's batch deps; its disk records and descriptor pages are cached for the container. */
 export function writerDeps(w: Wiring, env: ChunkWriterEnv): WriterDeps {
-  const g = granting(w, env);
+  const ledger = ledgerOf(w, env.TABLE_NAME);
   const ebs = need(w.ebs, 'the EBS ports');
   return {
-    ...g,
-    queue: g.queue as GrantQueue,
+    ledger,
+    flow: new DynamoGrantFlow(w.dynamo, { table: env.TABLE_NAME }),
+    channel: channelOf(w, env.QUEUE_URL),
     reader: ebs.reader,
     writer: ebs.writer,
-    concurrency: env.WRITER_CONCURRENCY,
-    marginMs: env.DEADLINE_MARGIN_MS,
-    meter: w.meter,
-  };
-}
-
-export function differDeps(w: Wiring, env: DifferEnv): DifferDeps {
-  return {
-    store: new CycleStore(w.dynamo, env.TABLE_NAME),
-    lister: need(w.ebs, 'the EBS ports').lister,
-    now: w.now ?? Date.now,
+    cache: new WriterCache(ledger),
+    clock: clockOf(w),
+    random: w.random ?? systemRandom,
     log: w.log,
     meter: w.meter,
-    remainingMs: w.remainingMs ?? (() => Number.MAX_SAFE_INTEGER),
+    concurrency: env.WRITER_CONCURRENCY,
     marginMs: env.DEADLINE_MARGIN_MS,
   };
 }
 
 export function finalizerDeps(w: Wiring, env: FinalizerEnv): FinalizerDeps {
-  const budget = new DynamoBudget(w.dynamo, {
-    table: env.TABLE_NAME,
-    node: env.NODE_ID,
-    capacityBytes: env.NODE_BUDGET,
-  });
   return {
-    store: new CycleStore(w.dynamo, env.TABLE_NAME),
-    grants: new DynamoGrants(w.dynamo, { table: env.TABLE_NAME }, budget),
-    state: new DynamoStateStore(w.dynamo, env.TABLE_NAME),
+    ledger: ledgerOf(w, env.TABLE_NAME),
+    flow: new DynamoGrantFlow(w.dynamo, { table: env.TABLE_NAME }),
     locks: new DynamoPlanLocks(w.dynamo, { table: env.TABLE_NAME }),
+    budget: new DynamoNodeBudget(w.dynamo, { table: env.TABLE_NAME }),
+    catalog: new DynamoStateStore(w.dynamo, env.TABLE_NAME),
     writer: need(w.ebs, 'the EBS ports').writer,
     events: need(w.events, 'an event publisher'),
-    now: w.now ?? Date.now,
+    clock: clockOf(w),
     log: w.log,
     meter: w.meter,
+    nodeId: env.NODE_ID,
     lockMs: env.PLAN_LOCK_SECONDS * 1000,
-    remainingMs: w.remainingMs ?? (() => Number.MAX_SAFE_INTEGER),
     marginMs: env.DEADLINE_MARGIN_MS,
   };
 }

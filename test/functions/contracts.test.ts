@@ -8,7 +8,7 @@ import {
   parseEnvironment,
   plannerEventSchema,
 } from '../../functions/contracts.ts';
-import { encodeGrant } from '../../shared/aws/sqs/grant-message.ts';
+import { encodeCycleGrant } from '../../shared/aws/sqs/grant-message.ts';
 import {
   acknowledge,
   type Deployment,
@@ -117,7 +117,7 @@ describe('differ and finalizer events', () => {
 
   it('refuses to differ or finalize a cycle that was never prepared', async () => {
     expect((await refusal(d.differ({ set: 'set-a', cycleId: 'nope', disk: 'vol-1' }))).message).toMatch(
-      /disk vol-1 is not part of cycle nope of set set-a/,
+      /disk vol-1 of cycle nope in set set-a was never prepared/,
     );
     expect(
       (await refusal(d.finalizer({ action: 'finalize', cycle: { ...ref, cycleId: 'nope' } }))).message,
@@ -138,7 +138,7 @@ describe('chunk-writer events', () => {
     await resend(
       e,
       d,
-      encodeGrant({
+      encodeCycleGrant({
         set: 'set-a',
         cycleId: 'gone',
         disk: 'vol-1',
@@ -149,8 +149,6 @@ describe('chunk-writer events', () => {
           extents: [{ offset: 0, length: 524288 }],
           bytes: 524288,
         },
-        leaseId: 'a1.0123456789ab.gone',
-        leaseExpiresAt: Date.now() + 60_000,
         attempt: 1,
       }),
     );
@@ -183,14 +181,29 @@ describe('environments', () => {
   });
 
   it('reads sizes as people write them and refuses nonsense', () => {
-    const env = { TABLE_NAME: 'ferry', QUEUE_URL: 'https://sqs.eu-west-1.amazonaws.com/1/q' };
-    expect(parseEnvironment('chunk-writer', { ...env, NODE_BUDGET: '512 MiB' }).NODE_BUDGET).toBe(
+    const env = {
+      TABLE_NAME: 'ferry',
+      QUEUE_URL: 'https://sqs.eu-west-1.amazonaws.com/1/q',
+      SNAPSHOT_TAG_KEY: 'ferry:deployment',
+      SNAPSHOT_TAG_VALUE: 'Ferry',
+    };
+    expect(parseEnvironment('planner', { ...env, NODE_BUDGET: '512 MiB' }).NODE_BUDGET).toBe(
       512 * 1024 * 1024,
     );
-    expect(parseEnvironment('chunk-writer', env).LEASE_SECONDS).toBe(ENV_DEFAULTS.LEASE_SECONDS);
-    expect(() => parseEnvironment('chunk-writer', { ...env, NODE_BUDGET: 'lots' })).toThrow(
+    expect(parseEnvironment('planner', env).LEASE_SECONDS).toBe(ENV_DEFAULTS.LEASE_SECONDS);
+    expect(() => parseEnvironment('planner', { ...env, NODE_BUDGET: 'lots' })).toThrow(
       /NODE_BUDGET: NODE_BUDGET: cannot read "lots" as a size/,
     );
+  });
+
+  it('lets a writer work on its whole batch at once by default, and on no more than a batch', () => {
+    const env = { TABLE_NAME: 'ferry', QUEUE_URL: 'https://sqs.eu-west-1.amazonaws.com/1/q' };
+    const parsed = parseEnvironment('chunk-writer', { ...env, NODE_BUDGET: '1 GiB', LEASE_SECONDS: '60' });
+    // The SQS batch size the stack configures: a batch's chunks are written at once.
+    expect(parsed.WRITER_CONCURRENCY).toBe(10);
+    // The writer grants within the allowance the tick set on the flow: no budget or lease of its own.
+    expect(parsed).not.toHaveProperty('NODE_BUDGET');
+    expect(parsed).not.toHaveProperty('LEASE_SECONDS');
     expect(() => parseEnvironment('chunk-writer', { ...env, WRITER_CONCURRENCY: '50' })).toThrow(
       /WRITER_CONCURRENCY/,
     );

@@ -3,10 +3,10 @@
 // the published checkpoints' target snapshots read back equal to the sources, block for block.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { CycleInput, FinalizeResult } from '../../functions/contracts.ts';
-import { scanCompletions } from '../../functions/shared/completions.ts';
-import { CHECKPOINT_PUBLISHED } from '../../functions/shared/finalizer.ts';
-import { DynamoPlanLocks } from '../../shared/aws/dynamo/budget.ts';
+import { TABLE_ACTIONS } from '../../infra/table-access.ts';
 import { DynamoStateStore } from '../../shared/aws/dynamo/state-store.ts';
+import { CHECKPOINT_PUBLISHED } from '../../shared/engine/cycle/finalize.ts';
+import { inflightOf } from '../../shared/engine/cycle/grant-plan.ts';
 import {
   BLOCK,
   blockOf,
@@ -96,12 +96,16 @@ describe('a serverless replication cycle, full then incremental', () => {
     // The zero block of the full copy was skipped, not written.
     const targetA1 = cp1!.disks.find((x) => x.disk === 'vol-a')!.target;
     expect((await readSnapshot(e, targetA1)).has(1500)).toBe(false);
-    // Every descriptor completed exactly once.
+    // Every descriptor counted once by its flow, recorded in the ledger, nothing left in flight, and
+    // the flow closed (writers write nothing more for this cycle).
     for (const disk of ['vol-a', 'vol-b']) {
-      const rec = await d.store.requireCycleDisk('finance', disk, 'c1');
-      const scan = await scanCompletions(d.store, rec, 10);
-      expect(scan).toMatchObject({ completed: rec.descriptors, missing: [] });
-      expect(rec.completed).toBe(rec.descriptors);
+      const rec = await d.disk('finance', disk, 'c1');
+      const flow = await d.flowOf('finance', disk, 'c1');
+      const seqs = new Set((await d.completions('finance', disk, 'c1')).map((c) => c.seq));
+      expect(rec.descriptors).toBeGreaterThan(0);
+      expect(flow).toMatchObject({ completedCount: rec.descriptors, low: rec.descriptors, open: false });
+      expect(inflightOf(flow)).toBe(0);
+      expect([...seqs].sort((x, y) => x - y)).toEqual([...Array(rec.descriptors).keys()]);
     }
 
     // Act: the incremental cycle. Blocks overwritten, new blocks, a block rewritten as zeros.
@@ -154,11 +158,14 @@ describe('a serverless replication cycle, full then incremental', () => {
       [CHECKPOINT_PUBLISHED, cp1!.id],
       [CHECKPOINT_PUBLISHED, cp2!.id],
     ]);
-    expect(
-      await new DynamoPlanLocks(e.ddb.client, { table: d.table }).getPlanLock('plan-finance'),
-    ).toBeUndefined();
+    expect(await d.locks.get('plan-finance')).toBeUndefined();
     // Grants went out mostly from the writers (ACK-clocked), not only from the ticks.
     expect(d.metric('GrantsIssuedByTick')).toBeLessThan(d.metric('Grants_written'));
+    // Each function sent exactly the DynamoDB operations the stack grants it, no more.
+    for (const [fn, actions] of Object.entries(TABLE_ACTIONS)) {
+      const sent = [...(d.operations.get(fn as keyof typeof TABLE_ACTIONS) ?? [])].sort();
+      expect(sent, fn).toEqual(actions.map((a) => a.replace('dynamodb:', '')).sort());
+    }
   });
 
   it('tags target snapshots with the deployment tag and reports each checkpoint’s age per plan', async () => {
@@ -182,7 +189,7 @@ describe('a serverless replication cycle, full then incremental', () => {
     // Assess: the target snapshot carries the deployment tag the planner's environment names.
     expect(first.final.status).toBe('published');
     expect(second.final.status).toBe('published');
-    const rec = await d.store.requireCycleDisk('age', 'vol-b', 'g1');
+    const rec = await d.disk('age', 'vol-b', 'g1');
     expect(e.emu.state.describeSnapshot(rec.targetSnapshotId)?.tags).toEqual([
       { Key: SNAPSHOT_TAG.key, Value: SNAPSHOT_TAG.value },
       { Key: 'ferry:role', Value: 'target' },
@@ -201,7 +208,7 @@ describe('a serverless replication cycle, full then incremental', () => {
     expect(ages[1]!.value).toBeLessThan(120);
   });
 
-  it('resumes a differ stopped before its deadline and cuts the same descriptors', async () => {
+  it('stops the differ at the deadline its Lambda context gives, and resumes it to the same descriptors', async () => {
     // Prepare: a disk whose listing comes in several pages.
     const d = await deploy(e);
     const blocks = diskA();
@@ -226,7 +233,7 @@ describe('a serverless replication cycle, full then incremental', () => {
     expect(results.length).toBeGreaterThan(2);
     const last = results.at(-1)!;
     expect(last).toMatchObject({ done: true, blocks: blocks.size, bytes: blocks.size * BLOCK });
-    const rec = await d.store.requireCycleDisk('resume', 'vol-a', 'r1');
+    const rec = await d.disk('resume', 'vol-a', 'r1');
     expect(rec.descriptors).toBe(last.descriptors);
     // Runs of 1 MiB: [0-1][2-3][4-5] [100-101] [300-301][302] [777] [1000..1019]=10 [1500] and
     // 2000, 2003, ... each alone (every third block): 16.

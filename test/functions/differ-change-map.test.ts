@@ -4,8 +4,8 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { AbortResult, CycleInput, CycleRef } from '../../functions/contracts.ts';
 import type { EbsPorts } from '../../functions/shared/ebs-binding.ts';
-import type { ChangePage } from '../../functions/shared/ports.ts';
 import { DynamoStateStore } from '../../shared/aws/dynamo/state-store.ts';
+import type { ChangePage } from '../../shared/engine/cycle/ports.ts';
 import { ChangeMapError } from '../../shared/engine/errors.ts';
 import {
   BLOCK,

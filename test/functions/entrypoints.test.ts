@@ -65,7 +65,7 @@ describe('Lambda entry points', () => {
 
     // Assess: a target snapshot was started in the emulator, tagged with the deployment's tag from
     // the environment (IAM allows StartSnapshot only with it), and the differ cut two descriptors.
-    const rec = await d.store.requireCycleDisk('env', 'vol-1', 'e1');
+    const rec = await d.disk('env', 'vol-1', 'e1');
     const target = e.emu.state.describeSnapshot(rec.targetSnapshotId);
     expect(target?.status).toBe('pending');
     expect(target?.tags).toEqual(

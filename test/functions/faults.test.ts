@@ -1,6 +1,9 @@
-// The serverless cycle under faults: duplicate deliveries, a chunk writer killed mid-batch, EBS
-// throttling, a permanent EBS error, an overlapping cycle of the same plan, a writer at its deadline.
-// Each ends bit-exact, or failed loudly with nothing published and the last good checkpoint current.
+// The serverless cycle under faults, through the real handlers on the emulators: a chunk writer
+// killed mid-batch, EBS throttling, a permanent EBS error, a writer at its deadline. Each ends
+// bit-exact, or failed loudly with nothing published and the last good checkpoint current.
+// Duplicate deliveries and an overlapping prepare are the core's logic: test/engine/cycle tests them
+// on the fakes (faults.test.ts, steps.test.ts), and test/functions/local-cloud.test.ts delivers every
+// grant twice through the deployed state machine.
 import type { SQSEvent } from 'aws-lambda';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type {
@@ -10,13 +13,11 @@ import type {
   FinalizeResult,
   TickResult,
 } from '../../functions/contracts.ts';
-import { scanCompletions } from '../../functions/shared/completions.ts';
 import type { EbsPorts } from '../../functions/shared/ebs-binding.ts';
-import { DynamoBudget, DynamoPlanLocks, DynamoWindows } from '../../shared/aws/dynamo/budget.ts';
+import { TABLE_ACTIONS } from '../../infra/table-access.ts';
 import { DynamoStateStore } from '../../shared/aws/dynamo/state-store.ts';
-import { decodeGrant } from '../../shared/aws/sqs/grant-message.ts';
+import { inflightOf } from '../../shared/engine/cycle/grant-plan.ts';
 import {
-  acknowledge,
   blockOf,
   type Deployment,
   deploy,
@@ -25,10 +26,8 @@ import {
   type Emulators,
   LEASE_SECONDS,
   lambdaContext,
-  MiB,
   readSnapshot,
   receiveEvent,
-  resend,
   sourceSnapshot,
   startEmulators,
 } from './support/harness.ts';
@@ -79,40 +78,26 @@ async function fullPlan(plan: string, seeds: readonly number[]): Promise<Plan> {
 }
 
 /**
- * Asserts the published checkpoint's targets equal the sources, every completion counted once, and
- * no byte of window or node budget still held once the cycle ended.
+ * Asserts the published checkpoint's targets equal the sources, every descriptor counted once by its
+ * flow and recorded in the ledger, nothing left in flight, and the node reservation given back.
  */
 async function expectExact(d: Deployment, plan: Plan, final: FinalizeResult | AbortResult) {
   expect(final.status).toBe('published');
-  const budget = new DynamoBudget(e.ddb.client, {
-    table: d.table,
-    node: 'serverless',
-    capacityBytes: 6 * MiB,
-  });
-  expect(await budget.inflight()).toBe(0);
-  const windows = new DynamoWindows(e.ddb.client, { table: d.table });
-  const cp = await new DynamoStateStore(e.ddb.client, d.table).latestCheckpoint(plan.input.set);
+  const { set, cycleId } = plan.input;
+  const cp = await new DynamoStateStore(e.ddb.client, d.table).latestCheckpoint(set);
   expect(cp?.id).toBe((final as { checkpointId?: string }).checkpointId);
   for (const [name, source] of plan.sources) {
     const target = cp!.disks.find((x) => x.disk === name)!.target;
     expect(differingBlocks(await readSnapshot(e, target), source)).toEqual([]);
-    const rec = await d.store.requireCycleDisk(plan.input.set, name, plan.input.cycleId);
-    const scan = await scanCompletions(d.store, rec, 10);
-    expect(scan.missing).toEqual([]);
-    expect(scan.completed).toBe(rec.descriptors);
-    expect(rec.completed).toBe(rec.descriptors);
-    expect(await d.store.listLeases(plan.input.set, name)).toEqual([]);
-    expect((await windows.getWindow(plan.input.set, name))?.inflight).toBe(0);
+    const rec = await d.disk(set, name, cycleId);
+    const flow = await d.flowOf(set, name, cycleId);
+    expect(flow).toMatchObject({ completedCount: rec.descriptors, open: false, allowance: 0 });
+    expect(inflightOf(flow)).toBe(0);
+    const seqs = new Set((await d.completions(set, name, cycleId)).map((c) => c.seq));
+    expect(seqs.size).toBe(rec.descriptors);
   }
+  expect(await d.reservations()).toEqual({});
 }
-
-const totalDescriptors = async (d: Deployment, plan: Plan) => {
-  let n = 0;
-  for (const name of plan.sources.keys()) {
-    n += (await d.store.requireCycleDisk(plan.input.set, name, plan.input.cycleId)).descriptors ?? 0;
-  }
-  return n;
-};
 
 /** Ports whose writer dies after its first block: every later call of these ports never returns. */
 function killingPorts(inner: EbsPorts): { ports: EbsPorts; killed: Promise<never> } {
@@ -143,47 +128,10 @@ function killingPorts(inner: EbsPorts): { ports: EbsPorts; killed: Promise<never
 }
 
 describe('faults', () => {
-  it('stays bit-exact under duplicate deliveries, counting each completion once', async () => {
-    // Prepare: every grant is delivered twice (the second copy sent when the first is received).
-    const d = await deploy(e);
-    const plan = await fullPlan('plan-dup', [11, 12]);
-    const seen = new Set<string>();
-    let resent = 0;
-    const onBatch = async (event: SQSEvent) => {
-      for (const r of event.Records) {
-        const { leaseId } = decodeGrant(r.body);
-        if (seen.has(leaseId)) continue;
-        seen.add(leaseId);
-        await resend(e, d, r.body);
-        resent++;
-      }
-    };
-
-    // Act
-    const run = await driveCycle(e, d, plan.input, { onBatch });
-
-    // Copies still queued when the cycle ended are delivered too.
-    for (let event = await receiveEvent(e, d); event !== undefined; event = await receiveEvent(e, d)) {
-      const out = await d.writer(event);
-      await acknowledge(
-        e,
-        d,
-        event,
-        out.batchItemFailures.map((f) => f.itemIdentifier),
-      );
-    }
-
-    // Assess: exact, each descriptor written once; every extra copy acknowledged as stale or duplicate.
-    await expectExact(d, plan, run.final);
-    expect(resent).toBe(await totalDescriptors(d, plan));
-    expect(d.metric('Grants_written')).toBe(await totalDescriptors(d, plan));
-    expect(d.metric('Grants_stale') + d.metric('Grants_duplicate')).toBe(resent);
-    expect(d.metric('Grants_failed') + d.metric('Grants_retry')).toBe(0);
-  });
-
-  it('recovers from a writer killed mid-batch: its leases expire, are reclaimed and granted again', async () => {
+  it('recovers from a writer killed mid-batch: its grants age past the lease and are granted again', async () => {
     // Prepare: the second writer invocation dies after writing one block of its first grant. Its
-    // messages stay invisible for longer than the test runs, so only the reclaim can recover them.
+    // messages stay invisible for longer than the test runs, so only the tick's reclaim (the flow's
+    // grant marks) can recover them.
     const d = await deploy(e, { visibilitySeconds: 120 });
     const plan = await fullPlan('plan-kill', [21, 22]);
     let crashedEvent: SQSEvent | undefined;
@@ -198,18 +146,18 @@ describe('faults', () => {
       }
     };
 
-    // Act: when nothing moves, the clock passes the lease length so the planner may reclaim.
+    // Act: when nothing moves, the clock passes LEASE_SECONDS so the tick grants them again.
     const run = await driveCycle(e, d, plan.input, {
       invokeWriter,
       advanceWhenIdleMs: (LEASE_SECONDS + 1) * 1000,
     });
 
-    // Assess: exact; one invocation crashed; its grants were reclaimed and written by others.
+    // Assess: exact; one invocation crashed; its grants were granted again and written by others.
     expect(run.crashedInvocations).toBe(1);
     await expectExact(d, plan, run.final);
     expect(d.metric('GrantsReclaimed')).toBeGreaterThanOrEqual(1);
-    // SQS redelivers the crashed invocation's messages at last: their leases are gone, so they are
-    // acknowledged without writing anything.
+    // SQS redelivers the crashed invocation's messages at last: their flows are closed (the cycle
+    // is published), so they are acknowledged without writing anything.
     const before = d.metric('Grants_written');
     const late = await d.writer(crashedEvent!);
     expect(late.batchItemFailures).toEqual([]);
@@ -268,15 +216,15 @@ describe('faults', () => {
     expect(aborted.currentCheckpointId).toBe(good!.id);
     expect((await state.listCheckpoints('plan-perm')).map((c) => c.id)).toEqual([good!.id]);
     expect(await state.getJob('plan-perm', 'c2')).toMatchObject({ status: 'failed' });
-    expect(
-      await new DynamoPlanLocks(e.ddb.client, { table: d.table }).getPlanLock('plan-perm'),
-    ).toBeUndefined();
-    const budget = new DynamoBudget(e.ddb.client, {
-      table: d.table,
-      node: 'serverless',
-      capacityBytes: 6 * MiB,
-    });
-    expect(await budget.inflight()).toBe(0);
+    expect(await d.locks.get('plan-perm')).toBeUndefined();
+    expect(await d.reservations()).toEqual({});
+    const flow = await d.flowOf('plan-perm', name, 'c2');
+    expect(flow).toMatchObject({ open: false, allowance: 0 });
+    // Aborting took no DynamoDB operation beyond what the stack grants each function.
+    for (const [fn, ops] of d.operations) {
+      const granted: readonly string[] = TABLE_ACTIONS[fn];
+      for (const op of ops) expect(granted, `${fn} ${op}`).toContain(`dynamodb:${op}`);
+    }
     // The next cycle is an increment over the last good checkpoint and publishes as sequence 2.
     const third = await driveCycle(e, d, {
       ...plan.input,
@@ -290,27 +238,7 @@ describe('faults', () => {
     expect(differingBlocks(await readSnapshot(e, cp!.disks[0]!.target), source)).toEqual([]);
   });
 
-  it('refuses a second prepare while a cycle of the plan holds the lock', async () => {
-    // Prepare
-    const d = await deploy(e);
-    const plan = await fullPlan('plan-lock', [51]);
-    const ref = (await d.planner({ action: 'prepare', cycle: plan.input })) as CycleRef;
-
-    // Act
-    const refused = await d
-      .planner({ action: 'prepare', cycle: { ...plan.input, cycleId: 'c2' } })
-      .catch((err) => err);
-
-    // Assess: refused by name, naming the holder; after the first cycle ends the plan is free.
-    expect(refused).toMatchObject({ name: 'PlanBusyError', holder: 'cycle:c1' });
-    expect(refused.message).toMatch(/plan plan-lock is busy: its lock is held by cycle:c1 .* never overlap/);
-    expect(await d.store.getCycle('plan-lock', 'c2')).toBeUndefined();
-    await d.finalizer({ action: 'abort', cycle: ref, reason: 'operator cancelled' });
-    const next = await d.planner({ action: 'prepare', cycle: { ...plan.input, cycleId: 'c2' } });
-    expect(next).toMatchObject({ cycleId: 'c2', lockOwner: 'cycle:c2' });
-  });
-
-  it('hands grants back untouched when the writer is near its deadline', async () => {
+  it('hands grants back untouched when its Lambda context says the deadline is near', async () => {
     // Prepare: a cycle with grants waiting in the queue.
     const d = await deploy(e);
     const plan = await fullPlan('plan-deadline', [61]);

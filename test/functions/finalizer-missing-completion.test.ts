@@ -1,15 +1,15 @@
-// The finalizer must not publish a checkpoint when a descriptor of any disk has no completion. Here
-// the cycle runs to the end on the emulators, then one completion record of the second disk is
-// removed (as a lost write or a bad repair would leave it) before `finalize` runs: the cycle fails
-// naming the disk and the sequence number, nothing is published, and CompleteSnapshot reaches EBS
-// for neither disk's target snapshot.
-import { UpdateCommand } from '@aws-sdk/lib-dynamodb';
+// The finalizer must not publish a checkpoint when a descriptor of any disk has no completion, even
+// though the disk's flow counts it complete. Here the cycle runs to the end on the emulators, then
+// one descriptor's completion is removed from the completion batches of the second disk (as a lost
+// write would leave it) before `finalize` runs: the cycle fails naming the disk and the sequence
+// number, nothing is published, and CompleteSnapshot reaches EBS for neither disk's target snapshot.
+import { DeleteCommand, PutCommand, QueryCommand } from '@aws-sdk/lib-dynamodb';
 import type { Context } from 'aws-lambda';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { AbortResult, CycleInput, CycleRef } from '../../functions/contracts.ts';
-import { cycleKeys } from '../../functions/shared/cycle-store.ts';
 import type { EbsPorts } from '../../functions/shared/ebs-binding.ts';
-import { DynamoPlanLocks } from '../../shared/aws/dynamo/budget.ts';
+import { decodeCompletions, encodeCompletions } from '../../shared/aws/dynamo/cycle-codecs.ts';
+import { cycleKeys } from '../../shared/aws/dynamo/cycle-items.ts';
 import { DynamoStateStore } from '../../shared/aws/dynamo/state-store.ts';
 import {
   blockOf,
@@ -60,21 +60,39 @@ function recordCompletes(d: Deployment): string[] {
   return requested;
 }
 
-/** Deletes descriptor `seq`'s completion from its page, keeping the page's count consistent. */
+/**
+ * Deletes descriptor `seq`'s completion from every completion batch of the disk that holds it (a
+ * batch holding only it goes; the others are rewritten with their other entries).
+ */
 async function removeCompletion(d: Deployment, set: string, disk: string, cycleId: string, seq: number) {
-  const rec = await d.store.requireCycleDisk(set, disk, cycleId);
-  const key = cycleKeys.completionPage(set, disk, cycleId, Math.floor(seq / rec.perPage));
-  await e.ddb.doc.send(
-    new UpdateCommand({
+  const prefix = cycleKeys.completionPrefix(set, disk, cycleId);
+  const batches = await e.ddb.doc.send(
+    new QueryCommand({
       TableName: d.table,
-      Key: key,
-      UpdateExpression: 'REMOVE #s ADD #n :minus',
-      ConditionExpression: 'attribute_exists(#s)',
-      ExpressionAttributeNames: { '#s': `s${seq}`, '#n': 'n' },
-      ExpressionAttributeValues: { ':minus': -1 },
+      KeyConditionExpression: 'pk = :pk AND begins_with(sk, :sk)',
+      ExpressionAttributeValues: { ':pk': prefix.pk, ':sk': prefix.sk },
+      ConsistentRead: true,
     }),
   );
-  expect(await d.store.isCompleted(rec, seq)).toBe(false);
+  let removed = 0;
+  for (const item of batches.Items ?? []) {
+    const entries = decodeCompletions(item.e as Uint8Array);
+    const kept = entries.filter((c) => c.seq !== seq);
+    if (kept.length === entries.length) continue;
+    removed++;
+    const key = { pk: item.pk, sk: item.sk };
+    if (kept.length === 0) await e.ddb.doc.send(new DeleteCommand({ TableName: d.table, Key: key }));
+    else
+      await e.ddb.doc.send(
+        new PutCommand({ TableName: d.table, Item: { ...item, e: encodeCompletions(kept) } }),
+      );
+  }
+  expect(removed).toBeGreaterThan(0);
+  expect((await d.completions(set, disk, cycleId)).map((c) => c.seq)).not.toContain(seq);
+  // The flow still counts it complete: only the finalizer's validation can notice.
+  expect((await d.flowOf(set, disk, cycleId)).completedCount).toBe(
+    (await d.disk(set, disk, cycleId)).descriptors,
+  );
 }
 
 /**
@@ -88,7 +106,7 @@ function removingBeforeFinalize(d: Deployment, disk: string, pick: (descriptors:
     if (ev.action === 'finalize' && removed.seq === undefined) {
       removed.ref = ev.cycle;
       const { set, cycleId } = ev.cycle;
-      const rec = await d.store.requireCycleDisk(set, disk, cycleId);
+      const rec = await d.disk(set, disk, cycleId);
       removed.seq = pick(rec.descriptors!);
       await removeCompletion(d, set, disk, cycleId, removed.seq);
     }
@@ -148,7 +166,7 @@ describe('finalize with a descriptor that has no completion', () => {
     expect(await state.listCheckpoints('missing')).toEqual([]);
     expect(d.events.events).toEqual([]);
     for (const name of sources.keys()) {
-      const rec = await d.store.requireCycleDisk('missing', name, 'c1');
+      const rec = await d.disk('missing', name, 'c1');
       expect(rec.completeRequested ?? false).toBe(false);
       expect(e.emu.state.describeSnapshot(rec.targetSnapshotId)?.status).toBe('pending');
     }
@@ -164,9 +182,7 @@ describe('finalize with a descriptor that has no completion', () => {
     expect(aborted.currentCheckpointId).toBeUndefined();
     expect(await state.listCheckpoints('missing')).toEqual([]);
     expect(await state.getJob('missing', 'c1')).toMatchObject({ status: 'failed' });
-    expect(
-      await new DynamoPlanLocks(e.ddb.client, { table: d.table }).getPlanLock(input.plan),
-    ).toBeUndefined();
+    expect(await d.locks.get(input.plan)).toBeUndefined();
     expect(e.emu.counters.calls.CompleteSnapshot).toBe(completesBefore);
   });
 

@@ -98,7 +98,7 @@ describe('the synthesized cycle state machine, run locally against emulators', (
     expect(puts).toBeLessThanOrEqual(2 * (60 + 30) + 1);
   }, 180_000);
 
-  it('stays bit-exact with chunk-writers killed mid-batch under throttling: their leases are reclaimed', async () => {
+  it('stays bit-exact with chunk-writers killed mid-batch under throttling: their grants are granted again', async () => {
     scatterWrites(volume('root'), 80, 64 * 1024, 7);
     fillRegion(volume('data'), 24 * MiB, 8 * MiB, 8);
     const throttledBefore = emulators.ebs.counters.throttled.PutSnapshotBlock;
@@ -106,8 +106,8 @@ describe('the synthesized cycle state machine, run locally against emulators', (
     const { outcome, events } = await cycle('cycle-killed', {
       name: 'cycle-killed',
       faults: {
-        // Two writers freeze after two blocks each: nothing redelivers their grants before the
-        // planner reclaims the expired leases (the queue's visibility outlasts the lease).
+        // Two writers freeze after two blocks each: nothing redelivers their grants before the tick
+        // grants them again from the flows' grant marks (the queue's visibility outlasts the lease).
         kill: { invocations: [1, 3], afterPutBlocks: 2 },
         beforeInvoke: (n) => {
           if (n % 3 === 2)

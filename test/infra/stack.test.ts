@@ -25,6 +25,7 @@ import {
   TICK_WAIT_SECONDS,
 } from '../../infra/history-budget.ts';
 import { FerryStack, SNAPSHOT_TAG_KEY } from '../../infra/stack.ts';
+import { TABLE_ACTIONS } from '../../infra/table-access.ts';
 import { LEASE_INDEX, tableDefinition } from '../../shared/aws/dynamo/schema.ts';
 import { allStates, plainDefinition } from './asl.ts';
 
@@ -375,6 +376,28 @@ describe('least-privilege IAM', () => {
       statementsOf(roleId).some((s) => actionsOf(s).includes('events:PutEvents'));
     expect(puts(roleOf('Ferry finalizer'))).toBe(true);
     expect(puts(roleOf('Ferry planner'))).toBe(false);
+  });
+
+  it('gives each function only the DynamoDB actions it makes, on the state table and no index', () => {
+    const tableOf = (roleId: string) =>
+      statementsOf(roleId).filter((s) => actionsOf(s).some((a) => a.startsWith('dynamodb:')));
+    for (const [fn, description] of [
+      ['planner', 'Ferry planner'],
+      ['differ', 'Ferry differ'],
+      ['chunk-writer', 'Ferry chunk-writer'],
+      ['finalizer', 'Ferry finalizer'],
+    ] as const) {
+      const statements = tableOf(roleOf(description));
+      expect(statements.flatMap(actionsOf).sort(), fn).toEqual([...TABLE_ACTIONS[fn]].sort());
+      for (const resource of statements.flatMap(resourcesOf)) {
+        expect(resource, fn).toEqual({ 'Fn::GetAtt': [expect.stringMatching(/^State/), 'Arn'] });
+      }
+    }
+    // Nothing scans, deletes, works in batches or reads the table's description.
+    const all = allStatements().flatMap(actionsOf);
+    for (const action of ['Scan', 'DeleteItem', 'BatchWriteItem', 'BatchGetItem', 'DescribeTable']) {
+      expect(all).not.toContain(`dynamodb:${action}`);
+    }
   });
 
   it('lets the state machine snapshot only the configured volumes', () => {

@@ -2,6 +2,7 @@
 // bound to them, source-snapshot fixtures, and a driver that runs a cycle the way the state machine
 // and the SQS event source mapping would (prepare -> diff -> ticks + SQS-fed writers -> finalize).
 import { createHash } from 'node:crypto';
+import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
 import {
   CompleteSnapshotCommand,
   type EBSClient,
@@ -16,6 +17,7 @@ import {
   ReceiveMessageCommand,
   SendMessageCommand,
 } from '@aws-sdk/client-sqs';
+import { GetCommand } from '@aws-sdk/lib-dynamodb';
 import type { Context, SQSBatchResponse, SQSEvent, SQSRecord } from 'aws-lambda';
 import { createChunkWriterHandler } from '../../../functions/chunk-writer/handler.ts';
 import {
@@ -23,17 +25,22 @@ import {
   type CycleInput,
   type CycleRef,
   type FinalizeResult,
+  type FunctionName,
   parseEnvironment,
   type TickResult,
 } from '../../../functions/contracts.ts';
 import { createDifferHandler } from '../../../functions/differ/handler.ts';
 import { createFinalizerHandler } from '../../../functions/finalizer/handler.ts';
 import { createPlannerHandler } from '../../../functions/planner/handler.ts';
-import { CycleStore } from '../../../functions/shared/cycle-store.ts';
 import { type EbsPorts, ebsPorts } from '../../../functions/shared/ebs-binding.ts';
-import type { EventPublisher } from '../../../functions/shared/ports.ts';
 import { silentObservability } from '../../../functions/shared/runtime.ts';
-import { differDeps, finalizerDeps, plannerDeps, writerDeps } from '../../../functions/shared/wiring.ts';
+import {
+  differDeps,
+  finalizerDeps,
+  plannerDeps,
+  type Wiring,
+  writerDeps,
+} from '../../../functions/shared/wiring.ts';
 import { type Dynalite, startDynalite } from '../../../local-cloud/emulators/dynalite.ts';
 import {
   type EbsEmulator,
@@ -41,10 +48,21 @@ import {
   startEbsEmulator,
 } from '../../../local-cloud/emulators/ebs/server.ts';
 import { type Fauxqs, startSqsEmulator } from '../../../local-cloud/emulators/fauxqs.ts';
+import { cycleKeys } from '../../../shared/aws/dynamo/cycle-items.ts';
+import { DynamoCycleLedger } from '../../../shared/aws/dynamo/cycle-ledger.ts';
+import { DynamoGrantFlow } from '../../../shared/aws/dynamo/grant-flow.ts';
+import { DynamoPlanLocks } from '../../../shared/aws/dynamo/plan-locks.ts';
 import { createEbsClient } from '../../../shared/aws/ebs/client.ts';
 import type { SnapshotStatusReader } from '../../../shared/aws/ebs/status.ts';
 import { createGrantQueue } from '../../../shared/aws/sqs/grant-queue.ts';
+import type {
+  CompletionEntry,
+  CycleDiskRecord,
+  EventPublisher,
+  FlowState,
+} from '../../../shared/engine/cycle/ports.ts';
 import type { Clock } from '../../../shared/engine/ports.ts';
+import { seededRandom } from '../../../shared/engine/random.ts';
 
 export const BLOCK = 512 * 1024;
 export const MiB = 1024 * 1024;
@@ -57,6 +75,9 @@ export interface Emulators {
   readonly ebs: EBSClient;
   stop(): Promise<void>;
 }
+
+/** Every function's DynamoDB client made by `deploy`, destroyed with the emulators. */
+const functionClients: DynamoDBClient[] = [];
 
 export async function startEmulators(ebsOpts: EbsEmulatorOptions = {}): Promise<Emulators> {
   const [ddb, sqs, emu] = await Promise.all([
@@ -77,12 +98,14 @@ export async function startEmulators(ebsOpts: EbsEmulatorOptions = {}): Promise<
     ebs,
     async stop() {
       ebs.destroy();
+      // The deployments' own DynamoDB clients hold keep-alive sockets the server would wait for.
+      for (const client of functionClients.splice(0)) client.destroy();
       await Promise.all([ddb.stop(), sqs.stop(), emu.stop()]);
     },
   };
 }
 
-/** Epoch ms that a test can move forward (leases, locks); otherwise follows the real clock. */
+/** Epoch ms that a test can move forward (grant times, locks, reservations); otherwise real time. */
 export class TestClock implements Clock {
   offset = 0;
   now = (): number => Date.now() + this.offset;
@@ -91,7 +114,9 @@ export class TestClock implements Clock {
   }
   async sleep(ms: number, signal?: AbortSignal): Promise<void> {
     await new Promise<void>((resolve, reject) => {
+      // Unreferenced: a writer killed mid-batch leaves its deadline timer pending for good.
       const t = setTimeout(resolve, ms);
+      t.unref();
       signal?.addEventListener(
         'abort',
         () => {
@@ -120,7 +145,10 @@ export class RecordingPublisher implements EventPublisher {
   }
 }
 
+/** How old an unfinished grant must be before the tick grants it again, in these deployments. */
 export const LEASE_SECONDS = 60;
+/** The node every deployment's cycles share (the contract's default NODE_ID). */
+export const NODE_ID = 'serverless';
 
 /** The deployment tag the planner puts on every target snapshot (infra sets the stack's). */
 export const SNAPSHOT_TAG = { key: 'ferry:deployment', value: 'FerryTest' } as const;
@@ -137,23 +165,56 @@ export interface Deployment {
   readonly table: string;
   readonly queueUrl: string;
   readonly clock: TestClock;
-  readonly store: CycleStore;
+  /** The cycle's records as the handlers keep them (the same adapters, for assertions). */
+  readonly ledger: DynamoCycleLedger;
+  readonly flow: DynamoGrantFlow;
+  readonly locks: DynamoPlanLocks;
   readonly events: RecordingPublisher;
   /** The ports the handlers use; tests swap `current` to inject faults. */
   readonly ports: { current: EbsPorts };
   readonly planner: (event: unknown, context?: Context) => Promise<CycleRef | TickResult>;
   readonly differ: ReturnType<typeof createDifferHandler>;
   readonly finalizer: (event: unknown, context?: Context) => Promise<FinalizeResult | AbortResult>;
-  /** A chunk-writer invocation over given ports (default: `ports.current`). */
+  /**
+   * A chunk-writer invocation: by the deployment's warm container, or over given ports by a fresh
+   * container (cold caches, as a new Lambda instance).
+   */
   writer(event: SQSEvent, context?: Context, ports?: EbsPorts): Promise<SQSBatchResponse>;
   /** Metric totals by name, from every handler of this deployment (e.g. `Grants_written`). */
   readonly metrics: Map<string, number>;
   /** Every data point emitted with its own dimensions (e.g. `CheckpointAgeSeconds` per plan). */
   readonly dimensioned: DimensionedMetric[];
   metric(name: string): number;
+  /** The DynamoDB operations each function sent (GetItem, Query, ...), what its IAM must allow. */
+  readonly operations: ReadonlyMap<FunctionName, ReadonlySet<string>>;
+  /** The disk's record of a cycle; throws when it is missing. */
+  disk(set: string, disk: string, cycleId: string): Promise<CycleDiskRecord>;
+  /** The disk's flow in a cycle; throws when it is missing. */
+  flowOf(set: string, disk: string, cycleId: string): Promise<FlowState>;
+  /** Every recorded completion of the disk (duplicates included). */
+  completions(set: string, disk: string, cycleId: string): Promise<CompletionEntry[]>;
+  /** The node's live and expired reservations as stored: holder -> [bytes, until]. */
+  reservations(): Promise<Record<string, [number, number]>>;
 }
 
 let deployments = 0;
+
+/** A DynamoDB client of one function, recording the operations it sends. */
+function recordingClient(e: Emulators, into: Set<string>): DynamoDBClient {
+  const client = new DynamoDBClient({
+    endpoint: e.ddb.endpoint,
+    region: 'us-east-1',
+    credentials: { accessKeyId: 'AKIDFERRYTEST', secretAccessKey: 'ferry-test-secret' },
+  });
+  client.middlewareStack.add(
+    (next, context) => (args) => {
+      into.add(String(context.commandName).replace(/Command$/, ''));
+      return next(args);
+    },
+    { step: 'initialize', name: 'recordOperations' },
+  );
+  return client;
+}
 
 export async function deploy(
   e: Emulators,
@@ -166,9 +227,8 @@ export async function deploy(
     visibilitySeconds: opts.visibilitySeconds ?? 3,
   });
   const clock = new TestClock();
-  const store = new CycleStore(e.ddb.client, table);
   const events = new RecordingPublisher();
-  const base = {
+  const env = {
     TABLE_NAME: table,
     QUEUE_URL: queueUrl,
     NODE_BUDGET: opts.nodeBudget ?? '6 MiB',
@@ -203,55 +263,87 @@ export async function deploy(
   };
   const metrics = new Map<string, number>();
   const dimensioned: DimensionedMetric[] = [];
-  const wiring = {
-    dynamo: e.ddb.client,
-    sqs: e.sqs.client,
-    ebs: live,
-    events,
-    now: clock.now,
-    log: silentObservability.log,
-    meter: {
-      add: (name: string, unit: string, value: number, dimensions?: Readonly<Record<string, string>>) => {
-        metrics.set(name, (metrics.get(name) ?? 0) + value);
-        if (dimensions !== undefined) dimensioned.push({ name, unit, value, dimensions });
+  const operations = new Map<FunctionName, Set<string>>();
+  const wiringOf = (fn: FunctionName): Wiring => {
+    const ops = operations.get(fn) ?? new Set<string>();
+    operations.set(fn, ops);
+    const dynamo = recordingClient(e, ops);
+    functionClients.push(dynamo);
+    return {
+      dynamo,
+      sqs: e.sqs.client,
+      ebs: live,
+      events,
+      clock,
+      random: seededRandom(deployments),
+      log: silentObservability.log,
+      meter: {
+        add: (name, unit, value, dimensions) => {
+          metrics.set(name, (metrics.get(name) ?? 0) + value);
+          if (dimensions !== undefined) dimensioned.push({ name, unit, value, dimensions });
+        },
       },
-    },
-    maxDescriptorsPerPage: opts.pageCap ?? 4,
-    queueSleep: async () => {},
+      maxDescriptorsPerPage: opts.pageCap ?? 4,
+      queueSleep: async () => {},
+    };
   };
   const obs = silentObservability;
-  const planner = createPlannerHandler(() => ({
-    deps: plannerDeps(wiring, parseEnvironment('planner', base)),
+  // One warm container per function, as Lambda keeps one between invocations.
+  const plannerRuntime = { deps: plannerDeps(wiringOf('planner'), parseEnvironment('planner', env)), obs };
+  const differRuntime = { deps: differDeps(wiringOf('differ'), parseEnvironment('differ', env)), obs };
+  const finalizerRuntime = {
+    deps: finalizerDeps(wiringOf('finalizer'), parseEnvironment('finalizer', env)),
     obs,
-  }));
-  const differ = createDifferHandler(() => ({
-    deps: differDeps(wiring, parseEnvironment('differ', base)),
-    obs,
-  }));
-  const finalizer = createFinalizerHandler(() => ({
-    deps: finalizerDeps(wiring, parseEnvironment('finalizer', base)),
-    obs,
-  }));
-  const writerEnv = parseEnvironment('chunk-writer', base);
-  const writerDefault = writerDeps(wiring, writerEnv);
-  const writer = async (event: SQSEvent, context?: Context, custom?: EbsPorts): Promise<SQSBatchResponse> => {
-    const deps = custom === undefined ? writerDefault : writerDeps({ ...wiring, ebs: custom }, writerEnv);
-    return createChunkWriterHandler(() => ({ deps, obs }))(event, context ?? lambdaContext());
   };
+  const writerWiring = wiringOf('chunk-writer');
+  const writerEnv = parseEnvironment('chunk-writer', env);
+  const writerRuntime = { deps: writerDeps(writerWiring, writerEnv), obs };
+  const warmWriter = createChunkWriterHandler(() => writerRuntime);
+  const writer = async (event: SQSEvent, context?: Context, custom?: EbsPorts): Promise<SQSBatchResponse> => {
+    if (custom === undefined) return warmWriter(event, context ?? lambdaContext());
+    const cold = { deps: writerDeps({ ...writerWiring, ebs: custom }, writerEnv), obs };
+    return createChunkWriterHandler(() => cold)(event, context ?? lambdaContext());
+  };
+  const ledger = new DynamoCycleLedger(e.ddb.client, { table });
+  const flow = new DynamoGrantFlow(e.ddb.client, { table });
   return {
     table,
     queueUrl,
     clock,
-    store,
+    ledger,
+    flow,
+    locks: new DynamoPlanLocks(e.ddb.client, { table }),
     events,
     ports,
-    planner: planner as Deployment['planner'],
-    differ,
-    finalizer: finalizer as Deployment['finalizer'],
+    planner: createPlannerHandler(() => plannerRuntime) as Deployment['planner'],
+    differ: createDifferHandler(() => differRuntime),
+    finalizer: createFinalizerHandler(() => finalizerRuntime) as Deployment['finalizer'],
     writer,
     metrics,
     dimensioned,
     metric: (name: string) => metrics.get(name) ?? 0,
+    operations,
+    async disk(set, disk, cycleId) {
+      const rec = await ledger.getDisk(set, disk, cycleId);
+      if (rec === undefined) throw new Error(`no record of disk ${disk} in cycle ${cycleId} of ${set}`);
+      return rec;
+    },
+    async flowOf(set, disk, cycleId) {
+      const state = await flow.get({ set, disk, cycleId });
+      if (state === undefined) throw new Error(`no flow of disk ${disk} in cycle ${cycleId} of ${set}`);
+      return state;
+    },
+    async completions(set, disk, cycleId) {
+      const out: CompletionEntry[] = [];
+      for await (const c of ledger.listCompletions(set, disk, cycleId)) out.push(c);
+      return out;
+    },
+    async reservations() {
+      const out = await e.ddb.doc.send(
+        new GetCommand({ TableName: table, Key: cycleKeys.nodeBudget(NODE_ID), ConsistentRead: true }),
+      );
+      return (out.Item?.h ?? {}) as Record<string, [number, number]>;
+    },
   };
 }
 
@@ -403,7 +495,10 @@ export interface DriveOptions {
    * simulate an invocation that crashed (nothing acknowledged).
    */
   invokeWriter?: (event: SQSEvent, n: number) => Promise<SQSBatchResponse | undefined>;
-  /** When the queue is empty and a tick made no progress, move the clock (lets leases expire). */
+  /**
+   * When the queue is empty and two ticks made no progress, move the clock this far: unfinished
+   * grants age past LEASE_SECONDS, and the tick grants them again.
+   */
   advanceWhenIdleMs?: number;
   /** Writer invocations between two ticks. */
   batchesPerTick?: number;
