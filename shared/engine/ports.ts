@@ -84,8 +84,12 @@ export interface DiskTarget {
    * fails, and on the next run after a crash between commit and publication.
    */
   rollback?(): Promise<void>;
-  /** Called after the checkpoint is published: drop staging and undo data kept for `commit`. */
-  afterPublish?(): Promise<void>;
+  /**
+   * Called after the checkpoint is published: drop staging and undo data kept for `commit`. A
+   * target that keeps history may keep this cycle's undo data as `published`'s (what it overwrote
+   * of the previous checkpoint). Idempotent: a crash inside it is finished by calling it again.
+   */
+  afterPublish?(published?: PublishedCheckpoint): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -157,6 +161,9 @@ export interface CheckpointDisk {
   /** Target-specific proof of the whole disk (e.g. a manifest digest, a snapshot id). */
   readonly targetRef?: string;
 }
+
+/** Which checkpoint a cycle was published as (told to targets in `afterPublish`). */
+export type PublishedCheckpoint = Pick<RecoveryCheckpoint, 'id' | 'sequence'>;
 
 /** A validated, complete, consistent set of disks an operator can recover to. */
 export interface RecoveryCheckpoint {

@@ -23,6 +23,7 @@ import type {
   DiskAggregate,
   DiskSource,
   DiskTarget,
+  PublishedCheckpoint,
   Random,
   RecoveryCheckpoint,
   ResumeClaim,
@@ -270,7 +271,7 @@ export async function replicate(job: ReplicationJob, ports: ReplicationPorts): P
     for (const d of disks) emit({ type: 'disk-done', disk: d.disk, bytes: d.bytes, chunks: d.chunks });
     emit({ type: 'published', checkpoint });
     await step('after-publish');
-    await finishCommit(job.set, targets, { ...ports });
+    await finishCommit(job.set, targets, { ...ports }, checkpoint);
 
     return {
       checkpoint,
@@ -371,7 +372,7 @@ export async function recoverCommit(set: string, ports: CommitPorts): Promise<vo
     ({ target }) => (published ? target.afterPublish : target.rollback) !== undefined,
   );
   const unsupported = targets.filter((t) => !able.includes(t)).map((t) => t.disk);
-  if (published) await finishCommit(set, targets, ports);
+  if (published) await finishCommit(set, targets, ports, latest);
   else {
     for (const { target } of able) await target.rollback?.();
     await ports.journal?.clear(set);
@@ -385,14 +386,18 @@ export async function recoverCommit(set: string, ports: CommitPorts): Promise<vo
   });
 }
 
-/** After publication: targets drop their staging and undo data, progress goes, then the intent. */
+/**
+ * After publication: targets drop their staging and undo data (or keep it as `published`'s
+ * history), progress goes, then the intent.
+ */
 async function finishCommit(
   set: string,
   targets: readonly { disk: string; target: DiskTarget }[],
   ports: CommitPorts,
+  published: PublishedCheckpoint,
 ): Promise<void> {
   for (const { disk, target } of targets) {
-    await target.afterPublish?.();
+    await target.afterPublish?.({ id: published.id, sequence: published.sequence });
     await ports.state.clearProgress(set, disk);
   }
   await ports.journal?.clear(set);
