@@ -15,8 +15,10 @@ import {
   recoverCommit,
   replicate,
 } from '../shared/engine/replicate.ts';
+import { oldestKept, resolveRetention, retentionSchema } from '../shared/engine/retention.ts';
 import { settleAll } from '../shared/engine/settle.ts';
 import { FileTarget } from '../shared/local/file-target.ts';
+import { type PruneStep, pruneHistory } from '../shared/local/history.ts';
 import { LocalStateStore } from '../shared/local/state-dir.ts';
 import { systemClock, systemRandom } from '../shared/runtime/clock.ts';
 import { readChangeFile } from './change-map.ts';
@@ -38,6 +40,8 @@ export const jobSpecSchema = z.strictObject({
   set: nameSchema.default('default'),
   disks: z.array(diskSpecSchema).min(1),
   params: z.record(z.string(), z.unknown()).default({}),
+  /** How many checkpoints stay recoverable from file targets' history (default: the last 24). */
+  retain: retentionSchema.optional(),
 });
 
 export type DiskSpec = z.infer<typeof diskSpecSchema>;
@@ -54,7 +58,16 @@ export interface LocalRunOptions {
   readonly step?: (step: CycleStep) => void | Promise<void>;
   /** ferry:// targets over plain TCP (--insecure): only toward a node on this host started that way. */
   readonly insecure?: boolean;
+  /** Told each named point of the history's pruning (tests); FERRY_TEST_CRASH_AT is used when absent. */
+  readonly pruneStep?: (step: PruneStep) => void | Promise<void>;
+  /** Told what the retention setting pruned after the checkpoint was published. */
+  readonly onHistory?: (event: HistoryEvent) => void;
 }
+
+/** What pruning a file target's history did after a publication. */
+export type HistoryEvent =
+  | { readonly type: 'pruned'; readonly disk: string; readonly sequences: readonly number[] }
+  | { readonly type: 'prune-failed'; readonly disk: string; readonly error: string };
 
 export function parseJobSpec(value: unknown, origin: string): JobSpec {
   const parsed = jobSpecSchema.safeParse(value);
@@ -99,7 +112,7 @@ export async function runLocalJob(spec: JobSpec, opts: LocalRunOptions): Promise
     const disks: DiskJob[] = [];
     let blockSize = 0;
     for (const { d, changed, rawSource } of opened) {
-      const rawTarget = openTarget(d.target, { join: d.join, insecure: opts.insecure });
+      const rawTarget = openTarget(d.target, { join: d.join, insecure: opts.insecure, keepHistory: true });
       targets.push(rawTarget);
       blockSize = Math.max(blockSize, rawTarget.blockSize);
       disks.push({
@@ -110,7 +123,7 @@ export async function runLocalJob(spec: JobSpec, opts: LocalRunOptions): Promise
       });
     }
     const params = resolveParams(sourceSideParams(spec, blockSize), { targetBlockSize: blockSize });
-    return await replicate(
+    const result = await replicate(
       { set: spec.set, disks, params },
       {
         clock: systemClock,
@@ -123,9 +136,36 @@ export async function runLocalJob(spec: JobSpec, opts: LocalRunOptions): Promise
         ...(opts.signal ? { signal: opts.signal } : {}),
       },
     );
+    await pruneSetHistory(spec, state, opts);
+    return result;
   } finally {
     await Promise.allSettled([...sources.map((s) => s.close()), ...targets.map((t) => t.close())]);
     await unlock();
+  }
+}
+
+/**
+ * After a publication, under the set's lock: each file target's history keeps what the set's
+ * retention setting keeps, and no more. A prune that fails leaves more history than the setting,
+ * never less, so it is reported and the run (whose checkpoint is published) still succeeds; the
+ * next publication prunes again.
+ */
+async function pruneSetHistory(spec: JobSpec, state: LocalStateStore, opts: LocalRunOptions): Promise<void> {
+  const keepFrom = oldestKept(
+    await state.listCheckpoints(spec.set),
+    resolveRetention(spec.retain),
+    systemClock.now(),
+  );
+  if (keepFrom === undefined) return;
+  const step = opts.pruneStep ?? pruneCrashHook();
+  for (const d of spec.disks) {
+    if (!isFileUri(d.target)) continue;
+    try {
+      const sequences = await pruneHistory(filePath(d.target, 'target'), keepFrom, step);
+      if (sequences.length > 0) opts.onHistory?.({ type: 'pruned', disk: d.id, sequences });
+    } catch (err) {
+      opts.onHistory?.({ type: 'prune-failed', disk: d.id, error: errorMessage(err) });
+    }
   }
 }
 
@@ -199,7 +239,9 @@ export async function withSetLocked<T>(
  * commits on its side, an EBS commit is a new snapshot), so there is nothing to undo here.
  */
 function reopenForRecovery(_disk: string, name: string): DiskTarget | undefined {
-  if (name.startsWith('file:')) return new FileTarget(filePath(name, 'target'));
+  // With its history kept, as the run that committed it would have: finishing a published commit
+  // keeps its undo data as the checkpoint's history.
+  if (name.startsWith('file:')) return new FileTarget(filePath(name, 'target'), { keepHistory: true });
   const refuse = async (): Promise<never> => {
     throw new FerryError(`${name}: opened for commit recovery only`);
   };
@@ -275,7 +317,8 @@ async function fileKey(path: string): Promise<string> {
 
 /**
  * Fault injection for the crash tests: FERRY_TEST_CRASH_AT=<step> (planned, mid-transfer,
- * commit:<disk index>, before-publish, after-publish) kills this process with SIGKILL there.
+ * commit:<disk index>, before-publish, after-publish; mid-prune: see pruneCrashHook) kills this
+ * process with SIGKILL there.
  */
 function crashHook(): { step?: (step: CycleStep) => void } {
   const at = process.env.FERRY_TEST_CRASH_AT;
@@ -284,5 +327,14 @@ function crashHook(): { step?: (step: CycleStep) => void } {
     step: (step) => {
       if (step === at) process.kill(process.pid, 'SIGKILL');
     },
+  };
+}
+
+/** FERRY_TEST_CRASH_AT=mid-prune: SIGKILL once the first history entry is moved aside for deletion. */
+function pruneCrashHook(): ((step: PruneStep) => void) | undefined {
+  const at = process.env.FERRY_TEST_CRASH_AT;
+  if (at !== 'mid-prune') return undefined;
+  return (step) => {
+    if (step === at) process.kill(process.pid, 'SIGKILL');
   };
 }

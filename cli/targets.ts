@@ -27,7 +27,12 @@ export interface RemoteAccess {
   readonly insecure?: boolean | undefined;
 }
 
-export function openTarget(uri: string, access: RemoteAccess = {}): DiskTarget {
+export interface TargetOptions extends RemoteAccess {
+  /** File targets keep each published cycle's undo data as history (point-in-time recovery). */
+  readonly keepHistory?: boolean;
+}
+
+export function openTarget(uri: string, access: TargetOptions = {}): DiskTarget {
   if (uri.startsWith('ferry://')) return remoteTarget(uri, access);
   if (access.join !== undefined) {
     throw new ConfigError(`target ${uri}: a join file is for ferry:// targets only`, { setting: 'join' });
@@ -40,7 +45,7 @@ export function openTarget(uri: string, access: RemoteAccess = {}): DiskTarget {
       },
     );
   }
-  return new FileTarget(filePath(uri, 'target'));
+  return new FileTarget(filePath(uri, 'target'), { keepHistory: access.keepHistory ?? false });
 }
 
 /**
@@ -80,7 +85,7 @@ function remoteTarget(uri: string, access: RemoteAccess): DiskTarget {
     writeChunk: async (d, data, sha256, signal) => (await load()).writeChunk(d, data, sha256, signal),
     read: async (offset, length, signal) => (await load()).read(offset, length, signal),
     commit: async (summary) => (await load()).commit(summary),
-    afterPublish: async () => (await load()).afterPublish?.(),
+    afterPublish: async (published) => (await load()).afterPublish?.(published),
     close: async () => {
       if (loaded) await (await loaded).close();
     },

@@ -9,9 +9,10 @@ import type { Descriptor } from '../engine/descriptors.ts';
 import { FerryError, IntegrityError, TransferError } from '../engine/errors.ts';
 import type { Extent } from '../engine/extents.ts';
 import { sha256Hex } from '../engine/integrity.ts';
-import type { CopyKind, DiskCommit, DiskTarget, ResumeClaim } from '../engine/ports.ts';
+import type { CopyKind, DiskCommit, DiskTarget, PublishedCheckpoint, ResumeClaim } from '../engine/ports.ts';
 import { MiB } from '../engine/units.ts';
 import { syncDir, writeAtomic } from './durable.ts';
+import { recordHistory } from './history.ts';
 
 // 4 KiB: the filesystem and page-cache unit; change maps are aligned to it, so a 512-byte CBT
 // extent costs one page, not more.
@@ -23,6 +24,11 @@ export const MANIFEST_REGION = MiB;
 export interface FileTargetOptions {
   /** Read every chunk back after writing and compare its hash (default true). */
   readonly verifyWrites?: boolean;
+  /**
+   * Keep each published cycle's undo data as history (see history.ts), so older checkpoints can be
+   * materialised; whoever keeps it prunes it (default false: the undo data is dropped).
+   */
+  readonly keepHistory?: boolean;
 }
 
 /**
@@ -39,8 +45,10 @@ export interface FileTargetOptions {
  *                             the staging file is renamed over PATH
  *   PATH.ferry-manifest       per-MiB digests of the image of the last published checkpoint
  *   PATH.ferry-manifest.next  the same for the committed cycle, installed once it is published
+ *   PATH.ferry-history/       with `keepHistory`: published cycles' undo data (history.ts)
  * Until publication `rollback` restores the previous image and manifest from these and keeps the
- * staging file, so a rerun resumes; `afterPublish` installs the manifest and removes the rest.
+ * staging file, so a rerun resumes; `afterPublish` installs the manifest and removes the rest,
+ * with `keepHistory` after linking the undo data and the previous manifest into the history.
  */
 type Mode = 'direct' | 'staged';
 
@@ -62,6 +70,7 @@ export class FileTarget implements DiskTarget {
   private readonly undoPath: string;
   private readonly undoImagePath: string;
   private readonly verifyWrites: boolean;
+  private readonly keepHistory: boolean;
   private fh: FileHandle | undefined;
   private mode: Mode = 'direct';
   private kind: CopyKind = 'full';
@@ -87,6 +96,7 @@ export class FileTarget implements DiskTarget {
     this.undoPath = `${path}.ferry-undo`;
     this.undoImagePath = `${path}.ferry-undo-image`;
     this.verifyWrites = opts.verifyWrites ?? true;
+    this.keepHistory = opts.keepHistory ?? false;
   }
 
   async open(sizeBytes: number, kind: CopyKind, resume: boolean, cycleId = 'unnamed'): Promise<void> {
@@ -256,7 +266,7 @@ export class FileTarget implements DiskTarget {
       await rename(this.undoImagePath, this.path);
       await rm(this.undoImagePath, { force: true });
     } else if ((await sizeOf(this.undoPath)) !== undefined) {
-      await restoreUndo(this.undoPath, this.path, this.name);
+      await applyUndoLog(this.undoPath, this.path, this.name);
       await rm(this.undoPath, { force: true });
     }
     await rm(`${this.undoPath}.tmp`, { force: true });
@@ -264,20 +274,41 @@ export class FileTarget implements DiskTarget {
     await syncDir(dirname(this.path));
   }
 
-  async afterPublish(): Promise<void> {
+  async afterPublish(published?: PublishedCheckpoint): Promise<void> {
     await this.close();
-    await this.installCommitted();
+    await this.installCommitted(published);
     for (const p of [this.stagingPath, this.cyclePath]) await rm(p, { force: true });
   }
 
   /** The committed cycle becomes the image's truth: its manifest goes in, the undo data goes. */
-  private async installCommitted(): Promise<void> {
+  private async installCommitted(published: PublishedCheckpoint | undefined): Promise<void> {
     // The manifest first: until it is installed, the undo data stays for a rollback.
     if ((await sizeOf(this.nextManifestPath)) !== undefined) {
+      // While the previous manifest is still in place: a rerun after a crash records it again.
+      if (this.keepHistory && published !== undefined) await this.keepAsHistory(published);
       await rename(this.nextManifestPath, this.manifestPath);
       await syncDir(dirname(this.path));
     }
     for (const p of [this.undoPath, this.undoImagePath]) await rm(p, { force: true });
+  }
+
+  /**
+   * Links the undo data of the published cycle and the previous checkpoint's manifest into the
+   * history as the cycle's entry. Nothing is kept for a direct copy (it overwrote nothing), for undo
+   * data of another cycle than the one published, or without a previous manifest to verify against.
+   */
+  private async keepAsHistory(published: PublishedCheckpoint): Promise<void> {
+    const record = await this.readCycleRecord().catch(() => undefined);
+    if (record?.cycleId !== published.id || record.mode !== 'staged') return;
+    if ((await sizeOf(this.manifestPath)) === undefined) return;
+    const reseed = (await sizeOf(this.undoImagePath)) !== undefined;
+    if (!reseed && (await sizeOf(this.undoPath)) === undefined) return;
+    await recordHistory(this.path, published, {
+      kind: reseed ? 'image' : 'undo',
+      data: reseed ? this.undoImagePath : this.undoPath,
+      manifest: this.manifestPath,
+      manifestRef: manifestDigest(await readManifest(this.manifestPath)),
+    });
   }
 
   async close(): Promise<void> {
@@ -383,6 +414,22 @@ export interface VerifyReport {
 export async function verifyFileImage(path: string, expectedRef: string | undefined): Promise<VerifyReport> {
   const manifest = await readManifest(`${path}.ferry-manifest`);
   const manifestRef = manifestDigest(manifest);
+  const { regions, mismatches } = await compareWithManifest(path, manifest);
+  const refOk = expectedRef === undefined || expectedRef === manifestRef;
+  return { ok: refOk && mismatches.length === 0, regions, mismatches, manifestRef };
+}
+
+/**
+ * Hashes a file region by region (MANIFEST_REGION, the last one short) and compares each digest
+ * with `manifest`. Returns the region count and the offsets of the first mismatching regions (at
+ * most 10; offset 0 also when the manifest has another number of regions). `onBytes` is told each
+ * region's length as it is hashed.
+ */
+export async function compareWithManifest(
+  path: string,
+  manifest: Uint8Array,
+  onBytes?: (bytes: number) => void,
+): Promise<{ regions: number; mismatches: number[] }> {
   const fh = await open(path, 'r');
   try {
     const size = (await fh.stat()).size;
@@ -391,13 +438,14 @@ export async function verifyFileImage(path: string, expectedRef: string | undefi
     if (manifest.length !== regions * 32) mismatches.push(0);
     for (let i = 0; i < regions && mismatches.length < 10; i++) {
       const off = i * MANIFEST_REGION;
+      const length = Math.min(MANIFEST_REGION, size - off);
       const digest = createHash('sha256')
-        .update(await readAt(fh, off, Math.min(MANIFEST_REGION, size - off), `file:${path}`))
+        .update(await readAt(fh, off, length, `file:${path}`))
         .digest();
       if (!digest.equals(manifest.subarray(i * 32, i * 32 + 32))) mismatches.push(off);
+      onBytes?.(length);
     }
-    const refOk = expectedRef === undefined || expectedRef === manifestRef;
-    return { ok: refOk && mismatches.length === 0, regions, mismatches, manifestRef };
+    return { regions, mismatches };
   } finally {
     await fh.close();
   }
@@ -455,9 +503,10 @@ async function updateManifest(
   return manifestDigest(manifest);
 }
 
-const manifestDigest = (manifest: Uint8Array): string => `manifest-sha256:${sha256Hex(manifest)}`;
+/** The reference a checkpoint records for a manifest (`targetRef`): a digest of its digests. */
+export const manifestDigest = (manifest: Uint8Array): string => `manifest-sha256:${sha256Hex(manifest)}`;
 
-async function readManifest(path: string): Promise<Buffer> {
+export async function readManifest(path: string): Promise<Buffer> {
   const fh = await open(path, 'r');
   try {
     const size = (await fh.stat()).size;
@@ -506,8 +555,16 @@ function* range(n: number): Generator<TouchedRegion> {
   for (let i = 0; i < n; i++) yield { index: i, lo: i * MANIFEST_REGION, hi: (i + 1) * MANIFEST_REGION };
 }
 
-/** Writes an undo log's saved bytes back over the image (see FileTarget.writeUndo for its layout). */
-async function restoreUndo(undoPath: string, imagePath: string, name: string): Promise<void> {
+/**
+ * Writes an undo log's saved bytes back over the image at their offsets, and syncs it (see
+ * FileTarget.writeUndo for the layout). `onBytes` is told each piece's length as it is written.
+ */
+export async function applyUndoLog(
+  undoPath: string,
+  imagePath: string,
+  name: string,
+  onBytes?: (bytes: number) => void,
+): Promise<void> {
   const undo = await open(undoPath, 'r');
   const image = await open(imagePath, 'r+');
   try {
@@ -521,6 +578,7 @@ async function restoreUndo(undoPath: string, imagePath: string, name: string): P
         const len = Math.min(MANIFEST_REGION, offset + length - off);
         await writeAll(image, await readAt(undo, at, len, name), off);
         at += len;
+        onBytes?.(len);
       }
     }
     await image.sync();
@@ -545,7 +603,7 @@ async function createSparse(path: string, size: number): Promise<FileHandle> {
   return fh;
 }
 
-async function writeAll(fh: FileHandle, data: Uint8Array, offset: number): Promise<void> {
+export async function writeAll(fh: FileHandle, data: Uint8Array, offset: number): Promise<void> {
   let done = 0;
   while (done < data.length) {
     const { bytesWritten } = await fh.write(data, done, data.length - done, offset + done);
@@ -553,7 +611,12 @@ async function writeAll(fh: FileHandle, data: Uint8Array, offset: number): Promi
   }
 }
 
-async function readAt(fh: FileHandle, offset: number, length: number, name: string): Promise<Uint8Array> {
+export async function readAt(
+  fh: FileHandle,
+  offset: number,
+  length: number,
+  name: string,
+): Promise<Uint8Array> {
   const buf = Buffer.allocUnsafe(length); // filled completely or rejected
   let done = 0;
   while (done < length) {
