@@ -3,11 +3,18 @@
 // SQS (fauxqs) and EBS (Ferry's emulator); EC2 volumes are buffers in memory. A two-disk plan
 // replicates a full cycle and incremental cycles, and every published checkpoint's snapshots are
 // read back block by block and compared with the volumes as they were snapshotted. Each cycle's
-// requests are counted and priced (local-cloud/usage.ts, cost.ts, prices.ts).
-import type { ExecutionOutcome, LocalCloudEvent } from '../local-cloud/cloud.ts';
-import type { CycleCost } from '../local-cloud/cost.ts';
+// requests are counted and priced (local-cloud/usage.ts, cost.ts, prices.ts); the settings they were
+// counted with (fast or real waits, the workload's size) are printed and recorded with them.
+import type {
+  ExecutionOutcome,
+  LocalCloudEvent,
+  LocalCloudSettings,
+  WaitMode,
+} from '../local-cloud/cloud.ts';
+import type { CycleCost, TransitionBreakdown } from '../local-cloud/cost.ts';
 import type { Usage } from '../local-cloud/usage.ts';
-import { formatBytes, MiB } from '../shared/engine/units.ts';
+import type { WorkloadSize } from '../local-cloud/workload.ts';
+import { formatBytes } from '../shared/engine/units.ts';
 
 export interface LocalCloudDemoOptions {
   /** Incremental cycles after the full one. */
@@ -16,15 +23,15 @@ export interface LocalCloudDemoOptions {
   readonly faults: boolean;
   /** Print every state the executions enter, not only the milestones. */
   readonly verbose: boolean;
+  /** 'fast' cuts every Wait to 200 ms (its Step Functions counts are not AWS's); 'real' does not. */
+  readonly waits: WaitMode;
+  /** The workload: its disks and how much each cycle changes (local-cloud/workload.ts). */
+  readonly size: WorkloadSize;
   readonly json: boolean;
   readonly log: (line: string) => void;
 }
 
 const PLAN = 'local-plan';
-const VOLUMES = [
-  { disk: 'root', size: 48 * MiB },
-  { disk: 'data', size: 96 * MiB },
-];
 
 interface CycleSummary extends Omit<CycleCost, 'costPerCycle'> {
   readonly cycle: string;
@@ -41,6 +48,8 @@ interface CycleSummary extends Omit<CycleCost, 'costPerCycle'> {
   readonly seconds: number;
   readonly verified: boolean;
   readonly costPerCycle: CycleCost['costPerCycle'];
+  /** The Step Functions transitions: passes around each Wait loop, and the cycle's fixed path. */
+  readonly stepFunctions: TransitionBreakdown;
   /** Every counter the cost is computed from (local-cloud/usage.ts). */
   readonly usage: Usage;
 }
@@ -52,7 +61,7 @@ export async function runLocalCloud(opts: LocalCloudDemoOptions): Promise<boolea
     '../local-cloud/start-emulators.ts'
   );
   await checkLocalCloudPrerequisites();
-  const [{ LocalCloud }, { fillRegion, scatterWrites, zeroBlock }, { cycleCost }, { PRICES }] =
+  const [{ LocalCloud }, { changeVolumes, workloadDisks }, { cycleCost, transitionBreakdown }, { PRICES }] =
     await Promise.all([
       import('../local-cloud/cloud.ts'),
       import('../local-cloud/workload.ts'),
@@ -64,26 +73,29 @@ export async function runLocalCloud(opts: LocalCloudDemoOptions): Promise<boolea
   log('starting emulators: DynamoDB (dynalite), SQS (fauxqs), EBS direct APIs (Ferry emulator)');
   const emulators = await startLocalEmulators();
   const summaries: CycleSummary[] = [];
+  let settings: LocalCloudSettings | undefined;
   try {
     log('synthesizing the stack (as cdk synth) and resolving the cycle state machine to plain ASL');
-    const cloud = await LocalCloud.start({ endpoints: emulators.endpoints, snapshots: emulators.snapshots });
+    const cloud = await LocalCloud.start({
+      endpoints: emulators.endpoints,
+      snapshots: emulators.snapshots,
+      waits: opts.waits,
+    });
+    settings = cloud.settings;
     try {
-      const volumes = VOLUMES.map((v) => ({ ...v, volumeId: cloud.ec2.createVolume(v.size) }));
+      for (const line of describeSettings(cloud.settings)) log(line);
+      const volumes = workloadDisks(opts.size).map((v) => ({
+        ...v,
+        volumeId: cloud.ec2.createVolume(v.size),
+      }));
       const volume = (disk: string) => cloud.ec2.volume(volumes.find((v) => v.disk === disk)?.volumeId ?? '');
-      log(`volumes: ${volumes.map((v) => `${v.disk} ${v.volumeId} ${formatBytes(v.size)}`).join(', ')}`);
+      log(
+        `workload ${opts.size.name} (full ×${opts.size.fullScale}, incremental ×${opts.size.incrementalScale}): volumes ${volumes.map((v) => `${v.disk} ${v.volumeId} ${formatBytes(v.size)}`).join(', ')}`,
+      );
 
       for (let n = 0; n <= opts.incrementals; n++) {
-        if (n === 0) {
-          fillRegion(volume('root'), 0, 12 * MiB, 1);
-          fillRegion(volume('data'), 8 * MiB, 32 * MiB, 2);
-          scatterWrites(volume('data'), 200, 64 * 1024, 3);
-        } else {
-          // A fragmented change map: scattered small writes, a region rewritten, a block zeroed.
-          scatterWrites(volume('root'), 300, 4096, 10 + n);
-          scatterWrites(volume('data'), 150, 16 * 1024, 20 + n);
-          fillRegion(volume('data'), (50 + n * 4) * MiB, 4 * MiB, 30 + n);
-          zeroBlock(volume('data'), 20 + n);
-        }
+        // A fragmented change map: data regions and scattered writes, a region rewritten, a block zeroed.
+        changeVolumes(volume, opts.size, n);
         const name = `${PLAN}-${n === 0 ? 'full' : `incr-${n}`}-${Date.now()}`;
         const expected = new Map(volumes.map((v) => [v.disk, Buffer.from(volume(v.disk))]));
         const withFaults = opts.faults && n === 1;
@@ -141,13 +153,15 @@ export async function runLocalCloud(opts: LocalCloudDemoOptions): Promise<boolea
           seconds: Math.round(outcome.ms / 100) / 10,
           verified,
           ...cycleCost(outcome.usage, outcome.work),
+          stepFunctions: transitionBreakdown(outcome.usage, cloud.settings.waitLoops),
           usage: outcome.usage,
         };
         summaries.push(summary);
         log(
           `  ${summary.status === 'SUCCEEDED' ? 'published' : 'FAILED'} ${summary.checkpointId ?? summary.error ?? ''} in ${summary.seconds} s: ${summary.blocksWritten} blocks written, ${summary.writerInvocations} writer invocations (${summary.writersKilled} killed), ${summary.throttled} throttled, ${summary.childExecutions} child executions; ${verified ? 'bit-exact' : 'NOT VERIFIED'}`,
         );
-        log(`  ${costLine(summary)}`);
+        log(`  ${costLine(summary, cloud.settings)}`);
+        log(`  ${transitionsLine(summary.stepFunctions, cloud.settings)}`);
         if (!verified) break;
       }
     } finally {
@@ -157,18 +171,47 @@ export async function runLocalCloud(opts: LocalCloudDemoOptions): Promise<boolea
     await emulators.stop();
   }
   const ok = summaries.length === opts.incrementals + 1 && summaries.every((s) => s.verified);
-  if (opts.json) opts.log(JSON.stringify({ ok, prices: PRICES, cycles: summaries }, null, 2));
-  else log(ok ? 'every checkpoint verified bit-exact against its volumes' : 'local cloud run FAILED');
+  if (opts.json) {
+    const workload = {
+      ...opts.size,
+      disks: workloadDisks(opts.size).map((d) => ({ disk: d.disk, sizeBytes: d.size })),
+    };
+    opts.log(
+      JSON.stringify({ ok, prices: PRICES, settings: { ...settings, workload }, cycles: summaries }, null, 2),
+    );
+  } else log(ok ? 'every checkpoint verified bit-exact against its volumes' : 'local cloud run FAILED');
   return ok;
 }
 
 /** One line: the cycle's requests per chunk and what everything but the EBS direct APIs adds. */
-function costLine(s: CycleSummary): string {
+function costLine(s: CycleSummary, settings: LocalCloudSettings): string {
   const p = s.perChunk;
   if (p === undefined) return `cost: no chunks replicated; ${requestTotal(s.usage)} requests`;
   const f = (x: number) => (x >= 10 ? x.toFixed(0) : x.toFixed(1));
   const ratio = s.overheadRatio === undefined ? 'n/a' : `${(s.overheadRatio * 100).toFixed(0)}%`;
-  return `per chunk (${s.chunks} chunks): DynamoDB ${f(p.dynamodbWrites)} WRU / ${f(p.dynamodbReads)} RRU (${f(p.dynamodbWriteRequests)} writes, ${f(p.dynamodbReadRequests)} reads), SQS ${f(p.sqsRequests)}, Lambda ${f(p.lambdaInvocations)} invocations, ${f(p.stepFunctionsTransitions)} transitions; overhead ${ratio} of the EBS direct API fees`;
+  return `per chunk (${s.chunks} chunks): DynamoDB ${f(p.dynamodbWrites)} WRU / ${f(p.dynamodbReads)} RRU (${f(p.dynamodbWriteRequests)} writes, ${f(p.dynamodbReadRequests)} reads), SQS ${f(p.sqsRequests)}, Lambda ${f(p.lambdaInvocations)} invocations, ${f(p.stepFunctionsTransitions)} transitions${settings.waits === 'fast' ? ' (on compressed waits)' : ''}; overhead ${ratio} of the EBS direct API fees`;
+}
+
+/** What the run's timing makes of its counts: said before any cycle, so nobody misreads them. */
+export function describeSettings(s: LocalCloudSettings): string[] {
+  const loops = s.waitLoops.map((l) => `${l.wait} ${l.seconds ?? '?'} s`).join(', ');
+  return s.waits === 'fast'
+    ? [
+        `waits fast: every Wait state and retry pause cut to ${s.waitMs} ms (synthesized: ${loops}), lease ${s.leaseSeconds} s`,
+        '  Step Functions transitions are counted on compressed waits: a cycle goes round its tick loop far more often than on AWS, so that figure is not comparable to AWS (--waits real is)',
+      ]
+    : [
+        `waits real: Wait states and retry pauses as synthesized (${loops}); lease ${s.leaseSeconds} s, stuck after ${s.stuckTicks} ticks, visibility ${s.visibilityTimeoutSeconds} s, long poll ${s.pollWaitSeconds} s, as deployed`,
+      ];
+}
+
+/** Transitions per cycle: passes around each Wait loop, and the fixed path; flagged with fast waits. */
+export function transitionsLine(t: TransitionBreakdown, s: LocalCloudSettings): string {
+  const loops = t.waitLoops
+    .filter((l) => l.passes > 0)
+    .map((l) => `${l.passes} × "${l.wait}" (${l.statesPerPass} states) = ${l.transitions}`);
+  const caveat = s.waits === 'fast' ? ` [waits cut to ${s.waitMs} ms: not comparable to AWS]` : '';
+  return `Step Functions: ${t.transitions} transitions in ${t.executions} executions: ${[...loops, `${t.outsideWaitLoops} outside the Wait loops`].join(', ')}${caveat}`;
 }
 
 function requestTotal(u: Usage): number {

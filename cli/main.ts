@@ -217,17 +217,62 @@ program
     'inject faults into the first incremental: a killed writer, duplicate deliveries, throttling',
   )
   .option('--verbose', 'print every state the executions enter')
+  .addOption(
+    new Option(
+      '--waits <mode>',
+      'fast: every Wait state and retry pause cut to 200 ms (Step Functions counts not comparable to AWS); real: as synthesized (10 s between ticks, 60 s between snapshot polls), with the deployed lease and timeouts',
+    )
+      .choices(['fast', 'real'])
+      .default('fast'),
+  )
+  .addOption(
+    new Option(
+      '--size <preset>',
+      'the workload: small (disks of 48 and 96 MiB, about 90 MiB changed in the full cycle, 100 MiB per incremental) or large (576 MiB and 1.1 GiB disks, about 1 GiB full, 250 MiB per incremental; the process peaks near 16 GB of memory)',
+    )
+      .choices(['small', 'large'])
+      .default('small'),
+  )
+  .addOption(
+    new Option(
+      '--full-scale <x>',
+      "the full cycle's changes and the disks as a multiple of the small workload's",
+    ).argParser(Number),
+  )
+  .addOption(
+    new Option(
+      '--incremental-scale <x>',
+      "each incremental's changes as a multiple of the small workload's",
+    ).argParser(Number),
+  )
   .option('--json', 'print the results as JSON')
   .action(async (o) => {
     if (!Number.isSafeInteger(o.incrementals) || o.incrementals < 0 || o.incrementals > 20)
       throw new ConfigError('--incrementals must be a whole number from 0 to 20', {
         setting: 'incrementals',
       });
+    for (const [flag, value] of [
+      ['full-scale', o.fullScale],
+      ['incremental-scale', o.incrementalScale],
+    ] as const) {
+      // Up to 24: the volumes (1.7 GiB at 12) live in memory, several copies of them.
+      if (value !== undefined && !(Number.isFinite(value) && value > 0 && value <= 24))
+        throw new ConfigError(`--${flag} must be a number above 0, at most 24`, { setting: flag });
+    }
     const { runLocalCloud } = await import('./local-cloud.ts');
+    const { WORKLOAD_SIZES } = await import('../local-cloud/workload.ts');
+    const preset = WORKLOAD_SIZES[o.size as keyof typeof WORKLOAD_SIZES];
+    const custom = o.fullScale !== undefined || o.incrementalScale !== undefined;
     const ok = await runLocalCloud({
       incrementals: o.incrementals,
       faults: Boolean(o.faults),
       verbose: Boolean(o.verbose),
+      waits: o.waits,
+      size: {
+        name: custom ? `${preset.name}, rescaled` : preset.name,
+        fullScale: o.fullScale ?? preset.fullScale,
+        incrementalScale: o.incrementalScale ?? preset.incrementalScale,
+      },
       json: Boolean(o.json),
       log: out,
     });

@@ -1,7 +1,8 @@
 // Turns the synthesized cycle state machine into plain ASL that aws-local-stepfunctions can validate
 // and run: CDK emits the definition as an Fn::Join of tokens; Ref / Fn::GetAtt are resolved here to
 // fixed fake values (a Lambda's ARN is named after its logical id, so a task state leads back to its
-// function in the template).
+// function in the template). Its Wait loops are found here too, to tell a cycle's ticks and polls from
+// its fixed path.
 import type { StateMachineDefinition } from 'aws-local-stepfunctions';
 
 export const FAKE = { partition: 'aws', region: 'us-east-1', account: '123456789012' } as const;
@@ -66,6 +67,57 @@ export function allStates(def: StateMachineDefinition): Map<string, Record<strin
   };
   walk(def.States as Record<string, unknown>);
   return out;
+}
+
+/** A Wait state that the definition loops through, and one pass around its loop. */
+export interface WaitLoop {
+  readonly wait: string;
+  /** The Wait's duration as synthesized (Seconds); undefined when it is read from the input. */
+  readonly seconds: number | undefined;
+  /** The states one pass enters, the Wait first: the shortest way from the Wait back to it. */
+  readonly states: readonly string[];
+}
+
+/** The states a state may go to next (Next, a Choice's rules and Default; not Catch). */
+function successors(state: Record<string, unknown>): string[] {
+  const choices = (state.Choices ?? []) as { Next?: unknown }[];
+  return [state.Next, ...choices.map((c) => c.Next), state.Default].filter(
+    (n): n is string => typeof n === 'string',
+  );
+}
+
+/**
+ * Every Wait state that lies on a loop, with the states one pass around it enters. Each pass is
+ * billed as that many state transitions, so a cycle's transitions split into passes (as many as the
+ * cycle waited: they grow with its duration) and the rest (its fixed path).
+ */
+export function waitLoops(def: StateMachineDefinition): WaitLoop[] {
+  const states = allStates(def);
+  const loops: WaitLoop[] = [];
+  for (const [wait, state] of states) {
+    if (state.Type !== 'Wait') continue;
+    // Breadth first from the Wait's successors back to the Wait: the shortest pass.
+    // `from` maps each state reached to the state it was reached from.
+    const from = new Map<string, string>();
+    const queue = [...new Set(successors(state))];
+    for (const n of queue) from.set(n, wait);
+    for (let i = 0; i < queue.length && queue[i] !== wait; i++) {
+      for (const next of successors(states.get(queue[i] as string) ?? {})) {
+        if (from.has(next)) continue;
+        from.set(next, queue[i] as string);
+        queue.push(next);
+      }
+    }
+    if (!from.has(wait)) continue;
+    const pass: string[] = [];
+    for (let at = from.get(wait); at !== undefined && at !== wait; at = from.get(at)) pass.unshift(at);
+    loops.push({
+      wait,
+      seconds: typeof state.Seconds === 'number' ? state.Seconds : undefined,
+      states: [wait, ...pass],
+    });
+  }
+  return loops;
 }
 
 /**

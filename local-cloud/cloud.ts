@@ -3,8 +3,10 @@
 // in-process (configured, as deployed, from their template environment, with the SDK's
 // AWS_ENDPOINT_URL_<SERVICE> pointing at DynamoDB, SQS and EBS emulators); its EC2 states run
 // against LocalEc2 (volumes in memory, snapshots in the EBS emulator); its child executions run the
-// same definition recursively; its Wait states are shortened. A local event source mapping feeds the
-// grant queue to the chunk-writer while an execution runs.
+// same definition recursively; its Wait states are shortened (`waits: 'fast'`, for tests and the demo)
+// or run as synthesized (`waits: 'real'`, for a measurement whose Step Functions transitions must be
+// what AWS would bill). A local event source mapping feeds the grant queue to the chunk-writer while
+// an execution runs.
 //
 // One LocalCloud per process: Lambda handlers keep their container (clients, configuration) in
 // module state, as they do in Lambda, so the first cloud's environment is theirs for good.
@@ -15,6 +17,7 @@ import type { SQSEvent } from 'aws-lambda';
 import { ExecutionError, StateMachine, type StateMachineDefinition } from 'aws-local-stepfunctions';
 import { handler as chunkWriterHandler } from '../functions/chunk-writer/handler.ts';
 import type { FunctionName } from '../functions/contracts.ts';
+import { ENV_DEFAULTS } from '../functions/contracts.ts';
 import { handler as differHandler } from '../functions/differ/handler.ts';
 import { handler as finalizerHandler } from '../functions/finalizer/handler.ts';
 import { handler as plannerHandler } from '../functions/planner/handler.ts';
@@ -25,7 +28,14 @@ import { DynamoStateStore } from '../shared/aws/dynamo/state-store.ts';
 import { createEbsClient } from '../shared/aws/ebs/client.ts';
 import { createGrantQueue } from '../shared/aws/sqs/grant-queue.ts';
 import type { RecoveryCheckpoint } from '../shared/engine/ports.ts';
-import { allStates, ensurePromiseWithResolvers, FAKE, logicalIdOfFakeArn } from './asl.ts';
+import {
+  allStates,
+  ensurePromiseWithResolvers,
+  FAKE,
+  logicalIdOfFakeArn,
+  type WaitLoop,
+  waitLoops,
+} from './asl.ts';
 import type { CycleWork } from './cost.ts';
 import { Ec2Error, LocalEc2, type SnapshotStore } from './ec2.ts';
 import {
@@ -63,7 +73,10 @@ const HANDLERS: Record<FunctionName, Handler> = {
 
 // ---- tuning -------------------------------------------------------------------------------------
 
-/** Defaults of a local run, each with its reason. The deployment's own values stay where they fit. */
+/**
+ * Defaults of a fast local run (`waits: 'fast'`), each with its reason. The deployment's own values
+ * stay where they fit; with `waits: 'real'` the timing ones are the deployment's too (localSettings).
+ */
 export const LOCAL_DEFAULTS = Object.freeze({
   // Every Wait state (10 s between ticks, 60 s between snapshot polls) and every retry pause: the
   // loops run as deployed, only faster; a small cycle takes seconds.
@@ -77,9 +90,23 @@ export const LOCAL_DEFAULTS = Object.freeze({
   // is longer than the lease, so a dead writer's grants are reclaimed by the planner, not redelivered.
   visibilityTimeoutSeconds: 20,
   // Writer invocations at once (the deployment allows `writerConcurrency`, 20 by default): enough to
-  // run several batches in parallel on a laptop without drowning it.
+  // run several batches in parallel on a laptop without drowning it. The same with real waits: the
+  // writers share this machine's CPUs, more of them would not write faster.
   writerConcurrency: 4,
+  // The event source's long-poll wait per ReceiveMessage: short, so a stop is noticed quickly.
+  pollWaitSeconds: 1,
 });
+
+/** Lambda's SQS event source mapping long-polls for 20 s (the most SQS allows). */
+const ESM_POLL_WAIT_SECONDS = 20;
+
+/**
+ * How Wait states and retry pauses run: 'fast' cuts them all to `waitMs` (a small cycle takes
+ * seconds, but it goes round its tick loop many more times than on AWS, so its Step Functions
+ * transitions are not AWS's); 'real' runs them as synthesized (10 s between ticks, 60 s between
+ * snapshot polls), with the deployment's lease, stuck-tick limit, visibility timeout and long poll.
+ */
+export type WaitMode = 'fast' | 'real';
 
 /** AWS's default task timeout (99999999 s) overflows a Node timer; this is as good as none locally. */
 const NO_TASK_TIMEOUT_SECONDS = 24 * 24 * 60 * 60;
@@ -90,13 +117,73 @@ export interface LocalCloudOptions {
   readonly snapshots: SnapshotStore;
   /** A synthesized deployment; synthesized here (about two seconds) when absent. */
   readonly deployment?: DeployedStack;
+  /** 'fast' by default. The options below override what it implies. */
+  readonly waits?: WaitMode;
+  /** With fast waits: every Wait state and retry pause. */
   readonly waitMs?: number;
   readonly leaseSeconds?: number;
   readonly stuckTicks?: number;
   readonly visibilityTimeoutSeconds?: number;
   readonly writerConcurrency?: number;
+  readonly pollWaitSeconds?: number;
   /** POWERTOOLS_LOG_LEVEL of the functions; SILENT by default (the run reports through events). */
   readonly logLevel?: string;
+}
+
+/** What a local run's timing was: recorded with every measurement, so its counts can be read. */
+export interface LocalCloudSettings {
+  readonly waits: WaitMode;
+  /** With fast waits, the length of every Wait state and retry pause; absent: as synthesized. */
+  readonly waitMs?: number;
+  readonly leaseSeconds: number;
+  readonly stuckTicks: number;
+  readonly visibilityTimeoutSeconds: number;
+  readonly writerConcurrency: number;
+  readonly pollWaitSeconds: number;
+  /** The definition's Wait loops, with their synthesized durations (honoured with real waits only). */
+  readonly waitLoops: readonly WaitLoop[];
+}
+
+/** A function setting as the template sets it, else the handlers' default. */
+function deployedSetting(deployment: DeployedStack, key: 'LEASE_SECONDS' | 'STUCK_TICKS'): number {
+  const set = deployment.functions.map((f) => f.environment[key]).find((v) => v !== undefined);
+  return typeof set === 'string' || typeof set === 'number' ? Number(set) : ENV_DEFAULTS[key];
+}
+
+/** The settings `opts` imply for `deployment`: fast waits' local defaults, or the deployment's. */
+export function localSettings(
+  opts: Pick<
+    LocalCloudOptions,
+    | 'waits'
+    | 'waitMs'
+    | 'leaseSeconds'
+    | 'stuckTicks'
+    | 'visibilityTimeoutSeconds'
+    | 'writerConcurrency'
+    | 'pollWaitSeconds'
+  >,
+  deployment: DeployedStack,
+): LocalCloudSettings {
+  const real = opts.waits === 'real';
+  const waitMs = opts.waitMs ?? LOCAL_DEFAULTS.waitMs;
+  return {
+    waits: real ? 'real' : 'fast',
+    ...(real ? {} : { waitMs }),
+    leaseSeconds:
+      opts.leaseSeconds ??
+      (real ? deployedSetting(deployment, 'LEASE_SECONDS') : LOCAL_DEFAULTS.leaseSeconds),
+    stuckTicks:
+      opts.stuckTicks ?? (real ? deployedSetting(deployment, 'STUCK_TICKS') : LOCAL_DEFAULTS.stuckTicks),
+    visibilityTimeoutSeconds:
+      opts.visibilityTimeoutSeconds ??
+      (real ? deployment.queue.visibilityTimeoutSeconds : LOCAL_DEFAULTS.visibilityTimeoutSeconds),
+    writerConcurrency: Math.min(
+      opts.writerConcurrency ?? LOCAL_DEFAULTS.writerConcurrency,
+      deployment.eventSource.maximumConcurrency ?? Number.POSITIVE_INFINITY,
+    ),
+    pollWaitSeconds: opts.pollWaitSeconds ?? (real ? ESM_POLL_WAIT_SECONDS : LOCAL_DEFAULTS.pollWaitSeconds),
+    waitLoops: waitLoops(deployment.definition),
+  };
 }
 
 /** What a run reports as it goes; the CLI prints these. */
@@ -215,7 +302,9 @@ export class LocalCloud {
   private onAnnouncement: ((a: Announcement) => void) | undefined;
 
   private constructor(
-    private readonly opts: LocalCloudOptions,
+    opts: LocalCloudOptions,
+    /** How this cloud times its runs (what `opts` imply for the deployment). */
+    readonly settings: LocalCloudSettings,
     readonly deployment: DeployedStack,
     readonly tableName: string,
     readonly queueUrl: string,
@@ -251,6 +340,7 @@ export class LocalCloud {
     started = true;
     ensurePromiseWithResolvers();
     const deployment = opts.deployment ?? synthesizeDeployment();
+    const settings = localSettings(opts, deployment);
     const credentials = { accessKeyId: 'local', secretAccessKey: 'local' };
     const dynamo = new DynamoDBClient({
       endpoint: opts.endpoints.dynamodb,
@@ -268,12 +358,17 @@ export class LocalCloud {
     }
     const { queueUrl } = await createGrantQueue(sqs, {
       name: `${deployment.stackName}-grants`,
-      visibilitySeconds: opts.visibilityTimeoutSeconds ?? LOCAL_DEFAULTS.visibilityTimeoutSeconds,
+      visibilitySeconds: settings.visibilityTimeoutSeconds,
       maxReceiveCount: deployment.queue.maxReceiveCount,
     });
     const eventBusName = `${deployment.stackName}-events`;
 
-    const env = functionsEnvironment(deployment, { tableName, queueUrl, eventBusName }, opts);
+    const env = functionsEnvironment(
+      deployment,
+      { tableName, queueUrl, eventBusName },
+      settings,
+      opts.logLevel ?? 'SILENT',
+    );
     const restoreEnv = setEnvironment({
       ...env,
       AWS_REGION: FAKE.region,
@@ -297,6 +392,7 @@ export class LocalCloud {
     meter.attach(sqs, 'event-source');
     return new LocalCloud(
       opts,
+      settings,
       deployment,
       tableName,
       queueUrl,
@@ -322,10 +418,8 @@ export class LocalCloud {
       queueUrl: this.queueUrl,
       batchSize: this.deployment.eventSource.batchSize,
       reportBatchItemFailures: this.deployment.eventSource.reportBatchItemFailures,
-      concurrency: Math.min(
-        this.opts.writerConcurrency ?? LOCAL_DEFAULTS.writerConcurrency,
-        this.deployment.eventSource.maximumConcurrency ?? Number.POSITIVE_INFINITY,
-      ),
+      concurrency: this.settings.writerConcurrency,
+      waitTimeSeconds: this.settings.pollWaitSeconds,
       invoke: async (event: SQSEvent, kill: KillSwitch | undefined) =>
         this.metered(
           writer,
@@ -391,8 +485,13 @@ export class LocalCloud {
       overrides: {
         // Inputs and outputs are the JSON the states pass; the bindings check what they read.
         taskResourceLocalHandlers: this.taskHandlers(name, depth, ctx) as never,
-        waitTimeOverrides: this.everyState('Wait', this.waitMs()),
-        retryIntervalOverrides: this.everyState('Retry', this.waitMs()),
+        // Real waits: none overridden, each Wait and retry pause as synthesized.
+        ...(this.settings.waitMs === undefined
+          ? {}
+          : {
+              waitTimeOverrides: this.everyState('Wait', this.settings.waitMs),
+              retryIntervalOverrides: this.everyState('Retry', this.settings.waitMs),
+            }),
       },
     });
     const events = (async () => {
@@ -459,7 +558,7 @@ export class LocalCloud {
   /** Standard workflows bill each state entered and each retry; an execution's start is counted too. */
   private countTransition(ev: EventLog): void {
     if (ev.type === 'ExecutionStarted') this.meter.execution();
-    else if (ev.type === 'StateEntered' || ev.type === 'StateRetried') this.meter.transition();
+    else if (ev.type === 'StateEntered' || ev.type === 'StateRetried') this.meter.transition(ev.state.name);
   }
 
   private ec2Call(action: string, input: never): unknown {
@@ -505,10 +604,6 @@ export class LocalCloud {
     const fn = this.deployment.functions.find((f) => f.name === name);
     if (fn === undefined) throw new Error(`the template has no ${name} function`);
     return fn;
-  }
-
-  private waitMs(): number {
-    return this.opts.waitMs ?? LOCAL_DEFAULTS.waitMs;
   }
 
   private everyState(kind: 'Wait' | 'Retry', ms: number): Record<string, number> {
@@ -637,7 +732,8 @@ function localDefinition(def: StateMachineDefinition): StateMachineDefinition {
 function functionsEnvironment(
   deployment: DeployedStack,
   local: { tableName: string; queueUrl: string; eventBusName: string },
-  opts: LocalCloudOptions,
+  settings: LocalCloudSettings,
+  logLevel: string,
 ): Record<string, string> {
   const env: Record<string, string> = {};
   // Set per function by the deployment; the handlers name their service themselves.
@@ -655,9 +751,9 @@ function functionsEnvironment(
   }
   return {
     ...env,
-    LEASE_SECONDS: String(opts.leaseSeconds ?? LOCAL_DEFAULTS.leaseSeconds),
-    STUCK_TICKS: String(opts.stuckTicks ?? LOCAL_DEFAULTS.stuckTicks),
-    POWERTOOLS_LOG_LEVEL: opts.logLevel ?? 'SILENT',
+    LEASE_SECONDS: String(settings.leaseSeconds),
+    STUCK_TICKS: String(settings.stuckTicks),
+    POWERTOOLS_LOG_LEVEL: logLevel,
     POWERTOOLS_METRICS_DISABLED: 'true',
   };
 }

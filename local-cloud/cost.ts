@@ -1,7 +1,9 @@
-// A cycle's measured usage priced: requests per chunk and per GiB, dollars per GiB by service, and
-// the overhead ratio (everything beyond the EBS direct API fees, over those fees). Pure: the usage
-// comes from local-cloud/usage.ts, the prices from local-cloud/prices.ts.
+// A cycle's measured usage priced: requests per chunk and per GiB, dollars per GiB by service, the
+// overhead ratio (everything beyond the EBS direct API fees, over those fees), and its Step Functions
+// transitions split into Wait-loop passes and the fixed path. Pure: the usage comes from
+// local-cloud/usage.ts, the prices from local-cloud/prices.ts, the Wait loops from local-cloud/asl.ts.
 
+import type { WaitLoop } from './asl.ts';
 import { PRICES, type Prices } from './prices.ts';
 import { DYNAMODB_READS, DYNAMODB_WRITES, type Usage } from './usage.ts';
 
@@ -184,5 +186,50 @@ export function cycleCost(usage: Usage, work: CycleWork, prices: Prices = PRICES
     ...(gib > 0 ? { perGiB: per(counts, gib), costPerGiB: per(costPerCycle, gib) } : {}),
     costPerCycle,
     ...(costPerCycle.ebsDirect > 0 ? { overheadRatio: costPerCycle.overhead / costPerCycle.ebsDirect } : {}),
+  };
+}
+
+/** One Wait loop's share of a cycle's transitions. */
+export interface WaitLoopTransitions {
+  readonly wait: string;
+  /** The Wait's synthesized duration; what a pass costs in time on AWS. */
+  readonly seconds: number | undefined;
+  /** Times the Wait was entered: passes around the loop. */
+  readonly passes: number;
+  readonly statesPerPass: number;
+  /** passes × statesPerPass: what waiting cost, on top of the cycle's fixed path. */
+  readonly transitions: number;
+}
+
+/**
+ * A cycle's Step Functions transitions split into the passes around its Wait loops (ticks while the
+ * writers work, polls while snapshots complete: they grow with how long the cycle takes, so with its
+ * size over its throughput, and with how long the Waits are) and the rest, its fixed path (snapshot,
+ * prepare, diff, the first tick and finalize, child executions): the same for any cycle size.
+ */
+export interface TransitionBreakdown {
+  readonly transitions: number;
+  readonly executions: number;
+  readonly waitLoops: readonly WaitLoopTransitions[];
+  readonly outsideWaitLoops: number;
+}
+
+export function transitionBreakdown(u: Usage, loops: readonly WaitLoop[]): TransitionBreakdown {
+  const byState = u.stepFunctions.byState ?? {};
+  const waitLoops = loops.map((l) => {
+    const passes = byState[l.wait] ?? 0;
+    return {
+      wait: l.wait,
+      seconds: l.seconds,
+      passes,
+      statesPerPass: l.states.length,
+      transitions: passes * l.states.length,
+    };
+  });
+  return {
+    transitions: u.stepFunctions.transitions,
+    executions: u.stepFunctions.executions,
+    waitLoops,
+    outsideWaitLoops: u.stepFunctions.transitions - sum(waitLoops.map((l) => l.transitions)),
   };
 }

@@ -38,7 +38,12 @@ export interface Usage {
   };
   /** By function: invocations, measured in-process milliseconds and GB-seconds at the deployed memory. */
   lambda: Record<string, { invocations: number; ms: number; gbSeconds: number; unanswered: number }>;
-  stepFunctions: { executions: number; transitions: number };
+  stepFunctions: {
+    executions: number;
+    transitions: number;
+    /** Transitions by the state entered (or retried): which loops a cycle went round how often. */
+    byState: Record<string, number>;
+  };
   eventBridge: { events: number };
 }
 
@@ -59,7 +64,7 @@ export function emptyUsage(): Usage {
     eventSource: { receives: 0, emptyReceives: 0, messagesReceived: 0, deleteBatches: 0 },
     ebs: { blocksWritten: 0, blocksRead: 0, listRequests: 0 },
     lambda: {},
-    stepFunctions: { executions: 0, transitions: 0 },
+    stepFunctions: { executions: 0, transitions: 0, byState: {} },
     eventBridge: { events: 0 },
   };
 }
@@ -94,7 +99,13 @@ export function diffUsage(after: Usage, before: Usage): Usage {
   const byFunction = Object.fromEntries(
     Object.entries(d.byFunction).map(([name, f]) => [name, { ...f, requests: pruned(f.requests) }]),
   );
-  return { ...d, requests: pruned(d.requests), byFunction };
+  const byState = Object.fromEntries(Object.entries(d.stepFunctions.byState).filter(([, n]) => n !== 0));
+  return {
+    ...d,
+    requests: pruned(d.requests),
+    byFunction,
+    stepFunctions: { ...d.stepFunctions, byState },
+  };
 }
 
 /** The usage of several runs together. */
@@ -238,10 +249,12 @@ export class UsageMeter {
     this.usage.stepFunctions.executions += 1;
   }
 
-  /** A state entered, or retried: each is a billed state transition. */
-  transition(): void {
+  /** `state` entered, or retried: each is a billed state transition. */
+  transition(state: string): void {
     this.count('states', 'StateTransition', 1);
-    this.usage.stepFunctions.transitions += 1;
+    const sfn = this.usage.stepFunctions;
+    sfn.transitions += 1;
+    sfn.byState[state] = (sfn.byState[state] ?? 0) + 1;
   }
 
   /** One PutEvents call with `entries` events. */

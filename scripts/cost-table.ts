@@ -1,11 +1,14 @@
 // Measures what replication cycles cost in AWS requests, on the local cloud, and regenerates the
 // "Cost per GiB replicated" table of infra/README.md from such a measurement (never from assumptions).
 //
-//   node --import tsx scripts/cost-table.ts measure [--runs 3] [--incrementals 2] [--label before]
-//        [--date YYYY-MM-DD] [--out FILE] [--readme]
-//     runs `ferry local-cloud --json` --runs times (a process each: one local cloud per process) and
-//     saves the runs, the commit and the machine to bench/results/cost/<label>-<date>.json; with
-//     --readme, regenerates the table from it too
+//   node --import tsx scripts/cost-table.ts measure [--runs 2] [--incrementals 2] [--waits real]
+//        [--size large] [--label before] [--date YYYY-MM-DD] [--out FILE] [--readme]
+//     runs `ferry local-cloud --json --waits real --size large` --runs times (a process each: one
+//     local cloud per process) and saves the runs, their settings, the commit and the machine to
+//     bench/results/cost/<label>-<date>.json; with --readme, regenerates the table from it too.
+//     Real waits and the large workload by default: with Waits cut short a cycle goes round its tick
+//     loop far more often than on AWS, and a small cycle spreads its fixed transitions over few GiB,
+//     so neither gives the Step Functions figure AWS would bill.
 //   node --import tsx scripts/cost-table.ts table FILE [--readme-file infra/README.md]
 //     regenerates the table (between the cost-table markers) from a saved measurement
 import { execFileSync, spawn } from 'node:child_process';
@@ -13,9 +16,18 @@ import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { availableParallelism, cpus } from 'node:os';
 import { dirname, join, relative } from 'node:path';
 import { parseArgs } from 'node:util';
-import { type CycleCost, type CycleWork, cycleCost } from '../local-cloud/cost.ts';
+// Types only: cloud.ts loads the handlers and the emulators' clients, which measure spawns instead.
+import type { LocalCloudSettings, WaitMode } from '../local-cloud/cloud.ts';
+import {
+  type CycleCost,
+  type CycleWork,
+  cycleCost,
+  type TransitionBreakdown,
+  transitionBreakdown,
+} from '../local-cloud/cost.ts';
 import { PRICES } from '../local-cloud/prices.ts';
 import { sumUsage, type Usage } from '../local-cloud/usage.ts';
+import { WORKLOAD_SIZES, type WorkloadSize } from '../local-cloud/workload.ts';
 
 const ROOT = join(import.meta.dirname, '..');
 const BEGIN =
@@ -38,10 +50,18 @@ interface CycleRecord {
   readonly usage: Usage;
   readonly perChunk?: CycleCost['perChunk'];
   readonly overheadRatio?: number;
+  /** Absent in measurements taken before it was recorded. */
+  readonly stepFunctions?: TransitionBreakdown;
 }
+
+/** What `ferry local-cloud --json` records of its settings; absent before they were recorded. */
+type RunSettings = LocalCloudSettings & {
+  readonly workload: WorkloadSize & { readonly disks: readonly { disk: string; sizeBytes: number }[] };
+};
 
 interface RunRecord {
   readonly ok: boolean;
+  readonly settings?: RunSettings;
   readonly cycles: readonly CycleRecord[];
 }
 
@@ -58,11 +78,30 @@ interface Measurement {
   readonly runs: readonly RunRecord[];
 }
 
-const git = (...args: string[]): string => execFileSync('git', args, { cwd: ROOT, encoding: 'utf8' }).trim();
+const gitOutput = (...args: string[]): string => execFileSync('git', args, { cwd: ROOT, encoding: 'utf8' });
+const git = (...args: string[]): string => gitOutput(...args).trim();
+
+/** How each run is made: the arguments of `ferry local-cloud`. */
+interface RunArgs {
+  readonly incrementals: number;
+  readonly waits: WaitMode;
+  readonly size: string;
+}
+
+const localCloudArgs = (a: RunArgs): string[] => [
+  'local-cloud',
+  '--json',
+  '--incrementals',
+  String(a.incrementals),
+  '--waits',
+  a.waits,
+  '--size',
+  a.size,
+];
 
 /** One `ferry local-cloud --json` in its own process; its JSON. */
-async function localCloudRun(incrementals: number): Promise<RunRecord> {
-  const args = [join(ROOT, 'bin/ferry.mjs'), 'local-cloud', '--json', '--incrementals', String(incrementals)];
+async function localCloudRun(run: RunArgs): Promise<RunRecord> {
+  const args = [join(ROOT, 'bin/ferry.mjs'), ...localCloudArgs(run)];
   const { code, stdout, stderr } = await new Promise<{ code: number | null; stdout: string; stderr: string }>(
     (resolve, reject) => {
       const child = spawn(process.execPath, args, { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
@@ -85,17 +124,16 @@ async function localCloudRun(incrementals: number): Promise<RunRecord> {
 
 async function measure(opts: {
   runs: number;
-  incrementals: number;
+  run: RunArgs;
   label: string;
   date: string;
   out: string | undefined;
 }): Promise<string> {
   const runs: RunRecord[] = [];
+  const command = `ferry ${localCloudArgs(opts.run).join(' ')}`;
   for (let i = 1; i <= opts.runs; i++) {
-    process.stderr.write(
-      `run ${i}/${opts.runs}: ferry local-cloud --json --incrementals ${opts.incrementals}\n`,
-    );
-    const run = await localCloudRun(opts.incrementals);
+    process.stderr.write(`run ${i}/${opts.runs}: ${command}\n`);
+    const run = await localCloudRun(opts.run);
     for (const c of run.cycles) process.stderr.write(`  ${describeCycle(c)}\n`);
     runs.push(run);
   }
@@ -103,12 +141,13 @@ async function measure(opts: {
     label: opts.label,
     date: opts.date,
     commit: git('rev-parse', 'HEAD'),
-    uncommitted: git('status', '--porcelain', '--untracked-files=no')
-      .split('\n')
-      .filter((l) => l.length > 0)
+    // Each entry is "XY path"; untrimmed, or the first one loses its leading blank and a letter.
+    uncommitted: gitOutput('status', '--porcelain', '-z', '--untracked-files=no')
+      .split('\0')
+      .filter((l) => l.length > 3)
       .map((l) => l.slice(3)),
     machine: { cpus: availableParallelism(), cpuModel: cpus()[0]?.model ?? 'unknown', node: process.version },
-    command: `ferry local-cloud --json --incrementals ${opts.incrementals}`,
+    command,
     prices: PRICES,
     runs,
   };
@@ -122,7 +161,7 @@ async function measure(opts: {
 function describeCycle(c: CycleRecord): string {
   const p = c.perChunk;
   const r = (x: number | undefined) => (x === undefined ? 'n/a' : x.toFixed(2));
-  return `${c.kind} ${c.status} ${c.chunks} chunks, ${c.blocksWritten} blocks in ${c.seconds} s: per chunk DynamoDB ${r(p?.dynamodbWrites)} WRU / ${r(p?.dynamodbReads)} RRU, SQS ${r(p?.sqsRequests)}, Lambda ${r(p?.lambdaInvocations)}; overhead ratio ${r(c.overheadRatio)}`;
+  return `${c.kind} ${c.status} ${c.chunks} chunks, ${c.blocksWritten} blocks in ${c.seconds} s: per chunk DynamoDB ${r(p?.dynamodbWrites)} WRU / ${r(p?.dynamodbReads)} RRU, SQS ${r(p?.sqsRequests)}, Lambda ${r(p?.lambdaInvocations)}; ${c.usage.stepFunctions.transitions} transitions; overhead ratio ${r(c.overheadRatio)}`;
 }
 
 // ---- the table ---------------------------------------------------------------------------------
@@ -133,6 +172,9 @@ interface Pooled {
   readonly cycles: number;
   readonly cost: CycleCost;
   readonly usage: Usage;
+  readonly seconds: number;
+  /** The transitions split by Wait loop; absent when the measurement recorded no settings. */
+  readonly transitions?: TransitionBreakdown;
 }
 
 function pool(m: Measurement, kind: Pooled['kind']): Pooled | undefined {
@@ -145,7 +187,33 @@ function pool(m: Measurement, kind: Pooled['kind']): Pooled | undefined {
     bytes: cycles.reduce((n, c) => n + c.bytes, 0),
     source: 'finalizer',
   };
-  return { kind, cycles: cycles.length, cost: cycleCost(usage, work, m.prices), usage };
+  const loops = settingsOf(m)?.waitLoops;
+  return {
+    kind,
+    cycles: cycles.length,
+    cost: cycleCost(usage, work, m.prices),
+    usage,
+    seconds: cycles.reduce((n, c) => n + c.seconds, 0),
+    ...(loops === undefined ? {} : { transitions: transitionBreakdown(usage, loops) }),
+  };
+}
+
+/** The settings the runs were made with (every run of a measurement is made alike). */
+const settingsOf = (m: Measurement): RunSettings | undefined => m.runs[0]?.settings;
+
+/** What the runs' settings make of their counts, in a paragraph of the README. */
+function describeSettings(m: Measurement): string {
+  const s = settingsOf(m);
+  if (s === undefined) {
+    return '**Settings not recorded** (measured before they were: Wait states cut to 200 ms, the small workload): the Step Functions transitions were counted on compressed waits and are not comparable to what AWS would bill.';
+  }
+  const disks = s.workload.disks.map((d) => `${d.disk} ${(d.sizeBytes / 2 ** 20).toFixed(0)} MiB`).join(', ');
+  const workload = `workload \`${s.workload.name}\` (disks ${disks}; full cycle ×${s.workload.fullScale}, incrementals ×${s.workload.incrementalScale} the small workload's changes, as fragmented)`;
+  const loops = s.waitLoops.map((l) => `${l.wait} ${l.seconds ?? '?'} s`).join(', ');
+  const writers = `${s.writerConcurrency} writer invocations at once`;
+  return s.waits === 'real'
+    ? `Settings: **real waits** (Wait states and retry pauses as synthesized: ${loops}; lease ${s.leaseSeconds} s, visibility timeout ${s.visibilityTimeoutSeconds} s, long poll ${s.pollWaitSeconds} s, as deployed), ${writers}, ${workload}.`
+    : `Settings: **fast waits** (every Wait state and retry pause cut to ${s.waitMs} ms; synthesized: ${loops}), ${writers}, ${workload}. **The Step Functions transitions were counted on compressed waits: not comparable to what AWS would bill.**`;
 }
 
 const sumOf = (xs: readonly number[]): number => xs.reduce((a, b) => a + b, 0);
@@ -298,8 +366,35 @@ export function renderCostSection(m: Measurement, file: string): string {
       ...kinds.map((p) => `${pc(per(p)?.sqsRequests)} (${pc(per(p)?.sqsEmptyReceives)})`),
     ],
     ['Lambda invocations', ...kinds.map((p) => (per(p)?.lambdaInvocations ?? Number.NaN).toFixed(2))],
-    ['Step Functions state transitions', ...kinds.map((p) => pc(per(p)?.stepFunctionsTransitions))],
+    [
+      'Step Functions state transitions',
+      ...kinds.map((p) => (per(p)?.stepFunctionsTransitions ?? Number.NaN).toFixed(2)),
+    ],
     ['blocks per chunk', ...kinds.map((p) => (p.cost.blocks / p.cost.chunks).toFixed(2))],
+  ];
+  // Per cycle: what does not grow with the data. Passes around a Wait loop grow with how long the
+  // cycle takes (its size over this machine's throughput); the rest is the cycle's fixed path.
+  const mean = (p: Pooled, x: number) => x / p.cycles;
+  const loopNames = settingsOf(m)?.waitLoops ?? [];
+  const cycleRows: string[][] = [
+    ['MiB replicated', ...kinds.map((p) => mean(p, p.cost.bytes / 2 ** 20).toFixed(0))],
+    ['chunks', ...kinds.map((p) => mean(p, p.cost.chunks).toFixed(0))],
+    ['seconds (on this machine)', ...kinds.map((p) => mean(p, p.seconds).toFixed(0))],
+    ['Step Functions executions', ...kinds.map((p) => pc(mean(p, p.usage.stepFunctions.executions)))],
+    ['Step Functions transitions', ...kinds.map((p) => pc(mean(p, p.usage.stepFunctions.transitions)))],
+    ...loopNames.map((l) => [
+      `… passes around "${l.wait}" (${l.seconds ?? '?'} s; ${l.states.length} transitions each)`,
+      ...kinds.map((p) => {
+        const t = p.transitions?.waitLoops.find((x) => x.wait === l.wait);
+        return t === undefined ? 'n/a' : `${pc(mean(p, t.passes))} (${pc(mean(p, t.transitions))})`;
+      }),
+    ]),
+    [
+      '… outside the Wait loops (the fixed path)',
+      ...kinds.map((p) =>
+        p.transitions === undefined ? 'n/a' : pc(mean(p, p.transitions.outsideWaitLoops)),
+      ),
+    ],
   ];
   const describe = (p: Pooled) =>
     `${plural(p.cycles, `${p.kind} cycle`)}, ${p.cost.chunks.toLocaleString('en-US')} chunks and ${(p.cost.bytes / 2 ** 20).toFixed(0)} MiB in all`;
@@ -310,14 +405,22 @@ export function renderCostSection(m: Measurement, file: string): string {
     BEGIN,
     '',
     `Measured, not assumed: \`${file}\` (${m.date}, commit \`${m.commit.slice(0, 12)}\`${
-      m.uncommitted.length > 0 ? ' plus uncommitted changes' : ''
+      m.uncommitted.length > 0
+        ? ` plus uncommitted changes to ${plural(m.uncommitted.length, 'file')}, listed in it`
+        : ''
     }, ${plural(m.runs.length, 'run')} of \`${m.command}\` on ${m.machine.cpus} CPUs): ${kinds.map(describe).join('; ')}. Every request the functions and the event source mapping sent was counted at the SDK, DynamoDB in request units; prices from \`local-cloud/prices.ts\` (${pr.region}, checked ${pr.checked}).`,
+    '',
+    describeSettings(m),
     '',
     table(head, rows),
     '',
     'Per chunk (a chunk is one descriptor: up to 1 MiB, fewer blocks where the change map is fragmented):',
     '',
     table(['per chunk', ...kinds.map((p) => p.kind)], chunkRows),
+    '',
+    'Per cycle (the mean of the cycles above): the Step Functions transitions split into passes around each Wait loop (as many as the cycle waited: they grow with its duration, so with its size over the throughput) and its fixed path (per cycle, per disk and per differ call: not per GiB):',
+    '',
+    table(['per cycle', ...kinds.map((p) => p.kind)], cycleRows),
     '',
     full === undefined
       ? ''
@@ -348,8 +451,11 @@ async function main(): Promise<void> {
   const { positionals, values } = parseArgs({
     allowPositionals: true,
     options: {
-      runs: { type: 'string', default: '3' },
+      // Two runs: with real waits and the large workload one takes about ten minutes.
+      runs: { type: 'string', default: '2' },
       incrementals: { type: 'string', default: '2' },
+      waits: { type: 'string', default: 'real' },
+      size: { type: 'string', default: 'large' },
       label: { type: 'string', default: 'measured' },
       date: { type: 'string', default: new Date().toISOString().slice(0, 10) },
       out: { type: 'string' },
@@ -364,9 +470,14 @@ async function main(): Promise<void> {
     if (!Number.isSafeInteger(runs) || runs < 1) throw new Error('--runs must be a whole number ≥ 1');
     if (!Number.isSafeInteger(incrementals) || incrementals < 0)
       throw new Error('--incrementals must be a whole number ≥ 0');
+    const modes: readonly WaitMode[] = ['real', 'fast'];
+    const waits = modes.find((w) => w === values.waits);
+    if (waits === undefined) throw new Error(`--waits must be one of ${modes.join(', ')}`);
+    if (!Object.hasOwn(WORKLOAD_SIZES, values.size))
+      throw new Error(`--size must be one of ${Object.keys(WORKLOAD_SIZES).join(', ')}`);
     const out = await measure({
       runs,
-      incrementals,
+      run: { incrementals, waits, size: values.size },
       label: values.label,
       date: values.date,
       out: values.out,
@@ -376,7 +487,7 @@ async function main(): Promise<void> {
     writeTable(file, values['readme-file']);
   } else {
     throw new Error(
-      'usage: cost-table.ts measure [--runs N] [--incrementals N] [--label L] [--readme] | table FILE',
+      'usage: cost-table.ts measure [--runs N] [--incrementals N] [--waits real|fast] [--size large|small] [--label L] [--readme] | table FILE',
     );
   }
 }
