@@ -1,4 +1,4 @@
-// The `ferry` command line: replicate, checkpoints, verify, demo, local-cloud, serve.
+// The `ferry` command line: replicate, checkpoints, recover, verify, demo, local-cloud, serve.
 import { readFile } from 'node:fs/promises';
 import { Command, Option } from 'commander';
 import { uncheckableAggregate } from '../shared/engine/aggregate.ts';
@@ -7,6 +7,7 @@ import { ChangeMapError, ConfigError, errorMessage } from '../shared/engine/erro
 import { checkName } from '../shared/engine/names.ts';
 import type { AggregateAlgorithm } from '../shared/engine/ports.ts';
 import type { ReplicationResult } from '../shared/engine/replicate.ts';
+import { parseRetainCount } from '../shared/engine/retention.ts';
 import { formatBytes, parseSize } from '../shared/engine/units.ts';
 import { verifyFileImage } from '../shared/local/file-target.ts';
 import { ImageDirectory } from '../shared/local/image-dir.ts';
@@ -14,8 +15,16 @@ import { type DamagedEntry, LocalStateStore } from '../shared/local/state-dir.ts
 import { DEFAULT_LIMITS, type NodeLimits } from '../shared/net/limits.ts';
 import type { NodeTls } from '../shared/net/peer.ts';
 import { runDemo } from './demo.ts';
-import { createReporter, describeRecovery } from './progress.ts';
-import { type JobSpec, parseJobSpec, recoverLocked, runLocalJob, withSetLocked } from './run.ts';
+import { createRecoveryReporter, createReporter, describeRecovery } from './progress.ts';
+import { recoverability, recoverSet } from './recover.ts';
+import {
+  type HistoryEvent,
+  type JobSpec,
+  parseJobSpec,
+  recoverLocked,
+  runLocalJob,
+  withSetLocked,
+} from './run.ts';
 import { filePath } from './targets.ts';
 
 const DEFAULT_STATE_DIR = '.ferry';
@@ -74,6 +83,10 @@ program
   .option('--node-budget <size>', 'in-flight bytes across all disks, e.g. "256MiB"')
   .option('--checkpoint-interval <size>', 'make progress durable at least this often, e.g. "500MB"')
   .option('--no-adaptive', 'keep the window fixed instead of adapting it')
+  .option(
+    '--retain <n>',
+    `how many checkpoints stay recoverable from file targets' history (default 24; a job file may say "retain": {"count", "maxAgeDays"})`,
+  )
   .option('--json', 'print the result as JSON (no progress display)')
   .action(async (o) => {
     const spec = withJoinFile(o.job ? await jobFromFile(o.job, o) : jobFromFlags(o), o);
@@ -93,11 +106,20 @@ program
   .option('--json', 'print as JSON')
   .action(async (o) => {
     const set = o.set === undefined ? undefined : checkName('set', o.set, '--set');
-    const { checkpoints: list, damaged } = await new LocalStateStore(o.state).readCatalog(set);
+    const catalog = await new LocalStateStore(o.state).readCatalog(set);
+    const { checkpoints: list, damaged } = catalog;
     // A damaged entry is reported, never fatal: the intact ones are still the operator's to use.
     for (const d of damaged) err(damagedEntryWarning(d));
+    // Whether `ferry recover` could still write each one (its history is there and matches).
+    const recovery = await recoverability(catalog);
     if (o.json) {
-      out(JSON.stringify(list, null, 2));
+      out(
+        JSON.stringify(
+          list.map((cp) => ({ ...cp, recovery: recovery.get(cp.id) })),
+          null,
+          2,
+        ),
+      );
       return;
     }
     if (list.length === 0) {
@@ -106,9 +128,65 @@ program
     }
     for (const cp of list) {
       const bytes = cp.disks.reduce((s, d) => s + d.bytes, 0);
-      out(`${cp.id}  ${cp.createdAt}  ${cp.disks.length} disk(s)  ${formatBytes(bytes)} replicated`);
+      const r = recovery.get(cp.id);
+      // Marked only when it cannot be recovered, so the listing of recoverable ones stays as it was.
+      const marker = r === undefined || r.recoverable ? '' : `  [not recoverable: ${r.reason}]`;
+      out(`${cp.id}  ${cp.createdAt}  ${cp.disks.length} disk(s)  ${formatBytes(bytes)} replicated${marker}`);
       for (const d of cp.disks)
         out(`    ${d.disk}: ${d.kind} ${formatBytes(d.bytes)} ${d.source} -> ${d.target}`);
+    }
+  });
+
+program
+  .command('recover')
+  .description(
+    'write every disk of a set as of a checkpoint into a directory (one DISK.img each), verified against that checkpoint',
+  )
+  .option('--set <name>', 'replication set', 'default')
+  .option('--state <dir>', 'state directory', DEFAULT_STATE_DIR)
+  .option('--checkpoint <n>', 'latest (default), a checkpoint number, or its id (SET#N)')
+  .option(
+    '--at <time>',
+    'the newest checkpoint created at or before this time (ISO 8601 with its zone, e.g. 2026-12-05T10:00:00Z)',
+  )
+  .requiredOption(
+    '--to <dir>',
+    'directory to write into (created if missing); an existing file there is never replaced',
+  )
+  .option('--json', 'print the result as JSON (no progress display)')
+  .action(async (o) => {
+    const set = checkName('set', o.set, '--set');
+    const reporter = createRecoveryReporter(o.json ? 'silent' : process.stderr.isTTY ? 'tty' : 'plain', err);
+    const abort = new AbortController();
+    const onSignal = () => abort.abort();
+    process.once('SIGINT', onSignal);
+    process.once('SIGTERM', onSignal);
+    try {
+      const result = await recoverSet({
+        set,
+        stateDir: o.state,
+        choice: { checkpoint: o.checkpoint, at: o.at },
+        to: o.to,
+        signal: abort.signal,
+        onEvent: (e) => {
+          if (e.type === 'recovered') reporter.log(`ferry: ${describeRecovery(e)}`);
+        },
+        onPlanned: (plans) => reporter.planned(plans),
+        onProgress: (p) => reporter.progress(p),
+      });
+      reporter.stop();
+      if (o.json) out(JSON.stringify({ checkpoint: result.checkpoint.id, disks: result.disks }, null, 2));
+      else {
+        for (const d of result.disks) {
+          out(
+            `disk ${d.disk}: ${d.path} (${formatBytes(d.sizeBytes)}) verified against checkpoint ${result.checkpoint.id} (${d.regions} regions)`,
+          );
+        }
+      }
+    } finally {
+      reporter.stop();
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
     }
   });
 
@@ -617,6 +695,7 @@ function jobFromFlags(o: Record<string, unknown>): JobSpec {
         ...(changed[i] !== undefined ? { changed: changed[i] } : {}),
       })),
       params: paramsFromFlags(o),
+      ...(o.retain !== undefined ? { retain: { count: parseRetainCount(o.retain as string) } } : {}),
     },
     'command line',
   );
@@ -651,7 +730,10 @@ async function jobFromFile(path: string, o: Record<string, unknown>): Promise<Jo
   }
   refuseProtoKeys(value, `job file ${path}`);
   const spec = parseJobSpec(value, `job file ${path}`);
-  return { ...spec, params: { ...spec.params, ...paramsFromFlags(o) } };
+  // --retain on the command line overrides the job file's count (its age limit stays).
+  const retain =
+    o.retain === undefined ? spec.retain : { ...spec.retain, count: parseRetainCount(o.retain as string) };
+  return { ...spec, params: { ...spec.params, ...paramsFromFlags(o) }, ...(retain ? { retain } : {}) };
 }
 
 /**
@@ -697,6 +779,10 @@ async function runWithProgress(
     return await runLocalJob(spec, {
       stateDir,
       onEvent: (e) => reporter.onEvent(e),
+      onHistory: (e) => {
+        const line = describeHistory(e);
+        if (e.type === 'prune-failed' || !json) err(line);
+      },
       signal: abort.signal,
       insecure,
     });
@@ -705,6 +791,15 @@ async function runWithProgress(
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
   }
+}
+
+/** What pruning a disk's history after the publication did. */
+function describeHistory(e: HistoryEvent): string {
+  if (e.type === 'prune-failed') {
+    return `ferry: warning: disk ${e.disk}: pruning its history failed (${e.error}); more checkpoints than the retention setting stay recoverable until the next run prunes again`;
+  }
+  const list = e.sequences.map((s) => `#${s}`).join(', ');
+  return `disk ${e.disk}: history of cycle(s) ${list} pruned (retention)`;
 }
 
 function printSummary(r: ReplicationResult): void {

@@ -1,8 +1,9 @@
-// Progress display for `ferry replicate` and `ferry demo`: live bars on a terminal, plain periodic
+// Progress display for `ferry replicate`, `ferry demo` and `ferry recover`: live bars on a terminal, plain periodic
 // lines otherwise (logs, CI), nothing with --json.
 import cliProgress from 'cli-progress';
 import type { ReplicationEvent } from '../shared/engine/replicate.ts';
 import { formatBytes } from '../shared/engine/units.ts';
+import type { MaterialiseProgress } from '../shared/local/materialise.ts';
 
 export type Reporter = { onEvent(e: ReplicationEvent): void; stop(): void };
 
@@ -156,6 +157,79 @@ function ttyReporter(stream: NodeJS.WritableStream): Reporter {
       if (bars.size === 0) return;
       // multi.log only queues a line for the next redraw, and stop() does not redraw it: draw once
       // more so the last lines logged (the checkpoint published) are not lost.
+      multi.update();
+      multi.stop();
+    },
+  };
+}
+
+/** Progress of `ferry recover`: a bar per disk on a terminal, a line per disk and phase otherwise. */
+export interface RecoveryReporter {
+  planned(disks: readonly { disk: string; bytes: number }[]): void;
+  progress(p: MaterialiseProgress): void;
+  /** A line that stays (a disk verified); drawn above the bars on a terminal. */
+  log(line: string): void;
+  stop(): void;
+}
+
+const RECOVERY_BAR_FORMAT = ' {disk} [{bar}] {percentage}% | {phase}';
+const PHASES: Record<MaterialiseProgress['phase'], string> = {
+  copy: 'copying the image',
+  apply: 'applying history',
+  verify: 'verifying',
+};
+
+export function createRecoveryReporter(
+  mode: 'tty' | 'plain' | 'silent',
+  log: (line: string) => void,
+  stream: NodeJS.WritableStream = process.stderr,
+): RecoveryReporter {
+  if (mode === 'silent') return { planned() {}, progress() {}, log() {}, stop() {} };
+  if (mode === 'plain') {
+    const phase = new Map<string, string>();
+    const lastPrinted = new Map<string, number>();
+    return {
+      planned() {},
+      progress(p) {
+        const now = Date.now();
+        const changed = phase.get(p.disk) !== p.phase;
+        if (!changed && now - (lastPrinted.get(p.disk) ?? 0) < PLAIN_INTERVAL_MS) return;
+        phase.set(p.disk, p.phase);
+        lastPrinted.set(p.disk, now);
+        const pct = p.bytesTotal === 0 ? 100 : Math.floor((100 * p.bytesDone) / p.bytesTotal);
+        log(`disk ${p.disk}: ${PHASES[p.phase]} (${pct}%)`);
+      },
+      log,
+      stop() {},
+    };
+  }
+  const multi = new cliProgress.MultiBar(
+    {
+      format: RECOVERY_BAR_FORMAT,
+      stream,
+      hideCursor: true,
+      forceRedraw: true,
+      clearOnComplete: false,
+      barsize: 24,
+      autopadding: true,
+    },
+    cliProgress.Presets.shades_classic,
+  );
+  const bars = new Map<string, cliProgress.SingleBar>();
+  return {
+    planned(disks) {
+      for (const d of disks) {
+        bars.set(d.disk, multi.create(Math.max(1, d.bytes), 0, { disk: d.disk.padEnd(8), phase: 'waiting' }));
+      }
+    },
+    progress(p) {
+      bars.get(p.disk)?.update(p.bytesDone, { disk: p.disk.padEnd(8), phase: PHASES[p.phase] });
+    },
+    log(line) {
+      multi.log(`${line}\n`);
+    },
+    stop() {
+      if (bars.size === 0) return;
       multi.update();
       multi.stop();
     },

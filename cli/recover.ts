@@ -11,6 +11,7 @@ import {
   type MaterialiseProgress,
   materialiseDisk,
   planDiskRecovery,
+  RecoveryError,
 } from '../shared/local/materialise.ts';
 import type { CatalogView } from '../shared/local/state-dir.ts';
 import { recoverLocked, withSetLocked } from './run.ts';
@@ -118,7 +119,10 @@ export async function recoverability(
       await planCheckpoint(bySet, cp);
       result.set(cp.id, { recoverable: true });
     } catch (err) {
-      result.set(cp.id, { recoverable: false, reason: errorMessage(err) });
+      result.set(cp.id, {
+        recoverable: false,
+        reason: err instanceof RecoveryError ? err.reason : errorMessage(err),
+      });
     }
   }
   return result;

@@ -26,11 +26,17 @@ const COPY_BUFFER = MiB;
 /** A checkpoint cannot be materialised (any more), or what was materialised does not verify. */
 export class RecoveryError extends FerryError {
   readonly checkpoint: string;
+  /** Why, in a phrase that names the disk but not the checkpoint (for a listing of checkpoints). */
+  readonly reason: string;
 
-  constructor(message: string, ctx: { disk: string; checkpoint: string; offset?: number; cause?: unknown }) {
+  constructor(
+    message: string,
+    ctx: { disk: string; checkpoint: string; reason?: string; offset?: number; cause?: unknown },
+  ) {
     super(message, ctx);
     this.name = 'RecoveryError';
     this.checkpoint = ctx.checkpoint;
+    this.reason = ctx.reason ?? message;
   }
 }
 
@@ -65,10 +71,11 @@ export async function planDiskRecovery(
   checkpoint: RecoveryCheckpoint,
   disk: CheckpointDisk,
 ): Promise<DiskRecoveryPlan> {
-  const refuse = (why: string) =>
+  const refuse = (why: string, reason = `disk ${disk.disk}: ${why}`) =>
     new RecoveryError(`checkpoint ${checkpoint.id}, disk ${disk.disk}: ${why}`, {
       disk: disk.disk,
       checkpoint: checkpoint.id,
+      reason,
     });
   if (!disk.target.startsWith('file:')) {
     throw refuse(`its target ${disk.target} is not a local file image (recovery reads file: targets only)`);
@@ -89,9 +96,10 @@ export async function planDiskRecovery(
   for (const next of later) {
     const entry = history.entries.get(next.sequence);
     if (entry === undefined) {
+      const why = history.damaged.get(next.sequence) ?? 'pruned by the retention setting, or never kept';
       throw refuse(
-        `not recoverable any more: no history of ${next.id} in ${historyDir(image)} ` +
-          `(${history.damaged.get(next.sequence) ?? 'pruned by the retention setting, or never kept'})`,
+        `not recoverable any more: no history of ${next.id} in ${historyDir(image)} (${why})`,
+        `disk ${disk.disk} has no history of ${next.id} (${why})`,
       );
     }
     if (entry.cycleId !== next.id) {
