@@ -161,16 +161,9 @@ export class FerryStack extends Stack {
       // The checkpoint catalog lives here: a stack deletion must not take it along.
       removalPolicy: RemovalPolicy.RETAIN,
       deletionProtection: true,
-      // Descriptor and completion pages and writer signals expire by this attribute (epoch seconds).
+      // Descriptor pages, completion batches and writer signals expire by this attribute (epoch seconds).
       timeToLiveAttribute: TTL_ATTRIBUTE,
     });
-    for (const gsi of definition.GlobalSecondaryIndexes ?? []) {
-      this.table.addGlobalSecondaryIndex({
-        indexName: gsi.IndexName!,
-        ...keyOf(gsi.KeySchema),
-        projectionType: dynamodb.ProjectionType.ALL,
-      });
-    }
 
     // ---- grant queue ---------------------------------------------------------------------------------
 

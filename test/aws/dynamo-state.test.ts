@@ -1,4 +1,5 @@
-// The DynamoDB state adapter against dynalite (contract suite, paging, budget, leases, locks) and SDK mocks (throttling, denial).
+// The DynamoDB state adapter against dynalite (contract suite, paging, catalog, plan locks) and SDK mocks (throttling, denial).
+// The cycle's adapters (ledger, flow, node budget) have their own: test/aws/cycle-dynamo.test.ts.
 import {
   DynamoDBClient,
   InternalServerError,
@@ -16,19 +17,13 @@ import {
 import { mockClient } from 'aws-sdk-client-mock';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type Dynalite, startDynalite } from '../../local-cloud/emulators/dynalite.ts';
-import {
-  DynamoBudget,
-  DynamoGrants,
-  DynamoPlanLocks,
-  DynamoWindows,
-} from '../../shared/aws/dynamo/budget.ts';
 import { StateConflictError } from '../../shared/aws/dynamo/errors.ts';
+import { DynamoPlanLocks } from '../../shared/aws/dynamo/plan-locks.ts';
 import { DIGEST_PAGE_SIZE, keys, progressEpoch } from '../../shared/aws/dynamo/schema.ts';
 import { DynamoStateStore } from '../../shared/aws/dynamo/state-store.ts';
 import { FerryError, TransferError } from '../../shared/engine/errors.ts';
 import { checkpoint, stateStoreContract } from '../contract/state-store.ts';
 
-const MiB = 1 << 20;
 const digest = (i: number) => i.toString(16).padStart(64, '0');
 const digests = (from: number, to: number) => Array.from({ length: to - from }, (_, i) => digest(from + i));
 
@@ -306,185 +301,35 @@ describe('DynamoStateStore catalog and jobs', () => {
   });
 });
 
-describe('DynamoBudget', () => {
-  it('never passes its cap under 120 concurrent acquirers, and grants exactly what fits', async () => {
-    const table = await db.createTable();
-    const budget = new DynamoBudget(db.doc, { table, node: 'n1', capacityBytes: 32 * MiB });
-    const results = await Promise.all(Array.from({ length: 120 }, () => budget.acquire(MiB)));
-    const won = results.filter((r) => r !== false);
-    expect(won).toHaveLength(32);
-    for (const r of won) expect(r.inflight).toBeLessThanOrEqual(32 * MiB);
-    // Every successful acquirer saw a distinct total: the increments were serialised, not lost.
-    expect(new Set(won.map((r) => r.inflight)).size).toBe(32);
-    expect(await budget.inflight()).toBe(32 * MiB);
-  });
-
-  it('stays within [0, cap] under 150 concurrent mixed acquire/release calls and ends where it began', async () => {
-    const table = await db.createTable();
-    const cap = 24 * MiB;
-    const budget = new DynamoBudget(db.doc, { table, node: 'n1', capacityBytes: cap });
-    expect(await budget.acquire(4 * MiB)).toEqual({ inflight: 4 * MiB });
-    const seen: number[] = [];
-    await Promise.all(
-      Array.from({ length: 150 }, async (_, i) => {
-        const bytes = ((i % 5) + 1) * MiB;
-        const got = await budget.acquire(bytes);
-        if (got === false) return;
-        seen.push(got.inflight);
-        seen.push(await budget.release(bytes));
-      }),
-    );
-    expect(seen.length).toBeGreaterThan(0);
-    for (const v of seen) {
-      expect(v).toBeGreaterThanOrEqual(0);
-      expect(v).toBeLessThanOrEqual(cap);
-    }
-    expect(await budget.inflight()).toBe(4 * MiB);
-  });
-
-  it('refuses a release that would drive it negative, leaving it unchanged', async () => {
-    const table = await db.createTable();
-    const budget = new DynamoBudget(db.doc, { table, node: 'n1', capacityBytes: 8 * MiB });
-    await budget.acquire(MiB);
-    await expect(budget.release(2 * MiB)).rejects.toBeInstanceOf(StateConflictError);
-    expect(await budget.inflight()).toBe(MiB);
-    await expect(budget.acquire(9 * MiB)).rejects.toThrow(/can never fit/);
-  });
-});
-
-describe('DynamoGrants and DynamoWindows', () => {
-  async function setup(capacityBytes = 64 * MiB, windowBytes = 32 * MiB) {
-    const table = await db.createTable();
-    const budget = new DynamoBudget(db.doc, { table, node: 'n1', capacityBytes });
-    const windows = new DynamoWindows(db.doc, { table });
-    const grants = new DynamoGrants(db.doc, { table }, budget);
-    await windows.putWindow('web', 'os', { level: 2, windowBytes, updatedAt: 0 }, undefined);
-    return { table, budget, windows, grants };
-  }
-  const req = (seq: number, owner: string, expiresAt: number, bytes = MiB) => ({
-    set: 'web',
-    disk: 'os',
-    seq,
-    bytes,
-    owner,
-    expiresAt,
-    now: 0,
-  });
-
-  it('reclaims an expired lease exactly once under 8 concurrent reclaimers', async () => {
-    const { budget, windows, grants } = await setup();
-    await budget.acquire(5 * MiB); // another disk's bytes: must come through untouched
-    const before = await budget.inflight();
-    expect((await grants.grantLease(req(1, 'worker-a', 1000, MiB))).granted).toBe(true);
-    expect((await grants.grantLease(req(2, 'worker-b', 5000, 2 * MiB))).granted).toBe(true);
-    expect(await budget.inflight()).toBe(before + 3 * MiB);
-
-    const reclaimed = (
-      await Promise.all(Array.from({ length: 8 }, () => grants.reclaimExpired('web', 2000)))
-    ).flat();
-
-    expect(reclaimed.map((l) => l.seq)).toEqual([1]);
-    expect(await budget.inflight()).toBe(before + 2 * MiB);
-    expect((await windows.getWindow('web', 'os'))?.inflight).toBe(2 * MiB);
-    // The crashed worker's late completion finds its lease gone and returns nothing twice.
-    expect(await grants.completeGrant('web', 'os', 1, 'worker-a')).toBeUndefined();
-    expect(await grants.completeGrant('web', 'os', 2, 'worker-a')).toBeUndefined();
-    expect((await grants.completeGrant('web', 'os', 2, 'worker-b'))?.bytes).toBe(2 * MiB);
-    expect(await budget.inflight()).toBe(before);
-    expect((await windows.getWindow('web', 'os'))?.inflight).toBe(0);
-  });
-
-  it('leaves a renewed lease alone and lets completion and reclamation race with one winner', async () => {
-    const { budget, grants } = await setup();
-    await grants.grantLease(req(1, 'w', 1000));
-    expect(await grants.renewGrant('web', 'os', 1, 'w', 9000)).toBe(true);
-    expect(await grants.renewGrant('web', 'os', 1, 'other', 9000)).toBe(false);
-    expect(await grants.reclaimExpired('web', 2000)).toEqual([]);
-    const [completed, ...reclaims] = await Promise.all([
-      grants.completeGrant('web', 'os', 1, 'w'),
-      ...Array.from({ length: 4 }, () => grants.reclaimExpired('web', 10_000)),
-    ]);
-    const winners = (completed ? 1 : 0) + reclaims.flat().length;
-    expect(winners).toBe(1);
-    expect(await budget.inflight()).toBe(0);
-  });
-
-  it('answers window, budget and duplicate without leaking reserved bytes', async () => {
-    const { budget, windows, grants } = await setup(6 * MiB, 4 * MiB);
-    expect(await grants.grantLease(req(1, 'w', 100, 3 * MiB))).toMatchObject({
-      granted: true,
-      budgetInflight: 3 * MiB,
-    });
-    expect(await grants.grantLease(req(2, 'w', 100, 2 * MiB))).toEqual({ granted: false, reason: 'window' });
-    expect(await grants.grantLease(req(1, 'w2', 100, MiB))).toEqual({ granted: false, reason: 'duplicate' });
-    await windows.putWindow('web', 'data', { level: 0, windowBytes: 16 * MiB, updatedAt: 0 }, undefined);
-    expect(await grants.grantLease({ ...req(1, 'w', 100, 4 * MiB), disk: 'data' })).toEqual({
-      granted: false,
-      reason: 'budget',
-    });
-    expect(await budget.inflight()).toBe(3 * MiB);
-    expect((await windows.getWindow('web', 'os'))?.inflight).toBe(3 * MiB);
-    expect((await windows.getWindow('web', 'data'))?.inflight).toBe(0);
-    await expect(grants.grantLease({ ...req(1, 'w', 100), disk: 'nope' })).rejects.toThrow(/no window state/);
-  });
-
-  it('changes a window only from the version read, keeping its in-flight bytes', async () => {
-    const { windows, grants } = await setup();
-    await grants.grantLease(req(1, 'w', 100, 3 * MiB));
-    const v1 = await windows.getWindow('web', 'os');
-    expect(v1).toMatchObject({ level: 2, windowBytes: 32 * MiB, version: 1, inflight: 3 * MiB });
-    const v2 = await windows.putWindow('web', 'os', { level: 3, windowBytes: 48 * MiB, updatedAt: 5 }, 1);
-    expect(v2).toEqual({ level: 3, windowBytes: 48 * MiB, inflight: 3 * MiB, updatedAt: 5, version: 2 });
-    await expect(
-      windows.putWindow('web', 'os', { level: 1, windowBytes: 24 * MiB, updatedAt: 6 }, 1),
-    ).rejects.toThrow(/no longer version 1: concurrent modification/);
-    await expect(
-      windows.putWindow('web', 'os', { level: 1, windowBytes: 24 * MiB, updatedAt: 6 }, undefined),
-    ).rejects.toBeInstanceOf(StateConflictError);
-  });
-
-  it('never reserves past a window under 60 concurrent grants', async () => {
-    const { budget, windows, grants } = await setup(256 * MiB, 16 * MiB);
-    const results = await Promise.all(
-      Array.from({ length: 60 }, (_, i) => grants.grantLease(req(i, `w${i}`, 100))),
-    );
-    const granted = results.filter((r) => r.granted).length;
-    expect(granted).toBeGreaterThan(0);
-    expect(granted).toBeLessThanOrEqual(16);
-    expect((await windows.getWindow('web', 'os'))?.inflight).toBe(granted * MiB);
-    expect(await budget.inflight()).toBe(granted * MiB);
-  });
-});
-
 describe('DynamoPlanLocks', () => {
   it('excludes a second owner until expiry, then allows takeover with a larger fence', async () => {
     const locks = new DynamoPlanLocks(db.doc, { table: await db.createTable() });
-    const a = await locks.acquirePlanLock('gold', 'cycle-a', 1000, 0);
+    const a = await locks.acquire('gold', 'cycle-a', 1000, 0);
     expect(a).toMatchObject({ owner: 'cycle-a', lockExpiresAt: 1000, fence: 1 });
-    expect(await locks.acquirePlanLock('gold', 'cycle-b', 1000, 500)).toBeUndefined();
-    expect((await locks.renewPlanLock('gold', 'cycle-a', 1000, 500))?.lockExpiresAt).toBe(1500);
-    expect(await locks.acquirePlanLock('gold', 'cycle-b', 1000, 1499)).toBeUndefined();
+    expect(await locks.acquire('gold', 'cycle-b', 1000, 500)).toBeUndefined();
+    expect((await locks.renew('gold', 'cycle-a', 1000, 500))?.lockExpiresAt).toBe(1500);
+    expect(await locks.acquire('gold', 'cycle-b', 1000, 1499)).toBeUndefined();
 
-    const b = await locks.acquirePlanLock('gold', 'cycle-b', 1000, 1500);
+    const b = await locks.acquire('gold', 'cycle-b', 1000, 1500);
     expect(b).toMatchObject({ owner: 'cycle-b', fence: 2 });
-    expect(await locks.renewPlanLock('gold', 'cycle-a', 1000, 1600)).toBeUndefined();
-    expect(await locks.releasePlanLock('gold', 'cycle-a')).toBe(false);
-    expect(await locks.releasePlanLock('gold', 'cycle-b')).toBe(true);
-    expect(await locks.getPlanLock('gold')).toBeUndefined();
-    expect(await locks.renewPlanLock('gold', 'cycle-b', 1000, 1700)).toBeUndefined();
+    expect(await locks.renew('gold', 'cycle-a', 1000, 1600)).toBeUndefined();
+    expect(await locks.release('gold', 'cycle-a')).toBe(false);
+    expect(await locks.release('gold', 'cycle-b')).toBe(true);
+    expect(await locks.get('gold')).toBeUndefined();
+    expect(await locks.renew('gold', 'cycle-b', 1000, 1700)).toBeUndefined();
 
-    const c = await locks.acquirePlanLock('gold', 'cycle-c', 1000, 1700);
+    const c = await locks.acquire('gold', 'cycle-c', 1000, 1700);
     expect(c?.fence).toBe(3);
   });
 
   it('lets exactly one of 8 concurrent cycles take a free lock', async () => {
     const locks = new DynamoPlanLocks(db.doc, { table: await db.createTable() });
     const results = await Promise.all(
-      Array.from({ length: 8 }, (_, i) => locks.acquirePlanLock('gold', `cycle-${i}`, 60_000, 0)),
+      Array.from({ length: 8 }, (_, i) => locks.acquire('gold', `cycle-${i}`, 60_000, 0)),
     );
     const won = results.filter((r) => r !== undefined);
     expect(won).toHaveLength(1);
-    expect((await locks.getPlanLock('gold'))?.owner).toBe(won[0]?.owner);
+    expect((await locks.get('gold'))?.owner).toBe(won[0]?.owner);
   });
 });
 
@@ -504,9 +349,9 @@ describe('DynamoDB errors (SDK mock)', () => {
       .on(UpdateCommand)
       .rejects(new ProvisionedThroughputExceededException({ message: 'slow down', $metadata: {} }));
     const store = new DynamoStateStore(doc, 'ferry-prod');
-    const budget = new DynamoBudget(doc, { table: 'ferry-prod', node: 'n1', capacityBytes: 8 * MiB });
+    const locks = new DynamoPlanLocks(doc, { table: 'ferry-prod' });
 
-    for (const call of [store.loadProgress('s', 'd'), budget.acquire(MiB)]) {
+    for (const call of [store.loadProgress('s', 'd'), locks.acquire('gold', 'cycle-a', 60_000, 0)]) {
       const err = await call.catch((e: unknown) => e);
       expect(err).toBeInstanceOf(TransferError);
       expect(err).toMatchObject({ retryable: true, throttled: true });

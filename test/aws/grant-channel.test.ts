@@ -1,5 +1,5 @@
-// The cycle's SQS grant channel: its contract suite on fauxqs, the version 2 message (strict, and apart
-// from functions/shared's version 1), and send failures an SDK mock can stage (partial batches,
+// The cycle's SQS grant channel: its contract suite on fauxqs, the version 2 message (strict; the
+// lease-based version 1 is refused), and send failures an SDK mock can stage (partial batches,
 // throttling, refusals).
 import {
   ChangeMessageVisibilityCommand,
@@ -15,9 +15,7 @@ import { type Fauxqs, startSqsEmulator } from '../../local-cloud/emulators/fauxq
 import { SqsGrantChannel } from '../../shared/aws/sqs/grant-channel.ts';
 import {
   decodeCycleGrant,
-  decodeGrant,
   encodeCycleGrant,
-  encodeGrant,
   GrantMessageError,
   MAX_GRANT_EXTENTS,
 } from '../../shared/aws/sqs/grant-message.ts';
@@ -88,13 +86,6 @@ describe('cycle grant message (version 2)', () => {
     const body = JSON.stringify({ ...valid, ...patch });
     expect(() => decodeCycleGrant(body)).toThrow(GrantMessageError);
     expect(() => decodeCycleGrant(body)).toThrow(message);
-  });
-
-  it("keeps the two versions apart: each reader refuses the other's messages", () => {
-    const v2 = encodeCycleGrant(grantsOf(1)[0]!);
-    const v1 = encodeGrant({ ...grantsOf(1)[0]!, leaseId: 'lease-1', leaseExpiresAt: 1 });
-    expect(() => decodeGrant(v2)).toThrow(/version 2 is not supported/);
-    expect(() => decodeCycleGrant(v1)).toThrow(/version 1 is not supported/);
   });
 
   it('refuses to encode what a reader would refuse', () => {

@@ -26,7 +26,8 @@ import {
 } from '../../infra/history-budget.ts';
 import { FerryStack, SNAPSHOT_TAG_KEY } from '../../infra/stack.ts';
 import { TABLE_ACTIONS } from '../../infra/table-access.ts';
-import { LEASE_INDEX, tableDefinition } from '../../shared/aws/dynamo/schema.ts';
+import { TTL_ATTRIBUTE } from '../../shared/aws/dynamo/cycle-items.ts';
+import { tableDefinition } from '../../shared/aws/dynamo/schema.ts';
 import { allStates, plainDefinition } from './asl.ts';
 
 // aws-local-stepfunctions uses Promise.withResolvers (Node 22); this is Node 20.
@@ -166,16 +167,13 @@ describe('FerryStack template', () => {
   it('mirrors the single-table design of shared/aws/dynamo/schema.ts, with PITR and KMS', () => {
     const def = tableDefinition('x');
     template.resourceCountIs('AWS::DynamoDB::Table', 1);
+    // No secondary index: every read is by key or key prefix (the IAM grants name no index either).
+    expect(def.GlobalSecondaryIndexes).toBeUndefined();
     template.hasResourceProperties('AWS::DynamoDB::Table', {
       KeySchema: def.KeySchema,
-      AttributeDefinitions: Match.arrayWith(def.AttributeDefinitions!.map((a) => Match.objectLike(a))),
-      GlobalSecondaryIndexes: [
-        {
-          IndexName: LEASE_INDEX,
-          KeySchema: def.GlobalSecondaryIndexes![0]!.KeySchema,
-          Projection: { ProjectionType: 'ALL' },
-        },
-      ],
+      AttributeDefinitions: def.AttributeDefinitions,
+      GlobalSecondaryIndexes: Match.absent(),
+      TimeToLiveSpecification: { AttributeName: TTL_ATTRIBUTE, Enabled: true },
       BillingMode: 'PAY_PER_REQUEST',
       PointInTimeRecoverySpecification: { PointInTimeRecoveryEnabled: true },
       SSESpecification: {

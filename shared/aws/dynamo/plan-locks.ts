@@ -92,22 +92,4 @@ export class DynamoPlanLocks implements PlanLocks {
     const lock = await this.items.get(keys.planLock(plan), planLockItem);
     return lock?.lockExpiresAt === RELEASED ? undefined : lock;
   }
-
-  // The names functions/shared still calls; they go when it is replaced by shared/engine/cycle.
-  /** @deprecated use `acquire` */
-  acquirePlanLock(plan: string, owner: string, ttlMs: number, now: number): Promise<PlanLock | undefined> {
-    return this.acquire(plan, owner, ttlMs, now);
-  }
-  /** @deprecated use `renew` */
-  renewPlanLock(plan: string, owner: string, ttlMs: number, now: number): Promise<PlanLock | undefined> {
-    return this.renew(plan, owner, ttlMs, now);
-  }
-  /** @deprecated use `release` */
-  releasePlanLock(plan: string, owner: string): Promise<boolean> {
-    return this.release(plan, owner);
-  }
-  /** @deprecated use `get` */
-  getPlanLock(plan: string): Promise<PlanLock | undefined> {
-    return this.get(plan);
-  }
 }

@@ -1,7 +1,7 @@
 // The DynamoDB table and item design for Ferry's serverless state, with zod schemas for every item.
 //
-// ONE table, string keys `pk` / `sk`, on-demand billing, and one GSI. A single table because every
-// state change is a single-item conditional write (no transactions), so nothing gains from
+// ONE table, string keys `pk` / `sk`, on-demand billing, no secondary index. A single table because
+// every state change is a single-item conditional write (no transactions), so nothing gains from
 // separate tables, and one table is one KMS key, one IAM resource and one backup policy. Ids
 // (set, disk, plan, cycle, checkpoint) come from operators and may hold '#', '/' or ':': they are
 // URI-encoded inside keys, so '#' only ever separates key parts.
@@ -10,38 +10,27 @@
 //   replication set          SET#<set>                       SET
 //   disk of a set            SET#<set>                       DISK#<disk>
 //   job (one cycle)          SET#<set>                       JOB#<cycleId>
-//   window state             DISK#<set>#<disk>               WINDOW
-//   grant lease              DISK#<set>#<disk>               GRANT#<seq:12>
 //   progress record          DISK#<set>#<disk>               PROGRESS
 //   digest page              DISK#<set>#<disk>               DIGESTS#<epoch>#<page:8>
 //   checkpoint              CATALOG#<set>                   CP#<sequence:12>
 //   sets with checkpoints    CATALOG                         SET#<set>
 //   checkpoint id claim      CHECKPOINT#<id>                 ID
-//   node budget counter      BUDGET#<node>                   BUDGET
 //   plan lock                PLAN#<plan>                     LOCK
 //
 // The serverless cycle's items (cycle, disk of a cycle, descriptor pages, completion batches,
 // signals, grant flow, node reservations) share this table and the disk partitions above: their
-// keys and layout are in cycle-items.ts. Window state, grant leases, the node budget counter and the
-// lease GSI belong to functions/shared's lease design and go with it.
+// keys and layout are in cycle-items.ts.
 //
 // Why this partitioning:
-// - Everything one disk touches per chunk (window reservation, grant lease, progress, digests)
-//   lives in that disk's own partition, so disks do not share a partition's ~1,000 writes/s and a
-//   many-disk set is not one hot key. The node budget counter is the one item every chunk touches
-//   (two 1-WCU writes per chunk): that is the aggregate ceiling, ~500 chunks/s per node.
+// - Everything one disk touches per chunk (progress and digests here; the cycle's flow, completions
+//   and signals in cycle-items.ts) lives in that disk's own partition, so disks do not share a
+//   partition's ~1,000 writes/s and a many-disk set is not one hot key.
 // - Digests are paged, DIGEST_PAGE_SIZE raw 32-byte digests per item (items are <= 400 KB). The
 //   page key carries an epoch derived from (cycleId, fingerprint), so a new cycle never overwrites
 //   a page an older progress record still vouches for.
 // - Checkpoints are sequence-sorted per set (zero-padded sequence), so "latest" is one Query with
 //   ScanIndexForward=false, Limit=1. The CATALOG registry lists the sets that have checkpoints, so
 //   listing the whole catalog is Queries with consistent reads, never a Scan.
-//
-// GSI `leases-by-expiry` (keys `leaseScope` = LEASES#<set>, `leaseExpiresAt` number, projection
-// ALL): only grant leases carry these attributes (a sparse index), so the expired leases of a set
-// are one Query `leaseScope = :s AND leaseExpiresAt <= :now`. The GSI is eventually consistent;
-// that only delays a reclaim, it can never double one: the reclaim itself is a conditional delete
-// on the base table.
 import { createHash } from 'node:crypto';
 import type { CreateTableCommandInput } from '@aws-sdk/client-dynamodb';
 import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
@@ -51,8 +40,6 @@ import { diskAggregateSchema, withNamedAggregate } from '../../engine/aggregate.
 import { MalformedStateError } from './errors.ts';
 
 export const KEY = { pk: 'pk', sk: 'sk' } as const;
-export const LEASE_INDEX = 'leases-by-expiry';
-export const LEASE_INDEX_KEY = { pk: 'leaseScope', sk: 'leaseExpiresAt' } as const;
 
 /**
  * Digests per page item. 1,000 raw SHA-256 digests are 32 KB: far below the 400 KB item limit, a
@@ -70,22 +57,10 @@ export function tableDefinition(tableName: string): CreateTableCommandInput {
     AttributeDefinitions: [
       { AttributeName: KEY.pk, AttributeType: 'S' },
       { AttributeName: KEY.sk, AttributeType: 'S' },
-      { AttributeName: LEASE_INDEX_KEY.pk, AttributeType: 'S' },
-      { AttributeName: LEASE_INDEX_KEY.sk, AttributeType: 'N' },
     ],
     KeySchema: [
       { AttributeName: KEY.pk, KeyType: 'HASH' },
       { AttributeName: KEY.sk, KeyType: 'RANGE' },
-    ],
-    GlobalSecondaryIndexes: [
-      {
-        IndexName: LEASE_INDEX,
-        KeySchema: [
-          { AttributeName: LEASE_INDEX_KEY.pk, KeyType: 'HASH' },
-          { AttributeName: LEASE_INDEX_KEY.sk, KeyType: 'RANGE' },
-        ],
-        Projection: { ProjectionType: 'ALL' },
-      },
     ],
   };
 }
@@ -114,11 +89,6 @@ export const keys = {
   disk: (set: string, disk: string): Key => ({ pk: `SET#${enc(set)}`, sk: `DISK#${enc(disk)}` }),
   diskPrefix: (set: string): Key => ({ pk: `SET#${enc(set)}`, sk: 'DISK#' }),
   job: (set: string, cycleId: string): Key => ({ pk: `SET#${enc(set)}`, sk: `JOB#${enc(cycleId)}` }),
-  window: (set: string, disk: string): Key => ({ pk: diskPk(set, disk), sk: 'WINDOW' }),
-  grant: (set: string, disk: string, seq: number): Key => ({
-    pk: diskPk(set, disk),
-    sk: `GRANT#${pad(seq, 12)}`,
-  }),
   progress: (set: string, disk: string): Key => ({ pk: diskPk(set, disk), sk: 'PROGRESS' }),
   digestPage: (set: string, disk: string, epoch: string, page: number): Key => ({
     pk: diskPk(set, disk),
@@ -137,12 +107,8 @@ export const keys = {
   catalogSet: (set: string): Key => ({ pk: 'CATALOG', sk: `SET#${enc(set)}` }),
   catalogSetPrefix: (): Key => ({ pk: 'CATALOG', sk: 'SET#' }),
   checkpointId: (id: string): Key => ({ pk: `CHECKPOINT#${enc(id)}`, sk: 'ID' }),
-  budget: (node: string): Key => ({ pk: `BUDGET#${enc(node)}`, sk: 'BUDGET' }),
   planLock: (plan: string): Key => ({ pk: `PLAN#${enc(plan)}`, sk: 'LOCK' }),
 };
-
-/** GSI partition of a set's grant leases. */
-export const leaseScope = (set: string): string => `LEASES#${enc(set)}`;
 
 /** The partition of everything one disk of a set touches (progress, digests, and the cycle's items). */
 export function diskPk(set: string, disk: string): string {
@@ -156,7 +122,7 @@ export function progressEpoch(cycleId: string, fingerprint: string): string {
 
 export const describeKey = (key: Key): string => `${key.pk} / ${key.sk}`;
 
-// Item schemas. z.object (not strict): items also carry their keys and index attributes.
+// Item schemas. z.object (not strict): items also carry their keys.
 const count = z.number().int().nonnegative();
 
 export const replicationSetItem = z.object({
@@ -199,31 +165,6 @@ export const jobItem = z.object({
   error: z.string().optional(),
 });
 export type JobRecord = z.infer<typeof jobItem>;
-
-export const windowItem = z.object({
-  /** Index into the window levels the controller moves between. */
-  level: count,
-  windowBytes: z.number().int().positive(),
-  /** Bytes granted and not yet completed or reclaimed; reserved by conditional ADD. */
-  inflight: count,
-  /** Epoch milliseconds of the last level change. */
-  updatedAt: count,
-  /** Optimistic concurrency: every put must name the version it read. */
-  version: z.number().int().positive(),
-});
-export type WindowState = z.infer<typeof windowItem>;
-
-export const grantItem = z.object({
-  set: z.string(),
-  disk: z.string(),
-  seq: count,
-  bytes: z.number().int().positive(),
-  owner: z.string(),
-  node: z.string(),
-  leaseExpiresAt: count,
-  grantedAt: count,
-});
-export type GrantLease = z.infer<typeof grantItem>;
 
 export const progressItem = z.object({
   cycleId: z.string(),
@@ -271,8 +212,6 @@ export const checkpointItem = z.object({
 export const catalogSetItem = z.object({ set: z.string() });
 
 export const checkpointIdItem = z.object({ set: z.string(), sequence: z.number().int().positive() });
-
-export const budgetItem = z.object({ inflight: count, capacityBytes: count.optional() });
 
 export const planLockItem = z.object({
   plan: z.string(),

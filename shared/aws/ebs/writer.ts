@@ -5,7 +5,8 @@
 // retry policy, rate limiter, per-attempt timeouts, onRetry hook):
 //
 //   snapshotClientToken({ set, disk, cycle, attempt? }) -> string
-//       Deterministic StartSnapshot ClientToken: the same cycle of the same disk never starts twice.
+//       Deterministic StartSnapshot ClientToken: the same cycle of the same disk never starts twice
+//       (the engine's, shared/engine/cycle/prepare.ts, re-exported).
 //   volumeSizeGiB(sizeBytes) -> number                  bytes rounded up to whole GiB (EBS VolumeSize)
 //   zeroBlockPolicy({ kind, encrypted }) -> 'skip' | 'write'
 //       Zero blocks may be skipped only in a full, unencrypted snapshot.
@@ -86,18 +87,8 @@ export interface WrittenBlock {
   readonly digest: Uint8Array;
 }
 
-export function snapshotClientToken(parts: {
-  set: string;
-  disk: string;
-  cycle: string;
-  attempt?: number;
-}): string {
-  const hash = createHash('sha256')
-    .update(JSON.stringify([parts.set, parts.disk, parts.cycle, parts.attempt ?? 1]))
-    .digest('hex');
-  // 46 characters: inside the 64 that EC2-family idempotency tokens allow.
-  return `ferry-${hash.slice(0, 40)}`;
-}
+// One token rule for every StartSnapshot Ferry sends (the cycle's prepare and EbsTarget): the engine's.
+export { snapshotClientToken } from '../../engine/cycle/prepare.ts';
 
 export function volumeSizeGiB(sizeBytes: number): number {
   if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0) {

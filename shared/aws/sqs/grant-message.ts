@@ -1,17 +1,16 @@
 // The SQS grant message: one descriptor of one disk for a writer, its wire schema and codec.
 //
 // Version 2 carries the cycle port's Grant (shared/engine/cycle/ports.ts): `{set, cycleId, disk,
-// descriptor, attempt, repair?}`, nothing leased. Version 1 is the lease-based GrantMessage that
-// functions/shared still sends; it goes with functions/shared. Each reader refuses the other version.
+// descriptor, attempt, repair?}`, nothing leased. Version 1 (a grant with a lease id and expiry, sent
+// by the lease-based functions before the cycle core) is refused like any other version: a writer
+// leaves such a message for the DLQ.
 import { z } from 'zod';
 import type { Grant } from '../../engine/cycle/ports.ts';
 import type { Descriptor } from '../../engine/descriptors.ts';
 import { type ErrorContext, FerryError } from '../../engine/errors.ts';
 import type { Extent } from '../../engine/extents.ts';
 
-/** Wire format version of GrantMessage (leases); a reader refuses any other rather than guess. */
-export const GRANT_MESSAGE_VERSION = 1;
-/** Wire format version of the cycle's Grant. */
+/** Wire format version of the cycle's Grant; a reader refuses any other rather than guess. */
 export const CYCLE_GRANT_VERSION = 2;
 
 // A 1 MiB descriptor of Azure 512 B pages, every other page changed, holds 512 extents; 1024 leaves
@@ -22,38 +21,19 @@ export const MAX_GRANT_EXTENTS = 1024;
 // The same limit as the config's largest chunk (64 MiB): a grant never spans more than one chunk.
 export const MAX_GRANT_SPAN = 64 * 1024 * 1024;
 
-// Names (set, cycle, disk, lease) are identifiers, not prose; 256 characters hold an Azure disk
+// Names (set, cycle, disk) are identifiers, not prose; 256 characters hold an Azure disk
 // resource id. Bounding them is what makes the worst-case body size computable.
 export const MAX_GRANT_NAME_LENGTH = 256;
 
 // SendMessageBatch limits the sum of its entries' bodies to SQS's classic 256 KiB message limit, and
 // batches hold up to 10 entries: 24 KiB per grant means any 10 grants fit one batch with room to
-// spare. The worst case (1024 extents spread over 64 MiB, four 256-character names of 3-byte UTF-8
+// spare. The worst case (1024 extents spread over 64 MiB, three 256-character names of 3-byte UTF-8
 // characters) encodes to about 18 KiB; the encoder asserts the limit on every grant anyway.
 export const MAX_GRANT_MESSAGE_BYTES = 24 * 1024;
 export const SQS_BATCH_LIMIT_BYTES = 256 * 1024;
 export const SQS_MAX_BATCH_ENTRIES = 10;
 if (MAX_GRANT_MESSAGE_BYTES * SQS_MAX_BATCH_ENTRIES > SQS_BATCH_LIMIT_BYTES) {
   throw new Error('grant message limit does not let a full batch fit the SQS batch limit');
-}
-
-/**
- * The lease-based grant functions/shared sends (wire version 1).
- * @deprecated the cycle sends the port's `Grant` (encodeCycleGrant); this goes with functions/shared.
- */
-export interface GrantMessage {
-  /** The replication set (protection plan) the disk belongs to. */
-  readonly set: string;
-  readonly cycleId: string;
-  readonly disk: string;
-  /** Extents in absolute disk offsets, exactly as the engine cut them. */
-  readonly descriptor: Descriptor;
-  /** Identifies this issue of the grant; completion and reclaim are conditional on it. */
-  readonly leaseId: string;
-  /** Epoch milliseconds after which the planner may reclaim the grant's bytes. */
-  readonly leaseExpiresAt: number;
-  /** 1 for the first issue; re-issues after a reclaim count up. */
-  readonly attempt: number;
 }
 
 /** A grant message that cannot be trusted: it is refused whole, never half-used. */
@@ -74,7 +54,7 @@ const name = z
 const count = z.number().int().nonnegative();
 
 /**
- * The fields both versions share. `extents` is flat pairs `[start, length, start, length, ...]` with
+ * A descriptor on the wire. `extents` is flat pairs `[start, length, start, length, ...]` with
  * `start` relative to `offset`: two short numbers per extent instead of an object with two absolute
  * offsets.
  */
@@ -94,13 +74,6 @@ const wireDescriptor = {
   attempt: z.number().int().positive(),
 };
 
-const wireSchema = z.strictObject({
-  version: z.literal(GRANT_MESSAGE_VERSION),
-  ...wireDescriptor,
-  leaseId: name,
-  leaseExpiresAt: count,
-});
-
 /** Version 2: the cycle's Grant. `repair` is sent only when true. */
 const cycleWireSchema = z.strictObject({
   version: z.literal(CYCLE_GRANT_VERSION),
@@ -109,7 +82,7 @@ const cycleWireSchema = z.strictObject({
 });
 
 type WireDescriptor = Pick<
-  z.infer<typeof wireSchema>,
+  z.infer<typeof cycleWireSchema>,
   'disk' | 'seq' | 'offset' | 'length' | 'extents' | 'bytes'
 >;
 
@@ -172,7 +145,7 @@ function wireExtents(d: Descriptor): number[] {
   return extents;
 }
 
-/** Validates the wire form and bounds its size; shared by both encoders. */
+/** Validates the wire form and bounds its size. */
 function encodeWire<T extends WireDescriptor>(
   schema: z.ZodType<T>,
   wire: unknown,
@@ -227,48 +200,6 @@ function decodeWire<T extends WireDescriptor>(
   const w = parsed.data;
   const extents = checkExtents(w);
   return { wire: w, descriptor: { seq: w.seq, offset: w.offset, length: w.length, extents, bytes: w.bytes } };
-}
-
-/**
- * Encodes a lease-based grant (version 1). Refuses (GrantMessageError) anything a reader would
- * refuse, and any body over MAX_GRANT_MESSAGE_BYTES, so a bad grant fails at the planner, not in a
- * worker.
- * @deprecated use encodeCycleGrant
- */
-export function encodeGrant(grant: GrantMessage): string {
-  const d = grant.descriptor;
-  const wire = {
-    version: GRANT_MESSAGE_VERSION,
-    set: grant.set,
-    cycleId: grant.cycleId,
-    disk: grant.disk,
-    seq: d.seq,
-    offset: d.offset,
-    length: d.length,
-    extents: wireExtents(d),
-    bytes: d.bytes,
-    leaseId: grant.leaseId,
-    leaseExpiresAt: grant.leaseExpiresAt,
-    attempt: grant.attempt,
-  };
-  return encodeWire(wireSchema, wire, grant.disk, d.seq);
-}
-
-/**
- * Decodes and fully validates a version 1 body.
- * @deprecated use decodeCycleGrant
- */
-export function decodeGrant(body: string): GrantMessage {
-  const { wire: w, descriptor } = decodeWire(wireSchema, GRANT_MESSAGE_VERSION, body);
-  return {
-    set: w.set,
-    cycleId: w.cycleId,
-    disk: w.disk,
-    descriptor,
-    leaseId: w.leaseId,
-    leaseExpiresAt: w.leaseExpiresAt,
-    attempt: w.attempt,
-  };
 }
 
 /**

@@ -1,4 +1,7 @@
-// The SQS grant channel: planners send grants, chunk writers lease, extend, complete or release them.
+// The SQS grant queue under the cycle's GrantChannel (grant-channel.ts): sending encoded grants in
+// batches with per-entry retries, giving a received grant back (visibility), deleting and counting
+// messages, and creating a queue with its DLQ for tests and the local cloud. Receiving is the Lambda
+// event source mapping's; the writer decodes what it delivers.
 
 import { setTimeout as delay } from 'node:timers/promises';
 import {
@@ -9,12 +12,11 @@ import {
   type DeleteMessageBatchCommandOutput,
   DeleteMessageCommand,
   GetQueueAttributesCommand,
-  ReceiveMessageCommand,
-  type ReceiveMessageCommandOutput,
   SendMessageBatchCommand,
   type SendMessageBatchRequestEntry,
   type SQSClient,
 } from '@aws-sdk/client-sqs';
+import type { Grant } from '../../engine/cycle/ports.ts';
 import {
   AbortedError,
   ConfigError,
@@ -23,16 +25,9 @@ import {
   TransferError,
 } from '../../engine/errors.ts';
 import type { Random } from '../../engine/ports.ts';
-import {
-  decodeGrant,
-  encodeGrant,
-  type GrantMessage,
-  GrantMessageError,
-  SQS_MAX_BATCH_ENTRIES,
-} from './grant-message.ts';
+import { SQS_MAX_BATCH_ENTRIES } from './grant-message.ts';
 
-// SQS's own bounds on these parameters; checked here so a bad value is a ConfigError, not a 400.
-const MAX_WAIT_SECONDS = 20;
+// SQS's own bound on a visibility timeout; checked here so a bad value is a ConfigError, not a 400.
 const MAX_VISIBILITY_SECONDS = 12 * 60 * 60;
 
 // Entry failures that are not the sender's fault (an SQS node hiccup) usually clear within a second
@@ -49,42 +44,6 @@ export interface GrantQueueOptions {
   /** Waits between those rounds; tests inject an instant one. */
   readonly sleep?: (ms: number, signal?: AbortSignal) => Promise<void>;
   readonly random?: Random;
-}
-
-export interface ReceiveOptions {
-  /** Most grants to take, 1..10 (default 10). */
-  readonly max?: number;
-  /** Long-poll wait, 0..20 s (default 20): an empty queue costs one request per 20 s, not a spin. */
-  readonly waitSeconds?: number;
-  /** Lease length for these messages; the queue's VisibilityTimeout when absent. */
-  readonly visibilitySeconds?: number;
-  readonly signal?: AbortSignal;
-}
-
-/** A grant this worker now holds until it completes, releases or lets the visibility lapse. */
-export interface ReceivedGrant {
-  readonly grant: GrantMessage;
-  /** The receipt handle: valid only for this reception. */
-  readonly receipt: string;
-  readonly messageId: string;
-  /** 1 on first delivery; more means an earlier holder crashed, timed out or released it. */
-  readonly receiveCount: number;
-}
-
-/**
- * A message that is not a valid grant. It is neither completed nor released: its visibility lapses
- * and after maxReceiveCount receptions SQS moves it to the DLQ, where an operator can read it.
- */
-export interface MalformedGrant {
-  readonly messageId: string;
-  readonly receipt: string;
-  readonly receiveCount: number;
-  readonly error: GrantMessageError;
-}
-
-export interface ReceiveResult {
-  readonly grants: ReceivedGrant[];
-  readonly malformed: MalformedGrant[];
 }
 
 export interface QueueDepth {
@@ -105,7 +64,7 @@ export interface EntryFailure {
  * Some grants were not sent. `unsent` are exactly the grants not confirmed by SQS (those of later
  * batches included); retry with them, not with the whole list, or the sent ones are duplicated.
  */
-export class GrantSendError<G = GrantMessage> extends TransferError {
+export class GrantSendError<G = Grant> extends TransferError {
   readonly unsent: readonly G[];
 
   constructor(
@@ -347,7 +306,7 @@ export async function sendGrantBodies<G extends Named>(
   return { unsent: [] };
 }
 
-/** A grant queue: one SQS standard queue (with a DLQ) carrying GrantMessages. */
+/** A grant queue: one SQS standard queue (with a DLQ) carrying encoded grants. */
 export class GrantQueue {
   private readonly entryAttempts: number;
   private readonly sleep: (ms: number, signal?: AbortSignal) => Promise<void>;
@@ -364,19 +323,6 @@ export class GrantQueue {
     this.random = opts.random ?? Math.random;
   }
 
-  /**
-   * Sends grants in batches of up to 10. Every grant is encoded (and so validated) before anything
-   * is sent. Entries that fail server-side are retried on their own; a sender-fault entry failure or
-   * exhausted retries throw a GrantSendError listing what was not sent.
-   */
-  async sendGrants(grants: readonly GrantMessage[], signal?: AbortSignal): Promise<void> {
-    const bodies = grants.map((grant) => ({ grant, body: encodeGrant(grant) }));
-    const out = await this.sendBodies(bodies, signal);
-    if (out.failure !== undefined) {
-      throw new GrantSendError(out.failure.message, { ...out.failure, unsent: out.unsent });
-    }
-  }
-
   /** Sends bodies already encoded (sendGrantBodies with this queue's retry settings). */
   sendBodies<G extends Named>(
     bodies: readonly { grant: G; body: string }[],
@@ -387,50 +333,6 @@ export class GrantQueue {
       backoff: (attempt) => this.backoff(attempt, signal),
       signal,
     });
-  }
-
-  /** One long poll. Malformed messages are returned apart, never thrown for the whole batch. */
-  async receive(opts: ReceiveOptions = {}): Promise<ReceiveResult> {
-    const max = opts.max ?? SQS_MAX_BATCH_ENTRIES;
-    const waitSeconds = opts.waitSeconds ?? MAX_WAIT_SECONDS;
-    checkRange('max', max, 1, SQS_MAX_BATCH_ENTRIES);
-    checkRange('waitSeconds', waitSeconds, 0, MAX_WAIT_SECONDS);
-    if (opts.visibilitySeconds !== undefined) {
-      checkRange('visibilitySeconds', opts.visibilitySeconds, 0, MAX_VISIBILITY_SECONDS);
-    }
-    if (opts.signal?.aborted) throw new AbortedError();
-    let messages: ReceiveMessageCommandOutput;
-    try {
-      messages = await this.client.send(
-        new ReceiveMessageCommand({
-          QueueUrl: this.queueUrl,
-          MaxNumberOfMessages: max,
-          WaitTimeSeconds: waitSeconds,
-          VisibilityTimeout: opts.visibilitySeconds,
-          MessageSystemAttributeNames: ['ApproximateReceiveCount'],
-        }),
-        { abortSignal: opts.signal },
-      );
-    } catch (err) {
-      throw translateSqsError(err, this.queueUrl, 'ReceiveMessage', opts.signal);
-    }
-    const grants: ReceivedGrant[] = [];
-    const malformed: MalformedGrant[] = [];
-    for (const m of messages.Messages ?? []) {
-      const messageId = m.MessageId ?? '(no id)';
-      const receipt = m.ReceiptHandle ?? '';
-      const receiveCount = Number(m.Attributes?.ApproximateReceiveCount ?? 1);
-      try {
-        grants.push({ grant: decodeGrant(m.Body ?? ''), receipt, messageId, receiveCount });
-      } catch (err) {
-        const error =
-          err instanceof GrantMessageError
-            ? err
-            : new GrantMessageError(`grant message ${messageId}: ${errorMessage(err)}`, { cause: err });
-        malformed.push({ messageId, receipt, receiveCount, error });
-      }
-    }
-    return { grants, malformed };
   }
 
   /**

@@ -13,7 +13,7 @@
 import type { Descriptor } from '../descriptors.ts';
 import type { RecoveryCheckpoint } from '../ports.ts';
 
-// ---- EBS and the outside world (unchanged from functions/shared/ports.ts) -----------------------
+// ---- EBS and the outside world ------------------------------------------------------------------
 
 /** EBS direct API block size: every descriptor is cut and written in these. */
 export const EBS_BLOCK_SIZE = 512 * 1024;
