@@ -292,7 +292,8 @@ export const ENV_DEFAULTS = Object.freeze({
   // Grants one writer invocation works on at once: the whole SQS batch (10). Lambda bills the
   // invocation's duration, and a chunk's time is mostly waiting on EBS, so a batch written at once
   // costs about one chunk's duration instead of one per chunk (at 4, ten chunks took three rounds).
-  // 10 x 1 MiB chunks is 20 EBS calls in flight and 10 MiB of buffers.
+  // 10 x 1 MiB chunks is 20 EBS calls in flight and 10 MiB of buffers; larger chunks go fewer at a
+  // time (the writer holds at most WRITER_BUFFER_BYTES, 256 MiB, of chunks at once).
   WRITER_CONCURRENCY: 10,
   // Stop this long before the Lambda deadline and hand unfinished work back.
   DEADLINE_MARGIN_MS: 10_000,

@@ -38,6 +38,9 @@ import {
 // Grants one counted completion may issue: a completion frees one chunk's room, more only when the
 // window grew meanwhile; the tick fills the rest.
 export const TOP_UP_PER_COMPLETION = 4;
+// Chunk bytes one batch holds at once by default: ten 1 MiB chunks fit many times over, while ten
+// 64 MiB chunks (the largest chunk size) would not fit a 1024 MB function; those go four at a time.
+export const WRITER_BUFFER_BYTES = 256 * 1024 * 1024;
 // Most grants one disk's top-up issues per batch, whatever the batch counted: bounds the descriptor
 // lookahead (at most two pages) and the size of the advance.
 export const MAX_TOP_UP = 64;
@@ -88,6 +91,11 @@ export interface WriterDeps {
   readonly meter: Meter;
   /** Grants written at once within one batch (all disks). */
   readonly concurrency: number;
+  /**
+   * Descriptor bytes a batch may hold in memory at once (source blocks read, target blocks written):
+   * fewer grants go at once when chunks are large. Default WRITER_BUFFER_BYTES.
+   */
+  readonly bufferBytes?: number | undefined;
   /** Stop this long before the deadline and hand what is left back. */
   readonly marginMs: number;
 }
@@ -251,7 +259,12 @@ export async function writeBatch(
     deps,
     signal: deadline.signal,
     remainingMs,
-    limiter: new Limiter(Math.max(1, deps.concurrency)),
+    limiter: new Limiter(
+      batchConcurrency(
+        deps,
+        Math.max(0, ...[...groups.values()].flatMap((g) => g.items.map((i) => i.grant.descriptor.length))),
+      ),
+    ),
     settle,
   };
   try {
@@ -263,6 +276,16 @@ export async function writeBatch(
     if (value > 0) deps.meter.add(`Grants_${name}`, 'Count', value);
   }
   return { batchItemFailures: failures, outcomes };
+}
+
+/** Grants at once: the configured concurrency, fewer when chunks of `largest` bytes would not fit the buffer. */
+export function batchConcurrency(
+  deps: Pick<WriterDeps, 'concurrency' | 'bufferBytes'>,
+  largest: number,
+): number {
+  const byMemory =
+    largest > 0 ? Math.floor((deps.bufferBytes ?? WRITER_BUFFER_BYTES) / largest) : deps.concurrency;
+  return Math.max(1, Math.min(deps.concurrency, byMemory));
 }
 
 /** A batch id: unique per batch (the ledger keys completions by it), from the injected randomness. */
