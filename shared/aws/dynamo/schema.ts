@@ -31,12 +31,14 @@
 // - Checkpoints are sequence-sorted per set (zero-padded sequence), so "latest" is one Query with
 //   ScanIndexForward=false, Limit=1. The CATALOG registry lists the sets that have checkpoints, so
 //   listing the whole catalog is Queries with consistent reads, never a Scan.
+
 import { createHash } from 'node:crypto';
 import type { CreateTableCommandInput } from '@aws-sdk/client-dynamodb';
 import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
 import { DynamoDBDocumentClient } from '@aws-sdk/lib-dynamodb';
 import { z } from 'zod';
 import { diskAggregateSchema, withNamedAggregate } from '../../engine/aggregate.ts';
+import { JOB_STATUSES } from '../../engine/cycle/ports.ts';
 import { MalformedStateError } from './errors.ts';
 
 export const KEY = { pk: 'pk', sk: 'sk' } as const;
@@ -143,15 +145,8 @@ export const diskItem = z.object({
 });
 export type DiskRecord = z.infer<typeof diskItem>;
 
-export const JOB_STATUSES = [
-  'planning',
-  'replicating',
-  'finalizing',
-  'published',
-  'failed',
-  'abandoned',
-] as const;
-export type JobStatus = (typeof JOB_STATUSES)[number];
+// The job statuses are the cycle's (one list, in the engine's ports); the item schema checks them.
+export { JOB_STATUSES, type JobStatus } from '../../engine/cycle/ports.ts';
 
 export const jobItem = z.object({
   set: z.string(),
