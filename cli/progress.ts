@@ -216,6 +216,7 @@ export function createRecoveryReporter(
     cliProgress.Presets.shades_classic,
   );
   const bars = new Map<string, cliProgress.SingleBar>();
+  let stopped = false;
   return {
     planned(disks) {
       for (const d of disks) {
@@ -229,7 +230,9 @@ export function createRecoveryReporter(
       multi.log(`${line}\n`);
     },
     stop() {
-      if (bars.size === 0) return;
+      // Once: the command stops it before its closing lines, and again on the way out.
+      if (bars.size === 0 || stopped) return;
+      stopped = true;
       multi.update();
       multi.stop();
     },

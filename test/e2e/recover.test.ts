@@ -19,6 +19,7 @@ import { describe, expect, it } from 'vitest';
 import type { RecoveryCheckpoint } from '../../shared/engine/ports.ts';
 import { MiB } from '../../shared/engine/units.ts';
 import { historyDir } from '../../shared/local/history.ts';
+import { LocalStateStore } from '../../shared/local/state-dir.ts';
 import { createDiskImage, mutateDisk } from '../../shared/local/workload.ts';
 import { ferry, type Run, run } from '../support/ferry-cli.ts';
 
@@ -87,7 +88,11 @@ async function cycle(
     });
   }
   const job = join(w.dir, `job.${seed}.json`);
-  await writeFile(job, JSON.stringify({ set: SET, disks, params: { checkpointInterval: '1 MiB' } }));
+  // A count in the job file too: --retain on the command line overrides it.
+  await writeFile(
+    job,
+    JSON.stringify({ set: SET, disks, params: { checkpointInterval: '1 MiB' }, retain: { count: 24 } }),
+  );
   const r = await ferry(['replicate', '--job', job, '--state', w.state, '--json', ...(opts.flags ?? [])], {
     env: { ...process.env, ...(opts.crashAt ? { FERRY_TEST_CRASH_AT: opts.crashAt } : {}) },
   });
@@ -199,6 +204,16 @@ describe('ferry recover', () => {
     );
     expect(await readdir(to)).toEqual(['data.img']);
     expect(await readFile(join(to, 'data.img'), 'utf8')).toBe('mine');
+    // While another process holds the set (a replicate or verify of it), recover is refused.
+    const unlock = await new LocalStateStore(w.state).lockSet(SET);
+    try {
+      const busy = await recover(w, join(w.dir, 'busy'), '--checkpoint', '1');
+      expect(busy.code).toBe(1);
+      expect(busy.stderr).toMatch(new RegExp(`^ferry: set erp is in use by process ${process.pid} on `));
+    } finally {
+      await unlock();
+    }
+    expect(await stat(join(w.dir, 'busy')).catch(() => undefined)).toBeUndefined();
     // And a bad --retain or job file retention is refused before any data moves.
     const bad = await cycle(w, 300, { flags: ['--retain', '0'] });
     expect(bad.code).toBe(2);
