@@ -16,7 +16,7 @@ import { DEFAULT_LIMITS, type NodeLimits } from '../shared/net/limits.ts';
 import type { NodeTls } from '../shared/net/peer.ts';
 import { runDemo } from './demo.ts';
 import { createRecoveryReporter, createReporter, describeRecovery } from './progress.ts';
-import { recoverability, recoverSet } from './recover.ts';
+import { type RecoverResult, recoverability, recoverSet } from './recover.ts';
 import {
   type HistoryEvent,
   type JobSpec,
@@ -154,15 +154,30 @@ program
     'directory to write into (created if missing); an existing file there is never replaced',
   )
   .option('--json', 'print the result as JSON (no progress display)')
+  .option(
+    '--test',
+    'a drill: serve the recovered disks as NBD exports on 127.0.0.1 through a copy-on-write overlay (nbdkit), so nothing a test machine writes is kept, until --ttl or Ctrl-C; then remove them',
+  )
+  .option(
+    '--ttl <duration>',
+    'with --test: how long the drill lasts, e.g. 30m or 2h (default 1h, at most 7d)',
+  )
   .action(async (o) => {
     const set = checkName('set', o.set, '--set');
+    if (o.ttl !== undefined && !o.test)
+      throw new ConfigError('--ttl is for drills (--test)', { setting: 'ttl' });
+    if (o.test && o.json) throw new ConfigError('--json is not for drills (--test)', { setting: 'json' });
+    const { parseTtl } = await import('./drill.ts');
+    const ttlMs = o.test ? parseTtl(o.ttl ?? '1h') : 0;
+    const started = Date.now();
     const reporter = createRecoveryReporter(o.json ? 'silent' : process.stderr.isTTY ? 'tty' : 'plain', err);
     const abort = new AbortController();
     const onSignal = () => abort.abort();
     process.once('SIGINT', onSignal);
     process.once('SIGTERM', onSignal);
+    let recovered: RecoverResult;
     try {
-      const result = await recoverSet({
+      recovered = await recoverSet({
         set,
         stateDir: o.state,
         choice: { checkpoint: o.checkpoint, at: o.at },
@@ -175,11 +190,12 @@ program
         onProgress: (p) => reporter.progress(p),
       });
       reporter.stop();
-      if (o.json) out(JSON.stringify({ checkpoint: result.checkpoint.id, disks: result.disks }, null, 2));
+      const { checkpoint, disks } = recovered;
+      if (o.json) out(JSON.stringify({ checkpoint: checkpoint.id, disks }, null, 2));
       else {
-        for (const d of result.disks) {
+        for (const d of disks) {
           out(
-            `disk ${d.disk}: ${d.path} (${formatBytes(d.sizeBytes)}) verified against checkpoint ${result.checkpoint.id} (${d.regions} regions)`,
+            `disk ${d.disk}: ${d.path} (${formatBytes(d.sizeBytes)}) verified against checkpoint ${checkpoint.id} (${d.regions} regions)`,
           );
         }
       }
@@ -188,6 +204,7 @@ program
       process.off('SIGINT', onSignal);
       process.off('SIGTERM', onSignal);
     }
+    if (o.test) await runDrill(recovered, o.to, ttlMs, started);
   });
 
 program
@@ -791,6 +808,47 @@ async function runWithProgress(
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
   }
+}
+
+/**
+ * `ferry recover --test`: serves the recovered disks until the TTL, Ctrl-C (SIGINT) or SIGTERM,
+ * then removes every server and file of the drill and says what it checked. A server that exits
+ * on its own ends the drill too, with exit status 1.
+ */
+async function runDrill(
+  recovered: RecoverResult,
+  dir: string,
+  ttlMs: number,
+  started: number,
+): Promise<void> {
+  const { startDrill } = await import('./drill.ts');
+  const drill = await startDrill(recovered, dir);
+  const until = new Date(Date.now() + ttlMs).toISOString();
+  out(
+    `drill of checkpoint ${recovered.checkpoint.id}: serving ${drill.exports.length} disk(s) ${((Date.now() - started) / 1000).toFixed(1)} s after the command started, until ${until} (Ctrl-C ends it sooner); what is written to them goes to a throwaway overlay`,
+  );
+  for (const e of drill.exports) out(`disk ${e.disk}: ${e.uri} (nbdkit pid ${e.pid})`);
+  let timer: NodeJS.Timeout | undefined;
+  let onSignal: ((s: NodeJS.Signals) => void) | undefined;
+  const reason = await new Promise<string>((resolve) => {
+    timer = setTimeout(() => resolve('its TTL passed'), ttlMs);
+    onSignal = (s) => resolve(s);
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+    void drill.lost.then((disk) => resolve(`the server of disk ${disk} exited on its own`));
+  });
+  clearTimeout(timer);
+  // Signals during the teardown are ignored: it must finish, or the drill would leave things behind.
+  const teardown = await drill.stop().finally(() => {
+    if (onSignal) {
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
+    }
+  });
+  out(
+    `drill ended (${reason}): ${teardown.servers} NBD server(s) stopped and gone, ${teardown.removed.length} file(s) and folder(s) removed; nothing of the drill remains`,
+  );
+  if (reason.includes('exited on its own')) process.exitCode = 1;
 }
 
 /** What pruning a disk's history after the publication did. */

@@ -40,6 +40,8 @@ export interface RecoveredDisk {
 export interface RecoverResult {
   readonly checkpoint: RecoveryCheckpoint;
   readonly disks: readonly RecoveredDisk[];
+  /** Whether the directory was made by this recovery (a drill removes it again at its end). */
+  readonly createdDir: boolean;
 }
 
 /** Where disk `disk` of a recovery into `dir` is written. */
@@ -81,7 +83,7 @@ export async function recoverSet(opts: RecoverOptions): Promise<RecoverResult> {
         });
         disks.push({ disk: plan.disk, path: resolve(path), sizeBytes: plan.size, regions });
       }
-      return { checkpoint, disks };
+      return { checkpoint, disks, createdDir: made };
     } catch (err) {
       for (const path of written) await rm(path, { force: true });
       if (made) await rmdir(opts.to).catch(() => {});

@@ -1,7 +1,9 @@
 // `ferry recover` as an operator runs it: a set of two disks replicated through five cycles (with a
 // disk that grew and was re-seeded), every checkpoint written back out and compared with `cmp`
 // against a copy of the source taken when it was published; retention with --retain, a crash in
-// the middle of pruning, damaged history, and the refusals that protect the operator's files.
+// the middle of pruning, damaged history, and the refusals that protect the operator's files; and
+// drills (--test): the disks served over NBD through a copy-on-write overlay, then all removed.
+import type { ChildProcess } from 'node:child_process';
 import {
   copyFile,
   mkdir,
@@ -311,5 +313,119 @@ describe('ferry recover', () => {
     expect(await stat(to).catch(() => undefined)).toBeUndefined();
     // A checkpoint that does not need the changed record still recovers.
     await expectRecovered(w, 3);
+  });
+});
+
+describe('ferry recover --test (a drill)', () => {
+  it('serves the checkpoint over NBD through a copy-on-write overlay, then removes every server and file', async () => {
+    // Prepare: two checkpoints; the drill serves #1.
+    const w = await world();
+    for (const seed of [100, 200]) expect((await cycle(w, seed)).code).toBe(0);
+    const drillDir = join(w.dir, 'drill');
+    const untouched = [w.dst('os'), w.dst('data'), `${w.dst('os')}.ferry-manifest`];
+    const before = await Promise.all(untouched.map((p) => readFile(p)));
+    let child: ChildProcess | undefined;
+    let stdout = '';
+    let onReady = () => {};
+    const ready = new Promise<void>((resolve) => {
+      onReady = resolve;
+    });
+    const finished = ferry(
+      [
+        'recover',
+        '--test',
+        '--ttl',
+        '10m',
+        '--set',
+        SET,
+        '--state',
+        w.state,
+        '--checkpoint',
+        '1',
+        '--to',
+        drillDir,
+      ],
+      {
+        onSpawn: (c) => {
+          child = c;
+          c.stdout?.on('data', (b: Buffer) => {
+            stdout += b;
+            if (/^disk data: nbd:/m.test(stdout) && /^disk os: nbd:/m.test(stdout)) onReady();
+          });
+        },
+      },
+    );
+    try {
+      // A drill that ends early fails the assertions below rather than hanging here.
+      await Promise.race([ready, finished]);
+      const uri = (disk: string) =>
+        new RegExp(`^disk ${disk}: (nbd://127\\.0\\.0\\.1:\\d+) \\(nbdkit pid (\\d+)\\)$`, 'm').exec(stdout);
+      const os = uri('os');
+      const data = uri('data');
+      expect(os, stdout).not.toBeNull();
+      expect(data, stdout).not.toBeNull();
+      // Act: a test machine overwrites disk os through NBD, then reads it back.
+      const written = join(w.dir, 'written.img');
+      await createDiskImage(written, { size: w.sizes.os!, seed: 99, allocated: 1 });
+      const put = await run('nbdcopy', [written, os![1]!]);
+      expect(put.code, put.stderr).toBe(0);
+      const readBack = join(w.dir, 'read-back.img');
+      const get = await run('nbdcopy', [os![1]!, readBack]);
+      expect(get.code, get.stderr).toBe(0);
+      // Assess: the writes are visible through NBD, and nothing under it changed.
+      expect((await run('cmp', [readBack, written])).code).toBe(0);
+      expect((await run('cmp', [join(drillDir, 'os.img'), w.asOf('os', 1)])).code).toBe(0);
+      const after = await Promise.all(untouched.map((p) => readFile(p)));
+      for (const [i, b] of after.entries()) expect(b.equals(before[i]!), untouched[i]).toBe(true);
+      // Ctrl-C ends the drill: the servers are gone and so is everything it wrote.
+      child!.kill('SIGINT');
+      const end = await finished;
+      expect(end.code, said(end)).toBe(0);
+      expect(end.stdout).toMatch(
+        /^drill ended \(SIGINT\): 2 NBD server\(s\) stopped and gone, .*nothing of the drill remains$/m,
+      );
+      expect(await stat(drillDir).catch(() => undefined)).toBeUndefined();
+      for (const pid of [os![2]!, data![2]!]) expect(() => process.kill(Number(pid), 0)).toThrow(/ESRCH/);
+    } finally {
+      child?.kill('SIGKILL');
+    }
+  });
+
+  it('ends by itself at its TTL and leaves nothing behind', async () => {
+    const w = await world();
+    expect((await cycle(w, 100)).code).toBe(0);
+    const drillDir = join(w.dir, 'drill');
+    const r = await ferry([
+      'recover',
+      '--test',
+      '--ttl',
+      '1s',
+      '--set',
+      SET,
+      '--state',
+      w.state,
+      '--to',
+      drillDir,
+    ]);
+    expect(r.code, said(r)).toBe(0);
+    expect(r.stdout).toMatch(/^disk os: nbd:\/\/127\.0\.0\.1:\d+ \(nbdkit pid \d+\)$/m);
+    expect(r.stdout).toMatch(
+      /^drill ended \(its TTL passed\): 2 NBD server\(s\) stopped and gone, .*nothing of the drill remains$/m,
+    );
+    expect(await stat(drillDir).catch(() => undefined)).toBeUndefined();
+    const bad = await ferry([
+      'recover',
+      '--test',
+      '--ttl',
+      'forever',
+      '--set',
+      SET,
+      '--state',
+      w.state,
+      '--to',
+      drillDir,
+    ]);
+    expect(bad.code).toBe(2);
+    expect(bad.stderr).toMatch(/^ferry: --ttl "forever": give how long the drill lasts, from 1s to 7d/);
   });
 });
