@@ -96,17 +96,21 @@ export async function recoverSet(opts: RecoverOptions): Promise<RecoverResult> {
 export async function planCheckpoint(
   catalog: CatalogView,
   checkpoint: RecoveryCheckpoint,
+  opts: { readonly readManifest: boolean } = { readManifest: true },
 ): Promise<DiskRecoveryPlan[]> {
   const damaged = catalog.damaged.map((d) => d.sequence);
   const plans: DiskRecoveryPlan[] = [];
-  for (const d of checkpoint.disks)
-    plans.push(await planDiskRecovery(catalog.checkpoints, damaged, checkpoint, d));
+  for (const d of checkpoint.disks) {
+    plans.push(await planDiskRecovery(catalog.checkpoints, damaged, checkpoint, d, opts));
+  }
   return plans;
 }
 
 /**
  * Whether each checkpoint can still be recovered from here, with the reason when not (for
- * `ferry checkpoints`): reads history metadata and manifests, never disk data.
+ * `ferry checkpoints`): its history is there, belongs to the catalog's cycles, and recorded the
+ * checkpoint's manifest reference. Reads history metadata only: a manifest altered since is found
+ * when the checkpoint is recovered.
  */
 export async function recoverability(
   catalog: CatalogView,
@@ -118,7 +122,7 @@ export async function recoverability(
       damaged: catalog.damaged.filter((d) => d.set === cp.set),
     };
     try {
-      await planCheckpoint(bySet, cp);
+      await planCheckpoint(bySet, cp, { readManifest: false });
       result.set(cp.id, { recoverable: true });
     } catch (err) {
       result.set(cp.id, {

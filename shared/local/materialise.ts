@@ -63,13 +63,15 @@ export interface DiskRecoveryPlan {
  * a target that is not a local file, a later checkpoint whose history for the disk is gone
  * (pruned) or unreadable, or a kept manifest that does not match the catalog. `catalog` is every
  * readable checkpoint of the set; `damaged` the sequences of entries that cannot be read. Reads
- * manifests and history metadata only, never the disk's data.
+ * history metadata and (unless `readManifest` is false, for a listing) the checkpoint's manifest,
+ * never the disk's data.
  */
 export async function planDiskRecovery(
   catalog: readonly RecoveryCheckpoint[],
   damaged: readonly number[],
   checkpoint: RecoveryCheckpoint,
   disk: CheckpointDisk,
+  opts: { readonly readManifest?: boolean } = { readManifest: true },
 ): Promise<DiskRecoveryPlan> {
   const refuse = (why: string, reason = `disk ${disk.disk}: ${why}`) =>
     new RecoveryError(`checkpoint ${checkpoint.id}, disk ${disk.disk}: ${why}`, {
@@ -114,9 +116,11 @@ export async function planDiskRecovery(
   if (size !== disk.sizeBytes) {
     throw refuse(`the history records a ${size}-byte image, the catalog a ${disk.sizeBytes}-byte disk`);
   }
-  let ref: string;
+  // A listing trusts the reference the history recorded (a manifest is 32 MiB per TiB of disk); a
+  // recovery hashes the manifest it will verify against.
+  let ref: string | undefined = opts.readManifest === false ? first?.manifestRef : undefined;
   try {
-    ref = manifestDigest(await readManifest(manifest));
+    ref ??= manifestDigest(await readManifest(manifest));
   } catch (err) {
     throw refuse(`its manifest ${manifest} cannot be read (${errorMessage(err)})`);
   }
