@@ -48,7 +48,8 @@ export interface FileTargetOptions {
  *   PATH.ferry-history/       with `keepHistory`: published cycles' undo data (history.ts)
  * Until publication `rollback` restores the previous image and manifest from these and keeps the
  * staging file, so a rerun resumes; `afterPublish` installs the manifest and removes the rest,
- * with `keepHistory` after linking the undo data and the previous manifest into the history.
+ * with `keepHistory` after keeping the undo data (for a re-seed, the previous image's bytes in the
+ * regions the manifests say changed) and the previous manifest in the history.
  */
 type Mode = 'direct' | 'staged';
 
@@ -293,22 +294,39 @@ export class FileTarget implements DiskTarget {
   }
 
   /**
-   * Links the undo data of the published cycle and the previous checkpoint's manifest into the
-   * history as the cycle's entry. Nothing is kept for a direct copy (it overwrote nothing), for undo
+   * Keeps the published cycle's undo data and the previous checkpoint's manifest in the history as
+   * the cycle's entry: an increment's undo log is linked; a re-seed's is written from the previous
+   * image, holding only the regions whose digests the two manifests disagree on (a full copy that
+   * changed little keeps little). Nothing is kept for a direct copy (it overwrote nothing), for undo
    * data of another cycle than the one published, or without a previous manifest to verify against.
    */
   private async keepAsHistory(published: PublishedCheckpoint): Promise<void> {
     const record = await this.readCycleRecord().catch(() => undefined);
     if (record?.cycleId !== published.id || record.mode !== 'staged') return;
     if ((await sizeOf(this.manifestPath)) === undefined) return;
-    const reseed = (await sizeOf(this.undoImagePath)) !== undefined;
-    if (!reseed && (await sizeOf(this.undoPath)) === undefined) return;
-    await recordHistory(this.path, published, {
-      kind: reseed ? 'image' : 'undo',
-      data: reseed ? this.undoImagePath : this.undoPath,
-      manifest: this.manifestPath,
-      manifestRef: manifestDigest(await readManifest(this.manifestPath)),
-    });
+    const previous = await readManifest(this.manifestPath);
+    const kept = { manifest: this.manifestPath, manifestRef: manifestDigest(previous) };
+    const previousSize = await sizeOf(this.undoImagePath);
+    if (previousSize !== undefined) {
+      const changed = changedRegions(
+        previous,
+        previousSize,
+        await readManifest(this.nextManifestPath),
+        (await stat(this.path)).size,
+      );
+      await recordHistory(this.path, published, {
+        ...kept,
+        size: previousSize,
+        undo: (out) => writeUndoLog(this.undoImagePath, changed, out, this.name),
+      });
+    } else if ((await sizeOf(this.undoPath)) !== undefined) {
+      // An increment does not resize the image: its previous size is the image's.
+      await recordHistory(this.path, published, {
+        ...kept,
+        size: (await stat(this.path)).size,
+        undo: this.undoPath,
+      });
+    }
   }
 
   async close(): Promise<void> {
@@ -339,30 +357,8 @@ export class FileTarget implements DiskTarget {
    * not, the image has not been touched.
    */
   private async writeUndo(extents: readonly Extent[]): Promise<void> {
-    const index = Buffer.alloc(8 + extents.length * 16);
-    index.writeBigUInt64LE(BigInt(extents.length), 0);
-    extents.forEach((e, i) => {
-      index.writeBigUInt64LE(BigInt(e.offset), 8 + i * 16);
-      index.writeBigUInt64LE(BigInt(e.length), 16 + i * 16);
-    });
     const tmp = `${this.undoPath}.tmp`;
-    const out = await open(tmp, 'w');
-    const image = await open(this.path, 'r');
-    try {
-      await writeAll(out, index, 0);
-      let at = index.length;
-      for (const e of extents) {
-        for (let off = e.offset; off < e.offset + e.length; off += MANIFEST_REGION) {
-          const len = Math.min(MANIFEST_REGION, e.offset + e.length - off);
-          await writeAll(out, await readAt(image, off, len, this.name), at);
-          at += len;
-        }
-      }
-      await out.sync();
-    } finally {
-      await image.close();
-      await out.close();
-    }
+    await writeUndoLog(this.path, extents, tmp, this.name);
     await rename(tmp, this.undoPath);
     await syncDir(dirname(this.path));
   }
@@ -553,6 +549,79 @@ function* touchedRegions(extents: readonly Extent[]): Generator<TouchedRegion> {
 /** Every region, each as wholly changed: none is trusted from a chunk. */
 function* range(n: number): Generator<TouchedRegion> {
   for (let i = 0; i < n; i++) yield { index: i, lo: i * MANIFEST_REGION, hi: (i + 1) * MANIFEST_REGION };
+}
+
+/**
+ * Writes to `out` (created or truncated, then synced) an undo log of `imagePath`: its bytes under
+ * `extents` (sorted, disjoint). Layout: the extent count (u64 LE), then offset and length (u64 LE
+ * each) per extent, then the saved bytes of every extent in order; `applyUndoLog` reads it.
+ */
+export async function writeUndoLog(
+  imagePath: string,
+  extents: readonly Extent[],
+  out: string,
+  name: string,
+): Promise<void> {
+  const index = Buffer.alloc(8 + extents.length * 16);
+  index.writeBigUInt64LE(BigInt(extents.length), 0);
+  extents.forEach((e, i) => {
+    index.writeBigUInt64LE(BigInt(e.offset), 8 + i * 16);
+    index.writeBigUInt64LE(BigInt(e.length), 16 + i * 16);
+  });
+  const fh = await open(out, 'w');
+  const image = await open(imagePath, 'r');
+  try {
+    await writeAll(fh, index, 0);
+    let at = index.length;
+    for (const e of extents) {
+      for (let off = e.offset; off < e.offset + e.length; off += MANIFEST_REGION) {
+        const len = Math.min(MANIFEST_REGION, e.offset + e.length - off);
+        await writeAll(fh, await readAt(image, off, len, name), at);
+        at += len;
+      }
+    }
+    await fh.sync();
+  } finally {
+    await image.close();
+    await fh.close();
+  }
+}
+
+/**
+ * What a re-seed changed of the previous image, as the extents of the previous image to keep so
+ * that, truncated or extended to `previousSize` and with those bytes written back, the new image
+ * is the previous one again: every region whose digest differs in the two manifests (a region cut
+ * short by a resize differs too: its length is in its digest), and every region beyond the new
+ * size that is not all zeros (extending leaves zeros). Adjacent regions are merged. A manifest
+ * whose length does not fit its image's size is not trusted: then the whole previous image is kept.
+ */
+export function changedRegions(
+  previous: Uint8Array,
+  previousSize: number,
+  next: Uint8Array,
+  nextSize: number,
+): Extent[] {
+  const regions = Math.ceil(previousSize / MANIFEST_REGION);
+  const nextRegions = Math.ceil(nextSize / MANIFEST_REGION);
+  if (previous.length !== regions * 32 || next.length !== nextRegions * 32) {
+    return previousSize === 0 ? [] : [{ offset: 0, length: previousSize }];
+  }
+  const extents: Extent[] = [];
+  for (let i = 0; i < regions; i++) {
+    const offset = i * MANIFEST_REGION;
+    const length = Math.min(MANIFEST_REGION, previousSize - offset);
+    const digest = Buffer.from(previous.buffer, previous.byteOffset + i * 32, 32);
+    const same =
+      i < nextRegions
+        ? digest.equals(next.subarray(i * 32, i * 32 + 32))
+        : digest.equals(zeroRegionDigest(length));
+    if (same) continue;
+    const last = extents.at(-1);
+    if (last !== undefined && last.offset + last.length === offset) {
+      extents[extents.length - 1] = { offset: last.offset, length: last.length + length };
+    } else extents.push({ offset, length });
+  }
+  return extents;
 }
 
 /**

@@ -5,9 +5,10 @@
 //       meta.json                      which cycle, what kind of record, the previous image's size and
 //                                      its manifest's reference
 //       undo                           kind "undo": the previous checkpoint's bytes under every extent
-//                                      cycle <seq> changed (the undo log file-target.ts wrote, linked)
-//       image                          kind "image": the whole previous image, replaced by a re-seed
-//                                      (linked, so it costs no copy)
+//                                      cycle <seq> changed (an increment's undo log, linked; for a
+//                                      re-seed, the regions whose digests changed, written here)
+//       image                          kind "image", no longer written but still read: the whole
+//                                      previous image a re-seed replaced
 //       manifest                       the previous checkpoint's per-MiB manifest (linked)
 //   PATH.ferry-history/<seq>.tmp/      an entry being built; rebuilt by the rerun that finishes it
 //   PATH.ferry-history/<seq>.pruning/  an entry being deleted; removed by the next prune
@@ -16,7 +17,7 @@
 // crash leaves every entry whole or absent. Entries are pruned oldest first: a checkpoint is
 // recoverable while the entries of every later cycle are there, so a crash while pruning removes
 // history of pruned checkpoints only, never a hole under a kept one.
-import { link, mkdir, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
+import { link, mkdir, readdir, readFile, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { errorMessage } from '../engine/errors.ts';
@@ -28,8 +29,9 @@ const metaSchema = z.strictObject({
   /** The published cycle whose commit overwrote what this entry holds. */
   cycleId: z.string(),
   sequence: z.number().int().positive(),
+  /** "image": the whole previous image, as re-seeds were kept before they wrote undo logs. */
   kind: z.enum(['undo', 'image']),
-  /** Size of the previous checkpoint's image. */
+  /** Size of the previous checkpoint's image (an undo log is applied to the image cut or extended to it). */
   size: z.number().int().nonnegative(),
   /** Reference of the previous checkpoint's manifest (what its catalog entry recorded). */
   manifestRef: z.string(),
@@ -40,7 +42,7 @@ export type HistoryMeta = z.infer<typeof metaSchema>;
 /** A complete entry, with the paths of its files. */
 export interface HistoryEntry extends HistoryMeta {
   readonly dir: string;
-  /** The undo log (kind "undo") or the whole previous image (kind "image"). */
+  /** The undo log (kind "undo") or, in entries written before re-seeds kept undo logs, the whole previous image (kind "image"). */
   readonly data: string;
   readonly manifest: string;
 }
@@ -52,18 +54,18 @@ export const historyDir = (imagePath: string): string => `${imagePath}${HISTORY_
 const entryName = (sequence: number): string => String(sequence).padStart(8, '0');
 
 /**
- * Keeps the undo data of a published cycle as its history entry. `undo` is an undo log or, for a
- * re-seed, the previous image (`kind`); `manifest` is the previous checkpoint's manifest file. Both are
- * linked, not copied, so this must run before the caller replaces or removes them. Idempotent: an
- * entry of this sequence already there (a rerun after a crash, or a state directory started over)
- * is replaced by this one.
+ * Keeps the undo data of a published cycle as its history entry. `undo` is the path of an undo log
+ * to link (so this must run before the caller removes it), or writes one at the path it is given
+ * (and syncs it); `manifest` is the previous checkpoint's manifest file, linked too; `size` is the
+ * previous image's size. Idempotent: an entry of this sequence already there (a rerun after a
+ * crash, or a state directory started over) is replaced by this one.
  */
 export async function recordHistory(
   imagePath: string,
   cycle: { readonly id: string; readonly sequence: number },
   kept: {
-    readonly kind: 'undo' | 'image';
-    readonly data: string;
+    readonly undo: string | ((path: string) => Promise<void>);
+    readonly size: number;
     readonly manifest: string;
     /** The previous manifest's reference, as file-target.ts computes it. */
     readonly manifestRef: string;
@@ -75,13 +77,14 @@ export async function recordHistory(
   await mkdir(dir, { recursive: true });
   await rm(tmp, { recursive: true, force: true });
   await mkdir(tmp);
-  await link(kept.data, join(tmp, kept.kind));
+  if (typeof kept.undo === 'string') await link(kept.undo, join(tmp, 'undo'));
+  else await kept.undo(join(tmp, 'undo'));
   await link(kept.manifest, join(tmp, 'manifest'));
   const meta: HistoryMeta = {
     cycleId: cycle.id,
     sequence: cycle.sequence,
-    kind: kept.kind,
-    size: kept.kind === 'image' ? (await stat(kept.data)).size : (await stat(imagePath)).size,
+    kind: 'undo',
+    size: kept.size,
     manifestRef: kept.manifestRef,
   };
   await writeFileSynced(join(tmp, 'meta.json'), JSON.stringify(meta));

@@ -1,7 +1,7 @@
 // Point-in-time recovery of a file-image disk: its image as of a kept checkpoint, written to a new
 // file from the current image and the history (history.ts), and verified against that
 // checkpoint's manifest before it is handed over.
-import { type FileHandle, open, rm, stat } from 'node:fs/promises';
+import { type FileHandle, open, rm, stat, truncate } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { errorMessage, FerryError } from '../engine/errors.ts';
 import type { CheckpointDisk, RecoveryCheckpoint } from '../engine/ports.ts';
@@ -52,7 +52,12 @@ export interface DiskRecoveryPlan {
   readonly manifest: string;
   /** The file copied first: the current image, or the image a later re-seed replaced. */
   readonly base: string;
-  /** History entries applied over the copy, newest first (each restores the checkpoint before it). */
+  /** The base's size (a re-seed may have resized the disk since the checkpoint). */
+  readonly baseSize: number;
+  /**
+   * History entries applied over the copy, newest first (each restores the checkpoint before it:
+   * the copy cut or extended to the entry's size, then its undo log written over it).
+   */
   readonly undo: readonly HistoryEntry[];
   /** Bytes of work (copy, apply, verify), for progress. */
   readonly bytes: number;
@@ -130,14 +135,15 @@ export async function planDiskRecovery(
         (first === undefined ? 'the image has changed since' : 'the history was altered'),
     );
   }
-  // A re-seed's entry holds the whole image it replaced: the oldest one after the checkpoint is
-  // the copy's base, and only the increments between the checkpoint and it are undone.
+  // An entry written before re-seeds kept undo logs holds the whole image the re-seed replaced: the
+  // oldest one after the checkpoint is the copy's base, and only the entries before it are undone.
   const reseed = chain.findIndex((e) => e.kind === 'image');
   const base = reseed >= 0 ? chain[reseed]!.data : image;
+  const baseSize = await sizeOf(base, refuse);
   const undo = (reseed >= 0 ? chain.slice(0, reseed) : chain).reverse();
-  let bytes = 2 * size;
+  let bytes = baseSize + size;
   for (const e of undo) bytes += await sizeOf(e.data, refuse);
-  return { disk: disk.disk, checkpoint, image, size, manifest, base, undo, bytes };
+  return { disk: disk.disk, checkpoint, image, size, manifest, base, baseSize, undo, bytes };
 }
 
 export interface MaterialiseProgress {
@@ -170,12 +176,15 @@ export async function materialiseDisk(
   let created = true;
   try {
     try {
-      await copySparse(plan.base, fh, plan.size, progress('copy'));
+      await copySparse(plan.base, fh, plan.baseSize, progress('copy'));
       await fh.sync();
     } finally {
       await fh.close();
     }
     for (const entry of plan.undo) {
+      // A re-seed may have resized the disk: the entry's log restores the regions it changed of an
+      // image of the entry's size, and cutting or extending (with zeros) to it comes first.
+      await truncate(out, entry.size);
       await applyUndoLog(entry.data, out, `history ${entry.dir}`, progress('apply'));
     }
     const { regions, mismatches } = await compareWithManifest(

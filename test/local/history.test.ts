@@ -138,7 +138,7 @@ describe('point-in-time recovery of file targets', () => {
     const kinds = async (id: string) =>
       [...(await readHistory(w.dst(id))).entries.values()].map((e) => `${e.sequence}:${e.kind}`);
     expect(await kinds('a')).toEqual(['2:undo', '3:undo', '4:undo', '5:undo']);
-    expect(await kinds('b')).toEqual(['2:undo', '3:image', '4:undo', '5:undo']);
+    expect(await kinds('b')).toEqual(['2:undo', '3:undo', '4:undo', '5:undo']);
     // Act and assess: every checkpoint, oldest first.
     for (let seq = 1; seq <= 5; seq++) await expectRecovered(w, seq);
   });
@@ -222,6 +222,49 @@ describe('point-in-time recovery of file targets', () => {
     expect([...(await readHistory(w.dst('a'))).entries.keys()]).toEqual([2]);
     await expectRecovered(w, 2);
     await recoverLocalSet(SET, w.state); // nothing left to do
+  });
+
+  it('keeps what a full copy changed, not the image it replaced: ~0 bytes when unchanged, the changed MiB when one changed', async () => {
+    // Prepare: one 32 MiB disk of random data, replicated by full copies only (no change map).
+    const w = await world();
+    const src = w.src('a');
+    await createDiskImage(src, { size: 32 * MiB, seed: 21, allocated: 1 });
+    const full = async (): Promise<number> => {
+      const r = await runLocalJob(
+        { set: SET, disks: [{ id: 'a', source: `file:${src}`, target: `file:${w.dst('a')}` }], params: {} },
+        { stateDir: w.state },
+      );
+      await copyFile(src, w.asOf('a', r.checkpoint.sequence));
+      return r.checkpoint.sequence;
+    };
+    const undoBytes = async (seq: number) => {
+      const entry = (await readHistory(w.dst('a'))).entries.get(seq)!;
+      expect(entry.kind).toBe('undo');
+      return (await stat(entry.data)).size;
+    };
+    const header = (extents: number) => 8 + extents * 16;
+    // Act: #1 seeds, #2 copies the same data again, #3 after one MiB changed, #4 after the disk
+    // shrank to 30.5 MiB (the cut region and the one past it differ).
+    expect(await full()).toBe(1);
+    expect(await full()).toBe(2);
+    const fh = await open(src, 'r+');
+    await fh.write(Buffer.alloc(MiB, 0x5a), 0, MiB, 5 * MiB);
+    await fh.close();
+    expect(await full()).toBe(3);
+    await truncate(src, 30 * MiB + MiB / 2);
+    expect(await full()).toBe(4);
+    // Assess: each entry holds the previous checkpoint's bytes of the changed regions only.
+    expect(await undoBytes(2)).toBe(header(0));
+    expect(await undoBytes(3)).toBe(header(1) + MiB);
+    expect(await undoBytes(4)).toBe(header(1) + 2 * MiB);
+    const entries = [...(await readHistory(w.dst('a'))).entries.values()];
+    expect(entries.map((e) => e.size)).toEqual([32 * MiB, 32 * MiB, 32 * MiB]);
+    // Every checkpoint still recovers bit-exact, the shrunk one and those before it.
+    for (let seq = 1; seq <= 4; seq++) {
+      const to = await recover(w, seq);
+      expect(await firstDifference(recoveredPath(to, 'a'), w.asOf('a', seq)), `#${seq}`).toBeUndefined();
+      expect((await stat(recoveredPath(to, 'a'))).size).toBe((await stat(w.asOf('a', seq))).size);
+    }
   });
 });
 
