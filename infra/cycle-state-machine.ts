@@ -532,7 +532,10 @@ export class CycleStateMachine extends Construct {
       .when(
         anyFailed,
         new sfn.Pass(this, 'Source snapshot in error', {
-          parameters: { Error: 'SourceSnapshotFailed', Cause: 'EC2 reports a source snapshot in state error' },
+          parameters: {
+            Error: 'SourceSnapshotFailed',
+            Cause: 'EC2 reports a source snapshot in state error',
+          },
           resultPath: '$.error',
         }).next(sourcesFailed),
       )

@@ -139,7 +139,8 @@ export function parentEvents(disks = MAX_DISKS): HistoryEstimate {
   const estimate = (lambda: number, ec2: number, startChild: number) => {
     const start = EXECUTION + SIMPLE /* Route */ + SIMPLE; /* start */
     const snapshots = MAP + disks * (MAP_ITEM + SIMPLE /* given? */ + ec2 + SIMPLE); /* shape */
-    const polls = PARENT_SNAPSHOT_POLLS * (ec2 + SIMPLE /* choice */ + SIMPLE /* count */ + SIMPLE); /* wait */
+    const polls =
+      PARENT_SNAPSHOT_POLLS * (ec2 + SIMPLE /* choice */ + SIMPLE /* count */ + SIMPLE); /* wait */
     const prepare = lambda;
     const diff = diffRoundEvents(disks, lambda);
     const ticks = PARENT_TICKS * (lambda + SIMPLE /* status */ + SIMPLE /* count */ + SIMPLE); /* wait */
