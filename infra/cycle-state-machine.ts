@@ -20,6 +20,8 @@ import {
   MAX_ROUNDS_PER_CYCLE,
   MAX_SNAPSHOT_POLLS_PER_CHILD,
   MAX_TICKS_PER_CHILD,
+  PARENT_SNAPSHOT_POLLS,
+  PARENT_TICKS,
   SNAPSHOT_POLL_SECONDS,
   START_CHILD_RETRIES,
   TICK_WAIT_SECONDS,
@@ -98,13 +100,16 @@ export class CycleStateMachine extends Construct {
       name: string,
       fn: lambda.IFunction,
       payload: Record<string, unknown>,
-      resultPath: string,
+      /** Where the result goes; undefined: it replaces the input. */
+      resultPath: string | undefined,
+      resultSelector?: Record<string, string>,
     ) => {
       const task = new tasks.LambdaInvoke(this, name, {
         lambdaFunction: fn,
         payload: sfn.TaskInput.fromObject(payload),
         payloadResponseOnly: true,
         retryOnServiceExceptions: false,
+        resultSelector,
         resultPath,
       });
       // Retriers are tried in order: permanent errors first, so States.TaskFailed cannot match them.
@@ -172,17 +177,6 @@ export class CycleStateMachine extends Construct {
       return task;
     };
 
-    /** Counts a parent round and refuses to start one beyond MAX_ROUNDS_PER_CYCLE. */
-    const roundGate = (phase: string, next: sfn.IChainable, exhausted: sfn.IChainable) =>
-      new sfn.Pass(this, `${phase}: count round`, {
-        parameters: { 'rounds.$': 'States.MathAdd($.budget.rounds, 1)' },
-        resultPath: '$.budget',
-      }).next(
-        new sfn.Choice(this, `${phase}: rounds left?`)
-          .when(sfn.Condition.numberGreaterThan('$.budget.rounds', MAX_ROUNDS_PER_CYCLE), exhausted)
-          .otherwise(next),
-      );
-
     const hasString = (path: string, value: string) =>
       sfn.Condition.and(sfn.Condition.isPresent(path), sfn.Condition.stringEquals(path, value));
 
@@ -221,6 +215,55 @@ export class CycleStateMachine extends Construct {
       return find;
     };
 
+    // ---- parent and child ----------------------------------------------------------------------------
+    // A child is started with {"child": kind, ...} and enters the same loop states as the parent. The
+    // Choice that ends each pass of a loop tells the two apart by $.child: a child goes round until its
+    // own bound and then reports; the parent goes round until its PARENT_* bound and then starts
+    // children, one round at a time, until the loop is done.
+
+    const inChild = sfn.Condition.isPresent('$.child');
+
+    /** A counter at `$.<name>.count` (an object, so a Pass can replace it) and a Pass adding one. */
+    const counter = (name: string) => ({
+      path: `$.${name}.count`,
+      increment: (stateName: string) =>
+        new sfn.Pass(this, stateName, {
+          parameters: { 'count.$': `States.MathAdd($.${name}.count, 1)` },
+          resultPath: `$.${name}`,
+        }),
+    });
+    /** Child executions the cycle has started (all phases together). */
+    const rounds = counter('rounds');
+    /** Source snapshot checks this execution has made, the one being made included. */
+    const polls = counter('polls');
+    /** Planner ticks this execution has made, less one (the count follows the tick it counts). */
+    const ticks = counter('ticks');
+    /** Finalize calls the cycle has made, less one. */
+    const finalizes = counter('finalizes');
+    /** Differ rounds a diff child has made, less one. */
+    const diffRounds = counter('diffRounds');
+    const noRoundsLeft = sfn.Condition.numberGreaterThanEquals(rounds.path, MAX_ROUNDS_PER_CYCLE);
+
+    /** One round of children in the parent: counts it, then starts the child and waits for it. */
+    const childRound = (
+      phase: string,
+      input: Record<string, unknown>,
+      resultSelector: Record<string, string>,
+      resultPath: string,
+    ) => {
+      const start = startChild(`${phase} round`, input, resultSelector, resultPath);
+      return { first: rounds.increment(`${phase}: count round`).next(start), start };
+    };
+
+    // A failed step's error is at $.error. A child fails with it (its parent's StartExecution then
+    // fails, and the parent handles the failure once); the parent goes to its own handler.
+    const childFailed = new sfn.Fail(this, 'Child failed', {
+      errorPath: '$.error.Error',
+      causePath: '$.error.Cause',
+    });
+    const failedIn = (name: string, parentHandler: sfn.IChainable) =>
+      new sfn.Choice(this, name).when(inChild, childFailed).otherwise(parentHandler);
+
     // ---- abort (after prepare: there is a cycle to abandon) ----------------------------------------
 
     const cycleFailed = new sfn.Fail(this, 'Cycle failed', {
@@ -247,12 +290,13 @@ export class CycleStateMachine extends Construct {
       resultPath: '$.abort',
     }).next(abortCycle);
     const catchToAbort = { errors: ['States.ALL'], resultPath: '$.error' };
+    const stepFailed = failedIn('Step failed: in a child?', abortOnError);
     const roundsExhausted = abortBecause(
       'Abort: rounds exhausted',
       `the cycle used all ${MAX_ROUNDS_PER_CYCLE} rounds of child executions without finishing`,
     );
 
-    // ---- finalize ----------------------------------------------------------------------------------
+    // ---- finalize (parent only) ----------------------------------------------------------------------
 
     const finalize = invoke(
       'Finalize cycle',
@@ -261,10 +305,6 @@ export class CycleStateMachine extends Construct {
       '$.finalize',
     );
     finalize.addCatch(abortOnError, catchToAbort);
-    const finalizeStart = new sfn.Pass(this, 'Finalize: start', {
-      result: sfn.Result.fromObject({ calls: 0 }),
-      resultPath: '$.fin',
-    }).next(finalize);
     finalize.next(
       new sfn.Choice(this, 'Checkpoint published?')
         .when(
@@ -272,17 +312,15 @@ export class CycleStateMachine extends Construct {
           new sfn.Succeed(this, 'Checkpoint published', { outputPath: '$.finalize' }),
         )
         .when(
-          sfn.Condition.numberGreaterThanEquals('$.fin.calls', MAX_FINALIZE_CALLS - 1),
+          sfn.Condition.numberGreaterThanEquals(finalizes.path, MAX_FINALIZE_CALLS - 1),
           abortBecause(
             'Abort: target snapshots not completed',
             `the target snapshots were still completing after ${MAX_FINALIZE_CALLS} finalize calls`,
           ),
         )
         .otherwise(
-          new sfn.Pass(this, 'Finalize: count call', {
-            parameters: { 'calls.$': 'States.MathAdd($.fin.calls, 1)' },
-            resultPath: '$.fin',
-          })
+          finalizes
+            .increment('Finalize: count call')
             .next(
               new sfn.Wait(this, 'Wait for target snapshots', {
                 time: sfn.WaitTime.duration(Duration.seconds(FINALIZE_POLL_SECONDS)),
@@ -292,15 +330,29 @@ export class CycleStateMachine extends Construct {
         ),
     );
 
-    // ---- replicate: rounds of replicate children until the planner says done ------------------------
+    // ---- replicate: planner ticks until the planner says done (parent, then replicate children) ------
 
+    // $.tick is {status, result}: the planner's answer, as a tick or a replicate child reports it.
+    const tick = invoke('Tick', props.planner, { action: 'tick', 'cycle.$': '$.cycle' }, '$.tick', {
+      'status.$': '$.status',
+      'result.$': '$',
+    });
+    tick.addCatch(stepFailed, catchToAbort);
+    const countTick = ticks.increment('Count tick');
+    countTick
+      .next(
+        new sfn.Wait(this, 'Wait for writers', {
+          time: sfn.WaitTime.duration(Duration.seconds(TICK_WAIT_SECONDS)),
+        }),
+      )
+      .next(tick);
     const plannerReported = new sfn.Choice(this, 'Abort: planner gave a reason?')
       .when(
-        sfn.Condition.isPresent('$.replicate.tick.reason'),
+        sfn.Condition.isPresent('$.tick.result.reason'),
         new sfn.Pass(this, 'Abort: planner reported', {
           parameters: {
             'reason.$':
-              "States.Format('the planner reported the cycle {}: {}', $.replicate.status, $.replicate.tick.reason)",
+              "States.Format('the planner reported the cycle {}: {}', $.tick.status, $.tick.result.reason)",
             error: {},
           },
           resultPath: '$.abort',
@@ -309,49 +361,97 @@ export class CycleStateMachine extends Construct {
       .otherwise(
         new sfn.Pass(this, 'Abort: planner reported without reason', {
           parameters: {
-            'reason.$': "States.Format('the planner reported the cycle {}', $.replicate.status)",
+            'reason.$': "States.Format('the planner reported the cycle {}', $.tick.status)",
             error: {},
           },
           resultPath: '$.abort',
         }).next(abortCycle),
       );
-    const replicateRound = startChild(
-      'Replicate round',
-      { child: CHILD_KINDS.replicate, 'cycle.$': '$.cycle' },
-      { 'status.$': '$.Output.status', 'tick.$': '$.Output' },
-      '$.replicate',
+    const replicateRound = childRound(
+      'Replicate',
+      { child: CHILD_KINDS.replicate, 'cycle.$': '$.cycle', ticks: { count: 0 } },
+      { 'status.$': '$.Output.status', 'result.$': '$.Output.result' },
+      '$.tick',
     );
-    replicateRound.addCatch(abortOnError, catchToAbort);
-    const replicate = roundGate('Replicate', replicateRound, roundsExhausted);
-    replicateRound.next(
-      new sfn.Choice(this, 'Cycle status?')
-        .when(sfn.Condition.stringEquals('$.replicate.status', 'done'), finalizeStart)
-        .when(sfn.Condition.stringEquals('$.replicate.status', 'running'), replicate)
-        .otherwise(plannerReported),
+    replicateRound.start.addCatch(abortOnError, catchToAbort);
+    const running = sfn.Condition.stringEquals('$.tick.status', 'running');
+    const tickStatus = new sfn.Choice(this, 'Tick status?')
+      .when(
+        sfn.Condition.and(
+          inChild,
+          sfn.Condition.or(
+            sfn.Condition.not(running),
+            sfn.Condition.numberGreaterThanEquals(ticks.path, MAX_TICKS_PER_CHILD - 1),
+          ),
+        ),
+        new sfn.Succeed(this, 'Replicate: report', { outputPath: '$.tick' }),
+      )
+      .when(inChild, countTick)
+      .when(sfn.Condition.stringEquals('$.tick.status', 'done'), finalize)
+      .when(sfn.Condition.and(running, sfn.Condition.numberLessThan(ticks.path, PARENT_TICKS - 1)), countTick)
+      .when(sfn.Condition.and(running, noRoundsLeft), roundsExhausted)
+      .when(running, replicateRound.first)
+      .otherwise(plannerReported);
+    tick.next(tickStatus);
+    replicateRound.start.next(tickStatus);
+
+    // ---- diff: rounds of one differ call per disk left (parent: one round, then diff children) -------
+
+    // $.cycle.disks are the differ tasks: the prepared cycle's disks in the parent, the disks left in
+    // a diff child (whose "cycle" is only that). $.diff.results are the round's tasks, each with its
+    // done flag; the filter for the tasks left only runs when one is left (it must not come back empty).
+    const diffDisk = invoke(
+      'Diff disk',
+      props.differ,
+      { 'set.$': '$.task.set', 'cycleId.$': '$.task.cycleId', 'disk.$': '$.task.disk' },
+      undefined,
+      // The differ's answer names its task (differResultSchema): the task again, and whether it is done.
+      { 'set.$': '$.set', 'cycleId.$': '$.cycleId', 'disk.$': '$.disk', 'done.$': '$.done' },
     );
-
-    // ---- diff: rounds of diff children over the disks not diffed yet --------------------------------
-
-    const diffRound = startChild(
-      'Diff round',
-      { child: CHILD_KINDS.diff, 'tasks.$': '$.diffRound.tasks' },
+    const diffDisks = new sfn.Map(this, 'Diff disks', {
+      itemsPath: '$.cycle.disks',
+      itemSelector: { 'task.$': '$$.Map.Item.Value' },
+      maxConcurrency: DIFF_CONCURRENCY,
+      resultSelector: { 'anyLeft.$': 'States.ArrayContains($[*].done, false)', 'results.$': '$' },
+      resultPath: '$.diff',
+    });
+    diffDisks.itemProcessor(diffDisk);
+    const tasksLeft = '$.diff.results[?(@.done == false)]';
+    diffDisks.addCatch(stepFailed, catchToAbort);
+    const diffRound = childRound(
+      'Diff',
+      { child: CHILD_KINDS.diff, cycle: { 'disks.$': tasksLeft }, diffRounds: { count: 0 } },
       { 'anyLeft.$': '$.Output.anyLeft', 'results.$': '$.Output.results' },
       '$.diff',
     );
-    diffRound.addCatch(abortOnError, catchToAbort);
-    const diff = roundGate('Diff', diffRound, roundsExhausted);
-    diffRound.next(
-      new sfn.Choice(this, 'All disks diffed?')
-        .when(
-          sfn.Condition.booleanEquals('$.diff.anyLeft', true),
-          new sfn.Pass(this, 'Diff: remaining disks', {
-            // Only reached when at least one disk is left, so the filter never comes back empty.
-            parameters: { 'tasks.$': '$.diff.results[?(@.done == false)].task' },
-            resultPath: '$.diffRound',
-          }).next(diff),
-        )
-        .otherwise(replicate),
-    );
+    diffRound.start.addCatch(abortOnError, catchToAbort);
+    const anyLeft = sfn.Condition.booleanEquals('$.diff.anyLeft', true);
+    const allDiffed = new sfn.Choice(this, 'All disks diffed?')
+      .when(
+        sfn.Condition.and(
+          inChild,
+          sfn.Condition.or(
+            sfn.Condition.not(anyLeft),
+            sfn.Condition.numberGreaterThanEquals(diffRounds.path, MAX_DIFF_CALLS_PER_CHILD - 1),
+          ),
+        ),
+        new sfn.Succeed(this, 'Diff: report', { outputPath: '$.diff' }),
+      )
+      .when(
+        inChild,
+        new sfn.Pass(this, 'Diff: next round', {
+          parameters: {
+            'child.$': '$.child',
+            cycle: { 'disks.$': tasksLeft },
+            diffRounds: { 'count.$': `States.MathAdd(${diffRounds.path}, 1)` },
+          },
+        }).next(diffDisks),
+      )
+      .when(sfn.Condition.not(anyLeft), tick)
+      .when(noRoundsLeft, roundsExhausted)
+      .otherwise(diffRound.first);
+    diffDisks.next(allDiffed);
+    diffRound.start.next(allDiffed);
 
     // ---- prepare ---------------------------------------------------------------------------------
 
@@ -378,31 +478,9 @@ export class CycleStateMachine extends Construct {
       ),
       { errors: ['States.ALL'], resultPath: '$.error' },
     );
-    prepare.next(
-      new sfn.Pass(this, 'Diff: all disks', {
-        parameters: { 'tasks.$': '$.cycle.disks' },
-        resultPath: '$.diffRound',
-      }).next(diff),
-    );
-    const cycleInput = (name: string, withParams: boolean) =>
-      new sfn.Pass(this, name, {
-        parameters: {
-          'plan.$': '$.plan',
-          'set.$': '$.set',
-          // The execution name is the cycle id: unique per state machine and shown in the console.
-          'cycleId.$': '$$.Execution.Name',
-          // Before the source snapshots were taken: the checkpoint's age (RPO metric) counts from it.
-          'startedAt.$': '$$.Execution.StartTime',
-          'disks.$': '$.disks',
-          ...(withParams ? { 'params.$': '$.params' } : {}),
-        },
-        resultPath: '$.cycleInput',
-      }).next(prepare);
-    const toPrepare = new sfn.Choice(this, 'Cycle params given?')
-      .when(sfn.Condition.isPresent('$.params'), cycleInput('Cycle input with params', true))
-      .otherwise(cycleInput('Cycle input', false));
+    prepare.next(diffDisks);
 
-    // ---- source snapshots --------------------------------------------------------------------------
+    // ---- await the source snapshots (parent, then await children) ------------------------------------
 
     const sourcesFailed = deleteOwnSourceSnapshots(
       'Sources failed',
@@ -411,26 +489,81 @@ export class CycleStateMachine extends Construct {
         causePath: '$.error.Cause',
       }),
     );
-    const awaitRound = startChild(
-      'Await round',
-      { child: CHILD_KINDS.awaitSnapshots, 'snapshotIds.$': '$.disks[*].sourceSnapshotId' },
-      { 'pending.$': '$.Output.pending' },
-      '$.await',
+    // $.sources says whether any snapshot is still pending, and whether any is in error.
+    const describe = ec2Call('Describe source snapshots', 'describeSnapshots', {
+      Parameters: { 'SnapshotIds.$': '$.cycleInput.disks[*].sourceSnapshotId' },
+      ResultSelector: {
+        'anyPending.$': "States.ArrayContains($.Snapshots[*].State, 'pending')",
+        'anyError.$': "States.ArrayContains($.Snapshots[*].State, 'error')",
+      },
+      ResultPath: '$.sources',
+    });
+    describe.addCatch(failedIn('Sources failed: in a child?', sourcesFailed), {
+      errors: ['States.ALL'],
+      resultPath: '$.error',
+    });
+    const waitForSources = new sfn.Wait(this, 'Wait for source snapshots', {
+      time: sfn.WaitTime.duration(Duration.seconds(SNAPSHOT_POLL_SECONDS)),
+    });
+    waitForSources.next(describe);
+    const countPoll = polls.increment('Count poll').next(waitForSources);
+    const awaitRound = childRound(
+      'Await',
+      {
+        child: CHILD_KINDS.awaitSnapshots,
+        cycleInput: { 'disks.$': '$.cycleInput.disks' },
+        // The child's first check follows its first wait: the parent has just checked.
+        polls: { count: 1 },
+      },
+      { 'anyPending.$': '$.Output.anyPending', 'anyError.$': '$.Output.anyError' },
+      '$.sources',
     );
-    awaitRound.addCatch(sourcesFailed, { errors: ['States.ALL'], resultPath: '$.error' });
-    const awaitSources = roundGate(
-      'Sources',
-      awaitRound,
-      new sfn.Fail(this, 'Rounds exhausted', {
-        error: 'RoundsExhausted',
-        cause: `source snapshots were not completed within ${MAX_ROUNDS_PER_CYCLE} rounds`,
-      }),
-    );
-    awaitRound.next(
-      new sfn.Choice(this, 'Sources completed?')
-        .when(sfn.Condition.booleanEquals('$.await.pending', true), awaitSources)
-        .otherwise(toPrepare),
-    );
+    awaitRound.start.addCatch(sourcesFailed, { errors: ['States.ALL'], resultPath: '$.error' });
+    const anyFailed = sfn.Condition.booleanEquals('$.sources.anyError', true);
+    const anyPending = sfn.Condition.booleanEquals('$.sources.anyPending', true);
+    const sourcesReady = new sfn.Choice(this, 'Source snapshots ready?')
+      .when(
+        sfn.Condition.and(anyFailed, inChild),
+        new sfn.Fail(this, 'Source snapshot failed', {
+          error: 'SourceSnapshotFailed',
+          cause: 'EC2 reports a source snapshot in state error',
+        }),
+      )
+      .when(
+        anyFailed,
+        new sfn.Pass(this, 'Source snapshot in error', {
+          parameters: {
+            Error: 'SourceSnapshotFailed',
+            Cause: 'EC2 reports a source snapshot in state error',
+          },
+          resultPath: '$.error',
+        }).next(sourcesFailed),
+      )
+      .when(
+        sfn.Condition.and(
+          inChild,
+          sfn.Condition.or(
+            sfn.Condition.not(anyPending),
+            sfn.Condition.numberGreaterThanEquals(polls.path, MAX_SNAPSHOT_POLLS_PER_CHILD),
+          ),
+        ),
+        new sfn.Succeed(this, 'Await: report', { outputPath: '$.sources' }),
+      )
+      .when(inChild, countPoll)
+      .when(sfn.Condition.not(anyPending), prepare)
+      .when(sfn.Condition.numberLessThan(polls.path, PARENT_SNAPSHOT_POLLS), countPoll)
+      .when(
+        noRoundsLeft,
+        new sfn.Fail(this, 'Rounds exhausted', {
+          error: 'RoundsExhausted',
+          cause: `source snapshots were not completed within ${MAX_ROUNDS_PER_CYCLE} rounds`,
+        }),
+      )
+      .otherwise(awaitRound.first);
+    describe.next(sourcesReady);
+    awaitRound.start.next(sourcesReady);
+
+    // ---- source snapshots (parent only) ------------------------------------------------------------
 
     const tags = [
       { Key: props.snapshotTag.key, Value: props.snapshotTag.value },
@@ -449,6 +582,8 @@ export class CycleStateMachine extends Construct {
       ResultSelector: { 'sourceSnapshotId.$': '$.SnapshotId', 'volumeSizeGiB.$': '$.VolumeSize' },
       ResultPath: '$.created',
     }).next(
+      // The prepare contract's shape ({disk, sourceSnapshotId, volumeSizeGiB}): JSONPath cannot merge
+      // the disk's name from the input with the snapshot from the result in the task itself.
       new sfn.Pass(this, 'Source snapshot started', {
         parameters: {
           'disk.$': '$.disk.disk',
@@ -487,135 +622,47 @@ export class CycleStateMachine extends Construct {
         'cycleId.$': '$$.Execution.Name',
       },
       maxConcurrency: DIFF_CONCURRENCY,
-      resultPath: '$.disks',
+      // The snapshots complete the input prepare is given.
+      resultPath: '$.cycleInput.disks',
     });
     snapshotSources.itemProcessor(snapshotDisk);
     snapshotSources.addCatch(sourcesFailed, { errors: ['States.ALL'], resultPath: '$.error' });
-    snapshotSources.next(awaitSources);
+    snapshotSources.next(describe);
 
-    const startCycle = new sfn.Pass(this, 'Start cycle', {
-      result: sfn.Result.fromObject({ rounds: 0 }),
-      resultPath: '$.budget',
-    }).next(snapshotSources);
-
-    // ---- child: await source snapshots -------------------------------------------------------------
-
-    const describe = ec2Call('Describe source snapshots', 'describeSnapshots', {
-      Parameters: { 'SnapshotIds.$': '$.snapshotIds' },
-      ResultSelector: { 'states.$': '$.Snapshots[*].State' },
-      ResultPath: '$.describe',
-    });
-    const awaitChild = new sfn.Pass(this, 'Await: start', {
-      parameters: { 'snapshotIds.$': '$.snapshotIds', polls: 0 },
-    }).next(describe);
-    describe.next(
-      new sfn.Pass(this, 'Read snapshot states', {
+    /** The cycle's state: its request, prepare's input (disks follow) and every counter at its start. */
+    const startCycle = (name: string, withParams: boolean) =>
+      new sfn.Pass(this, name, {
         parameters: {
-          'snapshotIds.$': '$.snapshotIds',
-          'polls.$': 'States.MathAdd($.polls, 1)',
-          'anyPending.$': "States.ArrayContains($.describe.states, 'pending')",
-          'anyError.$': "States.ArrayContains($.describe.states, 'error')",
+          'plan.$': '$.plan',
+          'set.$': '$.set',
+          'disks.$': '$.disks',
+          cycleInput: {
+            'plan.$': '$.plan',
+            'set.$': '$.set',
+            // The execution name is the cycle id: unique per state machine and shown in the console.
+            'cycleId.$': '$$.Execution.Name',
+            // Before the source snapshots were taken: the checkpoint's age (RPO metric) counts from it.
+            'startedAt.$': '$$.Execution.StartTime',
+            ...(withParams ? { 'params.$': '$.params' } : {}),
+          },
+          rounds: { count: 0 },
+          // The first check follows the snapshots at once: given ones are usually completed.
+          polls: { count: 1 },
+          ticks: { count: 0 },
+          finalizes: { count: 0 },
         },
-      }).next(
-        new sfn.Choice(this, 'Source snapshots ready?')
-          .when(
-            sfn.Condition.booleanEquals('$.anyError', true),
-            new sfn.Fail(this, 'Source snapshot failed', {
-              error: 'SourceSnapshotFailed',
-              cause: 'EC2 reports a source snapshot in state error',
-            }),
-          )
-          .when(
-            sfn.Condition.or(
-              sfn.Condition.booleanEquals('$.anyPending', false),
-              sfn.Condition.numberGreaterThanEquals('$.polls', MAX_SNAPSHOT_POLLS_PER_CHILD),
-            ),
-            new sfn.Pass(this, 'Await: report', { parameters: { 'pending.$': '$.anyPending' } }),
-          )
-          .otherwise(
-            new sfn.Wait(this, 'Wait for source snapshots', {
-              time: sfn.WaitTime.duration(Duration.seconds(SNAPSHOT_POLL_SECONDS)),
-            }).next(describe),
-          ),
-      ),
-    );
-
-    // ---- child: diff disks ---------------------------------------------------------------------------
-
-    const diffDisk = invoke(
-      'Diff disk',
-      props.differ,
-      { 'set.$': '$.task.set', 'cycleId.$': '$.task.cycleId', 'disk.$': '$.task.disk' },
-      '$.result',
-    );
-    diffDisk.next(
-      new sfn.Choice(this, 'Disk diffed?')
-        .when(
-          sfn.Condition.booleanEquals('$.result.done', true),
-          new sfn.Pass(this, 'Disk diffed', { parameters: { done: true, 'task.$': '$.task' } }),
-        )
-        .when(
-          sfn.Condition.numberGreaterThanEquals('$.calls', MAX_DIFF_CALLS_PER_CHILD - 1),
-          new sfn.Pass(this, 'Disk not diffed yet', { parameters: { done: false, 'task.$': '$.task' } }),
-        )
-        .otherwise(
-          new sfn.Pass(this, 'Count diff call', {
-            parameters: { 'task.$': '$.task', 'calls.$': 'States.MathAdd($.calls, 1)' },
-          }).next(diffDisk),
-        ),
-    );
-    const diffChild = new sfn.Map(this, 'Diff disks', {
-      itemsPath: '$.tasks',
-      itemSelector: { 'task.$': '$$.Map.Item.Value', calls: 0 },
-      maxConcurrency: DIFF_CONCURRENCY,
-      resultSelector: { 'doneFlags.$': '$[*].done', 'results.$': '$' },
-      resultPath: '$.diff',
-    });
-    diffChild.itemProcessor(diffDisk);
-    diffChild.next(
-      new sfn.Pass(this, 'Diff: report', {
-        parameters: {
-          'anyLeft.$': 'States.ArrayContains($.diff.doneFlags, false)',
-          'results.$': '$.diff.results',
-        },
-      }),
-    );
-
-    // ---- child: replicate (planner ticks) -------------------------------------------------------------
-
-    const tick = invoke('Tick', props.planner, { action: 'tick', 'cycle.$': '$.cycle' }, '$.tick');
-    const replicateChild = new sfn.Pass(this, 'Replicate: start', {
-      parameters: { 'cycle.$': '$.cycle', ticks: 0 },
-    }).next(tick);
-    tick.next(
-      new sfn.Choice(this, 'Tick status?')
-        .when(
-          sfn.Condition.or(
-            sfn.Condition.not(sfn.Condition.stringEquals('$.tick.status', 'running')),
-            sfn.Condition.numberGreaterThanEquals('$.ticks', MAX_TICKS_PER_CHILD - 1),
-          ),
-          new sfn.Succeed(this, 'Replicate: report', { outputPath: '$.tick' }),
-        )
-        .otherwise(
-          new sfn.Pass(this, 'Count tick', {
-            parameters: { 'cycle.$': '$.cycle', 'ticks.$': 'States.MathAdd($.ticks, 1)' },
-          })
-            .next(
-              new sfn.Wait(this, 'Wait for writers', {
-                time: sfn.WaitTime.duration(Duration.seconds(TICK_WAIT_SECONDS)),
-              }),
-            )
-            .next(tick),
-        ),
-    );
+      }).next(snapshotSources);
 
     // ---- entry -------------------------------------------------------------------------------------
 
+    // A child enters its loop where the parent left it: a replicate child ticks, a diff child diffs
+    // the disks left, an await child waits before it checks again.
     const route = new sfn.Choice(this, 'Route')
-      .when(hasString('$.child', CHILD_KINDS.replicate), replicateChild)
-      .when(hasString('$.child', CHILD_KINDS.diff), diffChild)
-      .when(hasString('$.child', CHILD_KINDS.awaitSnapshots), awaitChild)
-      .otherwise(startCycle);
+      .when(hasString('$.child', CHILD_KINDS.replicate), tick)
+      .when(hasString('$.child', CHILD_KINDS.diff), diffDisks)
+      .when(hasString('$.child', CHILD_KINDS.awaitSnapshots), waitForSources)
+      .when(sfn.Condition.isPresent('$.params'), startCycle('Start cycle with params', true))
+      .otherwise(startCycle('Start cycle', false));
 
     this.stateMachine = new sfn.StateMachine(this, 'StateMachine', {
       stateMachineName: props.stateMachineName,
@@ -623,7 +670,7 @@ export class CycleStateMachine extends Construct {
       queryLanguage: sfn.QueryLanguage.JSON_PATH,
       comment:
         'Ferry replication cycle: snapshot sources, prepare, diff, replicate (planner ticks), finalize or abort. ' +
-        'Inputs with "child" are bounded child executions started by a cycle.',
+        'Inputs with "child" are bounded child executions started by a cycle when a loop outgrows it.',
       definitionBody: sfn.DefinitionBody.fromChainable(route),
       tracingEnabled: true,
       logs: { destination: props.logGroup, level: sfn.LogLevel.ALL, includeExecutionData: true },

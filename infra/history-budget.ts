@@ -2,13 +2,16 @@
 // Functions Standard event-history limit (25,000 events). The state machine is built from these
 // constants and the tests assert the worst cases below stay under the limit.
 //
-// Shape: a cycle is one parent execution. Every loop whose length depends on the data (waiting for
-// source snapshots, re-invoking the differ, ticking the planner) runs in a CHILD execution of the same
-// state machine (StartExecution .sync:2 of itself), bounded in iterations; when a child runs out of
-// iterations it returns "not finished yet" and the parent starts another child. The parent counts its
-// own rounds too, so no execution's history can grow without bound. Chunks never pass through Step
-// Functions: grants are SQS messages consumed by the chunk-writer Lambda, so a cycle's transitions
-// grow with time (one tick every TICK_WAIT_SECONDS), never with the number of chunks.
+// Shape: a cycle is one parent execution. Each loop whose length depends on the data (waiting for
+// source snapshots, re-invoking the differ, ticking the planner) runs its first passes in the parent
+// itself, up to the parent's own bound for that loop (PARENT_*): a small cycle starts no child at all.
+// A loop that needs more runs on in CHILD executions of the same state machine (StartExecution .sync:2
+// of itself), which enter the same loop states and are bounded in iterations (MAX_*_PER_CHILD); when a
+// child runs out of iterations it returns "not finished yet" and the parent starts another child. The
+// parent counts its child rounds too, so no execution's history can grow without bound. Chunks never
+// pass through Step Functions: grants are SQS messages consumed by the chunk-writer Lambda, so a
+// cycle's transitions grow with time (one tick every TICK_WAIT_SECONDS), never with the number of
+// chunks.
 
 /** Step Functions Standard: an execution fails when its history reaches this many events. */
 export const HISTORY_LIMIT = 25_000;
@@ -41,6 +44,17 @@ export const MAX_SNAPSHOT_POLLS_PER_CHILD = 1000;
 export const MAX_DIFF_CALLS_PER_CHILD = 15;
 /** Children one cycle starts in all (800 replicate children alone are at least 74 days). */
 export const MAX_ROUNDS_PER_CYCLE = 800;
+/**
+ * Source snapshot checks the parent makes itself before it hands the wait to children (10 x 60 s:
+ * snapshots of an incremental's changes usually complete within minutes). Bounded by the parent's
+ * history: see parentEvents.
+ */
+export const PARENT_SNAPSHOT_POLLS = 10;
+/**
+ * Planner ticks the parent runs itself before it hands replication to children (20 x 10 s: a cycle
+ * that replicates within about 3 minutes starts no child). Bounded by the parent's history.
+ */
+export const PARENT_TICKS = 20;
 /** Finalize calls before the cycle is aborted (240 x 60 s plus the finalizer's own waiting). */
 export const MAX_FINALIZE_CALLS = 240;
 
@@ -81,9 +95,9 @@ export interface HistoryEstimate {
   readonly worst: number;
 }
 
-/** A replicate child: Route, start, then per tick: Tick, status Choice, count Pass, Wait. */
+/** A replicate child: Route, then per tick: Tick, status Choice, count Pass, Wait; its report. */
 export function replicateChildEvents(): HistoryEstimate {
-  const fixed = EXECUTION + SIMPLE /* Route */ + SIMPLE /* start */ + SIMPLE; /* report */
+  const fixed = EXECUTION + SIMPLE /* Route */ + SIMPLE; /* report */
   const perTick = (task: number) => task + SIMPLE /* status */ + SIMPLE /* count */ + SIMPLE; /* wait */
   return {
     nominal: fixed + MAX_TICKS_PER_CHILD * perTick(TASK),
@@ -91,42 +105,49 @@ export function replicateChildEvents(): HistoryEstimate {
   };
 }
 
-/** An await child: per poll DescribeSnapshots, a Pass that reads the states, a Choice, a Wait. */
+/** An await child: Route, then per poll a Wait, DescribeSnapshots, a Choice and a count Pass; its report. */
 export function awaitChildEvents(): HistoryEstimate {
-  const fixed = EXECUTION + SIMPLE /* Route */ + SIMPLE /* start */ + SIMPLE; /* report */
-  const perPoll = (task: number) => task + SIMPLE /* read */ + SIMPLE /* choice */ + SIMPLE; /* wait */
+  const fixed = EXECUTION + SIMPLE /* Route */ + SIMPLE; /* report */
+  const perPoll = (task: number) => SIMPLE /* wait */ + task + SIMPLE /* choice */ + SIMPLE; /* count */
   return {
     nominal: fixed + MAX_SNAPSHOT_POLLS_PER_CHILD * perPoll(TASK),
     worst: fixed + MAX_SNAPSHOT_POLLS_PER_CHILD * perPoll(ec2TaskWorst),
   };
 }
 
-/** A diff child: a Map over the disks, each looping differ call, done Choice, count Pass. */
+/** One diff round: a Map over the disks left, one differ call each, and the Choice after it. */
+const diffRoundEvents = (disks: number, lambda: number) => MAP + disks * (MAP_ITEM + lambda) + SIMPLE;
+
+/** A diff child: rounds of the diff Map, each followed by a next-round Pass; its report. */
 export function diffChildEvents(disks = MAX_DISKS): HistoryEstimate {
-  const fixed = EXECUTION + SIMPLE /* Route */ + MAP + SIMPLE; /* report */
-  const perDisk = (task: number) =>
-    MAP_ITEM +
-    MAX_DIFF_CALLS_PER_CHILD * (task + SIMPLE /* choice */ + SIMPLE) /* count */ +
-    SIMPLE; /* result */
-  return { nominal: fixed + disks * perDisk(TASK), worst: fixed + disks * perDisk(lambdaTaskWorst) };
+  const fixed = EXECUTION + SIMPLE /* Route */ + SIMPLE; /* report */
+  const perRound = (lambda: number) => diffRoundEvents(disks, lambda) + SIMPLE; /* next round */
+  return {
+    nominal: fixed + MAX_DIFF_CALLS_PER_CHILD * perRound(TASK),
+    worst: fixed + MAX_DIFF_CALLS_PER_CHILD * perRound(lambdaTaskWorst),
+  };
 }
 
 /**
- * The parent (the cycle): source snapshots, prepare, then rounds of children (each round: count Pass,
- * budget Choice, StartExecution.sync, outcome Choice), finalize polls, and an abort at the end. The
- * clean-up of source snapshots (plan busy, prepare or snapshots failed: about 1,100 events at most)
- * only runs on paths that end before a cycle is prepared, so without finalize calls or replicate
- * rounds: those paths stay far below this worst case.
+ * The parent (the cycle): source snapshots, its own snapshot polls, prepare, its own diff round and
+ * ticks, rounds of children (each round: the loop's Choice, a count Pass, StartExecution.sync),
+ * finalize polls, and an abort at the end. The clean-up of source snapshots (plan busy, prepare or
+ * snapshots failed: about 1,100 events at most) only runs on paths that end before a cycle is
+ * prepared, so without finalize calls or replicate rounds: those paths stay far below this worst case.
  */
 export function parentEvents(disks = MAX_DISKS): HistoryEstimate {
   const estimate = (lambda: number, ec2: number, startChild: number) => {
-    const start = EXECUTION + SIMPLE /* Route */ + SIMPLE; /* init */
+    const start = EXECUTION + SIMPLE /* Route */ + SIMPLE; /* start */
     const snapshots = MAP + disks * (MAP_ITEM + SIMPLE /* given? */ + ec2 + SIMPLE); /* shape */
-    const prepare = SIMPLE /* params? */ + SIMPLE /* input */ + lambda + SIMPLE; /* diff init */
-    const rounds = MAX_ROUNDS_PER_CYCLE * (SIMPLE + SIMPLE + startChild + SIMPLE);
-    const finalize = SIMPLE /* init */ + MAX_FINALIZE_CALLS * (lambda + SIMPLE + SIMPLE + SIMPLE);
+    const polls =
+      PARENT_SNAPSHOT_POLLS * (ec2 + SIMPLE /* choice */ + SIMPLE /* count */ + SIMPLE); /* wait */
+    const prepare = lambda;
+    const diff = diffRoundEvents(disks, lambda);
+    const ticks = PARENT_TICKS * (lambda + SIMPLE /* status */ + SIMPLE /* count */ + SIMPLE); /* wait */
+    const rounds = MAX_ROUNDS_PER_CYCLE * (SIMPLE /* loop choice */ + SIMPLE /* count */ + startChild);
+    const finalize = MAX_FINALIZE_CALLS * (lambda + SIMPLE + SIMPLE + SIMPLE);
     const abort = SIMPLE /* reason? */ + SIMPLE /* reason */ + lambda + SIMPLE; /* fail */
-    return start + snapshots + prepare + rounds + finalize + abort;
+    return start + snapshots + polls + prepare + diff + ticks + rounds + finalize + abort;
   };
   return {
     nominal: estimate(TASK, TASK, SYNC_TASK),

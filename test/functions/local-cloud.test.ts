@@ -74,8 +74,9 @@ describe('the synthesized cycle state machine, run locally against emulators', (
 
     const { outcome, events } = await cycle('cycle-full');
     const checkpoint = await expectPublishedBitExact(outcome);
-    // The execution ran the deployed loop: child executions, the writer fed by the event source.
-    expect(outcome.children).toBeGreaterThan(0);
+    // The execution ran the deployed loop, the writer fed by the event source. A cycle this small
+    // fits the parent's own loop passes: no child execution (children are run in test/infra).
+    expect(outcome.children).toBe(0);
     expect(outcome.writers.invocations).toBeGreaterThan(0);
     expect(events.some((e) => e.kind === 'announcement' && e.detail.checkpointId === checkpoint?.id)).toBe(
       true,

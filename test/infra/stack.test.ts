@@ -19,6 +19,8 @@ import {
   MAX_ROUNDS_PER_CYCLE,
   MAX_SNAPSHOT_POLLS_PER_CHILD,
   MAX_TICKS_PER_CHILD,
+  PARENT_SNAPSHOT_POLLS,
+  PARENT_TICKS,
   parentEvents,
   replicateChildEvents,
   SNAPSHOT_POLL_SECONDS,
@@ -584,8 +586,11 @@ describe('the cycle state machine, run locally', () => {
     let ticks = 0;
     let finalizes = 0;
     const diffCalls = new Map<string, number>();
-    const rootCalls = MAX_DIFF_CALLS_PER_CHILD + 2; // needs a second diff child
-    const tickCount = MAX_TICKS_PER_CHILD + 3; // needs a second replicate child
+    // Each loop outgrows the parent's own passes and a first child, so it needs a second child (the
+    // sources: one child).
+    const pendingDescribes = PARENT_SNAPSHOT_POLLS + 1;
+    const rootCalls = 1 + MAX_DIFF_CALLS_PER_CHILD + 2;
+    const tickCount = PARENT_TICKS + MAX_TICKS_PER_CHILD + 3;
     let prepared: Json | undefined;
 
     const output = await run(
@@ -615,7 +620,7 @@ describe('the cycle state machine, run locally', () => {
         },
         'Describe source snapshots': (i) => {
           describes++;
-          const state = describes < 3 ? 'pending' : 'completed';
+          const state = describes <= pendingDescribes ? 'pending' : 'completed';
           return { Snapshots: (i.SnapshotIds as string[]).map((id) => ({ SnapshotId: id, State: state })) };
         },
         'Prepare cycle': (i) => {
@@ -805,7 +810,7 @@ describe('the cycle state machine, run locally', () => {
       },
     );
     expect(output.error).toMatchObject({ Error: 'PlanBusyError' });
-    expect(children).toEqual(['await-snapshots']);
+    expect(children).toEqual([]);
     // Only snapshots this execution tagged as its own sources are looked up and deleted.
     expect(found?.Filters).toEqual([
       { Name: `tag:${SNAPSHOT_TAG_KEY}`, Values: ['FerryTest'] },
@@ -813,6 +818,38 @@ describe('the cycle state machine, run locally', () => {
       { Name: 'tag:ferry:cycle', Values: ['cycle-5'] },
     ]);
     expect(deleted).toEqual(['snap-0bbbbbbbbbbbbbbbb']);
+  });
+
+  it('runs a cycle that fits the parent’s own passes without any child execution', async () => {
+    const { run, children, executions } = runner(def);
+    let describes = 0;
+    let ticks = 0;
+    const output = await run(
+      { plan: 'p', set: 's', disks: [{ disk: 'root', volumeId: 'vol-0123456789abcdef0' }] },
+      'cycle-8',
+      {
+        'Create source snapshot': () => ({ SnapshotId: 'snap-0bbbbbbbbbbbbbbbb', VolumeSize: 8 }),
+        'Describe source snapshots': (i) => {
+          describes++;
+          return {
+            Snapshots: (i.SnapshotIds as string[]).map(() => ({
+              State: describes < PARENT_SNAPSHOT_POLLS ? 'pending' : 'completed',
+            })),
+          };
+        },
+        'Prepare cycle': prepared,
+        'Diff disk': diffed,
+        Tick: () => {
+          ticks++;
+          return { status: ticks < PARENT_TICKS ? 'running' : 'done', idleTicks: 0, disks: [] };
+        },
+        'Finalize cycle': () => ({ status: 'published', checkpointId: 'c', sequence: 1, disks: [] }),
+      },
+    );
+    expect(output.status).toBe('published');
+    expect([describes, ticks]).toEqual([PARENT_SNAPSHOT_POLLS, PARENT_TICKS]);
+    expect(children).toEqual([]);
+    expect(executions()).toBe(1);
   });
 
   it('fails before preparing anything when a source snapshot ends in error', async () => {
