@@ -130,7 +130,12 @@ export const plannerEventSchema = z.discriminatedUnion(
   'action',
   [
     z.strictObject({ action: z.literal('prepare'), cycle: cycleInputSchema }),
-    z.strictObject({ action: z.literal('tick'), cycle: cycleRefSchema }),
+    z.strictObject({
+      action: z.literal('tick'),
+      cycle: cycleRefSchema,
+      /** The caller's count of this tick (the state machine's tick counter), echoed in the result. */
+      round: z.number().int().positive().optional(),
+    }),
   ],
   { error: 'expected action "prepare" or "tick"' },
 );
@@ -165,6 +170,8 @@ export const tickResultSchema = z.strictObject({
   /** Consecutive ticks without a completed descriptor. */
   idleTicks: z.number().int().nonnegative(),
   disks: z.array(diskProgressSchema),
+  /** The event's `round`, echoed: the state machine counts its ticks with it (no Pass state). */
+  round: z.number().int().positive().optional(),
 });
 export type TickResult = z.infer<typeof tickResultSchema>;
 

@@ -102,7 +102,7 @@ export class CycleStateMachine extends Construct {
       payload: Record<string, unknown>,
       /** Where the result goes; undefined: it replaces the input. */
       resultPath: string | undefined,
-      resultSelector?: Record<string, string>,
+      resultSelector?: Record<string, unknown>,
     ) => {
       const task = new tasks.LambdaInvoke(this, name, {
         lambdaFunction: fn,
@@ -151,7 +151,7 @@ export class CycleStateMachine extends Construct {
     const startChild = (
       name: string,
       input: Record<string, unknown>,
-      resultSelector: Record<string, string>,
+      resultSelector: Record<string, unknown>,
       resultPath: string,
     ) => {
       const task = new tasks.StepFunctionsStartExecution(this, name, {
@@ -236,8 +236,9 @@ export class CycleStateMachine extends Construct {
     const rounds = counter('rounds');
     /** Source snapshot checks this execution has made, the one being made included. */
     const polls = counter('polls');
-    /** Planner ticks this execution has made, less one (the count follows the tick it counts). */
-    const ticks = counter('ticks');
+    // Planner ticks this execution has made, the last one included, are counted without a Pass: the
+    // Tick sends the count plus one as its `round` and keeps the planner's echo at $.tick.count.
+    const tickCount = '$.tick.count';
     /** Finalize calls the cycle has made, less one. */
     const finalizes = counter('finalizes');
     /** Differ rounds a diff child has made, less one. */
@@ -248,7 +249,7 @@ export class CycleStateMachine extends Construct {
     const childRound = (
       phase: string,
       input: Record<string, unknown>,
-      resultSelector: Record<string, string>,
+      resultSelector: Record<string, unknown>,
       resultPath: string,
     ) => {
       const start = startChild(`${phase} round`, input, resultSelector, resultPath);
@@ -332,20 +333,20 @@ export class CycleStateMachine extends Construct {
 
     // ---- replicate: planner ticks until the planner says done (parent, then replicate children) ------
 
-    // $.tick is {status, result}: the planner's answer, as a tick or a replicate child reports it.
-    const tick = invoke('Tick', props.planner, { action: 'tick', 'cycle.$': '$.cycle' }, '$.tick', {
-      'status.$': '$.status',
-      'result.$': '$',
-    });
+    // $.tick is {status, result, count}: the planner's answer, as a tick or a replicate child reports
+    // it, and the ticks counted so far (the execution starts it at 0).
+    const tick = invoke(
+      'Tick',
+      props.planner,
+      { action: 'tick', 'cycle.$': '$.cycle', 'round.$': `States.MathAdd(${tickCount}, 1)` },
+      '$.tick',
+      { 'status.$': '$.status', 'result.$': '$', 'count.$': '$.round' },
+    );
     tick.addCatch(stepFailed, catchToAbort);
-    const countTick = ticks.increment('Count tick');
-    countTick
-      .next(
-        new sfn.Wait(this, 'Wait for writers', {
-          time: sfn.WaitTime.duration(Duration.seconds(TICK_WAIT_SECONDS)),
-        }),
-      )
-      .next(tick);
+    const waitForWriters = new sfn.Wait(this, 'Wait for writers', {
+      time: sfn.WaitTime.duration(Duration.seconds(TICK_WAIT_SECONDS)),
+    });
+    waitForWriters.next(tick);
     const plannerReported = new sfn.Choice(this, 'Abort: planner gave a reason?')
       .when(
         sfn.Condition.isPresent('$.tick.result.reason'),
@@ -369,8 +370,9 @@ export class CycleStateMachine extends Construct {
       );
     const replicateRound = childRound(
       'Replicate',
-      { child: CHILD_KINDS.replicate, 'cycle.$': '$.cycle', ticks: { count: 0 } },
-      { 'status.$': '$.Output.status', 'result.$': '$.Output.result' },
+      { child: CHILD_KINDS.replicate, 'cycle.$': '$.cycle', tick: { count: 0 } },
+      // The parent starts a round only once its own PARENT_TICKS are made: its count stays there.
+      { 'status.$': '$.Output.status', 'result.$': '$.Output.result', count: PARENT_TICKS },
       '$.tick',
     );
     replicateRound.start.addCatch(abortOnError, catchToAbort);
@@ -381,14 +383,14 @@ export class CycleStateMachine extends Construct {
           inChild,
           sfn.Condition.or(
             sfn.Condition.not(running),
-            sfn.Condition.numberGreaterThanEquals(ticks.path, MAX_TICKS_PER_CHILD - 1),
+            sfn.Condition.numberGreaterThanEquals(tickCount, MAX_TICKS_PER_CHILD),
           ),
         ),
         new sfn.Succeed(this, 'Replicate: report', { outputPath: '$.tick' }),
       )
-      .when(inChild, countTick)
+      .when(inChild, waitForWriters)
       .when(sfn.Condition.stringEquals('$.tick.status', 'done'), finalize)
-      .when(sfn.Condition.and(running, sfn.Condition.numberLessThan(ticks.path, PARENT_TICKS - 1)), countTick)
+      .when(sfn.Condition.and(running, sfn.Condition.numberLessThan(tickCount, PARENT_TICKS)), waitForWriters)
       .when(sfn.Condition.and(running, noRoundsLeft), roundsExhausted)
       .when(running, replicateRound.first)
       .otherwise(plannerReported);
@@ -565,11 +567,12 @@ export class CycleStateMachine extends Construct {
 
     // ---- source snapshots (parent only) ------------------------------------------------------------
 
+    const diskTagKey = 'ferry:disk';
     const tags = [
       { Key: props.snapshotTag.key, Value: props.snapshotTag.value },
       { Key: 'ferry:role', Value: 'source' },
       { Key: 'ferry:plan', 'Value.$': '$.plan' },
-      { Key: 'ferry:disk', 'Value.$': '$.disk.disk' },
+      { Key: diskTagKey, 'Value.$': '$.disk.disk' },
       { Key: 'ferry:cycle', 'Value.$': '$.cycleId' },
     ];
     const createSnapshot = ec2Call('Create source snapshot', 'createSnapshot', {
@@ -583,7 +586,8 @@ export class CycleStateMachine extends Construct {
       ResultPath: '$.created',
     }).next(
       // The prepare contract's shape ({disk, sourceSnapshotId, volumeSizeGiB}): JSONPath cannot merge
-      // the disk's name from the input with the snapshot from the result in the task itself.
+      // the disk's name from the input with the snapshot from the result in the task itself (reading
+      // it back from the answer's Tags needs a filter inside an intrinsic, which AWS may refuse).
       new sfn.Pass(this, 'Source snapshot started', {
         parameters: {
           'disk.$': '$.disk.disk',
@@ -648,7 +652,7 @@ export class CycleStateMachine extends Construct {
           rounds: { count: 0 },
           // The first check follows the snapshots at once: given ones are usually completed.
           polls: { count: 1 },
-          ticks: { count: 0 },
+          tick: { count: 0 },
           finalizes: { count: 0 },
         },
       }).next(snapshotSources);

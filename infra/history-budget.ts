@@ -95,10 +95,10 @@ export interface HistoryEstimate {
   readonly worst: number;
 }
 
-/** A replicate child: Route, then per tick: Tick, status Choice, count Pass, Wait; its report. */
+/** A replicate child: Route, then per tick: Tick (it carries the count), status Choice, Wait; its report. */
 export function replicateChildEvents(): HistoryEstimate {
   const fixed = EXECUTION + SIMPLE /* Route */ + SIMPLE; /* report */
-  const perTick = (task: number) => task + SIMPLE /* status */ + SIMPLE /* count */ + SIMPLE; /* wait */
+  const perTick = (task: number) => task + SIMPLE /* status */ + SIMPLE; /* wait */
   return {
     nominal: fixed + MAX_TICKS_PER_CHILD * perTick(TASK),
     worst: fixed + MAX_TICKS_PER_CHILD * perTick(lambdaTaskWorst),
@@ -143,7 +143,7 @@ export function parentEvents(disks = MAX_DISKS): HistoryEstimate {
       PARENT_SNAPSHOT_POLLS * (ec2 + SIMPLE /* choice */ + SIMPLE /* count */ + SIMPLE); /* wait */
     const prepare = lambda;
     const diff = diffRoundEvents(disks, lambda);
-    const ticks = PARENT_TICKS * (lambda + SIMPLE /* status */ + SIMPLE /* count */ + SIMPLE); /* wait */
+    const ticks = PARENT_TICKS * (lambda + SIMPLE /* status */ + SIMPLE); /* wait */
     const rounds = MAX_ROUNDS_PER_CYCLE * (SIMPLE /* loop choice */ + SIMPLE /* count */ + startChild);
     const finalize = MAX_FINALIZE_CALLS * (lambda + SIMPLE + SIMPLE + SIMPLE);
     const abort = SIMPLE /* reason? */ + SIMPLE /* reason */ + lambda + SIMPLE; /* fail */

@@ -27,7 +27,7 @@ export function createPlannerHandler(runtime: () => PlannerRuntime) {
       const e = parseContract(plannerEventSchema, event, 'planner event');
       annotate({ action: e.action, plan: e.cycle.plan, set: e.cycle.set, cycleId: e.cycle.cycleId });
       if (e.action === 'prepare') return prepare(deps.prepare, e.cycle);
-      return tick({ ...deps.tick, remainingMs: remainingTime(context) }, e.cycle);
+      return tick({ ...deps.tick, remainingMs: remainingTime(context) }, e.cycle, e.round);
     });
   };
 }
@@ -50,7 +50,7 @@ function fromEnvironment(): PlannerRuntime {
   return { deps, obs };
 }
 
-/** Lambda entry: `{ action: 'prepare', cycle: CycleInput }` or `{ action: 'tick', cycle: CycleRef }`. */
+/** Lambda entry: `{ action: 'prepare', cycle: CycleInput }` or `{ action: 'tick', cycle: CycleRef, round? }`. */
 export const handler = createPlannerHandler(() => {
   container ??= fromEnvironment();
   return container;

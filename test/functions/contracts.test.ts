@@ -84,6 +84,7 @@ describe('planner events', () => {
       /cycle\.cycleId: must be/,
     ],
     [{ action: 'tick', cycle: { ...ref, sequence: 'one' } }, 'cycle.sequence', /cycle\.sequence: /],
+    [{ action: 'tick', cycle: ref, round: 0 }, 'round', /round: /],
   ])('refuses %j naming %s', async (event, field, message) => {
     const err = await refusal(d.planner(event));
     expect(err.name).toBe('EventValidationError');

@@ -530,6 +530,14 @@ function runner(def: StateMachineDefinition) {
 }
 
 const named = (name: string, message: string) => Object.assign(new Error(message), { name });
+/** The planner's tick answer with the event's `round` echoed, as the handler does. */
+const echoRound = (i: Json, answer: Json): Json => ({ ...answer, round: i.round });
+/** CreateSnapshot's answer: the new snapshot with the tags it was created with (as EC2 answers). */
+const snapshotStarted = (i: Json): Json => ({
+  SnapshotId: 'snap-0bbbbbbbbbbbbbbbb',
+  VolumeSize: 8,
+  Tags: (i.TagSpecifications as { Tags: unknown[] }[])[0]?.Tags,
+});
 
 describe('the cycle state machine, run locally', () => {
   let def: StateMachineDefinition;
@@ -560,7 +568,7 @@ describe('the cycle state machine, run locally', () => {
     });
     const text = JSON.stringify(def);
     for (const bound of [
-      MAX_TICKS_PER_CHILD - 1,
+      MAX_TICKS_PER_CHILD,
       MAX_DIFF_CALLS_PER_CHILD - 1,
       MAX_SNAPSHOT_POLLS_PER_CHILD,
       MAX_ROUNDS_PER_CYCLE,
@@ -591,6 +599,7 @@ describe('the cycle state machine, run locally', () => {
     const pendingDescribes = PARENT_SNAPSHOT_POLLS + 1;
     const rootCalls = 1 + MAX_DIFF_CALLS_PER_CHILD + 2;
     const tickCount = PARENT_TICKS + MAX_TICKS_PER_CHILD + 3;
+    const rounds: number[] = [];
     let prepared: Json | undefined;
 
     const output = await run(
@@ -616,7 +625,7 @@ describe('the cycle state machine, run locally', () => {
               ]),
             },
           ]);
-          return { SnapshotId: 'snap-0bbbbbbbbbbbbbbbb', VolumeSize: 8, State: 'pending' };
+          return { ...snapshotStarted(i), State: 'pending' };
         },
         'Describe source snapshots': (i) => {
           describes++;
@@ -647,9 +656,14 @@ describe('the cycle state machine, run locally', () => {
           return { ...i, kind: 'full', done, descriptors: n, blocks: n, bytes: n };
         },
         Tick: (i) => {
-          expect(i).toEqual({ action: 'tick', cycle: expect.objectContaining({ sequence: 7 }) });
+          expect(i).toEqual({
+            action: 'tick',
+            cycle: expect.objectContaining({ sequence: 7 }),
+            round: expect.any(Number),
+          });
           ticks++;
-          return { status: ticks < tickCount ? 'running' : 'done', idleTicks: 0, disks: [] };
+          rounds.push(i.round as number);
+          return echoRound(i, { status: ticks < tickCount ? 'running' : 'done', idleTicks: 0, disks: [] });
         },
         'Finalize cycle': () => {
           finalizes++;
@@ -687,6 +701,9 @@ describe('the cycle state machine, run locally', () => {
       ]),
     );
     expect(ticks).toBe(tickCount);
+    // Each execution counts its own ticks from 1 (the count rides on the tick's round, not a Pass).
+    const counted = (n: number) => Array.from({ length: n }, (_, k) => k + 1);
+    expect(rounds).toEqual([...counted(PARENT_TICKS), ...counted(MAX_TICKS_PER_CHILD), ...counted(3)]);
     expect(finalizes).toBe(3);
     expect(children).toEqual(['await-snapshots', 'diff', 'diff', 'replicate', 'replicate']);
   });
@@ -719,12 +736,13 @@ describe('the cycle state machine, run locally', () => {
       'Describe source snapshots': completed,
       'Prepare cycle': prepared,
       'Diff disk': diffed,
-      Tick: () => ({
-        status: 'failed',
-        reason: 'disk root: target snapshot in error',
-        idleTicks: 0,
-        disks: [],
-      }),
+      Tick: (i) =>
+        echoRound(i, {
+          status: 'failed',
+          reason: 'disk root: target snapshot in error',
+          idleTicks: 0,
+          disks: [],
+        }),
       'Finalize cycle': () => {
         throw new Error('finalize must not be called');
       },
@@ -772,10 +790,10 @@ describe('the cycle state machine, run locally', () => {
       'Describe source snapshots': completed,
       'Prepare cycle': prepared,
       'Diff disk': diffed,
-      Tick: () => {
+      Tick: (i) => {
         ticks++;
         if (ticks === 1) throw named('TransferError', 'DynamoDB throttled');
-        return { status: 'done', idleTicks: 0, disks: [] };
+        return echoRound(i, { status: 'done', idleTicks: 0, disks: [] });
       },
       'Finalize cycle': () => ({ status: 'published', checkpointId: 'c', sequence: 1, disks: [] }),
     });
@@ -791,7 +809,7 @@ describe('the cycle state machine, run locally', () => {
       { plan: 'p', set: 's', disks: [{ disk: 'root', volumeId: 'vol-0123456789abcdef0' }] },
       'cycle-5',
       {
-        'Create source snapshot': () => ({ SnapshotId: 'snap-0bbbbbbbbbbbbbbbb', VolumeSize: 8 }),
+        'Create source snapshot': snapshotStarted,
         'Describe source snapshots': completed,
         'Prepare cycle': () => {
           throw named('PlanBusyError', 'plan p is busy');
@@ -828,7 +846,7 @@ describe('the cycle state machine, run locally', () => {
       { plan: 'p', set: 's', disks: [{ disk: 'root', volumeId: 'vol-0123456789abcdef0' }] },
       'cycle-8',
       {
-        'Create source snapshot': () => ({ SnapshotId: 'snap-0bbbbbbbbbbbbbbbb', VolumeSize: 8 }),
+        'Create source snapshot': snapshotStarted,
         'Describe source snapshots': (i) => {
           describes++;
           return {
@@ -839,9 +857,9 @@ describe('the cycle state machine, run locally', () => {
         },
         'Prepare cycle': prepared,
         'Diff disk': diffed,
-        Tick: () => {
+        Tick: (i) => {
           ticks++;
-          return { status: ticks < PARENT_TICKS ? 'running' : 'done', idleTicks: 0, disks: [] };
+          return echoRound(i, { status: ticks < PARENT_TICKS ? 'running' : 'done', idleTicks: 0, disks: [] });
         },
         'Finalize cycle': () => ({ status: 'published', checkpointId: 'c', sequence: 1, disks: [] }),
       },
@@ -879,7 +897,7 @@ describe('the cycle state machine, run locally', () => {
       'Describe source snapshots': completed,
       'Prepare cycle': prepared,
       'Diff disk': diffed,
-      Tick: () => ({ status: 'done', idleTicks: 0, disks: [] }),
+      Tick: (i) => echoRound(i, { status: 'done', idleTicks: 0, disks: [] }),
       'Finalize cycle': () => {
         finalizes++;
         return { status: 'completing', pending: ['snap-0ccccccccccccccc'] };

@@ -108,8 +108,15 @@ const counted = (d: DiskTick): boolean =>
 /**
  * One tick. Bounded: at most `maxGrantsPerTick` grants, and none once `marginMs` of the deadline is
  * left. Safe to run while writers top windows up: its grants are conditional on the flow's version.
+ * `round`, the caller's count of this tick, is echoed in the result and nothing else: the state
+ * machine keeps its tick counter in the tick's result instead of a state of its own.
  */
-export async function tick(deps: TickDeps, ref: CycleRef): Promise<TickResult> {
+export async function tick(deps: TickDeps, ref: CycleRef, round?: number): Promise<TickResult> {
+  const result = await tickCycle(deps, ref);
+  return round === undefined ? result : { ...result, round };
+}
+
+async function tickCycle(deps: TickDeps, ref: CycleRef): Promise<TickResult> {
   const { ledger } = deps;
   const { plan, set, cycleId } = ref;
   const ctx = { plan, set, cycleId };

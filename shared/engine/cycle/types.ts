@@ -70,6 +70,8 @@ export interface TickResult {
   /** Consecutive ticks without a completed descriptor. */
   readonly idleTicks: number;
   readonly disks: DiskProgressReport[];
+  /** The caller's count of this tick, echoed as given (the state machine counts ticks with it). */
+  readonly round?: number | undefined;
 }
 
 export interface DifferResult {

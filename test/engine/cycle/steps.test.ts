@@ -145,6 +145,19 @@ describe('the differ', () => {
 });
 
 describe('the tick', () => {
+  it('echoes the round it is given, and only that: the state machine counts its ticks with it', async () => {
+    const world = new World();
+    const ref = await prepare(world.prepareDeps(), input(world, 'c1', { a: run(4) }));
+    await diffAll(world, ref);
+
+    const counted = await tick(world.tickDeps(), ref, 7);
+    const uncounted = await tick(world.tickDeps(), ref);
+
+    expect(counted.round).toBe(7);
+    expect(uncounted).not.toHaveProperty('round');
+    expect(counted.status).toBe(uncounted.status);
+  });
+
   it('fails the cycle when its plan lock was taken over', async () => {
     const world = new World();
     const ref = await prepare(world.prepareDeps(), input(world, 'c1', { a: run(4) }));
