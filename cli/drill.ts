@@ -2,12 +2,13 @@
 // are served read-only as NBD exports through nbdkit's copy-on-write filter (a test machine's
 // writes land in a throwaway overlay), until a TTL or Ctrl-C; then every server is stopped and
 // every file of the drill removed, and both are checked.
-import { type ChildProcess, spawn } from 'node:child_process';
+
+import { spawn } from 'node:child_process';
 import { existsSync, watch } from 'node:fs';
 import { chmod, mkdir, readFile, rm, rmdir, stat } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { ConfigError, errorMessage, FerryError } from '../shared/engine/errors.ts';
+import { freeLoopbackPort, stopChild } from '../shared/runtime/processes.ts';
 import type { RecoverResult } from './recover.ts';
 
 // Debian installs nbdkit in /usr/sbin on some releases and /usr/bin on others; /usr/sbin is not
@@ -198,7 +199,7 @@ async function start(
       check();
     });
   } catch (err) {
-    await kill(child, exited);
+    await stopChild(child, exited, STOP_GRACE_MS);
     throw err;
   } finally {
     watcher.close();
@@ -210,32 +211,10 @@ async function start(
     pid: child.pid ?? -1,
     exited,
     stop: () => {
-      stopped ??= kill(child, exited);
+      stopped ??= stopChild(child, exited, STOP_GRACE_MS);
       return stopped;
     },
   };
-}
-
-async function kill(child: ChildProcess, exited: Promise<void>): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) return;
-  child.kill('SIGTERM');
-  const escalate = setTimeout(() => child.kill('SIGKILL'), STOP_GRACE_MS);
-  await exited;
-  clearTimeout(escalate);
-}
-
-/** A port nothing listens on right now; nbdkit needs an explicit one. */
-async function freeLoopbackPort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', resolve);
-  });
-  const address = server.address();
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  if (address === null || typeof address === 'string')
-    throw new FerryError('no TCP address for a drill export');
-  return address.port;
 }
 
 function isAlive(pid: number): boolean {

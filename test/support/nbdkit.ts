@@ -1,10 +1,11 @@
 // Test helper: runs a real nbdkit on a private unix socket (or loopback TCP) and always stops it.
-import { type ChildProcess, spawn } from 'node:child_process';
+
+import { spawn } from 'node:child_process';
 import { existsSync, watch } from 'node:fs';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { freeLoopbackPort, stopChild } from '../../shared/runtime/processes.ts';
 
 // Debian installs nbdkit in /usr/sbin on some releases and /usr/bin on others; /usr/sbin is not always on PATH.
 const NBDKIT = existsSync('/usr/sbin/nbdkit') ? '/usr/sbin/nbdkit' : 'nbdkit';
@@ -89,7 +90,7 @@ export async function startNbdkit(opts: NbdkitOptions): Promise<Nbdkit> {
       check();
     });
   } catch (err) {
-    await kill(child, exited);
+    await stopChild(child, exited, KILL_AFTER_MS);
     await rm(dir, { recursive: true, force: true });
     throw err;
   } finally {
@@ -102,7 +103,7 @@ export async function startNbdkit(opts: NbdkitOptions): Promise<Nbdkit> {
     socket,
     stop: () => {
       // nbdkit leaves its socket file behind; remove it so the path can be served again.
-      stopped ??= kill(child, exited).then(async () => {
+      stopped ??= stopChild(child, exited, KILL_AFTER_MS).then(async () => {
         if (socket !== undefined) await rm(socket, { force: true });
         await rm(dir, { recursive: true, force: true });
       });
@@ -113,24 +114,3 @@ export async function startNbdkit(opts: NbdkitOptions): Promise<Nbdkit> {
 
 /** nbdkit waits for connected clients before it exits on SIGTERM; a test that leaks one must not hang. */
 const KILL_AFTER_MS = 10_000;
-
-async function kill(child: ChildProcess, exited: Promise<void>): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) return;
-  child.kill('SIGTERM');
-  const escalate = setTimeout(() => child.kill('SIGKILL'), KILL_AFTER_MS);
-  await exited;
-  clearTimeout(escalate);
-}
-
-/** A port nothing listens on right now; nbdkit needs an explicit one. */
-async function freeLoopbackPort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', resolve);
-  });
-  const address = server.address();
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  if (address === null || typeof address === 'string') throw new Error('no TCP address');
-  return address.port;
-}
