@@ -3,12 +3,16 @@
 // writes land in a throwaway overlay), until a TTL or Ctrl-C; then every server is stopped and
 // every file of the drill removed, and both are checked.
 
-import { spawn } from 'node:child_process';
-import { existsSync, watch } from 'node:fs';
-import { chmod, mkdir, readFile, rm, rmdir, stat } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { chmod, mkdir, rm, rmdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ConfigError, errorMessage, FerryError } from '../shared/engine/errors.ts';
-import { freeLoopbackPort, stopChild } from '../shared/runtime/processes.ts';
+import {
+  freeLoopbackPort,
+  type StartedServer,
+  startWhenReady,
+  stopChild,
+} from '../shared/runtime/processes.ts';
 import type { RecoverResult } from './recover.ts';
 
 // Debian installs nbdkit in /usr/sbin on some releases and /usr/bin on others; /usr/sbin is not
@@ -160,50 +164,22 @@ async function start(
     'file',
     image,
   ];
-  const child = spawn(NBDKIT, argv, {
-    stdio: ['ignore', 'ignore', 'pipe'],
-    env: { ...process.env, TMPDIR: overlay },
-  });
-  let stderr = '';
-  child.stderr?.setEncoding('utf8').on('data', (s: string) => {
-    stderr += s;
-  });
-  const exited = new Promise<void>((resolve) => {
-    child.once('exit', () => resolve());
-    child.once('error', () => resolve());
-  });
-  const watcher = watch(join(pidFile, '..'));
+  let started: StartedServer;
   try {
-    await new Promise<void>((resolve, reject) => {
-      const check = () => {
-        readFile(pidFile, 'utf8').then(
-          (text) => {
-            if (text.endsWith('\n')) resolve();
-          },
-          () => undefined,
-        );
-      };
-      watcher.on('change', check);
-      child.once('error', (err) =>
-        reject(
-          new FerryError(`cannot start nbdkit for disk ${disk} (${errorMessage(err)}): is nbdkit installed?`),
-        ),
-      );
-      child.once('exit', (code, signal) =>
-        reject(
-          new FerryError(
-            `nbdkit for disk ${disk} exited (${code ?? signal}) before it was ready: ${stderr.trim()}`,
-          ),
-        ),
-      );
-      check();
+    started = await startWhenReady(NBDKIT, argv, {
+      pidFile,
+      env: { ...process.env, TMPDIR: overlay },
+      graceMs: STOP_GRACE_MS,
     });
   } catch (err) {
-    await stopChild(child, exited, STOP_GRACE_MS);
-    throw err;
-  } finally {
-    watcher.close();
+    const spawnFailed = (err as NodeJS.ErrnoException).code !== undefined;
+    throw new FerryError(
+      spawnFailed
+        ? `cannot start nbdkit for disk ${disk} (${errorMessage(err)}): is nbdkit installed?`
+        : `nbdkit for disk ${disk}: ${errorMessage(err)}`,
+    );
   }
+  const { child, exited } = started;
   let stopped: Promise<void> | undefined;
   return {
     disk,

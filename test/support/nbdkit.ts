@@ -1,11 +1,15 @@
 // Test helper: runs a real nbdkit on a private unix socket (or loopback TCP) and always stops it.
 
-import { spawn } from 'node:child_process';
-import { existsSync, watch } from 'node:fs';
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { freeLoopbackPort, stopChild } from '../../shared/runtime/processes.ts';
+import {
+  freeLoopbackPort,
+  type StartedServer,
+  startWhenReady,
+  stopChild,
+} from '../../shared/runtime/processes.ts';
 
 // Debian installs nbdkit in /usr/sbin on some releases and /usr/bin on others; /usr/sbin is not always on PATH.
 const NBDKIT = existsSync('/usr/sbin/nbdkit') ? '/usr/sbin/nbdkit' : 'nbdkit';
@@ -58,44 +62,14 @@ export async function startNbdkit(opts: NbdkitOptions): Promise<Nbdkit> {
     ...(opts.args ?? []),
   ];
 
-  const watcher = watch(dir);
-  const child = spawn(NBDKIT, argv, { stdio: ['ignore', 'ignore', 'pipe'] });
-  let stderr = '';
-  child.stderr?.setEncoding('utf8').on('data', (s: string) => {
-    stderr += s;
-  });
-  const exited = new Promise<void>((resolve) => {
-    child.once('exit', () => resolve());
-    child.once('error', () => resolve());
-  });
-
+  let started: StartedServer;
   try {
-    await new Promise<void>((resolve, reject) => {
-      const check = () => {
-        readFile(pidFile, 'utf8').then(
-          (text) => {
-            if (text.endsWith('\n')) resolve();
-          },
-          () => undefined,
-        );
-      };
-      watcher.on('change', check);
-      child.once('error', reject);
-      child.once('exit', (code, signal) => {
-        reject(
-          new Error(`nbdkit ${argv.join(' ')} exited (${code ?? signal}) before it was ready: ${stderr}`),
-        );
-      });
-      // The pid file may have appeared before the watcher saw anything.
-      check();
-    });
+    started = await startWhenReady(NBDKIT, argv, { pidFile, graceMs: KILL_AFTER_MS });
   } catch (err) {
-    await stopChild(child, exited, KILL_AFTER_MS);
     await rm(dir, { recursive: true, force: true });
     throw err;
-  } finally {
-    watcher.close();
   }
+  const { child, exited } = started;
 
   let stopped: Promise<void> | undefined;
   return {
