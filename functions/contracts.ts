@@ -75,22 +75,26 @@ export const cycleDiskInputSchema = z.strictObject({
   volumeSizeGiB,
 });
 
-/** What EventBridge Scheduler (or an operator) starts a cycle with: one protection plan's disks. */
+const cycleFields = {
+  plan: name('protection plan'),
+  set: name('replication set'),
+  cycleId: cycleIdSchema,
+  params: cycleParamsSchema.optional(),
+  /**
+   * When the cycle's execution started (ISO 8601, `$$.Execution.StartTime`), before its source
+   * snapshots were taken: the published checkpoint's age (the RPO metric) is measured from it, so
+   * it never looks younger than its data. Absent (a cycle started by hand): from prepare.
+   */
+  startedAt: z.iso
+    .datetime({ offset: true, error: 'expected an ISO 8601 date-time such as 2026-11-05T10:00:00Z' })
+    .optional(),
+};
+
+/** The cycle prepare opens: one protection plan's disks, each with its new source snapshot. */
 export const cycleInputSchema = z
   .strictObject({
-    plan: name('protection plan'),
-    set: name('replication set'),
-    cycleId: cycleIdSchema,
+    ...cycleFields,
     disks: z.array(cycleDiskInputSchema).min(1, { error: 'a cycle needs at least one disk' }).max(64),
-    params: cycleParamsSchema.optional(),
-    /**
-     * When the cycle's execution started (ISO 8601, `$$.Execution.StartTime`), before its source
-     * snapshots were taken: the published checkpoint's age (the RPO metric) is measured from it, so
-     * it never looks younger than its data. Absent (a cycle started by hand): from prepare.
-     */
-    startedAt: z.iso
-      .datetime({ offset: true, error: 'expected an ISO 8601 date-time such as 2026-11-05T10:00:00Z' })
-      .optional(),
   })
   .superRefine((c, ctx) => {
     const seen = new Set<string>();
@@ -102,6 +106,66 @@ export const cycleInputSchema = z
     });
   });
 export type CycleInput = z.infer<typeof cycleInputSchema>;
+
+const VOLUME_ID = /^vol-[0-9a-f]{8,17}$/;
+const volumeIdSchema = z
+  .string({ error: 'expected an EBS volume id as a string' })
+  .regex(VOLUME_ID, { error: 'is not an EBS volume id (vol- and 8 or 17 hex digits)' });
+
+/** A source snapshot the state machine created: EC2 CreateSnapshot's answer, nothing added. */
+const createdSnapshotSchema = z.strictObject({
+  volumeId: volumeIdSchema,
+  sourceSnapshotId: snapshotIdSchema,
+  volumeSizeGiB,
+});
+
+/** A disk as the schedule (or an operator) requests it: a volume to snapshot, or a snapshot given. */
+const requestedDiskSchema = z.strictObject({
+  disk: name('disk id'),
+  volumeId: volumeIdSchema.optional(),
+  sourceSnapshotId: snapshotIdSchema.optional(),
+  volumeSizeGiB: volumeSizeGiB.optional(),
+});
+
+/**
+ * What the state machine gives prepare: the cycle, its disks as requested, and per requested disk,
+ * in the same order, either the snapshot given with it or EC2's answer to the CreateSnapshot it made
+ * (which does not name the disk: it is named here, by index, checked against the volume). Parsed
+ * into a `CycleInput`.
+ */
+export const preparedCycleSchema = z
+  .strictObject({
+    ...cycleFields,
+    requested: z.array(requestedDiskSchema).min(1).max(64).optional(),
+    disks: z
+      .array(
+        z.union([cycleDiskInputSchema, createdSnapshotSchema], {
+          error:
+            "expected {disk, sourceSnapshotId, volumeSizeGiB} or CreateSnapshot's {volumeId, sourceSnapshotId, volumeSizeGiB}",
+        }),
+      )
+      .min(1, { error: 'a cycle needs at least one disk' })
+      .max(64),
+  })
+  .transform(({ requested, ...c }, ctx) => {
+    const disks = c.disks.map((d, i) => {
+      if ('disk' in d) return d;
+      const asked = requested?.[i];
+      if (asked?.volumeId !== d.volumeId) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['disks', i],
+          message:
+            `snapshot ${d.sourceSnapshotId} of volume ${d.volumeId} has no requested disk of that volume at ` +
+            `index ${i} (requested: ${asked ? `${asked.disk} ${asked.volumeId ?? 'without a volume'}` : 'nothing'})`,
+        });
+        return z.NEVER;
+      }
+      return { disk: asked.disk, sourceSnapshotId: d.sourceSnapshotId, volumeSizeGiB: d.volumeSizeGiB };
+    });
+    return { ...c, disks };
+  })
+  .pipe(cycleInputSchema);
 
 /** One disk's differ task: the Map state iterates over these. */
 export const diffTaskSchema = z.strictObject({
@@ -129,7 +193,7 @@ export type CycleRef = z.infer<typeof cycleRefSchema>;
 export const plannerEventSchema = z.discriminatedUnion(
   'action',
   [
-    z.strictObject({ action: z.literal('prepare'), cycle: cycleInputSchema }),
+    z.strictObject({ action: z.literal('prepare'), cycle: preparedCycleSchema }),
     z.strictObject({
       action: z.literal('tick'),
       cycle: cycleRefSchema,

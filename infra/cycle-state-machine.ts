@@ -582,20 +582,17 @@ export class CycleStateMachine extends Construct {
           "States.Format('Ferry source of plan {} disk {} cycle {}', $.plan, $.disk.disk, $.cycleId)",
         TagSpecifications: [{ ResourceType: 'snapshot', Tags: tags }],
       },
-      ResultSelector: { 'sourceSnapshotId.$': '$.SnapshotId', 'volumeSizeGiB.$': '$.VolumeSize' },
-      ResultPath: '$.created',
-    }).next(
-      // The prepare contract's shape ({disk, sourceSnapshotId, volumeSizeGiB}): JSONPath cannot merge
-      // the disk's name from the input with the snapshot from the result in the task itself (reading
-      // it back from the answer's Tags needs a filter inside an intrinsic, which AWS may refuse).
-      new sfn.Pass(this, 'Source snapshot started', {
-        parameters: {
-          'disk.$': '$.disk.disk',
-          'sourceSnapshotId.$': '$.created.sourceSnapshotId',
-          'volumeSizeGiB.$': '$.created.volumeSizeGiB',
-        },
-      }),
-    );
+      // The answer alone is the disk's entry for prepare: its volume, the new snapshot and the size.
+      // Prepare pairs it with the requested disk of the same index ($.cycleInput.requested): JSONPath
+      // cannot merge the disk's name from the input into a task's result, and a Pass to do it would
+      // cost a state transition per disk and cycle.
+      ResultSelector: {
+        'volumeId.$': '$.VolumeId',
+        'sourceSnapshotId.$': '$.SnapshotId',
+        'volumeSizeGiB.$': '$.VolumeSize',
+      },
+      // No ResultPath: the result replaces the item's state.
+    });
     const snapshotDisk = new sfn.Choice(this, 'Snapshot given?')
       .when(
         sfn.Condition.and(
@@ -631,7 +628,7 @@ export class CycleStateMachine extends Construct {
     });
     snapshotSources.itemProcessor(snapshotDisk);
     snapshotSources.addCatch(sourcesFailed, { errors: ['States.ALL'], resultPath: '$.error' });
-    snapshotSources.next(describe);
+    snapshotSources.next(waitForSources);
 
     /** The cycle's state: its request, prepare's input (disks follow) and every counter at its start. */
     const startCycle = (name: string, withParams: boolean) =>
@@ -641,6 +638,8 @@ export class CycleStateMachine extends Construct {
           'set.$': '$.set',
           'disks.$': '$.disks',
           cycleInput: {
+            // The disks as requested, in order: prepare names each created snapshot by its index.
+            'requested.$': '$.disks',
             'plan.$': '$.plan',
             'set.$': '$.set',
             // The execution name is the cycle id: unique per state machine and shown in the console.
@@ -650,7 +649,9 @@ export class CycleStateMachine extends Construct {
             ...(withParams ? { 'params.$': '$.params' } : {}),
           },
           rounds: { count: 0 },
-          // The first check follows the snapshots at once: given ones are usually completed.
+          // The first check follows the first wait: a snapshot just created is never completed at
+          // once, so checking before waiting would cost a Describe and a Choice per cycle (a given
+          // snapshot, usually completed, waits one interval).
           polls: { count: 1 },
           tick: { count: 0 },
           finalizes: { count: 0 },

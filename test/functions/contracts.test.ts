@@ -59,6 +59,28 @@ describe('planner events', () => {
     expect(plannerEventSchema.parse({ action: 'prepare', cycle }).action).toBe('prepare');
   });
 
+  // EC2 CreateSnapshot's answer as the state machine passes it on: it does not name the disk.
+  const created = {
+    volumeId: 'vol-0123456789abcdef0',
+    sourceSnapshotId: 'snap-0bbbbbbbbbbbbbbbb',
+    volumeSizeGiB: 8,
+  };
+
+  it('names a snapshot the state machine created by the requested disk of its index', () => {
+    const parsed = plannerEventSchema.parse({
+      action: 'prepare',
+      cycle: {
+        ...cycle,
+        requested: [{ disk: 'os', volumeId: 'vol-0123456789abcdef0' }, cycle.disks[0]],
+        disks: [created, cycle.disks[0]],
+      },
+    });
+    expect(parsed.cycle).toEqual({
+      ...cycle,
+      disks: [{ disk: 'os', sourceSnapshotId: 'snap-0bbbbbbbbbbbbbbbb', volumeSizeGiB: 8 }, cycle.disks[0]],
+    });
+  });
+
   it.each([
     [{ action: 'prepare' }, 'cycle', /planner event is invalid: cycle: /],
     [{ action: 'launch', cycle }, 'action', /action: expected action "prepare" or "tick"/],
@@ -76,6 +98,19 @@ describe('planner events', () => {
       { action: 'prepare', cycle: { ...cycle, disks: [cycle.disks[0], cycle.disks[0]] } },
       'cycle.disks[1].disk',
       /cycle\.disks\[1\]\.disk: disk vol-1 appears twice/,
+    ],
+    [
+      { action: 'prepare', cycle: { ...cycle, disks: [created] } },
+      'cycle.disks[0]',
+      /cycle\.disks\[0\]: snapshot snap-0bbbbbbbbbbbbbbbb of volume vol-0123456789abcdef0 has no requested disk of that volume at index 0 \(requested: nothing\)/,
+    ],
+    [
+      {
+        action: 'prepare',
+        cycle: { ...cycle, requested: [{ disk: 'os', volumeId: 'vol-0fffffffffffffff0' }], disks: [created] },
+      },
+      'cycle.disks[0]',
+      /requested: os vol-0fffffffffffffff0/,
     ],
     [{ action: 'prepare', cycle: { ...cycle, priority: 'high' } }, 'cycle', /cycle: unknown field priority/],
     [

@@ -8,6 +8,7 @@ import { Annotations, Match, Template } from 'aws-cdk-lib/assertions';
 import { StateMachine, type StateMachineDefinition } from 'aws-local-stepfunctions';
 import { AwsSolutionsChecks } from 'cdk-nag';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { plannerEventSchema } from '../../functions/contracts.ts';
 import { type FerryConfigInput, parseFerryConfig } from '../../infra/config.ts';
 import {
   awaitChildEvents,
@@ -535,6 +536,7 @@ const echoRound = (i: Json, answer: Json): Json => ({ ...answer, round: i.round 
 /** CreateSnapshot's answer: the new snapshot with the tags it was created with (as EC2 answers). */
 const snapshotStarted = (i: Json): Json => ({
   SnapshotId: 'snap-0bbbbbbbbbbbbbbbb',
+  VolumeId: i.VolumeId,
   VolumeSize: 8,
   Tags: (i.TagSpecifications as { Tags: unknown[] }[])[0]?.Tags,
 });
@@ -634,7 +636,8 @@ describe('the cycle state machine, run locally', () => {
         },
         'Prepare cycle': (i) => {
           prepared = i;
-          const cycle = i.cycle as Json;
+          // What the planner does first: parse the event (created snapshots get their disk names).
+          const { cycle } = plannerEventSchema.parse(i);
           calls.push('prepare');
           return {
             plan: cycle.plan,
@@ -642,7 +645,7 @@ describe('the cycle state machine, run locally', () => {
             cycleId: cycle.cycleId,
             lockOwner: `cycle:${cycle.cycleId}`,
             sequence: 7,
-            disks: (cycle.disks as Json[]).map((d) => ({
+            disks: cycle.disks.map((d) => ({
               set: cycle.set,
               cycleId: cycle.cycleId,
               disk: d.disk,
@@ -678,21 +681,39 @@ describe('the cycle state machine, run locally', () => {
 
     expect(output).toEqual({ status: 'published', checkpointId: 'web-tier/7', sequence: 7, disks: [] });
     expect(calls).toEqual(['create vol-0123456789abcdef0', 'prepare']);
-    // The execution name is the cycle id; created and given snapshots arrive in the contract's shape.
+    // The execution name is the cycle id. A created snapshot arrives as EC2's answer (no Pass per
+    // disk reshapes it) and prepare's contract names it by the requested disk of its index.
+    const requested = [
+      { disk: 'root', volumeId: 'vol-0123456789abcdef0' },
+      { disk: 'data', sourceSnapshotId: 'snap-0aaaaaaaaaaaaaaaa', volumeSizeGiB: 16 },
+    ];
+    const startedAt = expect.stringMatching(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$/);
     expect(prepared).toEqual({
       action: 'prepare',
       cycle: {
         plan: 'web-tier',
         set: 'web-tier',
         cycleId: 'cycle-1',
+        requested,
         disks: [
-          { disk: 'root', sourceSnapshotId: 'snap-0bbbbbbbbbbbbbbbb', volumeSizeGiB: 8 },
+          { volumeId: 'vol-0123456789abcdef0', sourceSnapshotId: 'snap-0bbbbbbbbbbbbbbbb', volumeSizeGiB: 8 },
           { disk: 'data', sourceSnapshotId: 'snap-0aaaaaaaaaaaaaaaa', volumeSizeGiB: 16 },
         ],
         params: { window: '32 MiB' },
         // The execution's start: the checkpoint's age (the RPO metric) counts from it.
-        startedAt: expect.stringMatching(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$/),
+        startedAt,
       },
+    });
+    expect(plannerEventSchema.parse(prepared).cycle).toEqual({
+      plan: 'web-tier',
+      set: 'web-tier',
+      cycleId: 'cycle-1',
+      disks: [
+        { disk: 'root', sourceSnapshotId: 'snap-0bbbbbbbbbbbbbbbb', volumeSizeGiB: 8 },
+        { disk: 'data', sourceSnapshotId: 'snap-0aaaaaaaaaaaaaaaa', volumeSizeGiB: 16 },
+      ],
+      params: { window: '32 MiB' },
+      startedAt,
     });
     expect(diffCalls).toEqual(
       new Map([
