@@ -3,6 +3,7 @@
 import { readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { z } from 'zod';
+import { planRecoveryDefaultsSchema, type RecoveryDefaults } from '../functions/recovery/contracts.ts';
 import { resolveParams } from '../shared/engine/config.ts';
 import { ConfigError } from '../shared/engine/errors.ts';
 import { parseSize } from '../shared/engine/units.ts';
@@ -77,6 +78,11 @@ const planSchema = z.strictObject({
     .min(1, { error: 'a plan needs at least one disk' })
     .max(64, { error: 'a plan holds at most 64 disks (one cycle input)' }),
   params: paramsSchema.optional(),
+  /**
+   * How the plan's machines are recovered (functions/recovery/contracts.ts): launch settings per
+   * machine, the isolated subnet and security groups drills use, the drill TTL. The set is the plan's.
+   */
+  recovery: planRecoveryDefaultsSchema.omit({ set: true }).optional(),
 });
 
 export const ferryConfigSchema = z.strictObject({
@@ -183,6 +189,7 @@ export function parseFerryConfig(input: unknown, source = 'configuration'): Ferr
       disks.add(d.disk);
     });
     check(`plans[${i}].params`, { ...config.windowDefaults, ...plan.params });
+    checkRecovery(plan, `plans[${i}].recovery`, refuse);
     const every = rateMinutes(plan.schedule);
     if (every !== undefined && every > plan.rpoMinutes) {
       refuse(
@@ -192,6 +199,44 @@ export function parseFerryConfig(input: unknown, source = 'configuration'): Ferr
     }
   });
   return config;
+}
+
+/**
+ * A plan's recovery defaults name only disks of the plan (its checkpoints hold exactly those), each
+ * disk once, and machines by distinct names: checked at synth, not found out during a disaster.
+ */
+function checkRecovery(
+  plan: ProtectionPlan,
+  where: string,
+  refuse: (setting: string, message: string) => never,
+): void {
+  const disks = new Set(plan.disks.map((d) => d.disk));
+  const used = new Map<string, string>();
+  const names = new Set<string>();
+  plan.recovery?.machines.forEach((m, j) => {
+    const at = `${where}.machines[${j}]`;
+    if (names.has(m.name)) refuse(`${at}.name`, `machine ${m.name} appears twice`);
+    names.add(m.name);
+    const named = [
+      ...(m.bootDisk === undefined ? [] : [['bootDisk', m.bootDisk] as const]),
+      ...(m.dataDisks ?? []).map((d, k) => [`dataDisks[${k}]`, d] as const),
+    ];
+    for (const [field, disk] of named) {
+      if (!disks.has(disk)) {
+        refuse(`${at}.${field}`, `${disk} is not a disk of plan ${plan.name} (${[...disks].join(', ')})`);
+      }
+      const other = used.get(disk);
+      if (other !== undefined) refuse(`${at}.${field}`, `disk ${disk} is already used by machine ${other}`);
+      used.set(disk, m.name);
+    }
+  });
+}
+
+/** Every plan's recovery defaults, as the recovery function reads them (RECOVERY_DEFAULTS). */
+export function recoveryDefaults(config: FerryConfig): RecoveryDefaults {
+  return Object.fromEntries(
+    config.plans.map((plan) => [plan.name, { set: plan.set ?? plan.name, machines: [], ...plan.recovery }]),
+  );
 }
 
 /** The replication parameters a plan's cycles are started with (defaults, then the plan's own). */

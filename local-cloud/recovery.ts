@@ -1,0 +1,333 @@
+// The Recovery state machine run locally: the synthesized definition (plain ASL) in
+// aws-local-stepfunctions, its Lambda tasks bound to the recovery handler (the real one, configured
+// from its template environment, with EC2 and EventBridge Scheduler pointed at an emulator such as
+// moto_server, DynamoDB at dynalite), the migration's final cycle to a function the caller gives, and
+// CloudWatch's PutMetricData (the teardown alarm's metric) recorded. Waits and retry pauses are cut to
+// `waitMs`: a drill's TTL passes in milliseconds.
+import { CreateTableCommand, DescribeTableCommand, type DynamoDBClient } from '@aws-sdk/client-dynamodb';
+import { ExecutionError, StateMachine, type StateMachineDefinition } from 'aws-local-stepfunctions';
+import { tableDefinition } from '../shared/aws/dynamo/schema.ts';
+import {
+  allStates,
+  ensurePromiseWithResolvers,
+  FAKE,
+  fakeArn,
+  logicalIdOfFakeArn,
+  resolveToken,
+  type TemplateJson,
+} from './asl.ts';
+
+type Json = Record<string, unknown>;
+
+/** What the definition's tasks are bound to. */
+export interface RecoveryBindings {
+  /** The recovery Lambda: every action's event in, its answer out; a thrown error's name is its type. */
+  readonly recovery: (event: Json) => Promise<unknown>;
+  /**
+   * A migration's final cycle: the cycle state machine's input in, its output out (what the cycle's
+   * execution ends with). Absent: a migration fails at its final cycle.
+   */
+  readonly runCycle?: (input: Json) => Promise<unknown>;
+}
+
+/** A data point the machine put (the teardown alarm's metric). */
+export interface LocalMetric {
+  readonly namespace: string;
+  readonly name: string;
+  readonly value: number;
+  readonly dimensions: Readonly<Record<string, string>>;
+}
+
+/** One state the execution entered, and how it left it. */
+export interface RecoveryStep {
+  readonly type: 'StateEntered' | 'StateFailed' | 'StateRetried' | 'StateCaught';
+  readonly state: string;
+  readonly error?: string;
+}
+
+export interface RecoveryOutcome {
+  readonly name: string;
+  readonly status: 'SUCCEEDED' | 'FAILED';
+  readonly output?: unknown;
+  readonly error?: string;
+  readonly cause?: string;
+  /** Every state entered, failed, retried or caught, in order. */
+  readonly steps: readonly RecoveryStep[];
+  /** The recovery actions invoked, in order (resolve, launch, ...), retries included. */
+  readonly actions: readonly string[];
+  readonly metrics: readonly LocalMetric[];
+  /** The inputs the final cycle was started with (migration). */
+  readonly cycles: readonly Json[];
+}
+
+/** The Recovery state machine's definition in a synthesized template, as plain ASL. */
+export function recoveryDefinitionFromTemplate(template: TemplateJson): {
+  definition: StateMachineDefinition;
+  stateMachineName: string;
+  /** The logical id of the recovery Lambda its tasks invoke. */
+  functionLogicalId: string;
+} {
+  const machines = Object.values(template.Resources).filter(
+    (r) =>
+      r.Type === 'AWS::StepFunctions::StateMachine' &&
+      String(r.Properties?.StateMachineName ?? '').endsWith('-recovery'),
+  );
+  if (machines.length !== 1) throw new Error(`expected one Recovery state machine, found ${machines.length}`);
+  const props = machines[0]!.Properties ?? {};
+  const definition = JSON.parse(resolveToken(props.DefinitionString)) as StateMachineDefinition;
+  const ids = new Set<string>();
+  for (const [, s] of allStates(definition)) {
+    const id = s.Type === 'Task' ? logicalIdOfFakeArn(String(s.Resource)) : undefined;
+    if (id !== undefined) ids.add(id);
+  }
+  if (ids.size !== 1) throw new Error(`the Recovery state machine should invoke one Lambda, not ${ids.size}`);
+  return { definition, stateMachineName: String(props.StateMachineName), functionLogicalId: [...ids][0]! };
+}
+
+/** AWS's default task timeout overflows a Node timer; this is as good as none locally. */
+const NO_TASK_TIMEOUT_SECONDS = 24 * 24 * 60 * 60;
+const CYCLE_RESOURCE = 'arn:aws:states:::states:startExecution.sync:2';
+const METRIC_RESOURCE = 'arn:aws:states:::aws-sdk:cloudwatch:putMetricData';
+
+export interface LocalRecoveryOptions {
+  readonly definition: StateMachineDefinition;
+  readonly stateMachineName: string;
+  readonly bindings: RecoveryBindings;
+  /** Every Wait state and retry pause, in milliseconds (default 0). */
+  readonly waitMs?: number;
+}
+
+/** Runs executions of a Recovery definition with the given bindings. */
+export class LocalRecovery {
+  private readonly machine: StateMachine;
+  private readonly definition: StateMachineDefinition;
+
+  constructor(private readonly opts: LocalRecoveryOptions) {
+    ensurePromiseWithResolvers();
+    this.definition = structuredClone(opts.definition);
+    for (const [, state] of allStates(this.definition)) {
+      // aws-local-stepfunctions follows the ASL spec's 60 s default; AWS's is a year.
+      if (state.Type === 'Task' && state.TimeoutSeconds === undefined)
+        state.TimeoutSeconds = NO_TASK_TIMEOUT_SECONDS;
+    }
+    this.machine = new StateMachine(this.definition);
+  }
+
+  /** Runs one execution named `name` (the job id unless the input gives one) to its end. */
+  async run(input: Json, name: string, onStep?: (step: RecoveryStep) => void): Promise<RecoveryOutcome> {
+    const steps: RecoveryStep[] = [];
+    const actions: string[] = [];
+    const metrics: LocalMetric[] = [];
+    const cycles: Json[] = [];
+    const handlers: Record<string, (input: Json) => Promise<unknown>> = {};
+    const waits: Record<string, number> = {};
+    const retries: Record<string, number> = {};
+    const ms = this.opts.waitMs ?? 0;
+    for (const [stateName, state] of allStates(this.definition)) {
+      if (state.Type === 'Wait') waits[stateName] = ms;
+      if (state.Retry !== undefined) retries[stateName] = ms;
+      if (state.Type !== 'Task') continue;
+      const resource = String(state.Resource);
+      if (logicalIdOfFakeArn(resource) !== undefined) {
+        handlers[stateName] = async (event) => {
+          actions.push(String(event.action));
+          return this.opts.bindings.recovery(event);
+        };
+      } else if (resource === CYCLE_RESOURCE) {
+        handlers[stateName] = async (task) => this.finalCycle(task, name, cycles);
+      } else if (resource === METRIC_RESOURCE) {
+        handlers[stateName] = async (params) => {
+          metrics.push(...metricData(params));
+          return {};
+        };
+      } else {
+        throw new Error(`state "${stateName}": no local binding for ${resource}`);
+      }
+    }
+    const executionArn = `arn:aws:states:${FAKE.region}:${FAKE.account}:execution:${this.opts.stateMachineName}:${name}`;
+    const execution = this.machine.run(input as never, {
+      context: { Execution: { Name: name, Id: executionArn } } as never,
+      overrides: {
+        taskResourceLocalHandlers: handlers as never,
+        waitTimeOverrides: waits,
+        retryIntervalOverrides: retries,
+      },
+    });
+    const events = (async () => {
+      for await (const ev of execution.eventLogs) {
+        const e = ev as { type: string; state?: { name: string }; Error?: string };
+        if (
+          e.state !== undefined &&
+          (e.type === 'StateEntered' ||
+            e.type === 'StateFailed' ||
+            e.type === 'StateRetried' ||
+            e.type === 'StateCaught')
+        ) {
+          const step: RecoveryStep = {
+            type: e.type,
+            state: e.state.name,
+            ...(e.Error === undefined ? {} : { error: e.Error }),
+          };
+          steps.push(step);
+          onStep?.(step);
+        }
+      }
+    })();
+    const base = { name, steps, actions, metrics, cycles };
+    try {
+      const output = await execution.result;
+      return { ...base, status: 'SUCCEEDED', output };
+    } catch (err) {
+      const caught = err instanceof ExecutionError ? (err.cause as Error | undefined) : (err as Error);
+      return {
+        ...base,
+        status: 'FAILED',
+        error: caught?.name ?? 'Error',
+        cause: caught?.message ?? String(err),
+      };
+    } finally {
+      await events.catch(() => undefined);
+    }
+  }
+
+  /** StartExecution.sync:2 of the cycle machine: the cycle's output as JSON, or the .sync failure. */
+  private async finalCycle(task: Json, parent: string, cycles: Json[]): Promise<unknown> {
+    const input = (task.Input ?? {}) as Json;
+    cycles.push(input);
+    const runCycle = this.opts.bindings.runCycle;
+    const arn = `arn:aws:states:${FAKE.region}:${FAKE.account}:execution:cycle:${parent}-final`;
+    if (runCycle === undefined) throw named('States.TaskFailed', 'no cycle is bound in this local run');
+    try {
+      const output = await runCycle(input);
+      return { ExecutionArn: arn, Output: output, Status: 'SUCCEEDED' };
+    } catch (err) {
+      throw named(
+        'States.TaskFailed',
+        JSON.stringify({
+          ExecutionArn: arn,
+          Status: 'FAILED',
+          Error: (err as Error).name,
+          Cause: (err as Error).message,
+        }),
+      );
+    }
+  }
+}
+
+function metricData(params: Json): LocalMetric[] {
+  const namespace = String(params.Namespace);
+  const data = (params.MetricData ?? []) as {
+    MetricName?: string;
+    Value?: number;
+    Dimensions?: { Name: string; Value: string }[];
+  }[];
+  return data.map((d) => ({
+    namespace,
+    name: String(d.MetricName),
+    value: Number(d.Value ?? 0),
+    dimensions: Object.fromEntries((d.Dimensions ?? []).map((x) => [x.Name, x.Value])),
+  }));
+}
+
+function named(name: string, message: string): Error {
+  const e = new Error(message);
+  e.name = name;
+  return e;
+}
+
+/**
+ * A Lambda handler's failure as Step Functions reports it from a direct Lambda task: the error's
+ * name is the error type (what Retry and Catch match).
+ */
+export function asLambdaTask(
+  handler: (event: unknown) => Promise<unknown>,
+): (event: Json) => Promise<unknown> {
+  return async (event) => {
+    try {
+      return await handler(event);
+    } catch (err) {
+      const e = err as Error;
+      throw named(e?.name ?? 'Error', JSON.stringify({ errorType: e?.name, errorMessage: e?.message }));
+    }
+  };
+}
+
+// ---- the recovery Lambda's deployment, locally ---------------------------------------------------
+
+/** Where the recovery Lambda's resources are in the local run. */
+export interface RecoveryEndpoints {
+  /** DynamoDB (dynalite): the state table with the checkpoint catalog. */
+  readonly dynamodb: string;
+  /** EC2 and EventBridge Scheduler (moto_server). */
+  readonly ec2: string;
+  readonly scheduler: string;
+}
+
+/**
+ * The recovery function's environment as the template deploys it, references resolved locally: the
+ * table's Ref to `tableName`, the snapshot key's Arn to a well-formed fake key ARN.
+ */
+export function recoveryEnvironment(template: TemplateJson, functionLogicalId: string, tableName: string) {
+  const fn = template.Resources[functionLogicalId];
+  const vars = ((fn?.Properties?.Environment as { Variables?: Json } | undefined)?.Variables ?? {}) as Json;
+  const out: Record<string, string> = {};
+  for (const [key, value] of Object.entries(vars)) {
+    if (typeof value === 'string' || typeof value === 'number') {
+      out[key] = String(value);
+      continue;
+    }
+    const v = (value ?? {}) as Json;
+    const ref = typeof v.Ref === 'string' ? v.Ref : undefined;
+    const getAtt = Array.isArray(v['Fn::GetAtt']) ? (v['Fn::GetAtt'] as string[]) : undefined;
+    const type = template.Resources[ref ?? getAtt?.[0] ?? '']?.Type;
+    if (ref !== undefined && type === 'AWS::DynamoDB::Table') out[key] = tableName;
+    else if (getAtt?.[1] === 'Arn' && type === 'AWS::KMS::Key')
+      out[key] = `arn:${FAKE.partition}:kms:${FAKE.region}:${FAKE.account}:key/${getAtt[0]}`;
+    else throw new Error(`no local value for the recovery function's ${key}: ${JSON.stringify(value)}`);
+  }
+  return out;
+}
+
+/** Creates the deployment's state table in DynamoDB (dynalite) and waits until it is active. */
+export async function createStateTable(dynamo: DynamoDBClient, tableName: string): Promise<void> {
+  await dynamo.send(new CreateTableCommand(tableDefinition(tableName)));
+  while (
+    (await dynamo.send(new DescribeTableCommand({ TableName: tableName }))).Table?.TableStatus !== 'ACTIVE'
+  ) {
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+/**
+ * Points the process at the local endpoints as the recovery Lambda's container would be configured
+ * (its template environment, fake credentials, AWS_ENDPOINT_URL_<SERVICE>); returns what undoes it.
+ * The handler creates its clients from this environment on first use, once per process.
+ */
+export function setRecoveryEnvironment(
+  env: Record<string, string>,
+  endpoints: RecoveryEndpoints,
+): () => void {
+  const vars: Record<string, string | undefined> = {
+    ...env,
+    POWERTOOLS_LOG_LEVEL: 'SILENT',
+    POWERTOOLS_METRICS_DISABLED: 'true',
+    AWS_REGION: FAKE.region,
+    AWS_ACCESS_KEY_ID: 'local',
+    AWS_SECRET_ACCESS_KEY: 'local',
+    AWS_SESSION_TOKEN: undefined,
+    AWS_ENDPOINT_URL_DYNAMODB: endpoints.dynamodb,
+    AWS_ENDPOINT_URL_EC2: endpoints.ec2,
+    AWS_ENDPOINT_URL_SCHEDULER: endpoints.scheduler,
+  };
+  const previous = Object.fromEntries(Object.keys(vars).map((k) => [k, process.env[k]]));
+  const apply = (values: Record<string, string | undefined>) => {
+    for (const [k, v] of Object.entries(values)) {
+      if (v === undefined) delete process.env[k];
+      else process.env[k] = v;
+    }
+  };
+  apply(vars);
+  return () => apply(previous);
+}
+
+export { fakeArn };
