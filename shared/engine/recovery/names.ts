@@ -12,6 +12,8 @@ export const RECOVERY_TAGS = Object.freeze({
   mode: 'ferry:recovery-mode',
   plan: 'ferry:plan',
   machine: 'ferry:recovery-machine',
+  /** On volumes created one per disk (volumes-only machines): the checkpoint's disk name. */
+  disk: 'ferry:recovery-disk',
   /** `true` on everything a drill creates (the isolated, torn-down-at-TTL mode). */
   drill: 'ferry:drill',
 });
