@@ -13,7 +13,7 @@ import {
   planDiskRecovery,
   RecoveryError,
 } from '../shared/local/materialise.ts';
-import type { CatalogView } from '../shared/local/state-dir.ts';
+import type { CatalogView, LocalStateStore } from '../shared/local/state-dir.ts';
 import { recoverLocked, withSetLocked } from './run.ts';
 
 export interface RecoverOptions {
@@ -28,6 +28,16 @@ export interface RecoverOptions {
   /** Told each disk's plan once every disk is planned, before any data is written. */
   readonly onPlanned?: (plans: readonly DiskRecoveryPlan[]) => void;
   readonly signal?: AbortSignal;
+  /**
+   * Run under the set's lock once the checkpoint is chosen and every disk planned, before any data
+   * is written (failover refuses a set that is failed over already here).
+   */
+  readonly beforeWrite?: (state: LocalStateStore, checkpoint: RecoveryCheckpoint) => Promise<void>;
+  /**
+   * Run under the set's lock once every disk is written and verified (failover marks the set here,
+   * so no cycle can commit in between). If it throws, the recovery fails and its files are removed.
+   */
+  readonly afterWrite?: (state: LocalStateStore, result: RecoverResult) => Promise<void>;
 }
 
 export interface RecoveredDisk {
@@ -68,6 +78,7 @@ export async function recoverSet(opts: RecoverOptions): Promise<RecoverResult> {
         });
       }
     }
+    await opts.beforeWrite?.(state, checkpoint);
     opts.onPlanned?.(plans);
     const made = !(await lstat(opts.to).catch(() => undefined));
     await mkdir(opts.to, { recursive: true });
@@ -83,7 +94,9 @@ export async function recoverSet(opts: RecoverOptions): Promise<RecoverResult> {
         });
         disks.push({ disk: plan.disk, path: resolve(path), sizeBytes: plan.size, regions });
       }
-      return { checkpoint, disks, createdDir: made };
+      const result = { checkpoint, disks, createdDir: made };
+      await opts.afterWrite?.(state, result);
+      return result;
     } catch (err) {
       for (const path of written) await rm(path, { force: true });
       if (made) await rmdir(opts.to).catch(() => {});

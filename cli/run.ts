@@ -19,7 +19,7 @@ import { oldestKept, resolveRetention, retentionSchema } from '../shared/engine/
 import { settleAll } from '../shared/engine/settle.ts';
 import { FileTarget } from '../shared/local/file-target.ts';
 import { type PruneStep, pruneHistory } from '../shared/local/history.ts';
-import { LocalStateStore } from '../shared/local/state-dir.ts';
+import { failedOverRefusal, LocalStateStore } from '../shared/local/state-dir.ts';
 import { systemClock, systemRandom } from '../shared/runtime/clock.ts';
 import { readChangeFile } from './change-map.ts';
 import { filePath, openSource, openTarget } from './targets.ts';
@@ -62,6 +62,8 @@ export interface LocalRunOptions {
   readonly pruneStep?: (step: PruneStep) => void | Promise<void>;
   /** Told what the retention setting pruned after the checkpoint was published. */
   readonly onHistory?: (event: HistoryEvent) => void;
+  /** Run even though the set is failed over: only failback's own re-protecting cycle does. */
+  readonly ignoreFailover?: boolean;
 }
 
 /** What pruning a file target's history did after a publication. */
@@ -99,6 +101,9 @@ export async function runLocalJob(spec: JobSpec, opts: LocalRunOptions): Promise
   // One run of a set at a time, from recovering an interrupted commit to cleaning up after publishing.
   const unlock = await state.lockSet(spec.set);
   try {
+    // A failed-over set's schedule is paused: its live disks are the recovered images now.
+    const failedOver = await state.readFailover(spec.set);
+    if (failedOver !== undefined && !opts.ignoreFailover) throw failedOverRefusal(failedOver);
     // Every disk's source opens at once: an NBD handshake is several round trips, and over a WAN
     // link four disks opened one after another would wait four times as long before the first byte.
     const opened = await settleAll(

@@ -5,12 +5,14 @@
 //   <dir>/catalog/<set>/<sequence>.json   published checkpoints, created exactly once (link)
 //   <dir>/commit/<set>.json               a commit under way (CommitJournal), until published or undone
 //   <dir>/locks/<set>.lock                the process that owns the set (replicate, verify) while it runs
+//   <dir>/failover/<set>.json             the set is failed over (FailoverMark): replication into it is refused
+//   <dir>/events/<set>/<sequence>.json    recovery events (failover, migration, failback), created once each
 import { type FileHandle, link, mkdir, open, readdir, readFile, rename, rm } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { diskAggregateSchema, withNamedAggregate } from '../engine/aggregate.ts';
-import { CatalogError, errorMessage, FerryError } from '../engine/errors.ts';
+import { CatalogError, ConfigError, errorMessage, FerryError } from '../engine/errors.ts';
 import { checkName } from '../engine/names.ts';
 import type {
   CommitIntent,
@@ -53,6 +55,47 @@ const checkpointSchema = z.strictObject({
     ),
   ),
 });
+
+const failoverMarkSchema = z.strictObject({
+  set: z.string(),
+  /** How the set came to be failed over. */
+  mode: z.enum(['failover', 'migration']),
+  /** The checkpoint the recovered images hold: the last one both sides share, for failback. */
+  checkpoint: z.string(),
+  sequence: z.number().int().positive(),
+  at: z.string(),
+  /** The directory the disks were recovered into. */
+  to: z.string(),
+  disks: z.array(
+    z.strictObject({
+      disk: z.string(),
+      /** The recovered image (absolute path). */
+      recovered: z.string(),
+      /** The disk's source as the checkpoint records it: where failback writes back to. */
+      original: z.string(),
+      sizeBytes: z.number().int().nonnegative(),
+    }),
+  ),
+});
+
+/** A set that is failed over: its recovered images are the live disks now, not its sources. */
+export type FailoverMark = z.infer<typeof failoverMarkSchema>;
+
+const recoveryEventSchema = z.strictObject({
+  set: z.string(),
+  sequence: z.number().int().positive(),
+  type: z.enum(['failover', 'migration', 'failback', 'failover-cleared']),
+  at: z.string(),
+  /** The checkpoint the event is about (failed over to, or shared by a failback). */
+  checkpoint: z.string(),
+  /** One line an operator reads in `ferry checkpoints`. */
+  summary: z.string(),
+  /** What the command reported, as it printed it with --json. */
+  details: z.unknown().optional(),
+});
+
+/** A recovery event of a set, as recorded in its catalog. */
+export type RecoveryEvent = z.infer<typeof recoveryEventSchema>;
 
 const intentSchema = z.strictObject({
   set: z.string(),
@@ -221,6 +264,84 @@ export class LocalStateStore implements StateStore, CommitJournal {
     return { checkpoints, damaged };
   }
 
+  /** The set's failover mark, if it is failed over. */
+  async readFailover(set: string): Promise<FailoverMark | undefined> {
+    const path = this.failoverPath(set);
+    const text = await readFile(path, 'utf8').catch(notFound);
+    return text === undefined ? undefined : parseJson(failoverMarkSchema, text, path);
+  }
+
+  /**
+   * Marks the set failed over. Refuses if it is already (a second failover would lose the first
+   * one's record of which checkpoint the live disks came from).
+   */
+  async markFailedOver(mark: FailoverMark): Promise<void> {
+    const dir = join(this.dir, 'failover');
+    await mkdir(dir, { recursive: true });
+    const path = this.failoverPath(mark.set);
+    try {
+      await writeFileSynced(path, `${JSON.stringify(mark, null, 2)}\n`, 'wx');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      const held = await this.readFailover(mark.set).catch(() => undefined);
+      throw new FerryError(
+        `set ${mark.set} is already failed over${held ? ` (to checkpoint ${held.checkpoint}, into ${held.to}, at ${held.at})` : ''}: fail it back (ferry failback) or clear it (ferry recover --clear-failover) first`,
+        { setting: 'set' },
+      );
+    }
+    await syncDir(dir);
+  }
+
+  /** Removes the set's failover mark (idempotent). */
+  async clearFailover(set: string): Promise<void> {
+    await rm(this.failoverPath(set), { force: true });
+    await syncDir(join(this.dir, 'failover')).catch(notFound);
+  }
+
+  /** Appends a recovery event to the set's catalog, numbered after the last one; returns it. */
+  async recordEvent(event: Omit<RecoveryEvent, 'sequence'>): Promise<RecoveryEvent> {
+    const dir = join(this.dir, 'events', setName(event.set));
+    await mkdir(dir, { recursive: true });
+    for (let attempt = 0; ; attempt++) {
+      const names = (await readdir(dir)).filter((f) => /^\d+\.json$/.test(f)).sort();
+      const sequence = Number(names.at(-1)?.slice(0, -'.json'.length) ?? 0) + 1;
+      const recorded: RecoveryEvent = { ...event, sequence };
+      const final = join(dir, `${String(sequence).padStart(8, '0')}.json`);
+      const tmp = `${final}.${process.pid}.tmp`;
+      await writeFileSynced(tmp, `${JSON.stringify(recorded, null, 2)}\n`);
+      try {
+        // link() fails if the name exists: another process took this number, so take the next.
+        await link(tmp, final);
+        await syncDir(dir);
+        return recorded;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST' || attempt >= 5) throw err;
+      } finally {
+        await rm(tmp, { force: true }).catch(() => {});
+      }
+    }
+  }
+
+  /** The recovery events of one set (or all), oldest first per set; unreadable ones are skipped. */
+  async readEvents(set?: string): Promise<RecoveryEvent[]> {
+    const root = join(this.dir, 'events');
+    const sets = set === undefined ? ((await readdir(root).catch(notFound)) ?? []) : [setName(set)];
+    const events: RecoveryEvent[] = [];
+    for (const s of sets.sort()) {
+      const files = ((await readdir(join(root, s)).catch(notFound)) ?? [])
+        .filter((f) => /^\d+\.json$/.test(f))
+        .sort();
+      for (const f of files) {
+        const path = join(root, s, f);
+        const parsed = await readFile(path, 'utf8')
+          .then((text) => parseJson(recoveryEventSchema, text, path))
+          .catch(() => undefined);
+        if (parsed !== undefined) events.push(parsed);
+      }
+    }
+    return events;
+  }
+
   async begin(intent: CommitIntent): Promise<void> {
     const path = this.intentPath(intent.set);
     await mkdir(join(this.dir, 'commit'), { recursive: true });
@@ -302,6 +423,10 @@ export class LocalStateStore implements StateStore, CommitJournal {
       throw inUse(set, owner, path);
   }
 
+  private failoverPath(set: string): string {
+    return join(this.dir, 'failover', `${setName(set)}.json`);
+  }
+
   private intentPath(set: string): string {
     return join(this.dir, 'commit', `${setName(set)}.json`);
   }
@@ -314,6 +439,20 @@ export class LocalStateStore implements StateStore, CommitJournal {
     const text = await readFile(`${base}.json`, 'utf8').catch(notFound);
     return text === undefined ? undefined : parseJson(progressSchema, text, `${base}.json`);
   }
+}
+
+/**
+ * Why a cycle of a failed-over set is refused (the local equivalent of a paused schedule): its
+ * disks run from the recovered images now, and a cycle would replicate the stale sources over the
+ * checkpoint they came from.
+ */
+export function failedOverRefusal(mark: FailoverMark): ConfigError {
+  return new ConfigError(
+    `set ${mark.set} is failed over (${mark.mode} to checkpoint ${mark.checkpoint} at ${mark.at}; its disks run from ${mark.to}): ` +
+      `replication into it is paused. Fail it back with "ferry failback --set ${mark.set}", or, if its original disks are live again, ` +
+      `clear the mark with "ferry recover --clear-failover --set ${mark.set}"`,
+    { setting: 'set' },
+  );
 }
 
 function notFound(err: unknown): undefined {
