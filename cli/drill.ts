@@ -1,12 +1,26 @@
 // `ferry recover --test`: a recovery drill. The disks of a checkpoint, materialised and verified,
 // are served read-only as NBD exports through nbdkit's copy-on-write filter (a test machine's
 // writes land in a throwaway overlay), until a TTL or Ctrl-C; then every server is stopped and
-// every file of the drill removed, and both are checked.
+// every file of the drill removed, and both are checked. A drill records itself in the state
+// directory while it runs, so `ferry recover --cleanup` can end it from elsewhere (or clean up after
+// a drill whose process died), and leaves a report there when it ends.
 
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { chmod, mkdir, rm, rmdir, stat } from 'node:fs/promises';
-import { join } from 'node:path';
+import { hostname } from 'node:os';
+import { join, resolve } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { ConfigError, errorMessage, FerryError } from '../shared/engine/errors.ts';
+import {
+  type DrillRecord,
+  type DrillReport,
+  drillReportPath,
+  readDrillRecords,
+  readDrillReport,
+  removeDrillRecord,
+  writeDrillRecord,
+  writeDrillReport,
+} from '../shared/local/drills.ts';
 import {
   freeLoopbackPort,
   type StartedServer,
@@ -26,6 +40,11 @@ const STOP_GRACE_MS = 10_000;
 const PORT_ATTEMPTS = 3;
 // The longest TTL: a drill is a test, not a second production copy, and a forgotten one must end.
 const MAX_TTL_MS = 7 * 86_400_000;
+// `ferry recover --cleanup` asks a live drill's process to end it (SIGTERM) and gives it this long:
+// its own teardown waits up to STOP_GRACE_MS per server, all at once, plus removing files.
+const OWNER_GRACE_MS = STOP_GRACE_MS + 20_000;
+// How often the clean-up looks whether a process it signalled has exited.
+const EXIT_POLL_MS = 100;
 
 export interface DrillExport {
   readonly disk: string;
@@ -34,9 +53,15 @@ export interface DrillExport {
 }
 
 export interface Drill {
+  readonly id: string;
   readonly exports: readonly DrillExport[];
-  /** Stops every server and removes every file of the drill; resolves with what it checked. */
-  stop(): Promise<DrillTeardown>;
+  /** Milliseconds from the command's start until every export accepted connections. */
+  readonly readyMs: number;
+  /**
+   * Stops every server and removes every file of the drill; resolves with what it checked. With a
+   * state directory, the report is saved there (also when the teardown fails) and the record removed.
+   */
+  stop(reason: string): Promise<DrillTeardown>;
   /** Resolves when a server exits on its own (the drill is then over), with its disk. */
   readonly lost: Promise<string>;
 }
@@ -44,6 +69,17 @@ export interface Drill {
 export interface DrillTeardown {
   readonly servers: number;
   readonly removed: readonly string[];
+  readonly report: DrillReport;
+  /** Where the report was saved, with a state directory. */
+  readonly reportPath?: string;
+}
+
+/** Where a drill records itself and its report, and when it started (for the time until ready). */
+export interface DrillContext {
+  readonly stateDir: string;
+  readonly set: string;
+  readonly startedMs: number;
+  readonly ttlMs: number;
 }
 
 /** `--ttl` as typed: a number with s, m, h or d, e.g. "90s", "30m", "2h". */
@@ -65,7 +101,12 @@ export function parseTtl(text: string): number {
  * the image read-only and keeps writes in an overlay under the drill's own directory (nbdkit
  * unlinks it at once, so it goes with the server). The images are made read-only as well.
  */
-export async function startDrill(recovered: RecoverResult, dir: string): Promise<Drill> {
+export async function startDrill(
+  recovered: RecoverResult,
+  dir: string,
+  ctx: DrillContext = { stateDir: '', set: '', startedMs: Date.now(), ttlMs: 0 },
+): Promise<Drill> {
+  const id = `drill-${new Date(ctx.startedMs).toISOString().replace(/[-:.]/g, '')}-${process.pid}`;
   const overlay = join(dir, '.overlay');
   const servers: Server[] = [];
   const pidFile = (disk: string) => join(dir, `.${disk}.pid`);
@@ -75,21 +116,38 @@ export async function startDrill(recovered: RecoverResult, dir: string): Promise
     overlay,
     ...recovered.disks.map((d) => pidFile(d.disk)),
   ];
-  const teardown = async (): Promise<DrillTeardown> => {
+  let record: DrillRecord | undefined;
+  const teardown = async (reason: string): Promise<DrillTeardown> => {
     await Promise.all(servers.map((s) => s.stop()));
-    const alive = servers.filter((s) => isAlive(s.pid)).map((s) => `${s.disk} (pid ${s.pid})`);
     for (const path of files) await rm(path, { recursive: true, force: true });
     if (recovered.createdDir) await rmdir(dir).catch(() => {});
-    const left = [];
-    for (const path of files) if (await stat(path).catch(() => undefined)) left.push(path);
-    if (alive.length > 0 || left.length > 0) {
-      const what = [
-        ...alive.map((a) => `the server of disk ${a} is still running`),
-        ...left.map((p) => `${p} is still there`),
-      ];
-      throw new FerryError(`the drill did not end cleanly: ${what.join('; ')}`);
+    const left = await leftOver(
+      servers.map((s) => ({ disk: s.disk, pid: s.pid })),
+      files,
+    );
+    const removed = recovered.createdDir ? [...files, dir] : files;
+    const report: DrillReport = {
+      id,
+      set: ctx.set,
+      checkpoint: recovered.checkpoint.id,
+      startedAt: new Date(ctx.startedMs).toISOString(),
+      readyAfterMs: record?.readyMs ?? 0,
+      exports: record?.exports ?? [],
+      endedAt: new Date().toISOString(),
+      reason,
+      cleanedBy: 'drill',
+      serversStopped: servers.length,
+      removed,
+      left,
+      clean: left.length === 0,
+    };
+    let reportPath: string | undefined;
+    if (ctx.stateDir !== '' && record !== undefined) {
+      reportPath = await writeDrillReport(ctx.stateDir, report);
+      if (report.clean) await removeDrillRecord(ctx.stateDir, id);
     }
-    return { servers: servers.length, removed: recovered.createdDir ? [...files, dir] : files };
+    if (!report.clean) throw new FerryError(`the drill did not end cleanly: ${left.join('; ')}`);
+    return { servers: servers.length, removed, report, ...(reportPath ? { reportPath } : {}) };
   };
   try {
     await mkdir(overlay, { recursive: true });
@@ -97,8 +155,26 @@ export async function startDrill(recovered: RecoverResult, dir: string): Promise
       await chmod(d.path, 0o444);
       servers.push(await serve(d.disk, d.path, overlay, pidFile(d.disk)));
     }
+    const ready = Date.now();
+    if (ctx.stateDir !== '') {
+      record = {
+        id,
+        set: ctx.set,
+        checkpoint: recovered.checkpoint.id,
+        owner: { pid: process.pid, host: hostname() },
+        startedAt: new Date(ctx.startedMs).toISOString(),
+        readyAt: new Date(ready).toISOString(),
+        readyMs: ready - ctx.startedMs,
+        until: new Date(ready + ctx.ttlMs).toISOString(),
+        dir: resolve(dir),
+        createdDir: recovered.createdDir,
+        exports: servers.map((s) => ({ disk: s.disk, uri: s.uri, pid: s.pid, image: resolve(s.image) })),
+        files: files.map((f) => resolve(f)),
+      };
+      await writeDrillRecord(ctx.stateDir, record);
+    }
   } catch (err) {
-    await teardown().catch(() => {});
+    await teardown('it failed to start').catch(() => {});
     throw err;
   }
   let stopping = false;
@@ -110,17 +186,170 @@ export async function startDrill(recovered: RecoverResult, dir: string): Promise
     }
   });
   return {
+    id,
     exports: servers.map((s) => ({ disk: s.disk, uri: s.uri, pid: s.pid })),
+    readyMs: record?.readyMs ?? Date.now() - ctx.startedMs,
     lost,
-    stop() {
+    stop(reason) {
       stopping = true;
-      return teardown();
+      return teardown(reason);
     },
   };
 }
 
+/** What is still there of a drill: servers alive (and still nbdkit), files present. */
+async function leftOver(
+  servers: readonly { disk: string; pid: number; image?: string }[],
+  files: readonly string[],
+): Promise<string[]> {
+  const left: string[] = [];
+  for (const s of servers) {
+    if (isAlive(s.pid) && isNbdkit(s.pid, s.image)) {
+      left.push(`the server of disk ${s.disk} (pid ${s.pid}) is still running`);
+    }
+  }
+  for (const path of files) if (await stat(path).catch(() => undefined)) left.push(`${path} is still there`);
+  return left;
+}
+
+/**
+ * `ferry recover --cleanup`: ends every drill recorded in `stateDir` (of `set`, if given) and
+ * checks nothing of it is left. A drill whose process is alive on this host is asked to end itself
+ * (SIGTERM: it tears down and writes its report as at its TTL); one whose process is gone (killed,
+ * crashed) or does not end in time is torn down here: its servers stopped if they are still
+ * nbdkit serving its images, its files and folder removed. Each ends with a report, saved beside
+ * the record, which is removed once nothing is left.
+ */
+export async function cleanupDrills(stateDir: string, set?: string): Promise<DrillReport[]> {
+  const { records, unreadable } = await readDrillRecords(stateDir, set);
+  if (unreadable.length > 0) {
+    throw new FerryError(
+      `drill record ${unreadable[0]!.path} cannot be read (${unreadable[0]!.reason}): end its servers and remove its files by hand, then the record`,
+    );
+  }
+  const reports: DrillReport[] = [];
+  for (const record of records) reports.push(await cleanupDrill(stateDir, record));
+  return reports;
+}
+
+async function cleanupDrill(stateDir: string, record: DrillRecord): Promise<DrillReport> {
+  const { owner } = record;
+  const servers = record.exports.map((e) => ({ disk: e.disk, pid: e.pid, image: e.image }));
+  if (owner.host !== hostname()) {
+    const left = [
+      `the drill runs on host ${owner.host} (pid ${owner.pid}): run ferry recover --cleanup there`,
+    ];
+    return { ...baseReport(record, 'not cleaned up from this host', 0, []), left, clean: false };
+  }
+  if (isAlive(owner.pid) && isDrillOwner(owner.pid)) {
+    process.kill(owner.pid, 'SIGTERM');
+    if (await exited(owner.pid, OWNER_GRACE_MS)) {
+      const own = await readDrillReport(stateDir, record.id);
+      const left = await leftOver(servers, record.files);
+      if (own !== undefined && left.length === 0) {
+        await removeDrillRecord(stateDir, record.id);
+        const report: DrillReport = {
+          ...own,
+          reason: `ferry recover --cleanup: its process ${owner.pid} ended it on SIGTERM`,
+          left,
+          clean: true,
+        };
+        await writeDrillReport(stateDir, report);
+        return report;
+      }
+    }
+  }
+  // Its process is gone (or did not end it): stop what still serves its images, remove its files.
+  let stopped = 0;
+  for (const s of servers) {
+    if (!isAlive(s.pid) || !isNbdkit(s.pid, s.image)) continue;
+    process.kill(s.pid, 'SIGTERM');
+    if (!(await exited(s.pid, STOP_GRACE_MS))) {
+      process.kill(s.pid, 'SIGKILL');
+      await exited(s.pid, STOP_GRACE_MS);
+    }
+    stopped++;
+  }
+  for (const path of record.files) await rm(path, { recursive: true, force: true });
+  if (record.createdDir) await rmdir(record.dir).catch(() => {});
+  const left = await leftOver(servers, record.files);
+  const removed = record.createdDir ? [...record.files, record.dir] : record.files;
+  const report: DrillReport = {
+    ...baseReport(record, `ferry recover --cleanup: its process ${owner.pid} was gone`, stopped, removed),
+    left,
+    clean: left.length === 0,
+  };
+  await writeDrillReport(stateDir, report);
+  if (report.clean) await removeDrillRecord(stateDir, record.id);
+  return report;
+}
+
+function baseReport(
+  record: DrillRecord,
+  reason: string,
+  serversStopped: number,
+  removed: readonly string[],
+): Omit<DrillReport, 'left' | 'clean'> {
+  return {
+    id: record.id,
+    set: record.set,
+    checkpoint: record.checkpoint,
+    startedAt: record.startedAt,
+    readyAfterMs: record.readyMs,
+    exports: record.exports,
+    endedAt: new Date().toISOString(),
+    reason,
+    cleanedBy: 'cleanup',
+    serversStopped,
+    removed,
+  };
+}
+
+/** A drill report as lines for an operator. */
+export function describeDrillReport(r: DrillReport, stateDir?: string): string[] {
+  return [
+    `drill ${r.id} of checkpoint ${r.checkpoint} (set ${r.set}): exports ready ${(r.readyAfterMs / 1000).toFixed(1)} s after the command started; ended ${r.endedAt} (${r.reason})`,
+    ...r.exports.map((e) => `  disk ${e.disk}: ${e.uri} (nbdkit pid ${e.pid})`),
+    r.clean
+      ? `  cleaned up: ${r.serversStopped} NBD server(s) stopped, ${r.removed.length} file(s) and folder(s) removed; checked: no server alive, no file left`
+      : `  NOT CLEAN: ${r.left.join('; ')}`,
+    ...(stateDir === undefined ? [] : [`  report: ${drillReportPath(stateDir, r.id)}`]),
+  ];
+}
+
+/** Waits until `pid` is gone, at most `ms`; whether it is. */
+async function exited(pid: number, ms: number): Promise<boolean> {
+  for (let waited = 0; waited < ms; waited += EXIT_POLL_MS) {
+    if (!isAlive(pid)) return true;
+    await sleep(EXIT_POLL_MS);
+  }
+  return !isAlive(pid);
+}
+
+/** Whether `pid` is still nbdkit (serving `image`, when given), not a process that reused its pid. */
+function isNbdkit(pid: number, image?: string): boolean {
+  const cmdline = commandLine(pid);
+  if (cmdline === undefined) return true; // no /proc: trust the pid
+  return cmdline.includes('nbdkit') && (image === undefined || cmdline.includes(image));
+}
+
+/** Whether `pid` is a `ferry recover --test` (the drill's own process), not a process that reused its pid. */
+function isDrillOwner(pid: number): boolean {
+  const cmdline = commandLine(pid);
+  return cmdline === undefined || (cmdline.includes('recover') && cmdline.includes('--test'));
+}
+
+function commandLine(pid: number): string | undefined {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').join(' ');
+  } catch {
+    return undefined;
+  }
+}
+
 interface Server {
   readonly disk: string;
+  readonly image: string;
   readonly uri: string;
   readonly pid: number;
   readonly exited: Promise<void>;
@@ -183,6 +412,7 @@ async function start(
   let stopped: Promise<void> | undefined;
   return {
     disk,
+    image,
     uri: `nbd://127.0.0.1:${port}`,
     pid: child.pid ?? -1,
     exited,
@@ -193,11 +423,22 @@ async function start(
   };
 }
 
+/** Whether `pid` runs. A zombie (exited, not yet reaped by whoever adopted it) does not. */
 function isAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
-    return true;
   } catch (err) {
     return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+  return !isZombie(pid);
+}
+
+function isZombie(pid: number): boolean {
+  try {
+    // The state follows the command name in parentheses, which may itself hold spaces.
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2).startsWith('Z');
+  } catch {
+    return false;
   }
 }
