@@ -95,7 +95,9 @@ export function computeContract(name: string, setup: () => Promise<ComputeFixtur
       });
       expect(found.images[0]!.tags[RECOVERY_TAGS.job]).toBe('drill-1');
       // The volumes-only machine's volume, and the instance's own volumes, carry the job's tag.
-      expect(found.volumes.map((v) => v.volumeId)).toEqual(expect.arrayContaining(launched[1]!.volumeIds));
+      expect(found.volumes.map((v) => v.volumeId)).toEqual(
+        expect.arrayContaining([...launched[1]!.volumeIds]),
+      );
       // The replica's snapshots are not the job's.
       expect(found.snapshots).toEqual([]);
       await f.boot();
