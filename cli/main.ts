@@ -6,12 +6,13 @@ import { unknownSettings } from '../shared/engine/config.ts';
 import { ChangeMapError, ConfigError, errorMessage } from '../shared/engine/errors.ts';
 import { checkName } from '../shared/engine/names.ts';
 import type { AggregateAlgorithm } from '../shared/engine/ports.ts';
-import type { ReplicationResult } from '../shared/engine/replicate.ts';
+import type { ReplicationEvent, ReplicationResult } from '../shared/engine/replicate.ts';
 import { parseRetainCount } from '../shared/engine/retention.ts';
 import { formatBytes, parseSize } from '../shared/engine/units.ts';
 import { verifyFileImage } from '../shared/local/file-target.ts';
 import { ImageDirectory } from '../shared/local/image-dir.ts';
-import { type DamagedEntry, LocalStateStore } from '../shared/local/state-dir.ts';
+import type { DiskRecoveryPlan, MaterialiseProgress } from '../shared/local/materialise.ts';
+import { type DamagedEntry, type FailoverMark, LocalStateStore } from '../shared/local/state-dir.ts';
 import { DEFAULT_LIMITS, type NodeLimits } from '../shared/net/limits.ts';
 import type { NodeTls } from '../shared/net/peer.ts';
 import { runDemo } from './demo.ts';
@@ -112,10 +113,17 @@ program
     for (const d of damaged) err(damagedEntryWarning(d));
     // Whether `ferry recover` could still write each one (its history is there and matches).
     const recovery = await recoverability(catalog);
+    // Failovers, migrations and failbacks: each shown with the checkpoint it is about.
+    const store = new LocalStateStore(o.state);
+    const events = await store.readEvents(set);
     if (o.json) {
       out(
         JSON.stringify(
-          list.map((cp) => ({ ...cp, recovery: recovery.get(cp.id) })),
+          list.map((cp) => ({
+            ...cp,
+            recovery: recovery.get(cp.id),
+            events: events.filter((e) => e.set === cp.set && e.checkpoint === cp.id),
+          })),
           null,
           2,
         ),
@@ -126,6 +134,11 @@ program
       out(`no checkpoints in ${o.state}`);
       return;
     }
+    const failedOver = [];
+    for (const s of new Set(list.map((cp) => cp.set))) {
+      const mark = await store.readFailover(s);
+      if (mark) failedOver.push(mark);
+    }
     for (const cp of list) {
       const bytes = cp.disks.reduce((s, d) => s + d.bytes, 0);
       const r = recovery.get(cp.id);
@@ -134,6 +147,13 @@ program
       out(`${cp.id}  ${cp.createdAt}  ${cp.disks.length} disk(s)  ${formatBytes(bytes)} replicated${marker}`);
       for (const d of cp.disks)
         out(`    ${d.disk}: ${d.kind} ${formatBytes(d.bytes)} ${d.source} -> ${d.target}`);
+      for (const e of events.filter((x) => x.set === cp.set && x.checkpoint === cp.id))
+        out(`    event ${e.type} ${e.at}: ${e.summary}`);
+    }
+    for (const m of failedOver) {
+      out(
+        `set ${m.set} is FAILED OVER (${m.mode} to ${m.checkpoint} at ${m.at}, disks in ${m.to}): replication into it is paused until ferry failback --set ${m.set}`,
+      );
     }
   });
 
@@ -149,7 +169,7 @@ program
     '--at <time>',
     'the newest checkpoint created at or before this time (ISO 8601 with its zone, e.g. 2026-12-05T10:00:00Z)',
   )
-  .requiredOption(
+  .option(
     '--to <dir>',
     'directory to write into (created if missing); an existing file there is never replaced',
   )
@@ -162,8 +182,57 @@ program
     '--ttl <duration>',
     'with --test: how long the drill lasts, e.g. 30m or 2h (default 1h, at most 7d)',
   )
-  .action(async (o) => {
+  .option(
+    '--failover',
+    'fail the set over: recover the checkpoint (latest by default) into --to, record the failover in the catalog and pause replication into the set until ferry failback (or --clear-failover)',
+  )
+  .option(
+    '--clear-failover',
+    "clear the set's failover mark without failing back (its original disks are live again): replication into it resumes",
+  )
+  .option(
+    '--cleanup',
+    'end the drills recorded in --state (of --set, if given): stop their NBD servers, remove their files, check nothing is left, and report',
+  )
+  .action(async (o, command: Command) => {
+    const modes = ['test', 'failover', 'clearFailover', 'cleanup'].filter((k) => o[k]);
+    if (modes.length > 1) {
+      throw new ConfigError('recover: give one of --test, --failover, --clear-failover and --cleanup', {
+        setting: 'recover',
+      });
+    }
+    if (o.clearFailover || o.cleanup) {
+      for (const flag of ['to', 'checkpoint', 'at', 'ttl'] as const) {
+        if (o[flag] !== undefined) {
+          throw new ConfigError(`--${flag} is not for ${o.cleanup ? '--cleanup' : '--clear-failover'}`, {
+            setting: flag,
+          });
+        }
+      }
+    }
+    if (o.cleanup) {
+      // --set defaults to "default": only an explicit one narrows the clean-up.
+      const only =
+        command.getOptionValueSource('set') === 'cli' ? checkName('set', o.set, '--set') : undefined;
+      const { cleanupDrills, describeDrillReport } = await import('./drill.ts');
+      const reports = await cleanupDrills(o.state, only);
+      if (o.json) out(JSON.stringify(reports, null, 2));
+      else if (reports.length === 0)
+        out(`no drill is recorded in ${o.state}${only ? ` for set ${only}` : ''}`);
+      else for (const r of reports) for (const line of describeDrillReport(r, o.state)) out(line);
+      if (reports.some((r) => !r.clean)) process.exitCode = 1;
+      return;
+    }
     const set = checkName('set', o.set, '--set');
+    if (o.clearFailover) {
+      const { clearFailover } = await import('./recovery-modes.ts');
+      const { mark } = await clearFailover(set, o.state);
+      out(
+        `set ${set}: failover mark cleared (it was failed over to ${mark.checkpoint} into ${mark.to} at ${mark.at}); replication into it resumes`,
+      );
+      return;
+    }
+    if (o.to === undefined) throw new ConfigError('recover: give --to DIR', { setting: 'to' });
     if (o.ttl !== undefined && !o.test)
       throw new ConfigError('--ttl is for drills (--test)', { setting: 'ttl' });
     if (o.test && o.json) throw new ConfigError('--json is not for drills (--test)', { setting: 'json' });
@@ -176,26 +245,46 @@ program
     process.once('SIGINT', onSignal);
     process.once('SIGTERM', onSignal);
     let recovered: RecoverResult;
+    let failedOver: FailoverMark | undefined;
     try {
-      recovered = await recoverSet({
+      const request = {
         set,
         stateDir: o.state,
         choice: { checkpoint: o.checkpoint, at: o.at },
         to: o.to,
         signal: abort.signal,
-        onEvent: (e) => {
+        onEvent: (e: ReplicationEvent) => {
           if (e.type === 'recovered') reporter.log(`ferry: ${describeRecovery(e)}`);
         },
-        onPlanned: (plans) => reporter.planned(plans),
-        onProgress: (p) => reporter.progress(p),
-      });
+        onPlanned: (plans: readonly DiskRecoveryPlan[]) => reporter.planned(plans),
+        onProgress: (p: MaterialiseProgress) => reporter.progress(p),
+      };
+      if (o.failover) {
+        const { failoverSet } = await import('./recovery-modes.ts');
+        const result = await failoverSet(request);
+        recovered = result.recovered;
+        failedOver = result.mark;
+      } else recovered = await recoverSet(request);
       reporter.stop();
       const { checkpoint, disks } = recovered;
-      if (o.json) out(JSON.stringify({ checkpoint: checkpoint.id, disks }, null, 2));
-      else {
+      if (o.json) {
+        out(
+          JSON.stringify(
+            { checkpoint: checkpoint.id, disks, ...(failedOver ? { failover: failedOver } : {}) },
+            null,
+            2,
+          ),
+        );
+      } else {
         for (const d of disks) {
           out(
             `disk ${d.disk}: ${d.path} (${formatBytes(d.sizeBytes)}) verified against checkpoint ${checkpoint.id} (${d.regions} regions)`,
+          );
+        }
+        if (failedOver) {
+          out(
+            `set ${set} failed over to ${checkpoint.id} (${checkpoint.createdAt}): its disks run from ${failedOver.to} now; ` +
+              `ferry replicate refuses the set until "ferry failback --set ${set}" (or "ferry recover --clear-failover --set ${set}")`,
           );
         }
       }
@@ -204,7 +293,212 @@ program
       process.off('SIGINT', onSignal);
       process.off('SIGTERM', onSignal);
     }
-    if (o.test) await runDrill(recovered, o.to, ttlMs, started);
+    if (o.test) await runDrill(recovered, o.to, ttlMs, started, { set, stateDir: o.state });
+  });
+
+program
+  .command('migrate')
+  .description(
+    'a planned cutover: one last cycle of the job (incremental), then a failover to exactly the checkpoint it published, with the data-loss window checked by re-reading the sources',
+  )
+  .option('--source <uri>', 'source disk, as for replicate (repeatable)', collect, [])
+  .option('--target <uri>', 'target, as for replicate (repeatable, one per --source)', collect, [])
+  .option(
+    '--changed <file>',
+    "changed extents per --source; omit to derive them by hashing each source against the latest checkpoint's manifest",
+    collect,
+    [],
+  )
+  .option('--disk <id>', 'disk id per --source (default disk0, disk1, ...)', collect, [])
+  .option('--job <file>', 'a job file, as for replicate')
+  .option('--join <file>', "the node's join file, for ferry:// targets (default $FERRY_JOIN)")
+  .option('--insecure', 'ferry:// over plain TCP: only to a node on this host started with --insecure')
+  .option('--set <name>', 'replication set', 'default')
+  .option('--state <dir>', 'state directory', DEFAULT_STATE_DIR)
+  .option('--chunk-size <size>', 'largest chunk, e.g. "1 MiB"')
+  .option('--window <size>', 'starting per-disk window, e.g. "32MB"')
+  .option('--node-budget <size>', 'in-flight bytes across all disks, e.g. "256MiB"')
+  .option('--checkpoint-interval <size>', 'make progress durable at least this often, e.g. "500MB"')
+  .option('--no-adaptive', 'keep the window fixed instead of adapting it')
+  .option('--retain <n>', 'as for replicate')
+  .requiredOption(
+    '--to <dir>',
+    'directory the migrated disks are written into (DISK.img each; created if missing, existing files never replaced)',
+  )
+  .option('--json', 'print the result as JSON (no progress display)')
+  .action(async (o) => {
+    const spec = withJoinFile(o.job ? await jobFromFile(o.job, o) : jobFromFlags(o), o);
+    const { migrateSet, hashProgressPrinter } = await import('./recovery-modes.ts');
+    const json = Boolean(o.json);
+    const reporter = createReporter(json ? 'silent' : process.stderr.isTTY ? 'tty' : 'plain', err);
+    const abort = new AbortController();
+    const onSignal = () => abort.abort();
+    process.once('SIGINT', onSignal);
+    process.once('SIGTERM', onSignal);
+    let result: Awaited<ReturnType<typeof migrateSet>>;
+    try {
+      result = await migrateSet(spec, {
+        stateDir: o.state,
+        to: o.to,
+        insecure: Boolean(o.insecure),
+        signal: abort.signal,
+        onEvent: (e) => reporter.onEvent(e),
+        onHistory: (e) => {
+          if (e.type === 'prune-failed' || !json) err(describeHistory(e));
+        },
+        ...(json ? {} : { onHash: hashProgressPrinter(err) }),
+        onChangeMaps: (maps) => {
+          if (json) return;
+          for (const m of maps) err(`disk ${m.disk}: change map ${m.how}: ${m.why}`);
+        },
+      });
+    } finally {
+      reporter.stop();
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
+    }
+    const { cycle, failover, dataLoss } = result;
+    if (json) {
+      out(
+        JSON.stringify(
+          {
+            checkpoint: cycle.checkpoint.id,
+            cycle: cycle.disks,
+            changeMaps: result.changeMaps,
+            failover: failover.mark,
+            dataLoss,
+          },
+          null,
+          2,
+        ),
+      );
+      return;
+    }
+    printSummary(cycle);
+    for (const d of failover.recovered.disks)
+      out(`disk ${d.disk}: ${d.path} (${formatBytes(d.sizeBytes)}) verified`);
+    out(
+      `set ${spec.set} migrated to ${cycle.checkpoint.id}: its disks run from ${failover.mark.to} now; ferry replicate refuses the set until "ferry failback --set ${spec.set}"`,
+    );
+    if (dataLoss.zero) {
+      out(`data-loss window: zero (checked: ${dataLoss.checked}, at ${dataLoss.checkedAt}: all equal)`);
+    } else {
+      out(
+        `data-loss window: NOT zero: writes made between ${dataLoss.from} and ${dataLoss.checkedAt} are not in ${cycle.checkpoint.id} (checked: ${dataLoss.checked})`,
+      );
+      for (const d of dataLoss.disks.filter((x) => x.changedRegions > 0)) {
+        out(
+          `  disk ${d.disk}: ${d.changedRegions} of ${d.regions} regions (${formatBytes(d.changedBytes)}) differ, the first at offset ${d.firstChangedOffset}; quiesce ${d.source} before migrating`,
+        );
+      }
+    }
+  });
+
+program
+  .command('failback')
+  .description(
+    'fail a failed-over set back: move to the original disks only the regions where they and the recovered images differ (hashed against the checkpoint both share), publish that as a checkpoint of the reverse set, verify bit-exact, re-protect the set and resume its replication',
+  )
+  .option('--set <name>', 'the failed-over replication set', 'default')
+  .option('--state <dir>', 'state directory', DEFAULT_STATE_DIR)
+  .option(
+    '--from <dir>',
+    'where the recovered images are (DISK.img each); default: where the failover wrote them',
+  )
+  .option('--reverse-set <name>', 'the set the failback publishes its checkpoint in (default SET-failback)')
+  .option(
+    '--no-resync',
+    'do not re-protect the set (one cycle from the original disks to its replicas) before resuming it',
+  )
+  .option('--json', 'print the result as JSON (no progress display)')
+  .action(async (o) => {
+    const set = checkName('set', o.set, '--set');
+    const { failbackSet, hashProgressPrinter, describeDisk, CHANGED_ON } = await import(
+      './recovery-modes.ts'
+    );
+    const json = Boolean(o.json);
+    const reporter = createReporter(json ? 'silent' : process.stderr.isTTY ? 'tty' : 'plain', err);
+    const abort = new AbortController();
+    const onSignal = () => abort.abort();
+    process.once('SIGINT', onSignal);
+    process.once('SIGTERM', onSignal);
+    let result: Awaited<ReturnType<typeof failbackSet>>;
+    try {
+      result = await failbackSet({
+        set,
+        stateDir: o.state,
+        ...(o.from !== undefined ? { from: o.from } : {}),
+        ...(o.reverseSet !== undefined ? { reverseSet: o.reverseSet } : {}),
+        resync: o.resync !== false,
+        signal: abort.signal,
+        onEvent: (e) => reporter.onEvent(e),
+        ...(json ? {} : { onHash: hashProgressPrinter(err) }),
+        onPlanned: (disks) => {
+          if (json) return;
+          for (const d of disks) {
+            if (d.plan === undefined) {
+              err(`disk ${d.disk}: full copy from ${d.recovered} to ${d.original}: ${d.why}`);
+              continue;
+            }
+            const moved = d.plan.moves.reduce((s, m) => s + m.length, 0);
+            const why = (['recovered', 'original', 'both'] as const)
+              .filter((k) => d.plan!.counts[k].regions > 0)
+              .map(
+                (k) =>
+                  `${d.plan!.counts[k].regions} ${CHANGED_ON[k]} (${formatBytes(d.plan!.counts[k].bytes)})`,
+              );
+            err(
+              `disk ${d.disk}: ${d.plan.moves.length} of ${d.plan.regions} chunks to move (${formatBytes(moved)})${why.length ? `: ${why.join(', ')}` : ''}` +
+                `${d.plan.alreadyEqual > 0 ? `; ${d.plan.alreadyEqual} changed on both sides to the same bytes (not moved)` : ''}`,
+            );
+          }
+        },
+      });
+    } finally {
+      reporter.stop();
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
+    }
+    if (json) {
+      out(
+        JSON.stringify(
+          {
+            set,
+            shared: result.shared,
+            reverse: result.reverse.checkpoint.id,
+            disks: result.disks.map(describeDisk),
+            verifiedRegions: result.verifiedRegions,
+            resync: result.resync?.checkpoint.id ?? null,
+            ...(result.resyncSkipped ? { resyncSkipped: result.resyncSkipped } : {}),
+          },
+          null,
+          2,
+        ),
+      );
+      return;
+    }
+    for (const d of result.disks) {
+      if (d.plan === undefined) {
+        out(`disk ${d.disk}: copied in full (${formatBytes(d.sizeBytes)}): ${d.why}`);
+        continue;
+      }
+      const c = d.plan.counts;
+      const moved = d.plan.moves.reduce((s, m) => s + m.length, 0);
+      out(
+        `disk ${d.disk}: ${d.plan.moves.length} of ${d.plan.regions} chunks moved (${formatBytes(moved)}) to ${d.original}: ` +
+          `${c.recovered.regions} ${CHANGED_ON.recovered}, ${c.original.regions} ${CHANGED_ON.original}, ${c.both.regions} ${CHANGED_ON.both}` +
+          `${d.plan.alreadyEqual > 0 ? `; ${d.plan.alreadyEqual} equal on both sides (not moved)` : ''}`,
+      );
+    }
+    out(
+      `set ${set} failed back (shared checkpoint ${result.shared}): published as ${result.reverse.checkpoint.id}; ` +
+        `original disks equal the recovered images (${result.verifiedRegions} regions compared)`,
+    );
+    out(
+      result.resync
+        ? `set ${set} re-protected as ${result.resync.checkpoint.id} (${formatBytes(result.resync.disks.reduce((s, d) => s + d.bytesTotal, 0))} moved to its replicas); replication resumed`
+        : `set ${set}: replication resumed, not re-protected (${result.resyncSkipped}): its next cycle must copy what changed while it was failed over`,
+    );
   });
 
 program
@@ -820,12 +1114,13 @@ async function runDrill(
   dir: string,
   ttlMs: number,
   started: number,
+  where: { set: string; stateDir: string },
 ): Promise<void> {
-  const { startDrill } = await import('./drill.ts');
-  const drill = await startDrill(recovered, dir);
+  const { startDrill, describeDrillReport } = await import('./drill.ts');
+  const drill = await startDrill(recovered, dir, { ...where, startedMs: started, ttlMs });
   const until = new Date(Date.now() + ttlMs).toISOString();
   out(
-    `drill of checkpoint ${recovered.checkpoint.id}: serving ${drill.exports.length} disk(s) ${((Date.now() - started) / 1000).toFixed(1)} s after the command started, until ${until} (Ctrl-C ends it sooner); what is written to them goes to a throwaway overlay`,
+    `drill ${drill.id} of checkpoint ${recovered.checkpoint.id}: serving ${drill.exports.length} disk(s) ${(drill.readyMs / 1000).toFixed(1)} s after the command started, until ${until} (Ctrl-C or "ferry recover --cleanup --state ${where.stateDir}" ends it sooner); what is written to them goes to a throwaway overlay`,
   );
   for (const e of drill.exports) out(`disk ${e.disk}: ${e.uri} (nbdkit pid ${e.pid})`);
   let timer: NodeJS.Timeout | undefined;
@@ -839,7 +1134,7 @@ async function runDrill(
   });
   clearTimeout(timer);
   // Signals during the teardown are ignored: it must finish, or the drill would leave things behind.
-  const teardown = await drill.stop().finally(() => {
+  const teardown = await drill.stop(reason).finally(() => {
     if (onSignal) {
       process.off('SIGINT', onSignal);
       process.off('SIGTERM', onSignal);
@@ -848,6 +1143,7 @@ async function runDrill(
   out(
     `drill ended (${reason}): ${teardown.servers} NBD server(s) stopped and gone, ${teardown.removed.length} file(s) and folder(s) removed; nothing of the drill remains`,
   );
+  for (const line of describeDrillReport(teardown.report, where.stateDir)) out(line);
   if (reason.includes('exited on its own')) process.exitCode = 1;
 }
 
