@@ -34,7 +34,8 @@ export type CloudMode = (typeof CLOUD_MODES)[number];
 // Seconds between DescribeExecution/GetExecutionHistory polls: a recovery step takes seconds to
 // minutes, and two calls every 5 s stay far below Step Functions' API quotas.
 const POLL_MS = 5_000;
-// A drill's TTL as the state machine's input allows it (functions/recovery/contracts.ts): 7 days.
+// A drill's TTL as the recovery function accepts it (functions/recovery/contracts.ts): 5 minutes to 7 days.
+const MIN_TTL_MINUTES = 5;
 const MAX_TTL_MINUTES = 7 * 24 * 60;
 // Step Functions execution names: 1-80 characters of this alphabet (they are the recovery job id).
 const JOB_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$/;
@@ -75,7 +76,7 @@ export const recoveryRequestSchema = z.strictObject({
   plan: z.string().regex(PLAN),
   jobId: z.string().regex(JOB_ID).optional(),
   checkpoint: checkpointChoice.optional(),
-  ttlMinutes: z.number().int().min(1).max(MAX_TTL_MINUTES).optional(),
+  ttlMinutes: z.number().int().min(MIN_TTL_MINUTES).max(MAX_TTL_MINUTES).optional(),
   machines: z.array(z.record(z.string(), z.unknown())).min(1).optional(),
 });
 export type RecoveryRequest = z.infer<typeof recoveryRequestSchema>;
@@ -141,7 +142,7 @@ export function recoveryRequest(
   if (flags.ttl !== undefined) {
     if (mode !== 'drill') refuse('--ttl', 'only a drill is torn down at a TTL');
     ttlMinutes = Number(flags.ttl);
-    if (!/^\d+$/.test(flags.ttl) || ttlMinutes < 1 || ttlMinutes > MAX_TTL_MINUTES)
+    if (!/^\d+$/.test(flags.ttl) || ttlMinutes < MIN_TTL_MINUTES || ttlMinutes > MAX_TTL_MINUTES)
       refuse('--ttl', `expected whole minutes from 1 to ${MAX_TTL_MINUTES} (7 days), not ${flags.ttl}`);
   }
   const jobId = flags.job ?? newJobId(mode, plan, now);
@@ -592,8 +593,18 @@ export async function runCloudCommand(argv: readonly string[], io: CloudIo): Pro
     .option('--machines <file>', "JSON file with the machines' launch settings (default: the plan's)")
     .option('--state-machine-arn <arn>', 'skip the lookup by name (or FERRY_RECOVERY_STATE_MACHINE_ARN)')
     .option('--detach', 'print the execution ARN and return at once instead of following it')
+    .option(
+      '--poll <seconds>',
+      'seconds between looks at the execution while following it',
+      String(POLL_MS / 1000),
+    )
     .action(async (o) => {
-      await recoverCloud({ ...o, machinesFile: o.machines, machines: undefined }, io);
+      const poll = Number(o.poll);
+      if (!(poll >= 0 && poll <= 300)) refuse('--poll', `expected seconds from 0 to 300, not ${o.poll}`);
+      await recoverCloud(
+        { ...o, machinesFile: o.machines, machines: undefined },
+        { ...io, pollMs: io.pollMs ?? poll * 1000 },
+      );
     });
   common(program.command('checkpoints'))
     .description("list the checkpoints in a deployed stack's DynamoDB catalog")

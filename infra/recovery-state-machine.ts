@@ -381,69 +381,6 @@ export class RecoveryStateMachine extends Construct {
       });
     const validateMigration = action('Validate migration', '$.migrationArgs', '$.resolved', resolveSelector);
     validateMigration.addCatch(refused, catchStep);
-    const resolveMigration = action(
-      'Resolve final checkpoint',
-      '$.event.value',
-      '$.resolved',
-      resolveSelector,
-    );
-    resolveMigration.addCatch(stepFailed, catchStep);
-    const finalEvent = event(
-      'Resolve final checkpoint: event',
-      'States.JsonMerge($.migrationArgs, $.finalCycleArgs, false)',
-    );
-    finalEvent.next(resolveMigration);
-    resolveMigration.next(launch);
-
-    const finalCycle = new tasks.StepFunctionsStartExecution(this, 'Final cycle', {
-      stateMachine: props.cycle,
-      integrationPattern: sfn.IntegrationPattern.RUN_JOB,
-      input: sfn.TaskInput.fromObject({
-        'plan.$': '$.cycleInput.plan',
-        'set.$': '$.cycleInput.set',
-        'disks.$': '$.cycleInput.disks',
-        'params.$': '$.cycleInput.params',
-      }),
-      associateWithParent: true,
-      resultSelector: { 'output.$': '$.Output' },
-      resultPath: '$.finalCycle',
-    });
-    finalCycle.addRetry({
-      errors: [
-        'StepFunctions.ExecutionLimitExceededException',
-        'StepFunctions.AWSStepFunctionsException',
-        'StepFunctions.SdkClientException',
-      ],
-      interval: Duration.seconds(5),
-      maxAttempts: 3,
-      backoffRate: 2,
-      jitterStrategy: sfn.JitterType.FULL,
-    });
-    finalCycle.addCatch(stepFailed, catchStep);
-    finalCycle.next(
-      new sfn.Choice(this, 'Final cycle published?')
-        .when(
-          sfn.Condition.and(
-            sfn.Condition.isPresent('$.finalCycle.output.status'),
-            sfn.Condition.stringEquals('$.finalCycle.output.status', 'published'),
-            sfn.Condition.isPresent('$.finalCycle.output.checkpointId'),
-          ),
-          new sfn.Pass(this, 'Final checkpoint', {
-            parameters: { finalCycle: { 'checkpointId.$': '$.finalCycle.output.checkpointId' } },
-            resultPath: '$.finalCycleArgs',
-          }).next(finalEvent),
-        )
-        .otherwise(
-          new sfn.Pass(this, 'Final cycle not published', {
-            parameters: {
-              Error: RECOVERY_ERRORS.finalCycle,
-              Cause:
-                'the final cycle ended without publishing a checkpoint (another cycle of the plan held its lock?): nothing was launched',
-            },
-            resultPath: '$.caught',
-          }).next(stepFailed),
-        ),
-    );
     const unknownPlan = new sfn.Pass(this, 'Final cycle: unknown plan', {
       parameters: {
         Error: RECOVERY_ERRORS.refused,
@@ -451,19 +388,87 @@ export class RecoveryStateMachine extends Construct {
       },
       resultPath: '$.caught',
     }).next(refused);
-    const cycleOfPlan = new sfn.Choice(this, 'Final cycle: plan?');
-    props.plans.forEach((p, i) => {
-      cycleOfPlan.when(
-        sfn.Condition.stringEquals('$.request.plan', p.plan),
-        new sfn.Pass(this, `Final cycle input ${i + 1}`, {
-          comment: `plan ${p.plan}`,
-          result: sfn.Result.fromObject(p.cycleInput),
-          resultPath: '$.cycleInput',
-        }).next(finalCycle),
+    /** The final cycle of each plan: its schedule's input, a .sync child of the cycle machine. */
+    const finalCycleOfPlan = (): sfn.IChainable => {
+      const resolveMigration = action(
+        'Resolve final checkpoint',
+        '$.event.value',
+        '$.resolved',
+        resolveSelector,
       );
-    });
-    cycleOfPlan.otherwise(unknownPlan);
-    validateMigration.next(cycleOfPlan);
+      resolveMigration.addCatch(stepFailed, catchStep);
+      const finalEvent = event(
+        'Resolve final checkpoint: event',
+        'States.JsonMerge($.migrationArgs, $.finalCycleArgs, false)',
+      );
+      finalEvent.next(resolveMigration);
+      resolveMigration.next(launch);
+
+      const finalCycle = new tasks.StepFunctionsStartExecution(this, 'Final cycle', {
+        stateMachine: props.cycle,
+        integrationPattern: sfn.IntegrationPattern.RUN_JOB,
+        input: sfn.TaskInput.fromObject({
+          'plan.$': '$.cycleInput.plan',
+          'set.$': '$.cycleInput.set',
+          'disks.$': '$.cycleInput.disks',
+          'params.$': '$.cycleInput.params',
+        }),
+        associateWithParent: true,
+        resultSelector: { 'output.$': '$.Output' },
+        resultPath: '$.finalCycle',
+      });
+      finalCycle.addRetry({
+        errors: [
+          'StepFunctions.ExecutionLimitExceededException',
+          'StepFunctions.AWSStepFunctionsException',
+          'StepFunctions.SdkClientException',
+        ],
+        interval: Duration.seconds(5),
+        maxAttempts: 3,
+        backoffRate: 2,
+        jitterStrategy: sfn.JitterType.FULL,
+      });
+      finalCycle.addCatch(stepFailed, catchStep);
+      finalCycle.next(
+        new sfn.Choice(this, 'Final cycle published?')
+          .when(
+            sfn.Condition.and(
+              sfn.Condition.isPresent('$.finalCycle.output.status'),
+              sfn.Condition.stringEquals('$.finalCycle.output.status', 'published'),
+              sfn.Condition.isPresent('$.finalCycle.output.checkpointId'),
+            ),
+            new sfn.Pass(this, 'Final checkpoint', {
+              parameters: { finalCycle: { 'checkpointId.$': '$.finalCycle.output.checkpointId' } },
+              resultPath: '$.finalCycleArgs',
+            }).next(finalEvent),
+          )
+          .otherwise(
+            new sfn.Pass(this, 'Final cycle not published', {
+              parameters: {
+                Error: RECOVERY_ERRORS.finalCycle,
+                Cause:
+                  'the final cycle ended without publishing a checkpoint (another cycle of the plan held its lock?): nothing was launched',
+              },
+              resultPath: '$.caught',
+            }).next(stepFailed),
+          ),
+      );
+      const cycleOfPlan = new sfn.Choice(this, 'Final cycle: plan?');
+      props.plans.forEach((p, i) => {
+        cycleOfPlan.when(
+          sfn.Condition.stringEquals('$.request.plan', p.plan),
+          new sfn.Pass(this, `Final cycle input ${i + 1}`, {
+            comment: `plan ${p.plan}`,
+            result: sfn.Result.fromObject(p.cycleInput),
+            resultPath: '$.cycleInput',
+          }).next(finalCycle),
+        );
+      });
+      cycleOfPlan.otherwise(unknownPlan);
+      return cycleOfPlan;
+    };
+    // A Choice needs a rule, and unreachable states are invalid: a stack without plans has no cycle.
+    validateMigration.next(props.plans.length > 0 ? finalCycleOfPlan() : unknownPlan);
 
     const quiesced = (name: string, value: boolean | undefined) =>
       new sfn.Pass(this, name, {

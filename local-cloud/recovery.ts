@@ -42,7 +42,10 @@ export interface LocalMetric {
 export interface RecoveryStep {
   readonly type: 'StateEntered' | 'StateFailed' | 'StateRetried' | 'StateCaught';
   readonly state: string;
+  /** Task, Choice, Pass, Wait, Map, Succeed, Fail. */
+  readonly stateType: string;
   readonly error?: string;
+  readonly cause?: string;
 }
 
 export interface RecoveryOutcome {
@@ -155,7 +158,12 @@ export class LocalRecovery {
     });
     const events = (async () => {
       for await (const ev of execution.eventLogs) {
-        const e = ev as { type: string; state?: { name: string }; Error?: string };
+        const e = ev as {
+          type: string;
+          state?: { name: string; type: string };
+          Error?: string;
+          Cause?: unknown;
+        };
         if (
           e.state !== undefined &&
           (e.type === 'StateEntered' ||
@@ -166,7 +174,9 @@ export class LocalRecovery {
           const step: RecoveryStep = {
             type: e.type,
             state: e.state.name,
+            stateType: e.state.type,
             ...(e.Error === undefined ? {} : { error: e.Error }),
+            ...(e.Cause === undefined ? {} : { cause: String(e.Cause) }),
           };
           steps.push(step);
           onStep?.(step);
@@ -331,3 +341,163 @@ export function setRecoveryEnvironment(
 }
 
 export { fakeArn };
+
+// ---- the Step Functions API over local executions (for `ferry recover --cloud` against a local run) --
+
+/** A Step Functions API endpoint (the JSON protocol's calls the CLI makes) over LocalRecovery runs. */
+export interface LocalStepFunctions {
+  /** http://127.0.0.1:PORT: AWS_ENDPOINT_URL_SFN for the CLI. */
+  readonly endpoint: string;
+  readonly stateMachineArn: string;
+  /** Every execution started, by name, with its outcome once it ended. */
+  readonly executions: ReadonlyMap<string, { input: Json; outcome?: RecoveryOutcome }>;
+  stop(): Promise<void>;
+}
+
+interface HistoryEventJson {
+  id: number;
+  previousEventId: number;
+  timestamp: number;
+  type: string;
+  [details: string]: unknown;
+}
+
+/**
+ * Serves ListStateMachines, StartExecution, DescribeExecution and GetExecutionHistory on 127.0.0.1
+ * for one Recovery state machine run by `recovery`: an execution started here runs in-process and its
+ * history grows as it goes, as Step Functions shows it (state entered, task failed, end).
+ */
+export async function serveLocalStepFunctions(
+  recovery: LocalRecovery,
+  stateMachineName: string,
+): Promise<LocalStepFunctions> {
+  const { createServer } = await import('node:http');
+  const stateMachineArn = `arn:aws:states:${FAKE.region}:${FAKE.account}:stateMachine:${stateMachineName}`;
+  const executions = new Map<
+    string,
+    { input: Json; start: number; history: HistoryEventJson[]; outcome?: RecoveryOutcome }
+  >();
+  const seconds = () => Date.now() / 1000;
+  const push = (history: HistoryEventJson[], type: string, details: Json = {}) =>
+    history.push({
+      id: history.length + 1,
+      previousEventId: history.length,
+      timestamp: seconds(),
+      type,
+      ...details,
+    });
+  const arnOf = (name: string) => `${stateMachineArn.replace(':stateMachine:', ':execution:')}:${name}`;
+  const nameOf = (arn: unknown) => String(arn).split(':').at(-1) ?? '';
+
+  const calls: Record<string, (body: Json) => Json> = {
+    ListStateMachines: () => ({
+      stateMachines: [{ stateMachineArn, name: stateMachineName, type: 'STANDARD', creationDate: seconds() }],
+    }),
+    StartExecution: (body) => {
+      if (body.stateMachineArn !== stateMachineArn)
+        throw apiError('StateMachineDoesNotExist', String(body.stateMachineArn));
+      const name = String(body.name);
+      const input = JSON.parse(String(body.input ?? '{}')) as Json;
+      const existing = executions.get(name);
+      if (existing !== undefined) {
+        if (JSON.stringify(existing.input) === JSON.stringify(input))
+          return { executionArn: arnOf(name), startDate: existing.start };
+        throw apiError('ExecutionAlreadyExists', `Execution Already Exists: '${arnOf(name)}'`);
+      }
+      const history: HistoryEventJson[] = [];
+      const exec = { input, start: seconds(), history } as {
+        input: Json;
+        start: number;
+        history: HistoryEventJson[];
+        outcome?: RecoveryOutcome;
+      };
+      executions.set(name, exec);
+      push(history, 'ExecutionStarted', { executionStartedEventDetails: { input: JSON.stringify(input) } });
+      void recovery
+        .run(input, name, (step) => {
+          if (step.type === 'StateEntered')
+            push(history, `${step.stateType}StateEntered`, {
+              stateEnteredEventDetails: { name: step.state },
+            });
+          else if (step.type === 'StateFailed' && step.stateType === 'Task')
+            push(history, 'TaskFailed', {
+              taskFailedEventDetails: {
+                resourceType: 'lambda',
+                resource: 'invoke',
+                error: step.error,
+                cause: step.cause,
+              },
+            });
+        })
+        .then((outcome) => {
+          exec.outcome = outcome;
+          if (outcome.status === 'SUCCEEDED')
+            push(history, 'ExecutionSucceeded', {
+              executionSucceededEventDetails: { output: JSON.stringify(outcome.output) },
+            });
+          else
+            push(history, 'ExecutionFailed', {
+              executionFailedEventDetails: { error: outcome.error, cause: outcome.cause },
+            });
+        });
+      return { executionArn: arnOf(name), startDate: exec.start };
+    },
+    DescribeExecution: (body) => {
+      const exec = executions.get(nameOf(body.executionArn));
+      if (exec === undefined) throw apiError('ExecutionDoesNotExist', String(body.executionArn));
+      const o = exec.outcome;
+      return {
+        executionArn: body.executionArn,
+        stateMachineArn,
+        name: nameOf(body.executionArn),
+        status: o === undefined ? 'RUNNING' : o.status,
+        startDate: exec.start,
+        input: JSON.stringify(exec.input),
+        ...(o?.output === undefined ? {} : { output: JSON.stringify(o.output) }),
+        ...(o?.error === undefined ? {} : { error: o.error }),
+        ...(o?.cause === undefined ? {} : { cause: o.cause }),
+      };
+    },
+    GetExecutionHistory: (body) => {
+      const exec = executions.get(nameOf(body.executionArn));
+      if (exec === undefined) throw apiError('ExecutionDoesNotExist', String(body.executionArn));
+      const events = body.reverseOrder ? [...exec.history].reverse() : [...exec.history];
+      const from = Number(body.nextToken ?? 0);
+      const max = Number(body.maxResults ?? 100) || 100;
+      const page = events.slice(from, from + max);
+      return { events: page, ...(from + max < events.length ? { nextToken: String(from + max) } : {}) };
+    },
+  };
+
+  const server = createServer((req, res) => {
+    const chunks: Buffer[] = [];
+    req.on('data', (c: Buffer) => chunks.push(c));
+    req.on('end', () => {
+      const action = String(req.headers['x-amz-target'] ?? '').replace(/^AWSStepFunctions\./, '');
+      const reply = (status: number, body: Json) => {
+        res.writeHead(status, { 'content-type': 'application/x-amz-json-1.0' });
+        res.end(JSON.stringify(body));
+      };
+      const call = calls[action];
+      if (call === undefined) return reply(400, { __type: 'UnknownOperationException', message: action });
+      try {
+        reply(200, call(JSON.parse(Buffer.concat(chunks).toString('utf8') || '{}') as Json));
+      } catch (err) {
+        const e = err as Error & { code?: string };
+        reply(400, { __type: e.code ?? 'InternalError', message: e.message });
+      }
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const port = (server.address() as { port: number }).port;
+  return {
+    endpoint: `http://127.0.0.1:${port}`,
+    stateMachineArn,
+    executions,
+    stop: () => new Promise<void>((resolve) => server.close(() => resolve())),
+  };
+}
+
+function apiError(code: string, message: string): Error & { code: string } {
+  return Object.assign(new Error(message), { code });
+}
