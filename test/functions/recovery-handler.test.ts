@@ -21,9 +21,16 @@ import {
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import {
   type HealthResult,
+  healthResultSchema,
   type LaunchResult,
+  launchResultSchema,
   parseRecoveryEnvironment,
+  pauseResultSchema,
   type ResolveResult,
+  recordResultSchema,
+  resolveResultSchema,
+  teardownResultSchema,
+  verifyTeardownResultSchema,
 } from '../../functions/recovery/contracts.ts';
 import { createRecoveryHandler, handler as lambdaEntry } from '../../functions/recovery/handler.ts';
 import { recoveryDeps } from '../../functions/recovery/wiring.ts';
@@ -259,7 +266,13 @@ describe('recovery handler', () => {
         verify,
       },
     });
-    // Assess
+    // Assess: every answer is what the contract says the state machine receives.
+    resolveResultSchema.parse(resolved);
+    for (const l of launched) launchResultSchema.parse(l);
+    healthResultSchema.parse(health);
+    teardownResultSchema.parse(teardown);
+    verifyTeardownResultSchema.parse(verify);
+    recordResultSchema.parse(report);
     expect(resolved.checkpoint).toMatchObject({ id: 'erp/cycle-3', sequence: 3 });
     expect(resolved.ttlSeconds).toBe(1800);
     expect(resolved.unusedDisks).toEqual([]);
@@ -303,7 +316,12 @@ describe('recovery handler', () => {
     expect(resolved.ttlSeconds).toBe(0);
     expect(resolved.machines.find((m) => m.name === 'app')!.subnetId).toBe(w.subnets.prod);
     expect(resolved.machines[0]!.disks[0]!.snapshotId).toBe(w.catalog[1]!.disks[0]!.targetRef);
-    expect(pause).toEqual({ schedule: 'erp', group: GROUP, found: true, wasEnabled: true });
+    expect(pauseResultSchema.parse(pause)).toEqual({
+      schedule: 'erp',
+      group: GROUP,
+      found: true,
+      wasEnabled: true,
+    });
     expect(again).toMatchObject({ wasEnabled: false });
     expect((await scheduler.send(new GetScheduleCommand({ Name: 'erp', GroupName: GROUP }))).State).toBe(
       'DISABLED',
