@@ -23,6 +23,7 @@ import { Ec2RecoveryCompute } from '../../shared/aws/ec2/compute.ts';
 import { CloudRequestError } from '../../shared/engine/recovery/errors.ts';
 import { planInstanceLaunch, planVolumeLaunch } from '../../shared/engine/recovery/launch.ts';
 import type { ResolvedMachine } from '../../shared/engine/recovery/types.ts';
+import { startMoto } from '../support/moto.ts';
 
 const ec2 = mockClient(EC2Client);
 afterEach(() => ec2.reset());
@@ -263,5 +264,20 @@ describe('EC2 errors', () => {
         stateReason: 'Server.InternalError: Internal error on launch',
       },
     ]);
+  });
+});
+
+describe('moto_server missing', () => {
+  it('the EC2 tests fail with the command that installs it', async () => {
+    const saved = process.env.MOTO_SERVER;
+    process.env.MOTO_SERVER = '/nonexistent/moto_server';
+    try {
+      await expect(startMoto()).rejects.toThrow(
+        "moto_server is not installed (the EC2 and Scheduler tests need it): pip install 'moto[server]'",
+      );
+    } finally {
+      if (saved === undefined) delete process.env.MOTO_SERVER;
+      else process.env.MOTO_SERVER = saved;
+    }
   });
 });
