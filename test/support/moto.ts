@@ -56,13 +56,19 @@ export async function startMoto(): Promise<Moto> {
     stdio: ['ignore', 'ignore', 'pipe'],
     env: { ...process.env, PYTHONUNBUFFERED: '1' },
   });
+  // moto has no --exit-with-parent: a test process that exits (or throws its way out) takes it along.
+  const killOnExit = () => child.kill('SIGKILL');
+  process.once('exit', killOnExit);
   let stderr = '';
   child.stderr?.setEncoding('utf8').on('data', (s: string) => {
     // moto logs every request on stderr: keep only the start, for a failure message.
     if (stderr.length < 4000) stderr += s;
   });
   const exited = new Promise<void>((resolve) => {
-    child.once('exit', () => resolve());
+    child.once('exit', () => {
+      process.off('exit', killOnExit);
+      resolve();
+    });
     child.once('error', () => resolve());
   });
   let gone: string | undefined;
