@@ -368,18 +368,28 @@ export class RecoveryStateMachine extends Construct {
 
     // ---- migration: validate, one last cycle of the plan, then exactly its checkpoint -------------
 
-    const migrationArgs = (name: string, withMachines: boolean) =>
-      new sfn.Pass(this, name, {
-        parameters: {
-          action: 'resolve',
-          'jobId.$': '$.jobId',
-          mode: 'migration',
-          'plan.$': '$.request.plan',
-          ...(withMachines ? { 'machines.$': '$.request.machines' } : {}),
-        },
+    // A migration's resolve events: `validate` checks the request as a failover of the latest
+    // checkpoint would (same machines, subnets and boot checks; nothing is created) before the final
+    // cycle runs; `final` recovers exactly the checkpoint that cycle published.
+    const migrationArgs = (name: string, withMachines: boolean) => {
+      const event = (mode: string) => ({
+        action: 'resolve',
+        'jobId.$': '$.jobId',
+        mode,
+        'plan.$': '$.request.plan',
+        ...(withMachines ? { 'machines.$': '$.request.machines' } : {}),
+      });
+      return new sfn.Pass(this, name, {
+        parameters: { validate: event('failover'), final: event('migration') },
         resultPath: '$.migrationArgs',
       });
-    const validateMigration = action('Validate migration', '$.migrationArgs', '$.resolved', resolveSelector);
+    };
+    const validateMigration = action(
+      'Validate migration',
+      '$.migrationArgs.validate',
+      '$.resolved',
+      resolveSelector,
+    );
     validateMigration.addCatch(refused, catchStep);
     const unknownPlan = new sfn.Pass(this, 'Final cycle: unknown plan', {
       parameters: {
@@ -399,7 +409,7 @@ export class RecoveryStateMachine extends Construct {
       resolveMigration.addCatch(stepFailed, catchStep);
       const finalEvent = event(
         'Resolve final checkpoint: event',
-        'States.JsonMerge($.migrationArgs, $.finalCycleArgs, false)',
+        'States.JsonMerge($.migrationArgs.final, $.finalCycleArgs, false)',
       );
       finalEvent.next(resolveMigration);
       resolveMigration.next(launch);

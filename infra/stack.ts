@@ -1,6 +1,7 @@
 // FerryStack: everything `cdk deploy` puts into the customer's account for the serverless form —
-// the cycle state machine, the grant queue and its dead letters, the state table, the four Lambdas,
-// one schedule per protection plan, the checkpoint event bus, KMS keys, alarms and least-privilege IAM.
+// the cycle state machine, the grant queue and its dead letters, the state table, the four cycle
+// Lambdas, one schedule per protection plan, the checkpoint event bus, KMS keys, alarms and
+// least-privilege IAM; and beside it the Recovery state machine with its Lambda.
 import { CfnOutput, Duration, RemovalPolicy, Stack, type StackProps, Tags, TimeZone } from 'aws-cdk-lib';
 import * as cloudwatch from 'aws-cdk-lib/aws-cloudwatch';
 import * as cwActions from 'aws-cdk-lib/aws-cloudwatch-actions';
@@ -18,11 +19,19 @@ import * as snsSubscriptions from 'aws-cdk-lib/aws-sns-subscriptions';
 import * as sqs from 'aws-cdk-lib/aws-sqs';
 import { NagSuppressions } from 'cdk-nag';
 import type { Construct } from 'constructs';
+import type { FunctionName } from '../functions/contracts.ts';
+import {
+  planScheduleName,
+  RECOVERY_TAGS,
+  type RecoveryEnvironment,
+} from '../functions/recovery/contracts.ts';
 import { TTL_ATTRIBUTE } from '../shared/aws/dynamo/cycle-items.ts';
 import { tableDefinition } from '../shared/aws/dynamo/schema.ts';
-import { type FerryConfig, planParams } from './config.ts';
+import { ConfigError } from '../shared/engine/errors.ts';
+import { type FerryConfig, type ProtectionPlan, planParams, recoveryDefaults } from './config.ts';
 import { CycleStateMachine } from './cycle-state-machine.ts';
-import { FerryFunction, serviceNameOf } from './function.ts';
+import { FerryFunction, type FerryFunctionProps, serviceNameOf } from './function.ts';
+import { RecoveryStateMachine, TEARDOWN_FAILED_METRIC } from './recovery-state-machine.ts';
 import { TABLE_ACTIONS } from './table-access.ts';
 
 /** The tag key on every snapshot Ferry creates; its value is the stack name. IAM is conditioned on it. */
@@ -70,6 +79,30 @@ const STATE_KEY_ACTIONS = [
   'kms:GenerateDataKey*',
 ] as const;
 
+// The recovery Lambda's actions each take seconds (RegisterImage, RunInstances, describes, deletes);
+// five minutes leave room for EC2's throttling backoff on a set of many machines.
+const RECOVERY_TIMEOUT = Duration.minutes(5);
+// Lambda environment variables are limited to 4 KB in all: RECOVERY_DEFAULTS must fit beside the rest.
+const LAMBDA_ENVIRONMENT_BYTES = 4096;
+// What the recovery function does on the state table: the catalog and plan records (GetItem, Query),
+// the job's report and the plan's failed-over mark (PutItem, UpdateItem). It deletes nothing.
+const RECOVERY_TABLE_ACTIONS = [
+  'dynamodb:GetItem',
+  'dynamodb:Query',
+  'dynamodb:PutItem',
+  'dynamodb:UpdateItem',
+];
+
+/** What a plan's schedule starts the cycle state machine with (a migration's final cycle too). */
+export function planCycleInput(config: FerryConfig, plan: ProtectionPlan): Record<string, unknown> {
+  return {
+    plan: plan.name,
+    set: plan.set ?? plan.name,
+    disks: plan.disks.map((d) => ({ disk: d.disk, volumeId: d.volumeId })),
+    params: planParams(config, plan),
+  };
+}
+
 /** cdk-nag's rendering of the snapshot ARN pattern (the region is a token or, with an env, a name). */
 const SNAPSHOT_ARN_FINDING =
   '/^Resource::arn:<AWS::Partition>:ec2:(<AWS::Region>|[a-z0-9-]+)::snapshot\\/\\*$/';
@@ -83,6 +116,9 @@ export class FerryStack extends Stack {
   readonly grantQueue: sqs.Queue;
   readonly deadLetterQueue: sqs.Queue;
   readonly cycle: CycleStateMachine;
+  readonly recovery: RecoveryStateMachine;
+  /** The recovery Lambda (functions/recovery/handler.ts): every action of the Recovery state machine. */
+  readonly recoveryFunction: FerryFunction<FunctionName>;
   readonly functions: {
     readonly planner: FerryFunction<'planner'>;
     readonly differ: FerryFunction<'differ'>;
@@ -429,11 +465,20 @@ export class FerryStack extends Stack {
 
     // ---- schedules: one per protection plan ---------------------------------------------------------
 
-    const scheduleGroup = new scheduler.ScheduleGroup(this, 'Schedules', {
-      scheduleGroupName: `${this.stackName}-plans`,
+    const scheduleGroupName = `${this.stackName}-plans`;
+    const scheduleGroup = new scheduler.ScheduleGroup(this, 'Schedules', { scheduleGroupName });
+    // One role for every plan's schedule, so a failover's pause (which rewrites the schedule with its
+    // role) can be allowed to pass exactly this role and no other.
+    const scheduleRole = new iam.Role(this, 'ScheduleRole', {
+      assumedBy: new iam.ServicePrincipal('scheduler.amazonaws.com', {
+        conditions: { StringEquals: { 'aws:SourceAccount': this.account } },
+      }),
+      description: 'Ferry: EventBridge Scheduler starts the cycle state machine for each plan',
     });
     for (const plan of config.plans) {
       new scheduler.Schedule(this, `Plan-${plan.name}`, {
+        // Named after the plan: the recovery function pauses a plan's schedule by this name.
+        scheduleName: planScheduleName(plan.name),
         description: `Ferry protection plan ${plan.name}: RPO ${plan.rpoMinutes} minutes`,
         scheduleGroup,
         schedule: scheduler.ScheduleExpression.expression(plan.schedule, TimeZone.of(plan.timezone)),
@@ -442,18 +487,37 @@ export class FerryStack extends Stack {
         timeWindow: scheduler.TimeWindow.off(),
         enabled: plan.enabled,
         target: new schedulerTargets.StepFunctionsStartExecution(this.cycle.stateMachine, {
-          input: scheduler.ScheduleTargetInput.fromObject({
-            plan: plan.name,
-            set: plan.set ?? plan.name,
-            disks: plan.disks.map((d) => ({ disk: d.disk, volumeId: d.volumeId })),
-            params: planParams(config, plan),
-          }),
+          role: scheduleRole,
+          input: scheduler.ScheduleTargetInput.fromObject(planCycleInput(config, plan)),
           // A start that fails for minutes is superseded by the next scheduled one.
           retryAttempts: 3,
           maxEventAge: Duration.minutes(5),
         }),
       });
     }
+
+    // ---- recovery: the Lambda, its least-privilege role, the Recovery state machine -------------------
+
+    this.recoveryFunction = this.recoveryLambda(config, {
+      snapshotKey,
+      stateKey,
+      snapshotTag,
+      scheduleGroupName,
+      scheduleRole,
+      logRetention,
+      house,
+    });
+    this.recovery = new RecoveryStateMachine(this, 'Recovery', {
+      stateMachineName: `${this.stackName}-recovery`,
+      recovery: this.recoveryFunction.fn,
+      cycle: this.cycle.stateMachine,
+      plans: config.plans.map((plan) => ({ plan: plan.name, cycleInput: planCycleInput(config, plan) })),
+      logGroup: new logs.LogGroup(this, 'RecoveryLogs', {
+        logGroupName: `/aws/vendedlogs/states/${this.stackName}-recovery`,
+        retention: logRetention,
+        removalPolicy: RemovalPolicy.RETAIN,
+      }),
+    });
 
     // ---- alarms ---------------------------------------------------------------------------------------
 
@@ -480,6 +544,24 @@ export class FerryStack extends Stack {
       treatMissingData: cloudwatch.TreatMissingData.NOT_BREACHING,
     });
     failedCycles.addAlarmAction(notify);
+    // A drill (or a cleanup) whose teardown could not be verified leaves machines running and costing:
+    // the Recovery state machine emits one data point per such teardown before it fails.
+    const teardownFailed = new cloudwatch.Alarm(this, 'RecoveryTeardownFailed', {
+      alarmDescription:
+        'A recovery teardown could not be verified: instances, volumes, images or snapshots of a recovery job may remain. See the Recovery execution and run a cleanup for its job.',
+      metric: new cloudwatch.Metric({
+        namespace: TEARDOWN_FAILED_METRIC.namespace,
+        metricName: TEARDOWN_FAILED_METRIC.metricName,
+        dimensionsMap: { [TEARDOWN_FAILED_METRIC.dimension]: `${this.stackName}-recovery` },
+        statistic: 'Sum',
+        period: Duration.minutes(5),
+      }),
+      threshold: 0,
+      comparisonOperator: cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+      evaluationPeriods: 1,
+      treatMissingData: cloudwatch.TreatMissingData.NOT_BREACHING,
+    });
+    teardownFailed.addAlarmAction(notify);
     for (const plan of config.plans) {
       // One period of exactly the RPO: no checkpoint published in it (missing data) or one whose
       // data is older than the RPO both breach.
@@ -512,6 +594,10 @@ export class FerryStack extends Stack {
       description: 'aws stepfunctions start-execution --state-machine-arn <this> (see infra/README.md)',
       value: this.cycle.stateMachine.stateMachineArn,
     });
+    new CfnOutput(this, 'RecoveryStateMachineArn', {
+      description: 'ferry recover --cloud, or the Step Functions console (inputs in infra/README.md)',
+      value: this.recovery.stateMachine.stateMachineArn,
+    });
     new CfnOutput(this, 'StateTableName', { value: this.table.tableName });
     new CfnOutput(this, 'GrantQueueUrl', { value: this.grantQueue.queueUrl });
     new CfnOutput(this, 'DeadLetterQueueUrl', { value: this.deadLetterQueue.queueUrl });
@@ -520,6 +606,153 @@ export class FerryStack extends Stack {
     new CfnOutput(this, 'SnapshotKeyArn', { value: snapshotKey.keyArn });
 
     this.suppressNagFindings();
+  }
+
+  /**
+   * The recovery Lambda and its role. EC2 creation is allowed only with the recovery-job tag in the
+   * request, termination and deletion only on resources carrying it, reads of the replica's
+   * snapshots only on snapshots carrying this deployment's tag; the plans' schedules may be paused
+   * (and only their role passed back); the snapshot key may be used only through EC2.
+   */
+  private recoveryLambda(
+    config: FerryConfig,
+    parts: {
+      snapshotKey: kms.IKey;
+      stateKey: kms.IKey;
+      snapshotTag: { key: string; value: string };
+      scheduleGroupName: string;
+      scheduleRole: iam.IRole;
+      logRetention: logs.RetentionDays;
+      house: FerryFunctionProps<FunctionName>['house'];
+    },
+  ): FerryFunction<FunctionName> {
+    const environment: RecoveryEnvironment = {
+      TABLE_NAME: this.table.tableName,
+      RECOVERY_DEFAULTS: JSON.stringify(recoveryDefaults(config)),
+      RECOVERY_KMS_KEY_ARN: parts.snapshotKey.keyArn,
+      SCHEDULE_GROUP: parts.scheduleGroupName,
+    };
+    const bytes = Buffer.byteLength(environment.RECOVERY_DEFAULTS ?? '');
+    if (bytes > LAMBDA_ENVIRONMENT_BYTES - 1024) {
+      throw new ConfigError(
+        `plans[].recovery: the plans' recovery defaults take ${bytes} bytes as JSON; Lambda allows 4 KB of environment in all (keep them under 3 KB: fewer tags or machines per plan)`,
+        { setting: 'plans[].recovery' },
+      );
+    }
+    // FerryFunction's environment is typed from functions/contracts.ts, which holds the cycle
+    // functions only; the recovery function's is RecoveryEnvironment (functions/recovery/contracts.ts).
+    const fn = new FerryFunction(this, 'RecoveryLambda', {
+      name: 'recovery',
+      description: 'Ferry recovery: resolves a checkpoint, launches, checks, pauses, tears down, records',
+      environment,
+      house: parts.house,
+      memorySize: 512,
+      timeout: RECOVERY_TIMEOUT,
+      logRetention: parts.logRetention,
+    } as unknown as FerryFunctionProps<FunctionName>);
+    const role = fn.role;
+    const arn = (resource: string, account = this.account) =>
+      this.formatArn({ service: 'ec2', account, resource, resourceName: '*' });
+    const instances = arn('instance');
+    const volumes = arn('volume');
+    const images = arn('image', '');
+    const snapshots = arn('snapshot', '');
+    const job = RECOVERY_TAGS.job;
+    const jobInRequest = { StringLike: { [`aws:RequestTag/${job}`]: '?*' } };
+    const jobOnResource = { StringLike: { [`aws:ResourceTag/${job}`]: '?*' } };
+    const replica = {
+      StringEquals: { [`aws:ResourceTag/${parts.snapshotTag.key}`]: parts.snapshotTag.value },
+    };
+    const allow = (
+      sid: string,
+      actions: string[],
+      resources: string[],
+      conditions?: Record<string, unknown>,
+    ) => role.addToPrincipalPolicy(new iam.PolicyStatement({ sid, actions, resources, conditions }));
+
+    allow('StateTable', RECOVERY_TABLE_ACTIONS, [this.table.tableArn]);
+    parts.stateKey.grant(role, ...STATE_KEY_ACTIONS);
+    // Describe calls support no resource-level permissions.
+    allow(
+      'Describe',
+      [
+        'ec2:DescribeSnapshots',
+        'ec2:DescribeImages',
+        'ec2:DescribeInstances',
+        'ec2:DescribeInstanceStatus',
+        'ec2:DescribeVolumes',
+        'ec2:DescribeSubnets',
+        'ec2:DescribeSecurityGroups',
+        'ec2:DescribeInstanceTypes',
+      ],
+      ['*'],
+    );
+    // Images, instances and volumes are created only with the job's tag in the request ...
+    allow('RegisterTaggedImages', ['ec2:RegisterImage'], [images], jobInRequest);
+    allow('LaunchTaggedInstances', ['ec2:RunInstances'], [instances, volumes], jobInRequest);
+    allow('CreateTaggedVolumes', ['ec2:CreateVolume'], [volumes], jobInRequest);
+    // ... from the replica's snapshots only (the target snapshots carry this deployment's tag) ...
+    allow(
+      'FromReplicaSnapshots',
+      ['ec2:RegisterImage', 'ec2:RunInstances', 'ec2:CreateVolume'],
+      [snapshots],
+      replica,
+    );
+    // ... and instances only from images a recovery job registered, into the account's subnets.
+    allow('LaunchFromJobImages', ['ec2:RunInstances'], [images], jobOnResource);
+    allow(
+      'LaunchIntoSubnets',
+      ['ec2:RunInstances'],
+      [arn('subnet'), arn('security-group'), arn('network-interface')],
+    );
+    allow('TagOnCreate', ['ec2:CreateTags'], [instances, volumes, images, arn('network-interface')], {
+      ...jobInRequest,
+      StringEquals: { 'ec2:CreateAction': ['RunInstances', 'CreateVolume', 'RegisterImage'] },
+    });
+    // The EC2 adapter tags a registered image again (emulators drop RegisterImage's tags): only an
+    // image that already carries a job's tag, with a job tag in the request.
+    allow('RetagJobImages', ['ec2:CreateTags'], [images], {
+      StringLike: { ...jobInRequest.StringLike, ...jobOnResource.StringLike },
+    });
+    // Teardown: only what carries a recovery job's tag. The replica's snapshots never do.
+    allow('TerminateJobInstances', ['ec2:TerminateInstances'], [instances], jobOnResource);
+    allow('DeregisterJobImages', ['ec2:DeregisterImage'], [images], jobOnResource);
+    allow('DeleteJobVolumes', ['ec2:DeleteVolume'], [volumes], jobOnResource);
+    allow('DeleteJobSnapshots', ['ec2:DeleteSnapshot'], [snapshots], jobOnResource);
+    // Volumes from the replica's (encrypted) snapshots, encrypted with the snapshot key: through EC2 only.
+    const viaEc2 = { StringEquals: { 'kms:ViaService': `ec2.${this.region}.amazonaws.com` } };
+    allow(
+      'SnapshotKeyThroughEc2',
+      [
+        'kms:Decrypt',
+        'kms:DescribeKey',
+        'kms:GenerateDataKeyWithoutPlaintext',
+        'kms:ReEncryptFrom',
+        'kms:ReEncryptTo',
+      ],
+      [parts.snapshotKey.keyArn],
+      viaEc2,
+    );
+    allow('LetEbsUseTheSnapshotKey', ['kms:CreateGrant'], [parts.snapshotKey.keyArn], {
+      ...viaEc2,
+      Bool: { 'kms:GrantIsForAWSResource': 'true' },
+    });
+    // Failover and migration pause the plan's schedule: read it, write it back disabled, with its role.
+    allow(
+      'PausePlanSchedules',
+      ['scheduler:GetSchedule', 'scheduler:UpdateSchedule'],
+      [
+        this.formatArn({
+          service: 'scheduler',
+          resource: 'schedule',
+          resourceName: `${parts.scheduleGroupName}/*`,
+        }),
+      ],
+    );
+    allow('PassScheduleRole', ['iam:PassRole'], [parts.scheduleRole.roleArn], {
+      StringEquals: { 'iam:PassedToService': 'scheduler.amazonaws.com' },
+    });
+    return fn;
   }
 
   /** cdk-nag AwsSolutions findings that are deliberate, each with the reason it is acceptable. */
@@ -564,6 +797,95 @@ export class FerryStack extends Stack {
         true,
       );
     }
+    NagSuppressions.addResourceSuppressions(
+      this.recoveryFunction.fn,
+      [
+        {
+          id: 'AwsSolutions-L1',
+          reason:
+            'Ferry pins Lambda to Node.js 22 (a supported LTS runtime), the runtime its handlers are built and tested for; moving to a newer one is a deliberate upgrade.',
+        },
+      ],
+      true,
+    );
+    NagSuppressions.addResourceSuppressions(
+      this.recoveryFunction.role,
+      [
+        {
+          id: 'AwsSolutions-IAM5',
+          reason:
+            'EC2 Describe* calls and X-Ray PutTraceSegments/PutTelemetryRecords support no resource-level permissions and require Resource "*".',
+          appliesTo: ['Resource::*'],
+        },
+        {
+          id: 'AwsSolutions-IAM5',
+          reason:
+            "KMS GenerateDataKey*/ReEncrypt* are what DynamoDB needs on this stack's own state-table key only.",
+          appliesTo: ['Action::kms:GenerateDataKey*', 'Action::kms:ReEncrypt*'],
+        },
+        {
+          id: 'AwsSolutions-IAM5',
+          reason:
+            "Images, instances, volumes and network interfaces of a recovery job are created at run time: creation is allowed only with the ferry:recovery-job tag in the request, teardown only on resources carrying it, and snapshots only when they carry this deployment's ferry:deployment tag (the replica).",
+          appliesTo: [
+            {
+              regex:
+                '/^Resource::arn:<AWS::Partition>:ec2:(<AWS::Region>|[a-z0-9-]+)::(image|snapshot)\\/\\*$/',
+            },
+            {
+              regex:
+                '/^Resource::arn:<AWS::Partition>:ec2:(<AWS::Region>|[a-z0-9-]+):(<AWS::AccountId>|\\d{12}):(instance|volume|network-interface)\\/\\*$/',
+            },
+          ],
+        },
+        {
+          id: 'AwsSolutions-IAM5',
+          reason:
+            "RunInstances names the subnet and security groups of the operator's choosing (the plan's recovery settings or the request), validated by resolve before any launch; they are in this account and region only.",
+          appliesTo: [
+            {
+              regex:
+                '/^Resource::arn:<AWS::Partition>:ec2:(<AWS::Region>|[a-z0-9-]+):(<AWS::AccountId>|\\d{12}):(subnet|security-group)\\/\\*$/',
+            },
+          ],
+        },
+        {
+          id: 'AwsSolutions-IAM5',
+          reason:
+            "Pausing a plan reads and updates the plans' schedules of this stack's schedule group only.",
+          appliesTo: [
+            {
+              regex: `/^Resource::arn:<AWS::Partition>:scheduler:(<AWS::Region>|[a-z0-9-]+):(<AWS::AccountId>|\\d{12}):schedule\\/${this.stackName}-plans\\/\\*$/`,
+            },
+          ],
+        },
+      ],
+      true,
+    );
+    NagSuppressions.addResourceSuppressions(
+      this.recovery.stateMachine,
+      [
+        {
+          id: 'AwsSolutions-IAM5',
+          reason:
+            'Step Functions log delivery and X-Ray actions, and cloudwatch:PutMetricData (conditioned on the Ferry namespace), support no resource-level permissions and require Resource "*".',
+          appliesTo: ['Resource::*'],
+        },
+        {
+          id: 'AwsSolutions-IAM5',
+          reason:
+            'Lambda invoke grants cover the versions and aliases of the recovery function only (its ARN followed by ":*").',
+          appliesTo: [{ regex: '/^Resource::<RecoveryLambdaFunction[A-Za-z0-9]+\\.Arn>:\\*$/' }],
+        },
+        {
+          id: 'AwsSolutions-IAM5',
+          reason:
+            "Waiting for a migration's final cycle (.sync) needs Describe/StopExecution on executions of the cycle state machine, whose names are generated at run time.",
+          appliesTo: [{ regex: '/^Resource::arn:<AWS::Partition>:states:.*:execution:.*\\*$/' }],
+        },
+      ],
+      true,
+    );
     NagSuppressions.addResourceSuppressions(
       this.cycle.stateMachine,
       [

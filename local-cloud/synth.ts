@@ -11,7 +11,7 @@ import type { FunctionName } from '../functions/contracts.ts';
 import { type FerryConfigInput, parseFerryConfig } from '../infra/config.ts';
 import { PROJECT_ROOT } from '../infra/function.ts';
 import { FerryStack } from '../infra/stack.ts';
-import { definitionFromTemplate, FAKE, fakeArn, type TemplateJson } from './asl.ts';
+import { FAKE, fakeArn, resolveToken, type TemplateJson } from './asl.ts';
 
 type Resource = TemplateJson['Resources'][string];
 
@@ -80,6 +80,9 @@ export function synthesizeTemplate(
 
 const FUNCTION_NAMES: readonly FunctionName[] = ['planner', 'differ', 'chunk-writer', 'finalizer'];
 
+/** The recovery function (functions/recovery): run by local-cloud/recovery.ts, not by the cycle's run. */
+const RECOVERY_SERVICE = 'ferry-recovery';
+
 function functionNameOf(logicalId: string, env: Record<string, unknown>): FunctionName {
   const service = env.POWERTOOLS_SERVICE_NAME;
   const name = typeof service === 'string' ? service.replace(/^ferry-/, '') : '';
@@ -96,9 +99,14 @@ export function readDeployment(template: TemplateJson, stackName: string): Deplo
   const ofType = (type: string) => entries.filter(([, r]) => r.Type === type);
   const props = (r: Resource) => r.Properties ?? {};
 
-  const functions = ofType('AWS::Lambda::Function').map(([logicalId, r]): DeployedFunction => {
-    const environment = ((props(r).Environment as { Variables?: Record<string, unknown> } | undefined)
-      ?.Variables ?? {}) as Record<string, unknown>;
+  const environmentOf = (r: Resource) =>
+    ((props(r).Environment as { Variables?: Record<string, unknown> } | undefined)?.Variables ??
+      {}) as Record<string, unknown>;
+  const cycleFunctions = ofType('AWS::Lambda::Function').filter(
+    ([, r]) => environmentOf(r).POWERTOOLS_SERVICE_NAME !== RECOVERY_SERVICE,
+  );
+  const functions = cycleFunctions.map(([logicalId, r]): DeployedFunction => {
+    const environment = environmentOf(r);
     return {
       logicalId,
       name: functionNameOf(logicalId, environment),
@@ -130,13 +138,17 @@ export function readDeployment(template: TemplateJson, stackName: string): Deplo
   if (queue === undefined) throw new Error('the event source mapping reads no queue of this template');
   const redrive = props(queue).RedrivePolicy as { maxReceiveCount?: number } | undefined;
 
-  const machines = ofType('AWS::StepFunctions::StateMachine');
+  // The cycle machine, by its name (the Recovery machine beside it is local-cloud/recovery.ts's).
+  const machines = ofType('AWS::StepFunctions::StateMachine').filter(
+    ([, r]) => !String(props(r).StateMachineName ?? '').endsWith('-recovery'),
+  );
+  if (machines.length !== 1) throw new Error(`expected one cycle state machine, found ${machines.length}`);
   const [table] = ofType('AWS::DynamoDB::Table');
   const ttl = table === undefined ? undefined : props(table[1]).TimeToLiveSpecification;
   return {
     stackName,
     template,
-    definition: definitionFromTemplate(template),
+    definition: JSON.parse(resolveToken(props(machines[0]![1]).DefinitionString)) as StateMachineDefinition,
     stateMachineName: String(props(machines[0]![1]).StateMachineName ?? `${stackName}-cycle`),
     functions,
     eventSource,

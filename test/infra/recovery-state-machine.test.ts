@@ -254,7 +254,8 @@ describe('Recovery state machine', () => {
     });
     expect(r.status).toBe('SUCCEEDED');
     expect(fake.actions()).toEqual(['resolve', 'resolve', 'launch', 'launch', 'health', 'pause', 'record']);
-    expect(fake.events[0]).toEqual({ action: 'resolve', jobId: 'job-1', mode: 'migration', plan: 'web' });
+    // Validated as a failover of the latest checkpoint would be, before the cycle runs.
+    expect(fake.events[0]).toEqual({ action: 'resolve', jobId: 'job-1', mode: 'failover', plan: 'web' });
     expect(fake.events[1]).toEqual({
       action: 'resolve',
       jobId: 'job-1',

@@ -1,0 +1,301 @@
+// The Recovery state machine as `cdk deploy` would deploy it, run locally: the synthesized FerryStack's
+// Recovery definition in aws-local-stepfunctions, its tasks invoking the real recovery handler
+// (functions/recovery/handler.ts) configured from its template environment, EC2 and EventBridge
+// Scheduler on moto_server, the checkpoint catalog on dynalite. Every mode end to end: a drill torn
+// down and verified by tag (zero left), a failover pausing the plan's schedule, a migration
+// recovering exactly its final cycle's checkpoint, a cleanup on command; and a checkpoint whose
+// snapshot is gone refused with nothing created. moto's gaps: RegisterImage ignores block-device
+// mappings (image registration is covered at the SDK level by the recovery core's tests), and its
+// instances pass status checks at once.
+import {
+  CreateSecurityGroupCommand,
+  CreateSnapshotCommand,
+  CreateSubnetCommand,
+  CreateVolumeCommand,
+  CreateVpcCommand,
+  DeleteSnapshotCommand,
+  DescribeImagesCommand,
+  DescribeInstancesCommand,
+  DescribeSnapshotsCommand,
+  DescribeVolumesCommand,
+  EC2Client,
+} from '@aws-sdk/client-ec2';
+import {
+  CreateScheduleCommand,
+  CreateScheduleGroupCommand,
+  GetScheduleCommand,
+  SchedulerClient,
+} from '@aws-sdk/client-scheduler';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { TemplateJson } from '../../local-cloud/asl.ts';
+import { type Dynalite, startDynalite } from '../../local-cloud/emulators/dynalite.ts';
+import {
+  asLambdaTask,
+  createStateTable,
+  LocalRecovery,
+  recoveryDefinitionFromTemplate,
+  recoveryEnvironment,
+  setRecoveryEnvironment,
+} from '../../local-cloud/recovery.ts';
+import { synthesizeTemplate } from '../../local-cloud/synth.ts';
+import { DynamoStateStore } from '../../shared/aws/dynamo/state-store.ts';
+import type { RecoveryCheckpoint } from '../../shared/engine/ports.ts';
+import { type Moto, startMoto } from '../support/moto.ts';
+
+type Json = Record<string, unknown>;
+
+const STACK = 'FerryLocal';
+const TABLE = `${STACK}-state`;
+const JOB_TAG = 'ferry:recovery-job';
+
+let moto: Moto;
+let ddb: Dynalite;
+let ec2: EC2Client;
+let scheduler: SchedulerClient;
+let store: DynamoStateStore;
+let recovery: LocalRecovery;
+let restoreEnv: () => void = () => {};
+let volumes: { root: string; data: string };
+let sequence = 0;
+
+/** Snapshots of both disks in moto, published as the next checkpoint of set `web`. */
+async function publishCheckpoint(): Promise<RecoveryCheckpoint> {
+  const snap = async (volumeId: string) =>
+    (
+      await ec2.send(
+        new CreateSnapshotCommand({
+          VolumeId: volumeId,
+          TagSpecifications: [
+            { ResourceType: 'snapshot', Tags: [{ Key: 'ferry:deployment', Value: STACK }] },
+          ],
+        }),
+      )
+    ).SnapshotId!;
+  sequence++;
+  const disk = (name: string, target: string) => ({
+    disk: name,
+    source: `snap-${'0'.repeat(16)}${sequence}`,
+    target,
+    sizeBytes: 8 * 1024 ** 3,
+    kind: 'incremental' as const,
+    chunks: 1,
+    bytes: 1024 ** 2,
+    aggregate: { algorithm: 'ebs-linear-sha256' as const, value: 'ab'.repeat(32) },
+  });
+  const checkpoint: RecoveryCheckpoint = {
+    id: `web/cycle-${sequence}`,
+    set: 'web',
+    sequence,
+    createdAt: new Date(Date.now() - (10 - sequence) * 60_000).toISOString(),
+    parent: sequence === 1 ? undefined : `web/cycle-${sequence - 1}`,
+    disks: [disk('root', await snap(volumes.root)), disk('data', await snap(volumes.data))],
+  };
+  await store.publishCheckpoint(checkpoint);
+  return checkpoint;
+}
+
+/** Everything EC2 has that carries the job's tag, still alive. */
+async function leftOf(jobId: string) {
+  const Filters = [{ Name: `tag:${JOB_TAG}`, Values: [jobId] }];
+  const instances = (await ec2.send(new DescribeInstancesCommand({ Filters }))).Reservations?.flatMap(
+    (r) => r.Instances ?? [],
+  );
+  return {
+    running: (instances ?? []).filter(
+      (i) => i.State?.Name !== 'terminated' && i.State?.Name !== 'shutting-down',
+    ).length,
+    volumes: (await ec2.send(new DescribeVolumesCommand({ Filters }))).Volumes?.length ?? 0,
+    images: (await ec2.send(new DescribeImagesCommand({ Owners: ['self'], Filters }))).Images?.length ?? 0,
+    snapshots:
+      (await ec2.send(new DescribeSnapshotsCommand({ OwnerIds: ['self'], Filters }))).Snapshots?.length ?? 0,
+  };
+}
+
+beforeAll(async () => {
+  [moto, ddb] = await Promise.all([startMoto(), startDynalite()]);
+  ec2 = new EC2Client(moto.clientConfig);
+  scheduler = new SchedulerClient(moto.clientConfig);
+  // The account as the operator prepared it: a VPC with a production and an isolated drill subnet.
+  const vpc = (await ec2.send(new CreateVpcCommand({ CidrBlock: '10.0.0.0/16' }))).Vpc!.VpcId!;
+  const subnet = async (cidr: string) =>
+    (await ec2.send(new CreateSubnetCommand({ VpcId: vpc, CidrBlock: cidr, AvailabilityZone: 'us-east-1a' })))
+      .Subnet!.SubnetId!;
+  const [prod, drill] = [await subnet('10.0.1.0/24'), await subnet('10.0.2.0/24')];
+  const sg = async (name: string) =>
+    (await ec2.send(new CreateSecurityGroupCommand({ GroupName: name, Description: name, VpcId: vpc })))
+      .GroupId!;
+  const [prodSg, drillSg] = [await sg('web'), await sg('drill')];
+  const volume = async () =>
+    (await ec2.send(new CreateVolumeCommand({ AvailabilityZone: 'us-east-1a', Size: 8 }))).VolumeId!;
+  volumes = { root: await volume(), data: await volume() };
+
+  // The stack as cdk deploy would deploy it, with the plan's recovery defaults.
+  const template = synthesizeTemplate(
+    {
+      plans: [
+        {
+          name: 'web',
+          schedule: 'rate(15 minutes)',
+          rpoMinutes: 30,
+          disks: [
+            { disk: 'root', volumeId: volumes.root },
+            { disk: 'data', volumeId: volumes.data },
+          ],
+          recovery: {
+            machines: [
+              {
+                name: 'web-1',
+                bootDisk: 'root',
+                dataDisks: ['data'],
+                instanceType: 't3.micro',
+                subnetId: prod,
+                securityGroupIds: [prodSg],
+                ena: true,
+              },
+            ],
+            drillSubnetId: drill,
+            drillSecurityGroupIds: [drillSg],
+            ttlMinutes: 5,
+          },
+        },
+      ],
+    },
+    STACK,
+  ) as TemplateJson;
+  const { definition, stateMachineName, functionLogicalId } = recoveryDefinitionFromTemplate(template);
+  const env = recoveryEnvironment(template, functionLogicalId, TABLE);
+
+  // What cdk deploy creates besides: the state table and the plan's schedule in its group.
+  await createStateTable(ddb.client, TABLE);
+  store = new DynamoStateStore(ddb.client, TABLE);
+  await scheduler.send(new CreateScheduleGroupCommand({ Name: env.SCHEDULE_GROUP }));
+  await scheduler.send(
+    new CreateScheduleCommand({
+      Name: 'web',
+      GroupName: env.SCHEDULE_GROUP,
+      ScheduleExpression: 'rate(15 minutes)',
+      FlexibleTimeWindow: { Mode: 'OFF' },
+      State: 'ENABLED',
+      Target: {
+        Arn: `arn:aws:states:us-east-1:123456789012:stateMachine:${STACK}-cycle`,
+        RoleArn: 'arn:aws:iam::123456789012:role/FerryLocal-ScheduleRole',
+        Input: '{"plan":"web"}',
+      },
+    }),
+  );
+  await publishCheckpoint();
+  await publishCheckpoint();
+
+  restoreEnv = setRecoveryEnvironment(env, {
+    dynamodb: ddb.endpoint,
+    ec2: moto.endpoint,
+    scheduler: moto.endpoint,
+  });
+  // Imported after the environment is set: the handler builds its container from it on first use.
+  const { handler } = await import('../../functions/recovery/handler.ts');
+  recovery = new LocalRecovery({
+    definition,
+    stateMachineName,
+    bindings: {
+      recovery: asLambdaTask((event) => handler(event)),
+      // A migration's final cycle: the plan's disks snapshotted and published, as a cycle would.
+      runCycle: async (input) => {
+        expect(input).toMatchObject({ plan: 'web', set: 'web' });
+        const cp = await publishCheckpoint();
+        return { status: 'published', checkpointId: cp.id, sequence: cp.sequence, disks: [] };
+      },
+    },
+  });
+}, 120_000);
+
+afterAll(async () => {
+  restoreEnv();
+  ec2?.destroy();
+  scheduler?.destroy();
+  await Promise.all([moto?.stop(), ddb?.stop()]);
+});
+
+describe('the Recovery state machine on moto_server with the real recovery handler', () => {
+  it('drill: launches in the isolated subnet, waits its TTL, tears down and verifies zero left by tag', async () => {
+    // Act
+    const r = await recovery.run({ mode: 'drill', plan: 'web', checkpoint: 1 }, 'drill-web-1');
+    // Assess
+    expect(r.status, `${r.error}: ${r.cause}`).toBe('SUCCEEDED');
+    expect(r.actions).toEqual(
+      expect.arrayContaining(['resolve', 'launch', 'health', 'teardown', 'verify-teardown', 'record']),
+    );
+    const report = r.output as Json;
+    expect(report).toMatchObject({
+      jobId: 'drill-web-1',
+      mode: 'drill',
+      outcome: 'succeeded',
+      checkpoint: { id: 'web/cycle-1', sequence: 1 },
+      cleanup: { clean: true, remaining: { instances: 0, volumes: 0, images: 0, snapshots: 0 } },
+    });
+    expect(report.secondsToRunning).toEqual(expect.any(Number));
+    expect(await leftOf('drill-web-1')).toEqual({ running: 0, volumes: 0, images: 0, snapshots: 0 });
+    // The replica's snapshots are untouched.
+    const replica = await ec2.send(
+      new DescribeSnapshotsCommand({
+        OwnerIds: ['self'],
+        Filters: [{ Name: 'tag:ferry:deployment', Values: [STACK] }],
+      }),
+    );
+    expect(replica.Snapshots).toHaveLength(2 * sequence);
+    expect(r.metrics).toEqual([]);
+  });
+
+  it('failover: the machines run, the plan’s schedule is paused, the job is recorded; cleanup removes it on command', async () => {
+    const r = await recovery.run({ mode: 'failover', plan: 'web' }, 'failover-web-1');
+    expect(r.status, `${r.error}: ${r.cause}`).toBe('SUCCEEDED');
+    expect(r.output).toMatchObject({
+      mode: 'failover',
+      outcome: 'succeeded',
+      checkpoint: { sequence: 2 },
+      schedulePaused: true,
+    });
+    const schedule = await scheduler.send(
+      new GetScheduleCommand({ Name: 'web', GroupName: `${STACK}-plans` }),
+    );
+    expect(schedule.State).toBe('DISABLED');
+    expect((await leftOf('failover-web-1')).running).toBe(1);
+
+    const cleanup = await recovery.run(
+      { mode: 'cleanup', plan: 'web', jobId: 'failover-web-1' },
+      'cleanup-1',
+    );
+    expect(cleanup.status, `${cleanup.error}: ${cleanup.cause}`).toBe('SUCCEEDED');
+    expect(cleanup.actions).toEqual(expect.arrayContaining(['teardown', 'verify-teardown', 'record']));
+    expect(cleanup.actions).not.toContain('resolve');
+    expect(await leftOf('failover-web-1')).toEqual({ running: 0, volumes: 0, images: 0, snapshots: 0 });
+  });
+
+  it('migration: one last cycle, then exactly the checkpoint it published', async () => {
+    const before = sequence;
+    const r = await recovery.run({ mode: 'migration', plan: 'web', sourceQuiesced: true }, 'migration-web-1');
+    expect(r.status, `${r.error}: ${r.cause}`).toBe('SUCCEEDED');
+    expect(r.cycles).toHaveLength(1);
+    expect(sequence).toBe(before + 1);
+    expect(r.output).toMatchObject({
+      mode: 'migration',
+      outcome: 'succeeded',
+      checkpoint: { id: `web/cycle-${before + 1}` },
+      dataLossWindowSeconds: 0,
+    });
+    expect((await leftOf('migration-web-1')).running).toBe(1);
+  });
+
+  it('a checkpoint that is no longer recoverable is refused and nothing is created', async () => {
+    // Prepare: the first checkpoint's root snapshot is deleted (as retention would).
+    const cp = (await store.listCheckpoints('web')).find((c) => c.sequence === 1)!;
+    await ec2.send(new DeleteSnapshotCommand({ SnapshotId: cp.disks[0]!.target }));
+    // Act
+    const r = await recovery.run({ mode: 'drill', plan: 'web', checkpoint: 1 }, 'drill-web-2');
+    // Assess
+    expect(r.status).toBe('FAILED');
+    expect(r.error).toBe('RecoveryRefusedError');
+    expect(r.cause).toContain('no longer recoverable');
+    expect(r.actions).toEqual(['resolve']);
+    expect(await leftOf('drill-web-2')).toEqual({ running: 0, volumes: 0, images: 0, snapshots: 0 });
+  });
+});
