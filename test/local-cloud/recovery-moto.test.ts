@@ -33,16 +33,20 @@ import {
   asLambdaTask,
   createStateTable,
   LocalRecovery,
+  type RecoveryBindings,
   recoveryDefinitionFromTemplate,
   recoveryEnvironment,
+  serveLocalStepFunctions,
   setRecoveryEnvironment,
 } from '../../local-cloud/recovery.ts';
 import { synthesizeTemplate } from '../../local-cloud/synth.ts';
 import { DynamoStateStore } from '../../shared/aws/dynamo/state-store.ts';
 import type { RecoveryCheckpoint } from '../../shared/engine/ports.ts';
+import { ferry } from '../support/ferry-cli.ts';
 import { type Moto, startMoto } from '../support/moto.ts';
 
 type Json = Record<string, unknown>;
+type LocalRecoveryDefinition = ConstructorParameters<typeof LocalRecovery>[0]['definition'];
 
 const STACK = 'FerryLocal';
 const TABLE = `${STACK}-state`;
@@ -54,8 +58,11 @@ let ec2: EC2Client;
 let scheduler: SchedulerClient;
 let store: DynamoStateStore;
 let recovery: LocalRecovery;
+let bindings: RecoveryBindings;
+let definitionOf: { definition: LocalRecoveryDefinition; stateMachineName: string };
 let restoreEnv: () => void = () => {};
 let volumes: { root: string; data: string };
+let subnets: { prod: string; drill: string };
 let sequence = 0;
 
 /** Snapshots of both disks in moto, published as the next checkpoint of set `web`. */
@@ -121,6 +128,7 @@ beforeAll(async () => {
     (await ec2.send(new CreateSubnetCommand({ VpcId: vpc, CidrBlock: cidr, AvailabilityZone: 'us-east-1a' })))
       .Subnet!.SubnetId!;
   const [prod, drill] = [await subnet('10.0.1.0/24'), await subnet('10.0.2.0/24')];
+  subnets = { prod, drill };
   const sg = async (name: string) =>
     (await ec2.send(new CreateSecurityGroupCommand({ GroupName: name, Description: name, VpcId: vpc })))
       .GroupId!;
@@ -193,20 +201,26 @@ beforeAll(async () => {
   });
   // Imported after the environment is set: the handler builds its container from it on first use.
   const { handler } = await import('../../functions/recovery/handler.ts');
-  recovery = new LocalRecovery({
-    definition,
-    stateMachineName,
-    bindings: {
-      recovery: asLambdaTask((event) => handler(event)),
-      // A migration's final cycle: the plan's disks snapshotted and published, as a cycle would.
-      runCycle: async (input) => {
-        expect(input).toMatchObject({ plan: 'web', set: 'web' });
-        const cp = await publishCheckpoint();
-        return { status: 'published', checkpointId: cp.id, sequence: cp.sequence, disks: [] };
-      },
+  definitionOf = { definition, stateMachineName };
+  bindings = {
+    recovery: asLambdaTask((event) => handler(event)),
+    // A migration's final cycle: the plan's disks snapshotted and published, as a cycle would.
+    runCycle: async (input) => {
+      expect(input).toMatchObject({ plan: 'web', set: 'web' });
+      const cp = await publishCheckpoint();
+      return { status: 'published', checkpointId: cp.id, sequence: cp.sequence, disks: [] };
     },
-  });
+  };
+  recovery = new LocalRecovery({ definition, stateMachineName, bindings });
 }, 120_000);
+
+/** The same definition with the recovery Lambda wrapped: `around` sees each event first. */
+function recoveryWith(around: (event: Json, next: (event: Json) => Promise<unknown>) => Promise<unknown>) {
+  return new LocalRecovery({
+    ...definitionOf,
+    bindings: { ...bindings, recovery: (event) => around(event, bindings.recovery) },
+  });
+}
 
 afterAll(async () => {
   restoreEnv();
@@ -234,6 +248,14 @@ describe('the Recovery state machine on moto_server with the real recovery handl
     });
     expect(report.secondsToRunning).toEqual(expect.any(Number));
     expect(await leftOf('drill-web-1')).toEqual({ running: 0, volumes: 0, images: 0, snapshots: 0 });
+    // It ran in the isolated drill subnet, tagged as a drill (terminated instances stay listed a while).
+    const launched = (
+      await ec2.send(
+        new DescribeInstancesCommand({ Filters: [{ Name: `tag:${JOB_TAG}`, Values: ['drill-web-1'] }] }),
+      )
+    ).Reservations!.flatMap((x) => x.Instances ?? []);
+    expect(launched.map((i) => i.SubnetId)).toEqual([subnets.drill]);
+    expect(launched[0]!.Tags).toEqual(expect.arrayContaining([{ Key: 'ferry:drill', Value: 'true' }]));
     // The replica's snapshots are untouched.
     const replica = await ec2.send(
       new DescribeSnapshotsCommand({
@@ -259,6 +281,12 @@ describe('the Recovery state machine on moto_server with the real recovery handl
     );
     expect(schedule.State).toBe('DISABLED');
     expect((await leftOf('failover-web-1')).running).toBe(1);
+    const failedOver = (
+      await ec2.send(
+        new DescribeInstancesCommand({ Filters: [{ Name: `tag:${JOB_TAG}`, Values: ['failover-web-1'] }] }),
+      )
+    ).Reservations!.flatMap((x) => x.Instances ?? []);
+    expect(failedOver.map((i) => i.SubnetId)).toEqual([subnets.prod]);
 
     const cleanup = await recovery.run(
       { mode: 'cleanup', plan: 'web', jobId: 'failover-web-1' },
@@ -297,5 +325,93 @@ describe('the Recovery state machine on moto_server with the real recovery handl
     expect(r.cause).toContain('no longer recoverable');
     expect(r.actions).toEqual(['resolve']);
     expect(await leftOf('drill-web-2')).toEqual({ running: 0, volumes: 0, images: 0, snapshots: 0 });
+  });
+
+  it('a machine that fails its health check is reported and the drill is still torn down', async () => {
+    // Prepare: the instance is terminated under the job before its first health check.
+    const broken = recoveryWith(async (event, next) => {
+      if (event.action === 'health' && ((event.previous as Json).machines as unknown[]).length === 0) {
+        const ids = (event.launched as { instanceId?: string }[]).flatMap((l) =>
+          l.instanceId ? [l.instanceId] : [],
+        );
+        const { TerminateInstancesCommand } = await import('@aws-sdk/client-ec2');
+        await ec2.send(new TerminateInstancesCommand({ InstanceIds: ids }));
+      }
+      return next(event);
+    });
+    // Act
+    const r = await broken.run({ mode: 'drill', plan: 'web', checkpoint: 2 }, 'drill-web-3');
+    // Assess
+    expect(r.error, r.cause).toBe('MachinesUnhealthy');
+    expect(r.actions.slice(-3)).toEqual(['teardown', 'verify-teardown', 'record']);
+    expect(await leftOf('drill-web-3')).toEqual({ running: 0, volumes: 0, images: 0, snapshots: 0 });
+  });
+
+  it('a teardown interrupted after part of its work is retried, verified and not alarmed', async () => {
+    let interrupted = false;
+    const flaky = recoveryWith(async (event, next) => {
+      const answer = await next(event);
+      if (event.action === 'teardown' && !interrupted) {
+        // The Lambda did its work and timed out before answering, once: the task's retry runs it again.
+        interrupted = true;
+        const e = new Error('Sandbox.Timedout');
+        e.name = 'Sandbox.Timedout';
+        throw e;
+      }
+      return answer;
+    });
+    const r = await flaky.run({ mode: 'drill', plan: 'web', checkpoint: 2 }, 'drill-web-4');
+    expect(r.status, `${r.error}: ${r.cause}`).toBe('SUCCEEDED');
+    expect(r.steps.some((s) => s.state === 'Teardown' && s.type === 'StateRetried')).toBe(true);
+    expect(r.metrics).toEqual([]);
+    expect(await leftOf('drill-web-4')).toEqual({ running: 0, volumes: 0, images: 0, snapshots: 0 });
+  });
+
+  it('ferry recover --cloud and ferry checkpoints --cloud, as an operator runs them, against this local run', async () => {
+    // Prepare: a Step Functions endpoint over this run; the CLI is a child process with its own env.
+    const api = await serveLocalStepFunctions(recovery, definitionOf.stateMachineName);
+    const env = {
+      PATH: process.env.PATH,
+      HOME: process.env.HOME,
+      AWS_REGION: 'us-east-1',
+      AWS_ACCESS_KEY_ID: 'local',
+      AWS_SECRET_ACCESS_KEY: 'local',
+      AWS_ENDPOINT_URL_SFN: api.endpoint,
+      AWS_ENDPOINT_URL_DYNAMODB: ddb.endpoint,
+    };
+    try {
+      // Act
+      const run = await ferry(
+        [
+          'recover',
+          '--cloud',
+          '--stack',
+          STACK,
+          '--plan',
+          'web',
+          '--ttl',
+          '5',
+          '--job',
+          'drill-cli-1',
+          '--poll',
+          '0.1',
+        ],
+        { env },
+      );
+      const list = await ferry(['checkpoints', '--cloud', '--stack', STACK, '--table', TABLE], { env });
+      // Assess
+      expect(run.stderr).toContain('  Drill: wait for TTL');
+      expect(run.stderr).toContain('  Verify teardown');
+      expect(run.stdout).toMatch(/^drill of plan web from checkpoint web\/cycle-\d+ \(job drill-cli-1\)$/m);
+      expect(run.stdout).toMatch(/^machine web-1 {2}i-[0-9a-f]+/m);
+      expect(run.stdout).toContain('outcome: succeeded');
+      expect(run.code, run.stderr).toBe(0);
+      expect(await leftOf('drill-cli-1')).toEqual({ running: 0, volumes: 0, images: 0, snapshots: 0 });
+      expect(list.code, list.stderr).toBe(0);
+      expect(list.stdout).toMatch(/^web\/cycle-1 {2}/m);
+      expect(list.stdout).toContain(`root: incremental`);
+    } finally {
+      await api.stop();
+    }
   });
 });
