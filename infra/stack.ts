@@ -84,14 +84,10 @@ const STATE_KEY_ACTIONS = [
 const RECOVERY_TIMEOUT = Duration.minutes(5);
 // Lambda environment variables are limited to 4 KB in all: RECOVERY_DEFAULTS must fit beside the rest.
 const LAMBDA_ENVIRONMENT_BYTES = 4096;
-// What the recovery function does on the state table: the catalog and plan records (GetItem, Query),
-// the job's report and the plan's failed-over mark (PutItem, UpdateItem). It deletes nothing.
-const RECOVERY_TABLE_ACTIONS = [
-  'dynamodb:GetItem',
-  'dynamodb:Query',
-  'dynamodb:PutItem',
-  'dynamodb:UpdateItem',
-];
+// What the recovery function does on the state table (the catalog and shared/aws/dynamo/
+// recovery-records.ts): checkpoints and records (GetItem, Query), the job's report and the plan's
+// failed-over mark (PutItem). It updates and deletes nothing.
+const RECOVERY_TABLE_ACTIONS = ['dynamodb:GetItem', 'dynamodb:Query', 'dynamodb:PutItem'];
 
 /** What a plan's schedule starts the cycle state machine with (a migration's final cycle too). */
 export function planCycleInput(config: FerryConfig, plan: ProtectionPlan): Record<string, unknown> {

@@ -7,6 +7,8 @@
 // snapshot is gone refused with nothing created. moto's gaps: RegisterImage ignores block-device
 // mappings (image registration is covered at the SDK level by the recovery core's tests), and its
 // instances pass status checks at once.
+
+import type { DynamoDBClient } from '@aws-sdk/client-dynamodb';
 import {
   CreateSecurityGroupCommand,
   CreateSnapshotCommand,
@@ -64,6 +66,7 @@ let restoreEnv: () => void = () => {};
 let volumes: { root: string; data: string };
 let subnets: { prod: string; drill: string };
 let sequence = 0;
+const tableRequests = new Set<string>();
 
 /** Snapshots of both disks in moto, published as the next checkpoint of set `web`. */
 async function publishCheckpoint(): Promise<RecoveryCheckpoint> {
@@ -198,6 +201,17 @@ beforeAll(async () => {
     dynamodb: ddb.endpoint,
     ec2: moto.endpoint,
     scheduler: moto.endpoint,
+  });
+  // Every DynamoDB request the handler makes, to hold against the role's table actions.
+  const { onClientCreated } = await import('../../functions/shared/runtime.ts');
+  onClientCreated((client) => {
+    (client as DynamoDBClient).middlewareStack.add(
+      (next, context) => async (args) => {
+        if (String(context.clientName).startsWith('DynamoDB')) tableRequests.add(String(context.commandName));
+        return next(args);
+      },
+      { step: 'initialize', name: 'recordTableRequests' },
+    );
   });
   // Imported after the environment is set: the handler builds its container from it on first use.
   const { handler } = await import('../../functions/recovery/handler.ts');
@@ -413,5 +427,11 @@ describe('the Recovery state machine on moto_server with the real recovery handl
     } finally {
       await api.stop();
     }
+  });
+
+  it("made only the DynamoDB requests the stack's recovery role allows", () => {
+    const allowed = new Set(['GetItemCommand', 'QueryCommand', 'PutItemCommand']);
+    expect([...tableRequests]).toEqual(expect.arrayContaining(['QueryCommand', 'PutItemCommand']));
+    expect([...tableRequests].filter((c) => !allowed.has(c))).toEqual([]);
   });
 });
