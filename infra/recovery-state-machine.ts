@@ -185,10 +185,21 @@ export class RecoveryStateMachine extends Construct {
             cause: 'what the job created could not be verified gone: see the report, run a cleanup again',
           }),
         )
-        .otherwise(
+        .when(
+          sfn.Condition.and(
+            sfn.Condition.isPresent('$.report.error'),
+            sfn.Condition.isString('$.report.error'),
+          ),
           new sfn.Fail(this, 'Recovery failed', {
             error: RECOVERY_ERRORS.failed,
             causePath: '$.report.error',
+          }),
+        )
+        // A causePath that points nowhere would fail the execution with States.Runtime instead.
+        .otherwise(
+          new sfn.Fail(this, 'Recovery failed without a reason', {
+            error: RECOVERY_ERRORS.failed,
+            cause: 'the job did not succeed: see the report in the catalog and the execution history',
           }),
         ),
     );
