@@ -3,6 +3,9 @@
 // against a copy of the source taken when it was published; retention with --retain, a crash in
 // the middle of pruning, damaged history, and the refusals that protect the operator's files; and
 // drills (--test): the disks served over NBD through a copy-on-write overlay, then all removed.
+// The `ferry` binary runs where its surface (flags, exit status, what it prints) is what is
+// checked; the cycles that build a catalog and most recoveries run the CLI's own functions
+// (runLocalJob, recoverSet) in this process, since each spawn costs about a second of start-up.
 import type { ChildProcess } from 'node:child_process';
 import {
   copyFile,
@@ -18,6 +21,9 @@ import {
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { recoverSet } from '../../cli/recover.ts';
+import { parseJobSpec, runLocalJob } from '../../cli/run.ts';
+import { ConfigError } from '../../shared/engine/errors.ts';
 import type { RecoveryCheckpoint } from '../../shared/engine/ports.ts';
 import { MiB } from '../../shared/engine/units.ts';
 import { historyDir } from '../../shared/local/history.ts';
@@ -58,14 +64,20 @@ async function world(): Promise<World> {
 const said = (r: Run) => `exit ${r.code ?? r.signal}\n${r.stdout}${r.stderr}`;
 
 /**
- * One `ferry replicate` of the set through a job file: the disks in `changed` incremental (their
- * sources changed first, with seed `seed`), the others full. On success, keeps a copy of each source
- * as of the checkpoint.
+ * One cycle of the set through a job file: the disks in `changed` incremental (their sources
+ * changed first, with seed `seed`), the others full. In this process (runLocalJob, as `ferry
+ * replicate --job` runs it) unless `cli` is set, or a crash or command-line flags are asked for.
+ * On success, keeps a copy of each source as of the checkpoint.
  */
 async function cycle(
   w: World,
   seed: number,
-  opts: { incremental?: readonly string[]; flags?: readonly string[]; crashAt?: string } = {},
+  opts: {
+    incremental?: readonly string[];
+    flags?: readonly string[];
+    crashAt?: string;
+    retain?: number;
+  } = {},
 ): Promise<Run> {
   const incremental = opts.incremental ?? (w.cycles === 0 ? [] : DISKS);
   const disks = [];
@@ -91,13 +103,22 @@ async function cycle(
   }
   const job = join(w.dir, `job.${seed}.json`);
   // A count in the job file too: --retain on the command line overrides it.
-  await writeFile(
-    job,
-    JSON.stringify({ set: SET, disks, params: { checkpointInterval: '1 MiB' }, retain: { count: 24 } }),
-  );
-  const r = await ferry(['replicate', '--job', job, '--state', w.state, '--json', ...(opts.flags ?? [])], {
-    env: { ...process.env, ...(opts.crashAt ? { FERRY_TEST_CRASH_AT: opts.crashAt } : {}) },
-  });
+  const spec = {
+    set: SET,
+    disks,
+    params: { checkpointInterval: '1 MiB' },
+    retain: { count: opts.retain ?? 24 },
+  };
+  await writeFile(job, JSON.stringify(spec));
+  let r: Run;
+  if (opts.flags === undefined && opts.crashAt === undefined) {
+    const result = await runLocalJob(parseJobSpec(spec, `job file ${job}`), { stateDir: w.state });
+    r = { code: 0, signal: null, stdout: JSON.stringify(result), stderr: '' };
+  } else {
+    r = await ferry(['replicate', '--job', job, '--state', w.state, '--json', ...(opts.flags ?? [])], {
+      env: { ...process.env, ...(opts.crashAt ? { FERRY_TEST_CRASH_AT: opts.crashAt } : {}) },
+    });
+  }
   if (r.code === 0 || opts.crashAt !== undefined) {
     w.cycles++;
     for (const id of DISKS) await copyFile(w.src(id), w.asOf(id, w.cycles));
@@ -132,23 +153,44 @@ function recover(w: World, to: string, ...choice: string[]): Promise<Run> {
 
 let outputs = 0;
 
-/** Recovers checkpoint `seq` and compares each disk with `cmp` against the source as it was then. */
-async function expectRecovered(w: World, seq: number, ...choice: string[]): Promise<void> {
+/**
+ * Recovers checkpoint `seq` and compares each disk with `cmp` against the source as it was then:
+ * through `ferry recover` when `cli` is set (its lines checked too), else with recoverSet.
+ */
+async function expectRecovered(
+  w: World,
+  seq: number,
+  opts: { choice?: { checkpoint?: string; at?: string }; cli?: boolean } = {},
+): Promise<void> {
   const to = join(w.dir, `out-${seq}-${++outputs}`);
-  const r = await recover(w, to, ...(choice.length > 0 ? choice : ['--checkpoint', String(seq)]));
-  expect(r.code, said(r)).toBe(0);
+  const choice = opts.choice ?? { checkpoint: String(seq) };
+  if (opts.cli) {
+    const flags = Object.entries(choice).flatMap(([k, v]) => [`--${k}`, v]);
+    const r = await recover(w, to, ...flags);
+    expect(r.code, said(r)).toBe(0);
+    for (const id of DISKS) {
+      expect(r.stdout).toMatch(
+        new RegExp(
+          `^disk ${id}: ${join(to, `${id}.img`)} \\(.*\\) verified against checkpoint erp#${seq} \\(\\d+ regions\\)$`,
+          'm',
+        ),
+      );
+    }
+  } else {
+    const r = await recoverSet({ set: SET, stateDir: w.state, choice, to });
+    expect(r.checkpoint.id).toBe(`erp#${seq}`);
+    expect(r.disks.map((d) => [d.disk, d.path])).toEqual(DISKS.map((id) => [id, join(to, `${id}.img`)]));
+  }
   for (const id of DISKS) {
-    expect(r.stdout).toMatch(
-      new RegExp(
-        `^disk ${id}: ${join(to, `${id}.img`)} \\(.*\\) verified against checkpoint erp#${seq} \\(\\d+ regions\\)$`,
-        'm',
-      ),
-    );
     const cmp = await run('cmp', [join(to, `${id}.img`), w.asOf(id, seq)]);
     expect(cmp.code, `disk ${id} of #${seq}: ${cmp.stdout}${cmp.stderr}`).toBe(0);
   }
   expect((await readdir(to)).sort()).toEqual(['data.img', 'os.img']);
 }
+
+/** The set's checkpoint ids, read from the state directory. */
+const ids = async (w: World): Promise<string[]> =>
+  (await new LocalStateStore(w.state).listCheckpoints(SET)).map((c) => c.id);
 
 async function catalog(w: World): Promise<(RecoveryCheckpoint & { recovery: { recoverable: boolean } })[]> {
   const r = await ferry(['checkpoints', '--state', w.state, '--set', SET, '--json']);
@@ -161,15 +203,17 @@ describe('ferry recover', () => {
     // Prepare
     const w = await world();
     await fiveCheckpoints(w);
-    // Act and assess: by number, oldest first; then latest, an id and a time.
+    // Act and assess: by number, oldest first; then latest (the binary's default), an id and a time.
     for (let seq = 1; seq <= 5; seq++) await expectRecovered(w, seq);
-    await expectRecovered(w, 5, '--checkpoint', 'latest');
-    await expectRecovered(w, 5);
-    await expectRecovered(w, 3, '--checkpoint', 'erp#3');
+    await expectRecovered(w, 5, { choice: { checkpoint: 'latest' } });
+    await expectRecovered(w, 5, { choice: {}, cli: true });
+    await expectRecovered(w, 3, { choice: { checkpoint: 'erp#3' } });
     const list = await catalog(w);
     const second = Date.parse(list[1]!.createdAt);
-    await expectRecovered(w, 2, '--at', new Date(second).toISOString());
-    await expectRecovered(w, 2, '--at', new Date(Date.parse(list[2]!.createdAt) - 1).toISOString());
+    await expectRecovered(w, 2, { choice: { at: new Date(second).toISOString() } });
+    await expectRecovered(w, 2, {
+      choice: { at: new Date(Date.parse(list[2]!.createdAt) - 1).toISOString() },
+    });
     // Every checkpoint is listed as recoverable, and the plain listing carries no marker.
     expect(list.map((c) => c.recovery.recoverable)).toEqual([true, true, true, true, true]);
     const plain = await ferry(['checkpoints', '--state', w.state, '--set', SET]);
@@ -184,28 +228,33 @@ describe('ferry recover', () => {
     const w = await world();
     for (const seed of [100, 200]) expect((await cycle(w, seed)).code).toBe(0);
     const to = join(w.dir, 'out');
-    // Act and assess
+    // Act and assess: the binary says a refusal on one line and exits 2 (a ConfigError) ...
     const unknown = await recover(w, to, '--checkpoint', '7');
     expect(unknown.code).toBe(2);
     expect(unknown.stderr).toMatch(
       /^ferry: checkpoint 7 is not in the catalog: set erp has checkpoints erp#1 \(.*\) to erp#2 \(.*\)\n$/,
     );
-    const early = await recover(w, to, '--at', '2000-01-01T00:00:00Z');
-    expect(early.code).toBe(2);
-    expect(early.stderr).toMatch(/^ferry: no checkpoint at or before 2000-01-01T00:00:00Z: set erp has/);
-    const both = await recover(w, to, '--checkpoint', '1', '--at', '2000-01-01T00:00:00Z');
-    expect(both.stderr).toBe('ferry: give --checkpoint or --at, not both\n');
+    // ... and the same function refuses the others with a ConfigError (so exit 2) before writing.
+    const refusal = (choice: { checkpoint?: string; at?: string }) =>
+      recoverSet({ set: SET, stateDir: w.state, choice, to }).then(
+        () => expect.unreachable('recovered'),
+        (e: unknown) => e,
+      );
+    const early = await refusal({ at: '2000-01-01T00:00:00Z' });
+    expect(early).toBeInstanceOf(ConfigError);
+    expect((early as Error).message).toMatch(/^no checkpoint at or before 2000-01-01T00:00:00Z: set erp has/);
+    const both = await refusal({ checkpoint: '1', at: '2000-01-01T00:00:00Z' });
+    expect(both).toBeInstanceOf(ConfigError);
+    expect((both as Error).message).toBe('give --checkpoint or --at, not both');
     expect(await stat(to).catch(() => undefined)).toBeUndefined();
     // An existing file of the same name is refused and left as it was; nothing else is written.
-    await run('mkdir', [to]);
+    await mkdir(to);
     await writeFile(join(to, 'data.img'), 'mine');
-    const existing = await recover(w, to, '--checkpoint', '1');
-    expect(existing.code).toBe(2);
-    expect(existing.stderr).toBe(
-      `ferry: ${join(to, 'data.img')} exists: ferry recover writes new files only; give an empty --to\n`,
+    const existing = await refusal({ checkpoint: '1' });
+    expect(existing).toBeInstanceOf(ConfigError);
+    expect((existing as Error).message).toBe(
+      `${join(to, 'data.img')} exists: ferry recover writes new files only; give an empty --to`,
     );
-    expect(await readdir(to)).toEqual(['data.img']);
-    expect(await readFile(join(to, 'data.img'), 'utf8')).toBe('mine');
     // While another process holds the set (a replicate or verify of it), recover is refused.
     const unlock = await new LocalStateStore(w.state).lockSet(SET);
     try {
@@ -234,7 +283,7 @@ describe('ferry recover', () => {
     const badJob = await ferry(['replicate', '--job', job, '--state', w.state]);
     expect(badJob.code).toBe(2);
     expect(badJob.stderr).toMatch(/^ferry: job file .*bad-retain\.json at retain\.count: must be at least 1/);
-    expect((await catalog(w)).map((c) => c.id)).toEqual(['erp#1', 'erp#2']);
+    expect(await ids(w)).toEqual(['erp#1', 'erp#2']);
   });
 
   it('with --retain 2, prunes older history; a pruned checkpoint is refused by name and marked in the listing', async () => {
@@ -247,7 +296,7 @@ describe('ferry recover', () => {
     // Assess
     for (const id of DISKS) expect(await readdir(historyDir(w.dst(id)))).toEqual(['00000006']);
     await expectRecovered(w, 5);
-    await expectRecovered(w, 6);
+    await expectRecovered(w, 6, { cli: true });
     const to = join(w.dir, 'pruned');
     const pruned = await recover(w, to, '--checkpoint', '4');
     expect(pruned.code).toBe(1);
@@ -275,11 +324,11 @@ describe('ferry recover', () => {
     const crashed = await cycle(w, 600, { flags: ['--retain', '3'], crashAt: 'mid-prune' });
     expect(crashed.signal, said(crashed)).toBe('SIGKILL');
     // Assess: #6 is published; #4..#6 (what --retain 3 keeps) recover bit-exact.
-    expect((await catalog(w)).map((c) => c.id)).toContain('erp#6');
+    expect(await ids(w)).toContain('erp#6');
     expect(await readdir(historyDir(w.dst('os')))).toContain('00000002.pruning');
     for (let seq = 4; seq <= 6; seq++) await expectRecovered(w, seq);
     // The next publication finishes it: only what #5..#7 need is left.
-    const next = await cycle(w, 700, { flags: ['--retain', '3'] });
+    const next = await cycle(w, 700, { retain: 3 });
     expect(next.code, said(next)).toBe(0);
     for (const id of DISKS) expect(await readdir(historyDir(w.dst(id)))).toEqual(['00000006', '00000007']);
     for (let seq = 5; seq <= 7; seq++) await expectRecovered(w, seq);
