@@ -1,11 +1,13 @@
 // `ferry recover --cloud` and `ferry checkpoints --cloud`: the deployed stack's Recovery state machine
 // started with @aws-sdk/client-sfn and followed to its end (progress lines from its history, then its
-// report), and the stack's DynamoDB checkpoint catalog listed. No CloudFormation client: the state
+// report), and the stack's DynamoDB checkpoint catalog listed (with whether each checkpoint's
+// snapshots are still there to recover from). No CloudFormation client: the state
 // machine is found by its name (<stack>-recovery) and the table by its ferry:deployment tag, or both
 // are given (--state-machine-arn / FERRY_RECOVERY_STATE_MACHINE_ARN, --table / FERRY_TABLE).
 import { randomBytes } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { DynamoDBClient, ListTablesCommand, ListTagsOfResourceCommand } from '@aws-sdk/client-dynamodb';
+import { DescribeSnapshotsCommand, EC2Client } from '@aws-sdk/client-ec2';
 import {
   DescribeExecutionCommand,
   type ExecutionStatus,
@@ -456,6 +458,7 @@ export interface CloudIo {
   /** Clients are created from the flags unless given (tests). */
   readonly sfn?: SFNClient;
   readonly dynamo?: DynamoDBClient;
+  readonly ec2?: EC2Client;
   readonly env?: NodeJS.ProcessEnv;
   readonly pollMs?: number;
   readonly signal?: AbortSignal;
@@ -535,24 +538,91 @@ export async function recoverCloud(
   return end;
 }
 
-/** `ferry checkpoints --cloud`: the stack's catalog, from its DynamoDB table. */
+/** Whether a checkpoint can still be recovered: every disk's target snapshot still exists, completed. */
+export interface CloudRecoverability {
+  readonly recoverable: boolean;
+  /** Why not: the first disk whose snapshot is gone or not completed. */
+  readonly reason?: string;
+}
+
+// DescribeSnapshots takes up to 200 filter values per call.
+const SNAPSHOT_IDS_PER_CALL = 200;
+
+/**
+ * Per checkpoint, whether its target snapshots still exist (retention or a person may have deleted
+ * them): asked with a snapshot-id filter, which answers only the ones that exist.
+ */
+export async function cloudRecoverability(
+  ec2: EC2Client,
+  checkpoints: readonly RecoveryCheckpoint[],
+): Promise<Map<string, CloudRecoverability>> {
+  const snapshotOf = (d: RecoveryCheckpoint['disks'][number]) => d.targetRef ?? d.target;
+  const ids = [...new Set(checkpoints.flatMap((cp) => cp.disks.map(snapshotOf)))].filter((id) =>
+    id.startsWith('snap-'),
+  );
+  const state = new Map<string, string>();
+  for (let i = 0; i < ids.length; i += SNAPSHOT_IDS_PER_CALL) {
+    const part = ids.slice(i, i + SNAPSHOT_IDS_PER_CALL);
+    let NextToken: string | undefined;
+    do {
+      const page = await ec2.send(
+        new DescribeSnapshotsCommand({ Filters: [{ Name: 'snapshot-id', Values: part }], NextToken }),
+      );
+      for (const s of page.Snapshots ?? []) if (s.SnapshotId) state.set(s.SnapshotId, String(s.State));
+      NextToken = page.NextToken;
+    } while (NextToken !== undefined);
+  }
+  const out = new Map<string, CloudRecoverability>();
+  for (const cp of checkpoints) {
+    let reason: string | undefined;
+    for (const d of cp.disks) {
+      const id = snapshotOf(d);
+      const s = state.get(id);
+      if (!id.startsWith('snap-')) reason = `disk ${d.disk} is not an EBS snapshot (${id})`;
+      else if (s === undefined) reason = `snapshot ${id} of disk ${d.disk} is gone`;
+      else if (s !== 'completed') reason = `snapshot ${id} of disk ${d.disk} is ${s}`;
+      if (reason !== undefined) break;
+    }
+    out.set(cp.id, reason === undefined ? { recoverable: true } : { recoverable: false, reason });
+  }
+  return out;
+}
+
+/**
+ * `ferry checkpoints --cloud`: the stack's catalog, from its DynamoDB table, each checkpoint marked
+ * when its snapshots are no longer there to recover from.
+ */
 export async function checkpointsCloud(
   flags: CommonFlags & { set?: string; table?: string },
   io: CloudIo,
 ): Promise<RecoveryCheckpoint[]> {
   const env = io.env ?? process.env;
-  const dynamo = io.dynamo ?? new DynamoDBClient(flags.region === undefined ? {} : { region: flags.region });
+  const region = flags.region === undefined ? {} : { region: flags.region };
+  const dynamo = io.dynamo ?? new DynamoDBClient(region);
+  const ec2 = io.ec2 ?? new EC2Client(region);
   const table = flags.table ?? env.FERRY_TABLE ?? (await findStateTable(dynamo, checkStack(flags.stack)));
   const list = await new DynamoStateStore(dynamo, table).listCheckpoints(flags.set);
+  const recovery = await cloudRecoverability(ec2, list);
   if (flags.json) {
-    io.out(JSON.stringify(list, null, 2));
+    io.out(
+      JSON.stringify(
+        list.map((cp) => ({ ...cp, recovery: recovery.get(cp.id) })),
+        null,
+        2,
+      ),
+    );
     return list;
   }
   if (list.length === 0)
     io.out(`no checkpoints in table ${table}${flags.set ? ` for set ${flags.set}` : ''}`);
   for (const cp of list) {
     const bytes = cp.disks.reduce((s, d) => s + d.bytes, 0);
-    io.out(`${cp.id}  ${cp.createdAt}  ${cp.disks.length} disk(s)  ${formatBytes(bytes)} replicated`);
+    const r = recovery.get(cp.id);
+    // Marked only when it cannot be recovered, as the local listing does.
+    const marker = r === undefined || r.recoverable ? '' : `  [not recoverable: ${r.reason}]`;
+    io.out(
+      `${cp.id}  ${cp.createdAt}  ${cp.disks.length} disk(s)  ${formatBytes(bytes)} replicated${marker}`,
+    );
     for (const d of cp.disks)
       io.out(`    ${d.disk}: ${d.kind} ${formatBytes(d.bytes)} ${d.source} -> ${d.target}`);
   }

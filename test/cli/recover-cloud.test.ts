@@ -5,6 +5,7 @@
 // emulator whose execution would mean anything (the definition itself runs in test/infra and
 // test/local-cloud). The catalog listing runs against dynalite.
 import { CreateTableCommand, TagResourceCommand } from '@aws-sdk/client-dynamodb';
+import { DescribeSnapshotsCommand, EC2Client } from '@aws-sdk/client-ec2';
 import {
   DescribeExecutionCommand,
   GetExecutionHistoryCommand,
@@ -32,6 +33,12 @@ const sfnClient = new SFNClient({
   credentials: { accessKeyId: 'x', secretAccessKey: 'y' },
 });
 const sfn = mockClient(sfnClient);
+// EC2 for the recoverability check of the catalog listing (moto's: test/local-cloud/recovery-moto).
+const ec2Client = new EC2Client({
+  region: 'eu-west-1',
+  credentials: { accessKeyId: 'x', secretAccessKey: 'y' },
+});
+const ec2 = mockClient(ec2Client);
 
 const at = (s: number) => new Date(Date.UTC(2026, 11, 5, 10, 0, s));
 const REPORT = {
@@ -94,6 +101,7 @@ function serveHistory(visible: () => number) {
 
 beforeEach(() => {
   sfn.reset();
+  ec2.reset();
 });
 
 describe('recoveryRequest', () => {
@@ -346,18 +354,35 @@ describe('ferry checkpoints --cloud (dynalite)', () => {
         },
       ],
     });
+    ec2
+      .on(DescribeSnapshotsCommand)
+      .resolvesOnce({ Snapshots: [{ SnapshotId: 'snap-0fedcba9876543210', State: 'completed' }] })
+      .resolvesOnce({ Snapshots: [] });
     const out: string[] = [];
+    const io = {
+      out: (l: string) => out.push(l),
+      err: () => {},
+      dynamo: ddb.client,
+      ec2: ec2Client,
+      env: {},
+    };
     // Act
-    const list = await checkpointsCloud(
-      { stack: 'Prod' },
-      { out: (l) => out.push(l), err: () => {}, dynamo: ddb.client, env: {} },
-    );
+    const list = await checkpointsCloud({ stack: 'Prod' }, io);
     // Assess
     expect(list.map((c) => c.id)).toEqual(['web/c1']);
     expect(out[0]).toMatch(/^web\/c1 {2}2026-12-05T10:00:00.000Z {2}1 disk\(s\) {2}1(\.0)? MiB replicated$/);
     expect(out[1]).toContain('root: full');
-    await expect(
-      checkpointsCloud({ stack: 'Staging' }, { out: () => {}, err: () => {}, dynamo: ddb.client, env: {} }),
-    ).rejects.toThrow(/^--stack Staging: no DynamoDB table tagged ferry:deployment=Staging/);
+    expect(ec2.commandCalls(DescribeSnapshotsCommand)[0]!.args[0].input.Filters).toEqual([
+      { Name: 'snapshot-id', Values: ['snap-0fedcba9876543210'] },
+    ]);
+    // Its snapshot deleted (retention, or by hand): marked, with the disk and the snapshot.
+    out.length = 0;
+    await checkpointsCloud({ table: 'Prod-State0A1B2C3D-XYZ' }, io);
+    expect(out[0]).toMatch(
+      /replicated {2}\[not recoverable: snapshot snap-0fedcba9876543210 of disk root is gone\]$/,
+    );
+    await expect(checkpointsCloud({ stack: 'Staging' }, { ...io, out: () => {} })).rejects.toThrow(
+      /^--stack Staging: no DynamoDB table tagged ferry:deployment=Staging/,
+    );
   });
 });
