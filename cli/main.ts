@@ -105,6 +105,7 @@ program
   .option('--set <name>', 'only this replication set')
   .option('--state <dir>', 'state directory', DEFAULT_STATE_DIR)
   .option('--json', 'print as JSON')
+  .option('--cloud', "a deployed stack's catalog instead (ferry checkpoints --cloud --help)")
   .action(async (o) => {
     const set = o.set === undefined ? undefined : checkName('set', o.set, '--set');
     const catalog = await new LocalStateStore(o.state).readCatalog(set);
@@ -161,6 +162,10 @@ program
   .command('recover')
   .description(
     'write every disk of a set as of a checkpoint into a directory (one DISK.img each), verified against that checkpoint',
+  )
+  .option(
+    '--cloud',
+    'recover on a deployed stack: drill, failover, migration, cleanup (ferry recover --cloud --help)',
   )
   .option('--set <name>', 'replication set', 'default')
   .option('--state <dir>', 'state directory', DEFAULT_STATE_DIR)
@@ -1171,7 +1176,10 @@ function printSummary(r: ReplicationResult): void {
 }
 
 try {
-  await program.parseAsync(process.argv);
+  // `recover --cloud` and `checkpoints --cloud` work on a deployed stack (cli/recover-cloud.ts).
+  if (process.argv.includes('--cloud'))
+    await (await import('./recover-cloud.ts')).runCloudCommand(process.argv.slice(2), { out, err });
+  else await program.parseAsync(process.argv);
 } catch (e) {
   // One clear line naming what is at fault; the stack only when asked for.
   err(`ferry: ${errorMessage(e)}`);

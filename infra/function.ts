@@ -9,7 +9,18 @@ import * as lambda from 'aws-cdk-lib/aws-lambda';
 import * as nodejs from 'aws-cdk-lib/aws-lambda-nodejs';
 import * as logs from 'aws-cdk-lib/aws-logs';
 import { Construct } from 'constructs';
-import type { FunctionEnvironment, FunctionName } from '../functions/contracts.ts';
+import type {
+  FunctionEnvironment as CycleFunctionEnvironment,
+  FunctionName as CycleFunctionName,
+} from '../functions/contracts.ts';
+import type { RecoveryEnvironment } from '../functions/recovery/contracts.ts';
+
+/** Every Ferry function: the cycle's four (functions/contracts.ts) and recovery's. */
+export type FunctionName = CycleFunctionName | 'recovery';
+/** What the stack must set for a function: the input of the schema its handler validates. */
+export type FunctionEnvironment<F extends FunctionName> = F extends CycleFunctionName
+  ? CycleFunctionEnvironment<F>
+  : RecoveryEnvironment;
 
 /** The repository root: entries, the lock file and tsconfig are found from here, whatever the cwd. */
 export const PROJECT_ROOT = fileURLToPath(new URL('..', import.meta.url));

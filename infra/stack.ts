@@ -19,7 +19,6 @@ import * as snsSubscriptions from 'aws-cdk-lib/aws-sns-subscriptions';
 import * as sqs from 'aws-cdk-lib/aws-sqs';
 import { NagSuppressions } from 'cdk-nag';
 import type { Construct } from 'constructs';
-import type { FunctionName } from '../functions/contracts.ts';
 import {
   planScheduleName,
   RECOVERY_TAGS,
@@ -114,7 +113,7 @@ export class FerryStack extends Stack {
   readonly cycle: CycleStateMachine;
   readonly recovery: RecoveryStateMachine;
   /** The recovery Lambda (functions/recovery/handler.ts): every action of the Recovery state machine. */
-  readonly recoveryFunction: FerryFunction<FunctionName>;
+  readonly recoveryFunction: FerryFunction<'recovery'>;
   readonly functions: {
     readonly planner: FerryFunction<'planner'>;
     readonly differ: FerryFunction<'differ'>;
@@ -619,9 +618,9 @@ export class FerryStack extends Stack {
       scheduleGroupName: string;
       scheduleRole: iam.IRole;
       logRetention: logs.RetentionDays;
-      house: FerryFunctionProps<FunctionName>['house'];
+      house: FerryFunctionProps<'recovery'>['house'];
     },
-  ): FerryFunction<FunctionName> {
+  ): FerryFunction<'recovery'> {
     const environment: RecoveryEnvironment = {
       TABLE_NAME: this.table.tableName,
       RECOVERY_DEFAULTS: JSON.stringify(recoveryDefaults(config)),
@@ -635,8 +634,6 @@ export class FerryStack extends Stack {
         { setting: 'plans[].recovery' },
       );
     }
-    // FerryFunction's environment is typed from functions/contracts.ts, which holds the cycle
-    // functions only; the recovery function's is RecoveryEnvironment (functions/recovery/contracts.ts).
     const fn = new FerryFunction(this, 'RecoveryLambda', {
       name: 'recovery',
       description: 'Ferry recovery: resolves a checkpoint, launches, checks, pauses, tears down, records',
@@ -645,7 +642,7 @@ export class FerryStack extends Stack {
       memorySize: 512,
       timeout: RECOVERY_TIMEOUT,
       logRetention: parts.logRetention,
-    } as unknown as FerryFunctionProps<FunctionName>);
+    });
     const role = fn.role;
     const arn = (resource: string, account = this.account) =>
       this.formatArn({ service: 'ec2', account, resource, resourceName: '*' });

@@ -44,14 +44,33 @@ export function resolveToken(value: unknown): string {
   throw new Error(`cannot resolve CloudFormation token ${JSON.stringify(value)}`);
 }
 
-/** The state machine's definition as plain JSON (the template must hold exactly one state machine). */
-export function definitionFromTemplate(template: TemplateJson): StateMachineDefinition {
+/** The stack's two state machines, told apart by the end of their names (`<stack>-cycle`, `<stack>-recovery`). */
+export type MachineKind = 'cycle' | 'recovery';
+
+/** One state machine of a synthesized template, its definition as plain JSON. */
+export function machineFromTemplate(
+  template: TemplateJson,
+  kind: MachineKind,
+): { definition: StateMachineDefinition; stateMachineName: string } {
   const machines = Object.values(template.Resources).filter(
-    (r) => r.Type === 'AWS::StepFunctions::StateMachine',
+    (r) =>
+      r.Type === 'AWS::StepFunctions::StateMachine' &&
+      String(r.Properties?.StateMachineName ?? '').endsWith(`-${kind}`),
   );
-  if (machines.length !== 1) throw new Error(`expected one state machine, found ${machines.length}`);
-  const text = resolveToken(machines[0]!.Properties?.DefinitionString);
-  return JSON.parse(text) as StateMachineDefinition;
+  if (machines.length !== 1) throw new Error(`expected one ${kind} state machine, found ${machines.length}`);
+  const props = machines[0]!.Properties ?? {};
+  return {
+    definition: JSON.parse(resolveToken(props.DefinitionString)) as StateMachineDefinition,
+    stateMachineName: String(props.StateMachineName),
+  };
+}
+
+/** The definition of one of the template's state machines (the cycle machine by default). */
+export function definitionFromTemplate(
+  template: TemplateJson,
+  kind: MachineKind = 'cycle',
+): StateMachineDefinition {
+  return machineFromTemplate(template, kind).definition;
 }
 
 /** Every state of a definition by name, Map item processors included. */

@@ -13,7 +13,7 @@ import {
   FAKE,
   fakeArn,
   logicalIdOfFakeArn,
-  resolveToken,
+  machineFromTemplate,
   type TemplateJson,
 } from './asl.ts';
 
@@ -70,21 +70,14 @@ export function recoveryDefinitionFromTemplate(template: TemplateJson): {
   /** The logical id of the recovery Lambda its tasks invoke. */
   functionLogicalId: string;
 } {
-  const machines = Object.values(template.Resources).filter(
-    (r) =>
-      r.Type === 'AWS::StepFunctions::StateMachine' &&
-      String(r.Properties?.StateMachineName ?? '').endsWith('-recovery'),
-  );
-  if (machines.length !== 1) throw new Error(`expected one Recovery state machine, found ${machines.length}`);
-  const props = machines[0]!.Properties ?? {};
-  const definition = JSON.parse(resolveToken(props.DefinitionString)) as StateMachineDefinition;
+  const { definition, stateMachineName } = machineFromTemplate(template, 'recovery');
   const ids = new Set<string>();
   for (const [, s] of allStates(definition)) {
     const id = s.Type === 'Task' ? logicalIdOfFakeArn(String(s.Resource)) : undefined;
     if (id !== undefined) ids.add(id);
   }
   if (ids.size !== 1) throw new Error(`the Recovery state machine should invoke one Lambda, not ${ids.size}`);
-  return { definition, stateMachineName: String(props.StateMachineName), functionLogicalId: [...ids][0]! };
+  return { definition, stateMachineName, functionLogicalId: [...ids][0]! };
 }
 
 /** AWS's default task timeout overflows a Node timer; this is as good as none locally. */

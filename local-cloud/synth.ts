@@ -11,7 +11,7 @@ import type { FunctionName } from '../functions/contracts.ts';
 import { type FerryConfigInput, parseFerryConfig } from '../infra/config.ts';
 import { PROJECT_ROOT } from '../infra/function.ts';
 import { FerryStack } from '../infra/stack.ts';
-import { FAKE, fakeArn, resolveToken, type TemplateJson } from './asl.ts';
+import { FAKE, fakeArn, machineFromTemplate, type TemplateJson } from './asl.ts';
 
 type Resource = TemplateJson['Resources'][string];
 
@@ -138,18 +138,15 @@ export function readDeployment(template: TemplateJson, stackName: string): Deplo
   if (queue === undefined) throw new Error('the event source mapping reads no queue of this template');
   const redrive = props(queue).RedrivePolicy as { maxReceiveCount?: number } | undefined;
 
-  // The cycle machine, by its name (the Recovery machine beside it is local-cloud/recovery.ts's).
-  const machines = ofType('AWS::StepFunctions::StateMachine').filter(
-    ([, r]) => !String(props(r).StateMachineName ?? '').endsWith('-recovery'),
-  );
-  if (machines.length !== 1) throw new Error(`expected one cycle state machine, found ${machines.length}`);
+  // The cycle machine (the Recovery machine beside it is local-cloud/recovery.ts's).
+  const cycle = machineFromTemplate(template, 'cycle');
   const [table] = ofType('AWS::DynamoDB::Table');
   const ttl = table === undefined ? undefined : props(table[1]).TimeToLiveSpecification;
   return {
     stackName,
     template,
-    definition: JSON.parse(resolveToken(props(machines[0]![1]).DefinitionString)) as StateMachineDefinition,
-    stateMachineName: String(props(machines[0]![1]).StateMachineName ?? `${stackName}-cycle`),
+    definition: cycle.definition,
+    stateMachineName: cycle.stateMachineName,
     functions,
     eventSource,
     queue: {

@@ -6,7 +6,7 @@ import { definitionFromTemplate, type TemplateJson } from '../../local-cloud/asl
 
 export { allStates, FAKE, fakeArn } from '../../local-cloud/asl.ts';
 
-/** The state machine's definition as plain JSON (the template must hold exactly one state machine). */
+/** The cycle state machine's definition as plain JSON. */
 export function plainDefinition(template: Template): StateMachineDefinition {
-  return definitionFromTemplate(template.toJSON() as TemplateJson);
+  return definitionFromTemplate(template.toJSON() as TemplateJson, 'cycle');
 }

@@ -137,8 +137,8 @@ const allStatements = (): Statement[] =>
     .flatMap((r) => (r.Properties.PolicyDocument as { Statement: Statement[] }).Statement);
 
 describe('FerryStack template', () => {
-  it('has one Standard state machine with tracing and full logging', () => {
-    template.resourceCountIs('AWS::StepFunctions::StateMachine', 1);
+  it('has a Standard cycle state machine with tracing and full logging (the Recovery one: recovery-stack.test.ts)', () => {
+    template.resourceCountIs('AWS::StepFunctions::StateMachine', 2);
     template.hasResourceProperties('AWS::StepFunctions::StateMachine', {
       StateMachineType: 'STANDARD',
       StateMachineName: 'FerryTest-cycle',
@@ -189,9 +189,9 @@ describe('FerryStack template', () => {
     expect(table!.DeletionPolicy).toBe('Retain');
   });
 
-  it('runs four Node 22 ARM64 functions, traced, each with its own log group', () => {
+  it('runs five Node 22 ARM64 functions (four for the cycle, one for recovery), traced, each with its own log group', () => {
     const fns = Object.values(template.findResources('AWS::Lambda::Function'));
-    expect(fns).toHaveLength(4);
+    expect(fns).toHaveLength(5);
     for (const fn of fns) {
       expect(fn.Properties).toMatchObject({
         Runtime: 'nodejs22.x',
@@ -200,7 +200,8 @@ describe('FerryStack template', () => {
         LoggingConfig: { LogGroup: { Ref: expect.any(String) } },
       });
     }
-    template.resourcePropertiesCountIs('AWS::Logs::LogGroup', { RetentionInDays: 30 }, 5);
+    // One per function and one per state machine.
+    template.resourcePropertiesCountIs('AWS::Logs::LogGroup', { RetentionInDays: 30 }, 7);
     template.hasResourceProperties('AWS::Lambda::Function', {
       Description: Match.stringLikeRegexp('^Ferry planner'),
       Environment: {
@@ -466,8 +467,21 @@ describe('configuration variants', () => {
       Environment: { Variables: Match.objectLike({ KMS_KEY_ARN: keyArn }) },
     });
     expect(JSON.stringify(t.toJSON())).not.toContain('ReadEncryptedSources');
-    // Without configured volumes the state machine may not call CreateSnapshot on any volume.
-    expect(JSON.stringify(t.toJSON())).not.toContain(':volume/');
+    // Without configured volumes the cycle state machine may not call CreateSnapshot on any volume
+    // (the recovery role creates volumes from snapshots: recovery-stack.test.ts checks its conditions).
+    const res = t.toJSON().Resources as Record<string, Resource>;
+    const cycle = Object.values(res).find(
+      (r) =>
+        r.Type === 'AWS::StepFunctions::StateMachine' && r.Properties.StateMachineName === 'FerryTest-cycle',
+    )!;
+    const cycleRole = (cycle.Properties.RoleArn as { 'Fn::GetAtt': string[] })['Fn::GetAtt'][0]!;
+    const cyclePolicies = Object.values(res).filter(
+      (r) =>
+        r.Type === 'AWS::IAM::Policy' &&
+        (r.Properties.Roles as { Ref: string }[]).some((ref) => ref.Ref === cycleRole),
+    );
+    expect(cyclePolicies.length).toBeGreaterThan(0);
+    expect(JSON.stringify(cyclePolicies)).not.toContain(':volume/');
   });
 
   it('refuses an invalid configuration before building anything', () => {
@@ -942,7 +956,7 @@ describe('bundling', () => {
     const bundles = readdirSync(assembly.directory)
       .filter((name) => name.startsWith('asset.'))
       .map((name) => readdirSync(join(assembly.directory, name)).sort());
-    expect(bundles).toEqual(Array.from({ length: 4 }, () => ['index.mjs', 'index.mjs.map']));
+    expect(bundles).toEqual(Array.from({ length: 5 }, () => ['index.mjs', 'index.mjs.map']));
     expect(s.node.tryGetContext('aws:cdk:bundling-stacks')).toBeUndefined();
   }, 60_000);
 });
