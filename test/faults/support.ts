@@ -10,13 +10,21 @@
 //
 // The oracle does not trust Ferry: "bit-exact" is a byte comparison against the source image (and,
 // for (b), against a copy of the source taken when the previous checkpoint was published).
+//
+// Every fault is injected into a real process, and what an operator runs next to see the damage
+// (`ferry checkpoints`, `ferry verify`) runs as one too. Clean cycles with nothing to observe (the
+// set-up cycles, the rerun after the fault, the listing after it) run the CLI's runLocalJob in this
+// process: the same job, without a second of process start-up each.
 import { type ChildProcess, spawn } from 'node:child_process';
 import { copyFile, mkdir, mkdtemp, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, expect, it, type TestContext } from 'vitest';
+import { parseJobSpec, runLocalJob } from '../../cli/run.ts';
+import { ChangeMapError, ConfigError, errorMessage } from '../../shared/engine/errors.ts';
 import { KiB, MiB } from '../../shared/engine/units.ts';
 import { verifyFileImage } from '../../shared/local/file-target.ts';
+import { LocalStateStore } from '../../shared/local/state-dir.ts';
 import { createDiskImage, mutateDisk } from '../../shared/local/workload.ts';
 import { type Nbdkit, startNbdkit } from '../support/nbdkit.ts';
 
@@ -102,6 +110,46 @@ export function ferry(args: readonly string[], opts: RunOptions = {}): Promise<R
     });
     opts.onSpawn?.(child);
   });
+}
+
+/** The engine settings the replicate flags of these tests name, for a run in this process. */
+const FLAG_SETTINGS: Record<string, string> = {
+  '--chunk-size': 'chunkSize',
+  '--window': 'window',
+  '--node-budget': 'nodeBudget',
+  '--checkpoint-interval': 'checkpointInterval',
+};
+
+function paramsFromFlags(flags: readonly string[]): Record<string, unknown> {
+  const params: Record<string, unknown> = {};
+  for (let i = 0; i < flags.length; i++) {
+    const flag = flags[i]!;
+    if (flag === '--no-adaptive') params.adaptive = false;
+    else if (FLAG_SETTINGS[flag] !== undefined && flags[i + 1] !== undefined)
+      params[FLAG_SETTINGS[flag]] = flags[++i];
+    // A flag this cannot map would be dropped without a word: refuse it instead.
+    else throw new Error(`faults/support: no in-process equivalent for replicate flag ${flag}`);
+  }
+  return params;
+}
+
+/**
+ * `ferry replicate --job JOB --state STATE FLAGS` as runLocalJob in this process, reported as the
+ * command would (exit 2 for a refused setting or change map, 1 for any other failure).
+ */
+async function replicateInProcess(job: string, state: string, flags: readonly string[]): Promise<Run> {
+  const args = ['(in process) replicate', '--job', job, '--state', state, ...flags];
+  try {
+    const spec = parseJobSpec(JSON.parse(await readFile(job, 'utf8')), `job file ${job}`);
+    const result = await runLocalJob(
+      { ...spec, params: { ...spec.params, ...paramsFromFlags(flags) } },
+      { stateDir: state },
+    );
+    return { args, code: 0, signal: null, stdout: JSON.stringify(result), stderr: '', hung: false };
+  } catch (err) {
+    const code = err instanceof ConfigError || err instanceof ChangeMapError ? 2 : 1;
+    return { args, code, signal: null, stdout: '', stderr: `ferry: ${errorMessage(err)}\n`, hung: false };
+  }
 }
 
 /** One line about a run for assertion messages: how it ended and the tail of its output. */
@@ -519,6 +567,18 @@ export class FaultSet {
     return ferry(this.replicateArgs(), opts);
   }
 
+  /** The current cycle without a fault, in this process (see replicateInProcess). */
+  async replicateHere(): Promise<Run> {
+    await this.writeJob();
+    return replicateInProcess(this.job, this.state, this.params);
+  }
+
+  /** The set's checkpoints read from the state directory in this process (after a clean run). */
+  async checkpointsHere(): Promise<Omit<Listing, 'run'>> {
+    const checkpoints = await new LocalStateStore(this.state).listCheckpoints(this.set);
+    return { checkpoints, ids: checkpoints.map((c) => c.id) };
+  }
+
   async checkpoints(): Promise<Listing> {
     const run = await ferry(['checkpoints', '--json', '--state', this.state, '--set', this.set]);
     expect(run.code, `checkpoints must keep working: ${describeRun(run)}`).toBe(0);
@@ -600,8 +660,7 @@ export class FaultSet {
    * up step: the published id is read from the result, not from a second process listing it).
    */
   async cycle(what: string): Promise<Run> {
-    await this.writeJob();
-    const run = await ferry([...this.replicateArgs(), '--json']);
+    const run = await this.replicateHere();
     expect(run.code, `${what}: ${describeRun(run)}`).toBe(0);
     const id = (JSON.parse(run.stdout) as { checkpoint: { id: string } }).checkpoint.id;
     expect(this.published, `${what}: a new checkpoint`).not.toContain(id);
@@ -644,7 +703,7 @@ export class FaultSet {
   /**
    * Checks the contract after `run` (the faulted one) and returns the outcome for the table.
    * If nothing was published, the previous checkpoint must verify and hold the previous bytes, and
-   * `rerun` (default: the same command, no fault) must publish bit-exact.
+   * `rerun` (default: the same job, no fault, in this process) must publish bit-exact.
    */
   async checkContract(run: Run, opts: { rerun?: () => Promise<Run>; what?: string } = {}): Promise<string> {
     const what = opts.what ?? 'after the fault';
@@ -685,9 +744,9 @@ export class FaultSet {
       await this.assertVerifies(`${what}: previous checkpoint`, previous, 'command');
       await this.assertHoldsPrevious(`${what}: previous checkpoint ${previous.id}`);
     }
-    const again = await (opts.rerun ?? (() => this.replicate()))();
+    const again = await (opts.rerun ?? (() => this.replicateHere()))();
     expect(again.code, `${what}: the rerun must complete: ${describeRun(again)}`).toBe(0);
-    const after = await this.checkpoints();
+    const after = await this.checkpointsHere();
     const rerunFresh = after.ids.filter((id) => !before.includes(id));
     expect(rerunFresh, `${what}: the rerun publishes exactly one checkpoint`).toHaveLength(1);
     await this.assertBitExact(`${what}: rerun's ${rerunFresh[0]}`);
