@@ -53,7 +53,7 @@ describe('I/O errors at the source and the target', () => {
           what: 'full copy with read errors',
           rerun: async () => {
             await nbd.restart();
-            const again = await set.replicate();
+            const again = await set.replicateHere();
             await nbd.restart({ readErrorRate: '1%' });
             return again;
           },
@@ -65,7 +65,7 @@ describe('I/O errors at the source and the target', () => {
           what: 'incremental with read errors',
           rerun: async () => {
             await nbd.restart();
-            return set.replicate();
+            return set.replicateHere();
           },
         });
         row.note(`${retries(full.stderr)} + ${retries(inc.stderr)} retries reported`);
@@ -101,7 +101,7 @@ describe('I/O errors at the source and the target', () => {
       const outcome = await set.checkContract(run, {
         rerun: async () => {
           await mount.resize(96 * MiB);
-          return set.replicate();
+          return set.replicateHere();
         },
       });
       await set.remove();
@@ -131,7 +131,7 @@ describe('I/O errors at the source and the target', () => {
       const outcome = await set.checkContract(run, {
         rerun: async () => {
           await mount.resize(64 * MiB);
-          return set.replicate();
+          return set.replicateHere();
         },
       });
       await set.remove();
@@ -159,7 +159,7 @@ describe('I/O errors at the source and the target', () => {
       const outcome = await set.checkContract(run, {
         rerun: async () => {
           await rm(filler);
-          return set.replicate();
+          return set.replicateHere();
         },
       });
       await set.remove();

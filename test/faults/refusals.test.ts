@@ -52,7 +52,7 @@ describe('jobs refused at planning', () => {
         const outcome = await set.checkContract(run, {
           rerun: () => {
             d.changed = right;
-            return set.replicate();
+            return set.replicateHere();
           },
         });
         await set.remove();
@@ -103,7 +103,7 @@ describe('jobs refused at planning', () => {
         const outcome = await set.checkContract(run, {
           rerun: () => {
             beta.target = own;
-            return set.replicate();
+            return set.replicateHere();
           },
         });
         await set.remove();
@@ -168,7 +168,7 @@ describe('jobs refused at planning', () => {
         const outcome = await set.checkContract(run, {
           rerun: () => {
             d.changed = undefined;
-            return set.replicate();
+            return set.replicateHere();
           },
         });
         await set.remove();
