@@ -1,113 +1,17 @@
-// Test helper: runs a real moto_server (the EC2, EventBridge Scheduler, ... emulator) on 127.0.0.1 with a
-// free port, resets it between tests, and always stops it.
-import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
-import { homedir } from 'node:os';
-import { join } from 'node:path';
-import { freeLoopbackPort, stopChild } from '../../shared/runtime/processes.ts';
+// Test helper: moto_server (the EC2, EventBridge Scheduler, ... emulator) for the tests, from the local
+// cloud's emulator (local-cloud/emulators/moto.ts): 127.0.0.1, a free port, reset between tests, always
+// stopped; a missing moto_server fails with pip install 'moto[server]'.
+import { type Moto, startMoto as startMotoServer } from '../../local-cloud/emulators/moto.ts';
 
-export const MOTO_INSTALL_HINT = "pip install 'moto[server]' (moto 5.2.1 is known to work)";
+export {
+  findMotoServer,
+  MOTO_CREDENTIALS,
+  MOTO_INSTALL_HINT,
+  MOTO_REGION,
+  type Moto,
+} from '../../local-cloud/emulators/moto.ts';
 
-// moto answers its first request after Flask and its backends load: a few seconds on a busy box.
-const READY_TIMEOUT_MS = 60_000;
-const POLL_MS = 100;
-const KILL_AFTER_MS = 5_000;
-
-/** Credentials moto accepts (any); never real ones. */
-export const MOTO_CREDENTIALS = { accessKeyId: 'testing', secretAccessKey: 'testing' } as const;
-export const MOTO_REGION = 'us-east-1';
-
-export interface Moto {
-  /** http://127.0.0.1:PORT */
-  readonly endpoint: string;
-  /** Client settings for any SDK v3 client pointed at this server. */
-  readonly clientConfig: {
-    endpoint: string;
-    region: string;
-    credentials: typeof MOTO_CREDENTIALS;
-  };
-  /** Forgets every resource of every service (POST /moto-api/reset). */
-  reset(): Promise<void>;
-  /** Stops the server and waits for it to exit. Safe to call twice. */
-  stop(): Promise<void>;
-}
-
-/** The moto_server command: MOTO_SERVER, else on PATH, else pyenv's shim; undefined when none. */
-export function findMotoServer(): string | undefined {
-  const given = process.env.MOTO_SERVER;
-  if (given !== undefined && given !== '') return existsSync(given) ? given : undefined;
-  const onPath = spawnSync('sh', ['-c', 'command -v moto_server'], { encoding: 'utf8' });
-  if (onPath.status === 0 && onPath.stdout.trim() !== '') return onPath.stdout.trim();
-  const shim = join(homedir(), '.pyenv', 'shims', 'moto_server');
-  return existsSync(shim) ? shim : undefined;
-}
-
-/** Starts moto_server; fails with the install command when it is not installed. */
-export async function startMoto(): Promise<Moto> {
-  const command = findMotoServer();
-  if (command === undefined) {
-    throw new Error(
-      `moto_server is not installed (the EC2 and Scheduler tests need it): ${MOTO_INSTALL_HINT}`,
-    );
-  }
-  const port = await freeLoopbackPort();
-  const endpoint = `http://127.0.0.1:${port}`;
-  const child: ChildProcess = spawn(command, ['-H', '127.0.0.1', '-p', String(port)], {
-    stdio: ['ignore', 'ignore', 'pipe'],
-    env: { ...process.env, PYTHONUNBUFFERED: '1' },
-  });
-  // moto has no --exit-with-parent: a test process that exits (or throws its way out) takes it along.
-  const killOnExit = () => child.kill('SIGKILL');
-  process.once('exit', killOnExit);
-  let stderr = '';
-  child.stderr?.setEncoding('utf8').on('data', (s: string) => {
-    // moto logs every request on stderr: keep only the start, for a failure message.
-    if (stderr.length < 4000) stderr += s;
-  });
-  const exited = new Promise<void>((resolve) => {
-    child.once('exit', () => {
-      process.off('exit', killOnExit);
-      resolve();
-    });
-    child.once('error', () => resolve());
-  });
-  let gone: string | undefined;
-  child.once('exit', (code, signal) => {
-    gone = `moto_server exited (${code ?? signal})`;
-  });
-  child.once('error', (err) => {
-    gone = `moto_server could not start: ${err.message}`;
-  });
-
-  const deadline = Date.now() + READY_TIMEOUT_MS;
-  for (;;) {
-    if (gone !== undefined) throw new Error(`${gone} before it was ready: ${stderr.trim().slice(0, 2000)}`);
-    try {
-      const res = await fetch(`${endpoint}/moto-api/`, { signal: AbortSignal.timeout(2000) });
-      await res.arrayBuffer();
-      if (res.ok) break;
-    } catch {
-      // not listening yet
-    }
-    if (Date.now() > deadline) {
-      await stopChild(child, exited, KILL_AFTER_MS);
-      throw new Error(`moto_server did not answer on ${endpoint} within ${READY_TIMEOUT_MS / 1000} s`);
-    }
-    await new Promise((r) => setTimeout(r, POLL_MS));
-  }
-
-  let stopped: Promise<void> | undefined;
-  return {
-    endpoint,
-    clientConfig: { endpoint, region: MOTO_REGION, credentials: MOTO_CREDENTIALS },
-    async reset() {
-      const res = await fetch(`${endpoint}/moto-api/reset`, { method: 'POST' });
-      await res.arrayBuffer();
-      if (!res.ok) throw new Error(`moto reset answered ${res.status}`);
-    },
-    stop: () => {
-      stopped ??= stopChild(child, exited, KILL_AFTER_MS);
-      return stopped;
-    },
-  };
+/** Starts moto_server for a test file; missing, it names the tests that need it and the install. */
+export function startMoto(): Promise<Moto> {
+  return startMotoServer({ neededBy: 'the EC2 and Scheduler tests' });
 }
