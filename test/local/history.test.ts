@@ -96,6 +96,21 @@ async function fiveCheckpoints(w: World, extra: Partial<JobSpec> = {}): Promise<
   expect(await cycle(w, await change(w, 400), extra)).toBe(5);
 }
 
+/**
+ * One world with five checkpoints, built on first use and shared by the tests of a describe that
+ * only read it, or damage parts of it that no other of them reads (each says which).
+ */
+function sharedFiveCheckpoints(): () => Promise<World> {
+  let built: Promise<World> | undefined;
+  return () => {
+    built ??= world().then(async (w) => {
+      await fiveCheckpoints(w);
+      return w;
+    });
+    return built;
+  };
+}
+
 /** Recovers checkpoint `seq` into a fresh directory and returns it. */
 async function recover(w: World, seq: number | string): Promise<string> {
   const to = join(w.dir, `recovered-${seq}-${Math.random().toString(36).slice(2)}`);
@@ -130,10 +145,13 @@ async function refusal(w: World, seq: number): Promise<RecoveryError> {
 class Crash extends Error {}
 
 describe('point-in-time recovery of file targets', () => {
+  // Read by the first two tests only: recovering never writes the replicas or their history (the
+  // second test asserts exactly that).
+  const five = sharedFiveCheckpoints();
+
   it('recovers every checkpoint bit-exact, across increments and a re-seed of a grown disk', async () => {
     // Prepare
-    const w = await world();
-    await fiveCheckpoints(w);
+    const w = await five();
     // Assess: what each disk's history holds.
     const kinds = async (id: string) =>
       [...(await readHistory(w.dst(id))).entries.values()].map((e) => `${e.sequence}:${e.kind}`);
@@ -144,8 +162,7 @@ describe('point-in-time recovery of file targets', () => {
   });
 
   it('writes the recovered images sparse and leaves the replica and its history as they were', async () => {
-    const w = await world();
-    await fiveCheckpoints(w);
+    const w = await five();
     const before = await snapshot(w);
     const to = await recover(w, 'latest');
     // The sources are 60% allocated in 1 MiB runs: the copy allocates its non-zero 64 KiB runs only.
@@ -329,10 +346,15 @@ describe('retention', () => {
 });
 
 describe('damaged history', () => {
+  // Shared by the next two tests, which damage different records: disk a's undo of #4 (needed to
+  // recover #3 and older; its manifest is intact, so planning passes it) and disk b's manifest of #3
+  // (checked when #2 or older is planned). Each asserts a checkpoint the other's damage leaves
+  // alone: #3 fails on disk a's data, #2 is refused at disk b's manifest before anything is written.
+  const five = sharedFiveCheckpoints();
+
   it('a changed byte in an undo record fails the verification, naming disk, checkpoint and offset; nothing is left', async () => {
     // Prepare: flip the first saved byte of #4's undo record of disk a (what #4 overwrote of #3).
-    const w = await world();
-    await fiveCheckpoints(w);
+    const w = await five();
     const entry = (await readHistory(w.dst('a'))).entries.get(4)!;
     const fh = await open(entry.data, 'r+');
     const index = Buffer.alloc(24);
@@ -358,8 +380,7 @@ describe('damaged history', () => {
   });
 
   it('a changed manifest in the history is refused before anything is written', async () => {
-    const w = await world();
-    await fiveCheckpoints(w);
+    const w = await five();
     const entry = (await readHistory(w.dst('b'))).entries.get(3)!;
     const manifest = await readFile(entry.manifest);
     manifest[0]! ^= 1;
