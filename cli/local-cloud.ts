@@ -5,6 +5,8 @@
 // read back block by block and compared with the volumes as they were snapshotted. Each cycle's
 // requests are counted and priced (local-cloud/usage.ts, cost.ts, prices.ts); the settings they were
 // counted with (fast or real waits, the workload's size) are printed and recorded with them.
+// `ferry local-cloud --recover MODE` runs the Recovery state machine instead (runLocalRecovery): EC2 and
+// EventBridge Scheduler on moto_server, a drill to its report and a teardown counted by tag.
 import type {
   ExecutionOutcome,
   LocalCloudEvent,
@@ -241,5 +243,237 @@ function report(e: LocalCloudEvent, verbose: boolean, log: (line: string) => voi
     case 'announcement':
       log(`${indent}EventBridge ${e.detailType}: ${String(e.detail.checkpointId ?? '')}`);
       return;
+  }
+}
+
+// ---- `ferry local-cloud --recover MODE`: the Recovery state machine, on emulators ------------------
+
+export const LOCAL_RECOVERY_MODES = ['drill', 'failover', 'migration'] as const;
+export type LocalRecoveryMode = (typeof LOCAL_RECOVERY_MODES)[number];
+
+export interface LocalRecoveryDemoOptions {
+  readonly mode: LocalRecoveryMode;
+  /** Print every state entered (Pass and Choice too), not only what an operator follows. */
+  readonly verbose: boolean;
+  /** 'fast' cuts every Wait state and retry pause (the drill's TTL too) to RECOVERY_FAST_WAIT_MS. */
+  readonly waits: WaitMode;
+  readonly json: boolean;
+  readonly log: (line: string) => void;
+}
+
+// As the cycle's local cloud: a Wait loop still goes round, only faster; a drill takes seconds.
+const RECOVERY_FAST_WAIT_MS = 200;
+
+const HOW_THE_CHECKPOINT_WAS_MADE =
+  "the checkpoint was published to the catalog by this command, not by a replication cycle: its target snapshots are moto snapshots of the plan's volumes (CreateSnapshot), since the local cloud's cycle writes its snapshots into Ferry's EBS emulator, which moto's EC2 cannot see";
+
+interface LocalExecution {
+  readonly name: string;
+  readonly status: 'SUCCEEDED' | 'FAILED';
+  readonly error?: string;
+  readonly cause?: string;
+  /** The recovery Lambda's actions, in order, retries included. */
+  readonly actions: readonly string[];
+  readonly report?: unknown;
+  /** What still exists with the job's tag after this execution. */
+  readonly leftByTag: import('../local-cloud/recovery.ts').LeftByTag;
+}
+
+/**
+ * Runs one recovery of a prepared local account and prints it: the synthesized Recovery definition,
+ * the real recovery handler, EC2 and Scheduler on moto_server, the catalog on dynalite. A failover or
+ * migration is then cleaned up on command, as an operator would end it. True when the recovery
+ * succeeded and nothing the job created is left (a drill by its own teardown).
+ */
+export async function runLocalRecovery(opts: LocalRecoveryDemoOptions): Promise<boolean> {
+  const { checkLocalCloudPrerequisites } = await import('../local-cloud/start-emulators.ts');
+  await checkLocalCloudPrerequisites();
+  const [{ startDynalite }, { startMoto }, local, { EC2Client }, { SchedulerClient }, cloudCli] =
+    await Promise.all([
+      import('../local-cloud/emulators/dynalite.ts'),
+      import('../local-cloud/emulators/moto.ts'),
+      import('../local-cloud/recovery.ts'),
+      import('@aws-sdk/client-ec2'),
+      import('@aws-sdk/client-scheduler'),
+      import('./recover-cloud.ts'),
+    ]);
+  const log = opts.json ? () => {} : opts.log;
+  const waitMs = opts.waits === 'fast' ? RECOVERY_FAST_WAIT_MS : undefined;
+
+  log('starting emulators: DynamoDB (dynalite), EC2 and EventBridge Scheduler (moto_server)');
+  const started = await Promise.allSettled([
+    startMoto({ why: 'ferry local-cloud --recover runs EC2 and EventBridge Scheduler on it' }),
+    startDynalite(),
+  ]);
+  const [motoStart, ddbStart] = started;
+  if (motoStart.status === 'rejected' || ddbStart.status === 'rejected') {
+    await Promise.all(started.map((s) => (s.status === 'fulfilled' ? s.value.stop() : undefined)));
+    throw motoStart.status === 'rejected' ? motoStart.reason : (ddbStart as PromiseRejectedResult).reason;
+  }
+  const moto = motoStart.value;
+  const ddb = ddbStart.value;
+  const ec2 = new EC2Client(moto.clientConfig);
+  const scheduler = new SchedulerClient(moto.clientConfig);
+  // moto_server is a child process: an interrupted run stops it rather than leave it behind.
+  const interrupted = (signal: NodeJS.Signals) => {
+    void moto.stop().finally(() => process.exit(signal === 'SIGINT' ? 130 : 143));
+  };
+  process.once('SIGINT', interrupted);
+  process.once('SIGTERM', interrupted);
+  let restoreEnv = () => {};
+  try {
+    log(
+      'synthesizing the stack (as cdk synth); preparing the account: VPC, subnets, volumes, state table, schedule',
+    );
+    const account = await local.prepareRecoveryAccount({ ec2, scheduler, dynamo: ddb.client });
+    const checkpoint = await account.publishCheckpoint();
+    log(
+      `plan ${account.plan}: volumes ${account.volumes.map((v) => `${v.disk} ${v.volumeId}`).join(', ')}; production subnet ${account.subnets.production}, drill subnet ${account.subnets.drill}; schedule ${account.plan} enabled`,
+    );
+    log(`checkpoint ${checkpoint.id}: ${checkpoint.disks.map((d) => `${d.disk} ${d.target}`).join(', ')}`);
+    log(`  ${HOW_THE_CHECKPOINT_WAS_MADE}`);
+    log(
+      waitMs === undefined
+        ? 'waits real: Wait states and retry pauses as synthesized (the drill waits its TTL of 5 minutes)'
+        : `waits fast: every Wait state and retry pause cut to ${waitMs} ms (the drill's TTL of 5 minutes too); moto's instances pass their status checks at once`,
+    );
+
+    restoreEnv = local.setRecoveryEnvironment(account.environment, {
+      dynamodb: ddb.endpoint,
+      ec2: moto.endpoint,
+      scheduler: moto.endpoint,
+    });
+    // Imported after the environment is set: the handler builds its clients from it on first use.
+    const { handler } = await import('../functions/recovery/handler.ts');
+    const cycles: string[] = [];
+    const recovery = new local.LocalRecovery({
+      definition: account.definition,
+      stateMachineName: account.stateMachineName,
+      bindings: {
+        recovery: local.asLambdaTask((event) => handler(event)),
+        // A migration's final cycle, stood in for as the checkpoint above was made.
+        runCycle: async () => {
+          const cp = await account.publishCheckpoint();
+          cycles.push(cp.id);
+          log(`  final cycle (stand-in): ${cp.id} published from moto snapshots of the volumes`);
+          return { status: 'published', checkpointId: cp.id, sequence: cp.sequence, disks: [] };
+        },
+      },
+      ...(waitMs === undefined ? { waits: 'real' as const } : { waitMs }),
+    });
+
+    const execute = async (input: Record<string, unknown>, name: string): Promise<LocalExecution> => {
+      const progress = new cloudCli.ProgressLines((line) => log(line));
+      let id = 0;
+      const outcome = await recovery.run(input, name, (step) => {
+        if (opts.verbose) {
+          log(`  ${step.type} ${step.state} (${step.stateType})${step.error ? `: ${step.error}` : ''}`);
+          return;
+        }
+        // The history events Step Functions would show, through the lines `ferry recover --cloud` prints.
+        const timestamp = new Date();
+        if (step.type === 'StateEntered')
+          progress.add({
+            id: ++id,
+            timestamp,
+            type: `${step.stateType}StateEntered` as never,
+            stateEnteredEventDetails: { name: step.state },
+          });
+        else if (step.type === 'StateFailed' && step.stateType === 'Task')
+          progress.add({
+            id: ++id,
+            timestamp,
+            type: 'TaskFailed',
+            taskFailedEventDetails: {
+              resourceType: 'lambda',
+              resource: 'invoke',
+              error: step.error,
+              cause: step.cause,
+            },
+          });
+        else if (step.type === 'StateRetried') log(`  ${step.state}: retried`);
+      });
+      if (outcome.status === 'FAILED')
+        log(`  recovery failed: ${outcome.error}: ${cloudCli.shortCause(outcome.cause)}`);
+      const jobId = String(input.jobId);
+      return {
+        name,
+        status: outcome.status,
+        ...(outcome.error === undefined ? {} : { error: outcome.error }),
+        ...(outcome.cause === undefined ? {} : { cause: outcome.cause }),
+        actions: outcome.actions,
+        ...(outcome.output === undefined ? {} : { report: outcome.output }),
+        leftByTag: await account.leftByTag(jobId),
+      };
+    };
+    const leftLine = (jobId: string, left: LocalExecution['leftByTag']) =>
+      `left with tag ferry:recovery-job=${jobId}: ${left.instances} instances (not terminated), ${left.volumes} volumes, ${left.images} images, ${left.snapshots} snapshots`;
+    const isZero = (left: LocalExecution['leftByTag']) => Object.values(left).every((n) => n === 0);
+    // A recovery's report says 'succeeded'; a cleanup's, 'cleaned-up'.
+    const succeeded = (e: LocalExecution, outcome = 'succeeded') =>
+      e.status === 'SUCCEEDED' && (e.report as { outcome?: string } | undefined)?.outcome === outcome;
+
+    const { request, executionName } = cloudCli.recoveryRequest({ mode: opts.mode, plan: account.plan });
+    const input = {
+      ...request,
+      // What the operator states when the source was stopped first: the window is then zero.
+      ...(opts.mode === 'migration' ? { sourceQuiesced: true } : {}),
+    };
+    log(`${opts.mode} of plan ${account.plan}: job ${executionName}`);
+    const job = await execute(input, executionName);
+    if (job.report !== undefined) for (const line of cloudCli.describeReport(job.report)) log(line);
+    log(leftLine(executionName, job.leftByTag));
+    let ok = succeeded(job);
+    let schedule: string | undefined;
+    let cleanup: LocalExecution | undefined;
+    if (opts.mode === 'drill') {
+      const clean = (job.report as { cleanup?: { clean?: boolean } } | undefined)?.cleanup?.clean === true;
+      ok &&= clean && isZero(job.leftByTag);
+    } else {
+      schedule = await account.scheduleState();
+      log(`schedule ${account.plan}: ${schedule}`);
+      ok &&= schedule === 'DISABLED' && job.leftByTag.instances > 0;
+      // The operator ends a failover's machines on command: the same teardown, verified by tag.
+      const end = cloudCli.recoveryRequest({ mode: 'cleanup', plan: account.plan, job: executionName });
+      log(`cleanup of job ${executionName} (as ferry recover --cloud --mode cleanup --job ${executionName})`);
+      cleanup = await execute(end.request, end.executionName);
+      if (cleanup.report !== undefined) for (const line of cloudCli.describeReport(cleanup.report)) log(line);
+      log(leftLine(executionName, cleanup.leftByTag));
+      ok &&= succeeded(cleanup, 'cleaned-up') && isZero(cleanup.leftByTag);
+    }
+    log(ok ? `local ${opts.mode} succeeded; nothing the job created is left` : `local ${opts.mode} FAILED`);
+    if (opts.json) {
+      opts.log(
+        JSON.stringify(
+          {
+            ok,
+            mode: opts.mode,
+            settings: { waits: opts.waits, ...(waitMs === undefined ? {} : { waitMs }) },
+            account: {
+              stack: account.stack,
+              plan: account.plan,
+              volumes: account.volumes,
+              subnets: account.subnets,
+            },
+            preparedCheckpoint: { id: checkpoint.id, sequence: checkpoint.sequence, disks: checkpoint.disks },
+            checkpointSource: HOW_THE_CHECKPOINT_WAS_MADE,
+            job,
+            ...(cycles.length === 0 ? {} : { finalCycles: cycles }),
+            ...(schedule === undefined ? {} : { schedule }),
+            ...(cleanup === undefined ? {} : { cleanup }),
+          },
+          null,
+          2,
+        ),
+      );
+    }
+    return ok;
+  } finally {
+    restoreEnv();
+    process.off('SIGINT', interrupted);
+    process.off('SIGTERM', interrupted);
+    ec2.destroy();
+    scheduler.destroy();
+    await Promise.all([moto.stop(), ddb.stop()]);
   }
 }

@@ -639,8 +639,33 @@ program
       "each incremental's changes as a multiple of the small workload's",
     ).argParser(Number),
   )
+  .addOption(
+    new Option(
+      '--recover <mode>',
+      'instead of cycles, run the Recovery state machine with the real recovery handler on moto_server (EC2, Scheduler) and dynalite, from a checkpoint of moto snapshots: a drill torn down and verified by tag, or a failover/migration then cleaned up; prints its report',
+    ).choices(['drill', 'failover', 'migration']),
+  )
   .option('--json', 'print the results as JSON')
-  .action(async (o) => {
+  .action(async (o, command: Command) => {
+    if (o.recover !== undefined) {
+      const cycleOnly = ['incrementals', 'faults', 'size', 'fullScale', 'incrementalScale'].filter(
+        (k) => command.getOptionValueSource(k) === 'cli',
+      );
+      if (cycleOnly.length > 0)
+        throw new ConfigError(
+          `--recover runs no cycles: ${cycleOnly.map((k) => `--${k.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`).join(', ')} does not apply to it`,
+          { setting: 'recover' },
+        );
+      const { runLocalRecovery } = await import('./local-cloud.ts');
+      const ok = await runLocalRecovery({
+        mode: o.recover,
+        verbose: Boolean(o.verbose),
+        waits: o.waits,
+        json: Boolean(o.json),
+        log: out,
+      });
+      process.exit(ok ? 0 : 1);
+    }
     if (!Number.isSafeInteger(o.incrementals) || o.incrementals < 0 || o.incrementals > 20)
       throw new ConfigError('--incrementals must be a whole number from 0 to 20', {
         setting: 'incrementals',

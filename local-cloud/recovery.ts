@@ -3,10 +3,32 @@
 // from its template environment, with EC2 and EventBridge Scheduler pointed at an emulator such as
 // moto_server, DynamoDB at dynalite), the migration's final cycle to a function the caller gives, and
 // CloudWatch's PutMetricData (the teardown alarm's metric) recorded. Waits and retry pauses are cut to
-// `waitMs`: a drill's TTL passes in milliseconds.
+// `waitMs`: a drill's TTL passes in milliseconds. Also: an account prepared on those emulators as a
+// deployed stack would find it (prepareRecoveryAccount), for `ferry local-cloud --recover`.
 import { CreateTableCommand, DescribeTableCommand, type DynamoDBClient } from '@aws-sdk/client-dynamodb';
+import {
+  CreateSecurityGroupCommand,
+  CreateSnapshotCommand,
+  CreateSubnetCommand,
+  CreateVolumeCommand,
+  CreateVpcCommand,
+  DescribeImagesCommand,
+  DescribeInstancesCommand,
+  DescribeSnapshotsCommand,
+  DescribeVolumesCommand,
+  type EC2Client,
+} from '@aws-sdk/client-ec2';
+import {
+  CreateScheduleCommand,
+  CreateScheduleGroupCommand,
+  GetScheduleCommand,
+  type SchedulerClient,
+} from '@aws-sdk/client-scheduler';
 import { ExecutionError, StateMachine, type StateMachineDefinition } from 'aws-local-stepfunctions';
 import { tableDefinition } from '../shared/aws/dynamo/schema.ts';
+import { DynamoStateStore } from '../shared/aws/dynamo/state-store.ts';
+import type { RecoveryCheckpoint } from '../shared/engine/ports.ts';
+import { planScheduleName, RECOVERY_TAGS } from '../shared/engine/recovery/names.ts';
 import {
   allStates,
   ensurePromiseWithResolvers,
@@ -16,6 +38,7 @@ import {
   machineFromTemplate,
   type TemplateJson,
 } from './asl.ts';
+import { synthesizeTemplate } from './synth.ts';
 
 type Json = Record<string, unknown>;
 
@@ -91,6 +114,8 @@ export interface LocalRecoveryOptions {
   readonly bindings: RecoveryBindings;
   /** Every Wait state and retry pause, in milliseconds (default 0). */
   readonly waitMs?: number;
+  /** 'real': Wait states and retry pauses as synthesized (a drill waits its TTL); waitMs is ignored. */
+  readonly waits?: 'fast' | 'real';
 }
 
 /** Runs executions of a Recovery definition with the given bindings. */
@@ -120,8 +145,10 @@ export class LocalRecovery {
     const retries: Record<string, number> = {};
     const ms = this.opts.waitMs ?? 0;
     for (const [stateName, state] of allStates(this.definition)) {
-      if (state.Type === 'Wait') waits[stateName] = ms;
-      if (state.Retry !== undefined) retries[stateName] = ms;
+      if (this.opts.waits !== 'real') {
+        if (state.Type === 'Wait') waits[stateName] = ms;
+        if (state.Retry !== undefined) retries[stateName] = ms;
+      }
       if (state.Type !== 'Task') continue;
       const resource = String(state.Resource);
       if (logicalIdOfFakeArn(resource) !== undefined) {
@@ -493,4 +520,210 @@ export async function serveLocalStepFunctions(
 
 function apiError(code: string, message: string): Error & { code: string } {
   return Object.assign(new Error(message), { code });
+}
+
+// ---- an account prepared as a deployed stack would find it (for `ferry local-cloud --recover`) -----
+
+/** What the local account holds for one plan: EC2 on moto_server, the catalog on dynalite. */
+export interface RecoveryAccount {
+  readonly stack: string;
+  readonly plan: string;
+  readonly table: string;
+  readonly definition: StateMachineDefinition;
+  readonly stateMachineName: string;
+  /** The recovery function's environment, as the template deploys it. */
+  readonly environment: Record<string, string>;
+  /** The plan's disks: EC2 volumes in moto. */
+  readonly volumes: readonly { readonly disk: string; readonly volumeId: string }[];
+  readonly subnets: { readonly production: string; readonly drill: string };
+  /**
+   * Snapshots every volume of the plan in moto (CreateSnapshot, tagged ferry:deployment as the cycle
+   * tags its target snapshots) and publishes them to the catalog as the set's next checkpoint. It
+   * stands in for a cycle: the snapshots hold whatever moto's volumes hold, and the checkpoint's
+   * chunk counts and checksums describe no replicated data.
+   */
+  publishCheckpoint(): Promise<RecoveryCheckpoint>;
+  /** What still exists with the job's tag: instances not terminated, volumes, images, snapshots. */
+  leftByTag(jobId: string): Promise<LeftByTag>;
+  /** The plan's schedule's state (ENABLED or DISABLED). */
+  scheduleState(): Promise<string | undefined>;
+}
+
+export interface LeftByTag {
+  readonly instances: number;
+  readonly volumes: number;
+  readonly images: number;
+  readonly snapshots: number;
+}
+
+export interface RecoveryAccountClients {
+  readonly ec2: EC2Client;
+  readonly scheduler: SchedulerClient;
+  readonly dynamo: DynamoDBClient;
+}
+
+/** The plan a local recovery runs: two disks to one machine, a drill subnet apart from production. */
+export const LOCAL_RECOVERY_PLAN = 'web';
+const LOCAL_STACK = 'FerryLocal';
+const AZ = 'us-east-1a';
+// moto keeps no data in its volumes; 8 GiB is the smallest boot volume AWS images are usually made of.
+const VOLUME_GIB = 8;
+// The stack's RECOVERY_DEFAULTS refuse a TTL under 5 minutes; fast waits cut it to milliseconds.
+const DRILL_TTL_MINUTES = 5;
+
+/**
+ * Prepares what `cdk deploy` and the operator leave in an account for one plan, on emulators: a VPC
+ * with a production and an isolated drill subnet and their security groups, the plan's volumes, the
+ * synthesized stack (its Recovery definition and the recovery function's environment), the state
+ * table and the plan's schedule in the stack's schedule group. No checkpoint yet: publishCheckpoint.
+ */
+export async function prepareRecoveryAccount(
+  clients: RecoveryAccountClients,
+  stack = LOCAL_STACK,
+): Promise<RecoveryAccount> {
+  const { ec2, scheduler, dynamo } = clients;
+  const plan = LOCAL_RECOVERY_PLAN;
+  const table = `${stack}-state`;
+  const vpc = (await ec2.send(new CreateVpcCommand({ CidrBlock: '10.0.0.0/16' }))).Vpc?.VpcId;
+  const subnet = async (cidr: string) =>
+    String(
+      (await ec2.send(new CreateSubnetCommand({ VpcId: vpc, CidrBlock: cidr, AvailabilityZone: AZ }))).Subnet
+        ?.SubnetId,
+    );
+  const securityGroup = async (name: string) =>
+    String(
+      (await ec2.send(new CreateSecurityGroupCommand({ GroupName: name, Description: name, VpcId: vpc })))
+        .GroupId,
+    );
+  const subnets = { production: await subnet('10.0.1.0/24'), drill: await subnet('10.0.2.0/24') };
+  const groups = { production: await securityGroup(plan), drill: await securityGroup(`${plan}-drill`) };
+  const volumes: { disk: string; volumeId: string }[] = [];
+  for (const disk of ['root', 'data']) {
+    const out = await ec2.send(new CreateVolumeCommand({ AvailabilityZone: AZ, Size: VOLUME_GIB }));
+    volumes.push({ disk, volumeId: String(out.VolumeId) });
+  }
+
+  const template = synthesizeTemplate(
+    {
+      plans: [
+        {
+          name: plan,
+          schedule: 'rate(15 minutes)',
+          rpoMinutes: 30,
+          disks: volumes,
+          recovery: {
+            machines: [
+              {
+                name: `${plan}-1`,
+                bootDisk: 'root',
+                dataDisks: ['data'],
+                instanceType: 't3.micro',
+                subnetId: subnets.production,
+                securityGroupIds: [groups.production],
+                ena: true,
+              },
+            ],
+            drillSubnetId: subnets.drill,
+            drillSecurityGroupIds: [groups.drill],
+            ttlMinutes: DRILL_TTL_MINUTES,
+          },
+        },
+      ],
+    },
+    stack,
+  ) as TemplateJson;
+  const { definition, stateMachineName, functionLogicalId } = recoveryDefinitionFromTemplate(template);
+  const environment = recoveryEnvironment(template, functionLogicalId, table);
+  const scheduleGroup = environment.SCHEDULE_GROUP;
+  if (scheduleGroup === undefined) throw new Error('the recovery function has no SCHEDULE_GROUP');
+
+  await createStateTable(dynamo, table);
+  const store = new DynamoStateStore(dynamo, table);
+  await scheduler.send(new CreateScheduleGroupCommand({ Name: scheduleGroup }));
+  await scheduler.send(
+    new CreateScheduleCommand({
+      Name: planScheduleName(plan),
+      GroupName: scheduleGroup,
+      ScheduleExpression: 'rate(15 minutes)',
+      FlexibleTimeWindow: { Mode: 'OFF' },
+      State: 'ENABLED',
+      Target: {
+        Arn: `arn:${FAKE.partition}:states:${FAKE.region}:${FAKE.account}:stateMachine:${stack}-cycle`,
+        RoleArn: `arn:${FAKE.partition}:iam::${FAKE.account}:role/${stack}-ScheduleRole`,
+        Input: JSON.stringify({ plan }),
+      },
+    }),
+  );
+
+  let sequence = 0;
+  const publishCheckpoint = async (): Promise<RecoveryCheckpoint> => {
+    sequence++;
+    const disks = [];
+    for (const { disk, volumeId } of volumes) {
+      const snapshot = await ec2.send(
+        new CreateSnapshotCommand({
+          VolumeId: volumeId,
+          TagSpecifications: [
+            { ResourceType: 'snapshot', Tags: [{ Key: 'ferry:deployment', Value: stack }] },
+          ],
+        }),
+      );
+      disks.push({
+        disk,
+        source: volumeId,
+        target: String(snapshot.SnapshotId),
+        sizeBytes: VOLUME_GIB * 1024 ** 3,
+        kind: sequence === 1 ? ('full' as const) : ('incremental' as const),
+        chunks: 0,
+        bytes: 0,
+        // No data was replicated: zeros, which no verifier would accept for a disk's aggregate.
+        aggregate: { algorithm: 'ebs-linear-sha256' as const, value: '0'.repeat(64) },
+      });
+    }
+    const checkpoint: RecoveryCheckpoint = {
+      id: `${plan}/cycle-${sequence}`,
+      set: plan,
+      sequence,
+      createdAt: new Date().toISOString(),
+      parent: sequence === 1 ? undefined : `${plan}/cycle-${sequence - 1}`,
+      disks,
+    };
+    await store.publishCheckpoint(checkpoint);
+    return checkpoint;
+  };
+
+  const leftByTag = async (jobId: string): Promise<LeftByTag> => {
+    const Filters = [{ Name: `tag:${RECOVERY_TAGS.job}`, Values: [jobId] }];
+    const reservations = (await ec2.send(new DescribeInstancesCommand({ Filters }))).Reservations ?? [];
+    // Terminated instances stay listed for a while, as on AWS: they are gone.
+    const instances = reservations
+      .flatMap((r) => r.Instances ?? [])
+      .filter((i) => i.State?.Name !== 'terminated' && i.State?.Name !== 'shutting-down').length;
+    return {
+      instances,
+      volumes: (await ec2.send(new DescribeVolumesCommand({ Filters }))).Volumes?.length ?? 0,
+      images: (await ec2.send(new DescribeImagesCommand({ Owners: ['self'], Filters }))).Images?.length ?? 0,
+      snapshots:
+        (await ec2.send(new DescribeSnapshotsCommand({ OwnerIds: ['self'], Filters }))).Snapshots?.length ??
+        0,
+    };
+  };
+
+  const scheduleState = async () =>
+    (await scheduler.send(new GetScheduleCommand({ Name: planScheduleName(plan), GroupName: scheduleGroup })))
+      .State;
+
+  return {
+    stack,
+    plan,
+    table,
+    definition,
+    stateMachineName,
+    environment,
+    volumes,
+    subnets,
+    publishCheckpoint,
+    leftByTag,
+    scheduleState,
+  };
 }

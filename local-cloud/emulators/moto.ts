@@ -36,8 +36,8 @@ export interface Moto {
 }
 
 export interface StartMotoOptions {
-  /** Who needs it, for the message when moto_server is missing (e.g. "ferry local-cloud --recover"). */
-  readonly neededBy?: string;
+  /** Why it is needed, for the message when moto_server is missing ("the EC2 and Scheduler tests need it"). */
+  readonly why?: string;
 }
 
 /** The moto_server command: MOTO_SERVER, else on PATH, else pyenv's shim; undefined when none. */
@@ -58,7 +58,7 @@ export async function startMoto(opts: StartMotoOptions = {}): Promise<Moto> {
   const command = findMotoServer();
   if (command === undefined) {
     throw new ConfigError(
-      `moto_server is not installed (${opts.neededBy ?? 'the local EC2 and EventBridge Scheduler'} need it): ${MOTO_INSTALL_HINT}, or set MOTO_SERVER to its path`,
+      `moto_server is not installed (${opts.why ?? 'the local EC2 and EventBridge Scheduler run on it'}): ${MOTO_INSTALL_HINT}, or set MOTO_SERVER to its path`,
       { setting: 'moto_server' },
     );
   }

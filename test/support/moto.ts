@@ -13,5 +13,5 @@ export {
 
 /** Starts moto_server for a test file; missing, it names the tests that need it and the install. */
 export function startMoto(): Promise<Moto> {
-  return startMotoServer({ neededBy: 'the EC2 and Scheduler tests' });
+  return startMotoServer({ why: 'the EC2 and Scheduler tests need it' });
 }
