@@ -8,7 +8,7 @@ import { DescriptorCache } from '../../shared/engine/cycle/descriptor-cache.ts';
 import { runDiffer } from '../../shared/engine/cycle/differ.ts';
 import { abort, finalize } from '../../shared/engine/cycle/finalize.ts';
 import { inflightOf } from '../../shared/engine/cycle/grant-plan.ts';
-import { EBS_BLOCK_SIZE, type Log, type Meter, noMeter } from '../../shared/engine/cycle/ports.ts';
+import { EBS_BLOCK_SIZE, type Log, type Meter } from '../../shared/engine/cycle/ports.ts';
 import { prepare } from '../../shared/engine/cycle/prepare.ts';
 import { tick } from '../../shared/engine/cycle/tick.ts';
 import type { CycleInput, CycleRef, FinalizeResult, TickResult } from '../../shared/engine/cycle/types.ts';
@@ -85,7 +85,13 @@ export class World {
   readonly catalog = new MemoryCatalog();
   readonly events = new MemoryEvents();
   readonly log = new MemoryLog();
-  readonly meter: Meter = noMeter;
+  /** Every metric the steps added, summed by name (the handlers emit the same names). */
+  readonly metrics = new Map<string, number>();
+  readonly meter: Meter = {
+    add: (name, _unit, value) => {
+      this.metrics.set(name, (this.metrics.get(name) ?? 0) + value);
+    },
+  };
   readonly queue: MemoryGrantQueue;
   readonly ebs: MemorySnapshots;
   readonly nodeBudget: number;

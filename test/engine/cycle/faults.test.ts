@@ -4,6 +4,7 @@
 // a permanent error, publishes nothing), no flow leaks in-flight bytes, and the node budget holds
 // after every flow and budget write.
 import { describe, expect, it } from 'vitest';
+import { writeBatch } from '../../../shared/engine/cycle/writer.ts';
 import { sameImage } from '../../support/cycle-fakes.ts';
 import {
   BLOCK,
@@ -95,6 +96,7 @@ describe('the cycle under trouble', () => {
     expect(Math.min(...windows)).toBe(2 * MiB);
     const rec = world.ledger.disks.values().next().value!;
     expect((rec.controller as { level: number }).level).toBe(0);
+    expect(world.metrics.get('WindowStepDown')).toBeGreaterThanOrEqual(2);
   });
 
   it('fails the cycle on a permanent error and publishes nothing', async () => {
@@ -181,6 +183,35 @@ describe('the cycle under trouble', () => {
 });
 
 describe('a writer killed at each point of its batch', () => {
+  it('is granted again by the tick when the queue hides its grants past the lease, and their late delivery writes nothing', async () => {
+    // Prepare: the second batch's writer dies after its first block; its messages stay invisible
+    // for two minutes, six leases, so only the tick's reclaim (the flows' grant marks) recovers them.
+    const world = new World({ leaseMs: 20_000, queue: { visibilityMs: 120_000 } });
+    const a = run(40);
+    const b = run(20, 100, 2, 5);
+    let batch = 0;
+    const crashes = () =>
+      ++batch === 2 ? new Crash({ port: 'writer', method: 'putBlocks', nth: 1 }) : undefined;
+
+    // Act
+    const result = await driveCycle(world, input(world, 'reclaimed', { a, b }), { crashes, batchSize: 10 });
+
+    // Assess: exact, one writer died, its grants were reclaimed and written by others.
+    assertPublished(world, result, { a, b });
+    expect(result.killed).toBe(1);
+    expect(world.metrics.get('GrantsReclaimed')).toBeGreaterThanOrEqual(1);
+    // The queue delivers the dead writer's messages at last: their flows are closed (published),
+    // so they are acknowledged without a block written.
+    const puts = world.ebs.puts;
+    await world.clock.sleep(120_000);
+    const late = world.queue.receive(10);
+    expect(late.length).toBeGreaterThan(0);
+    const r = await writeBatch(world.writerDeps(world.container()), late, () => 60_000);
+    expect(r.outcomes.stale).toBe(late.length);
+    expect(r.batchItemFailures).toEqual([]);
+    expect(world.ebs.puts).toBe(puts);
+  });
+
   const points = [
     { name: 'after its blocks were written', port: 'writer', method: 'putBlocks' },
     { name: 'mid-batch, after the third chunk of ten', port: 'writer', method: 'putBlocks', nth: 3 },
