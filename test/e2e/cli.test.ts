@@ -5,6 +5,7 @@ import { mkdtemp, open, readdir, readFile, rm, writeFile } from 'node:fs/promise
 import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { parseJobSpec, runLocalJob } from '../../cli/run.ts';
 import type { ReplicationResult } from '../../shared/engine/replicate.ts';
 import { MiB } from '../../shared/engine/units.ts';
 import { createDiskImage, firstDifference, mutateDisk } from '../../shared/local/workload.ts';
@@ -286,22 +287,20 @@ describe('ferry CLI', () => {
   });
 
   it('lists checkpoints as whole lines, the last one ended by a newline', async () => {
-    // Prepare: two checkpoints of a two-disk set.
+    // Prepare: two checkpoints of a two-disk set, replicated in this process (what
+    // `ferry replicate --source A --target A' --disk a --source B ... --set erp` runs).
     const dir = await workdir();
     const state = join(dir, 'state');
-    const args = ['--state', state, '--set', 'erp', '--json'];
     for (const d of ['a', 'b']) await createDiskImage(join(dir, `${d}.img`), { size: MiB, seed: 6 });
-    const pair = (d: string) => [
-      '--source',
-      `file:${join(dir, `${d}.img`)}`,
-      '--target',
-      `file:${join(dir, `${d}-dr.img`)}`,
-      '--disk',
-      d,
-    ];
+    const disk = (d: string) => ({
+      id: d,
+      source: `file:${join(dir, `${d}.img`)}`,
+      target: `file:${join(dir, `${d}-dr.img`)}`,
+    });
     for (let i = 0; i < 2; i++) {
-      const r = await ferry(['replicate', ...pair('a'), ...pair('b'), ...args]);
-      expect(r.code, r.stderr).toBe(0);
+      await runLocalJob(parseJobSpec({ set: 'erp', disks: [disk('a'), disk('b')] }, 'job'), {
+        stateDir: state,
+      });
     }
     const ids = JSON.parse((await ferry(['checkpoints', '--state', state, '--json'])).stdout) as {
       id: string;
@@ -312,11 +311,11 @@ describe('ferry CLI', () => {
     // Assess: exactly these lines, each ended by "\n", nothing after the last disk line.
     expect(list.code, list.stderr).toBe(0);
     expect(list.stderr).toBe('');
-    const disk = (d: string) =>
+    const line = (d: string) =>
       `    ${d}: full 1 MiB file:${join(dir, `${d}.img`)} -> file:${join(dir, `${d}-dr.img`)}\n`;
     expect(list.stdout).toBe(
       ids
-        .map((cp) => `${cp.id}  ${cp.createdAt}  2 disk(s)  2 MiB replicated\n${disk('a')}${disk('b')}`)
+        .map((cp) => `${cp.id}  ${cp.createdAt}  2 disk(s)  2 MiB replicated\n${line('a')}${line('b')}`)
         .join(''),
     );
     expect(ids.map((cp) => cp.id)).toEqual(['erp#1', 'erp#2']);
