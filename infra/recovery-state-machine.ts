@@ -206,9 +206,16 @@ export class RecoveryStateMachine extends Construct {
 
     // ---- teardown: delete by tag, verify by tag, a few rounds, then alarm --------------------------
 
-    const teardown = action('Teardown', payload({ action: 'teardown', ...job }), '$.r.teardown', {
-      'teardown.$': '$',
-    });
+    // Each round is given what the rounds before it removed ($.r.teardown, `{}` before the first), so
+    // the report counts the whole teardown, not only its last round.
+    const teardown = action(
+      'Teardown',
+      payload({ action: 'teardown', ...job, 'previous.$': '$.r.teardown' }),
+      '$.r.teardown',
+      {
+        'teardown.$': '$',
+      },
+    );
     const verify = action('Verify teardown', payload({ action: 'verify-teardown', ...job }), '$.r.verify', {
       'verify.$': '$',
     });

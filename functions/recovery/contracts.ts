@@ -302,12 +302,6 @@ export type PauseResult = z.infer<typeof pauseResultSchema>;
 
 // ---- teardown ------------------------------------------------------------------------------------
 
-export const teardownEventSchema = z.strictObject({
-  action: z.literal('teardown'),
-  jobId: jobIdSchema,
-});
-export type TeardownEvent = z.infer<typeof teardownEventSchema>;
-
 export const teardownResultSchema = z.strictObject({
   terminated: z.array(z.string()),
   deregistered: z.array(z.string()),
@@ -317,6 +311,17 @@ export const teardownResultSchema = z.strictObject({
   waiting: z.array(z.string()),
 });
 export type TeardownResult = z.infer<typeof teardownResultSchema>;
+
+export const teardownEventSchema = z.strictObject({
+  action: z.literal('teardown'),
+  jobId: jobIdSchema,
+  /**
+   * The report part earlier rounds of this teardown left (`{}` before the first, `{ teardown }`
+   * after): the answer counts them too.
+   */
+  previous: z.strictObject({ teardown: teardownResultSchema.optional() }).optional(),
+});
+export type TeardownEvent = z.infer<typeof teardownEventSchema>;
 
 export const verifyTeardownEventSchema = z.strictObject({
   action: z.literal('verify-teardown'),

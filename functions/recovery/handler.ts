@@ -63,7 +63,7 @@ export function createRecoveryHandler(runtime: () => RecoveryRuntime) {
         case 'pause':
           return deps.schedules.pause(e.plan);
         case 'teardown':
-          return teardownJob(deps, e.jobId);
+          return teardownJob(deps, e.jobId, e.previous?.teardown);
         case 'verify-teardown':
           return verifyTeardown(deps, e.jobId);
         case 'record':

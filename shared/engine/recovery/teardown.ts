@@ -52,19 +52,29 @@ export function teardownPlan(jobId: string, found: TaggedResources) {
 /**
  * Terminates the job's instances, deregisters its images (never with their snapshots), deletes its
  * detached volumes and any snapshot it made itself. Volumes still attached to a terminating
- * instance are reported `waiting`.
+ * instance are reported `waiting`. `previous` is what earlier rounds of the same teardown did: the
+ * answer counts every round (a later round finds only what the first left, so its own lists alone
+ * would under-report what the teardown removed).
  */
-export async function teardownJob(deps: TeardownDeps, jobId: string): Promise<TeardownResult> {
+export async function teardownJob(
+  deps: TeardownDeps,
+  jobId: string,
+  previous?: TeardownResult,
+): Promise<TeardownResult> {
   const plan = teardownPlan(jobId, await deps.compute.listTagged(RECOVERY_TAGS.job, jobId));
   if (plan.terminate.length > 0) await deps.compute.terminateInstances(plan.terminate);
   for (const id of plan.deregister) await deps.compute.deregisterImage(id);
   for (const id of plan.deleteVolumes) await deps.compute.deleteVolume(id);
   for (const id of plan.deleteSnapshots) await deps.compute.deleteSnapshot(id);
+  const both = (before: readonly string[] | undefined, now: readonly string[]) => [
+    ...new Set([...(before ?? []), ...now]),
+  ];
   return {
-    terminated: plan.terminate,
-    deregistered: plan.deregister,
-    deletedVolumes: plan.deleteVolumes,
-    deletedSnapshots: plan.deleteSnapshots,
+    terminated: both(previous?.terminated, plan.terminate),
+    deregistered: both(previous?.deregistered, plan.deregister),
+    deletedVolumes: both(previous?.deletedVolumes, plan.deleteVolumes),
+    deletedSnapshots: both(previous?.deletedSnapshots, plan.deleteSnapshots),
+    // Only this round's: what is still waiting now.
     waiting: plan.waiting,
   };
 }

@@ -296,8 +296,12 @@ describe('teardown', () => {
     expect(first.terminated).toHaveLength(1);
     expect(first.waiting).toEqual(volumes);
     expect((await verifyTeardown({ compute }, 'fo-1')).remaining.volumes).toBeGreaterThan(0);
-    const second = await teardownJob({ compute }, 'fo-1');
+    const second = await teardownJob({ compute }, 'fo-1', first);
     expect(second.deletedVolumes).toEqual(volumes);
+    // Given the first round, the second's answer is the whole teardown: the instance the first
+    // terminated is counted once, and nothing waits any more.
+    expect(second.terminated).toEqual(first.terminated);
+    expect(second.waiting).toEqual([]);
     expect((await verifyTeardown({ compute }, 'fo-1')).clean).toBe(true);
   });
 
