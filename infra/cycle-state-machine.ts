@@ -13,8 +13,6 @@ import {
   DIFF_CONCURRENCY,
   EC2_RETRIES,
   FINALIZE_POLL_SECONDS,
-  HANDLER_RETRIES,
-  LAMBDA_SERVICE_RETRIES,
   MAX_DIFF_CALLS_PER_CHILD,
   MAX_FINALIZE_CALLS,
   MAX_ROUNDS_PER_CYCLE,
@@ -26,6 +24,7 @@ import {
   START_CHILD_RETRIES,
   TICK_WAIT_SECONDS,
 } from './history-budget.ts';
+import { lambdaTask } from './lambda-task.ts';
 
 /** The `child` values a child execution is started with; anything else starts a cycle. */
 export const CHILD_KINDS = {
@@ -50,14 +49,6 @@ export const PERMANENT_ERRORS = [
   'PlanLockLostError',
   'CycleStateError',
   'CycleFailedError',
-];
-
-const LAMBDA_SERVICE_ERRORS = [
-  'Lambda.ServiceException',
-  'Lambda.AWSLambdaException',
-  'Lambda.SdkClientException',
-  'Lambda.TooManyRequestsException',
-  'Lambda.ClientExecutionTimeoutException',
 ];
 
 export interface SnapshotTag {
@@ -104,32 +95,13 @@ export class CycleStateMachine extends Construct {
       resultPath: string | undefined,
       resultSelector?: Record<string, unknown>,
     ) => {
-      const task = new tasks.LambdaInvoke(this, name, {
-        lambdaFunction: fn,
+      return lambdaTask(this, name, {
+        fn,
         payload: sfn.TaskInput.fromObject(payload),
-        payloadResponseOnly: true,
-        retryOnServiceExceptions: false,
-        resultSelector,
         resultPath,
+        resultSelector,
+        permanentErrors: PERMANENT_ERRORS,
       });
-      // Retriers are tried in order: permanent errors first, so States.TaskFailed cannot match them.
-      task.addRetry({ errors: PERMANENT_ERRORS, maxAttempts: 0 });
-      task.addRetry({
-        errors: LAMBDA_SERVICE_ERRORS,
-        interval: Duration.seconds(2),
-        maxAttempts: LAMBDA_SERVICE_RETRIES,
-        backoffRate: 2,
-        jitterStrategy: sfn.JitterType.FULL,
-      });
-      // Every handler is idempotent for its input, so an unknown error is retried a little.
-      task.addRetry({
-        errors: ['States.TaskFailed'],
-        interval: Duration.seconds(5),
-        maxAttempts: HANDLER_RETRIES,
-        backoffRate: 3,
-        jitterStrategy: sfn.JitterType.FULL,
-      });
-      return task;
     };
 
     /** An EC2 call through the AWS SDK integration; IAM for it is written by hand below. */

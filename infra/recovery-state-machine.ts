@@ -11,6 +11,8 @@ import * as sfn from 'aws-cdk-lib/aws-stepfunctions';
 import * as tasks from 'aws-cdk-lib/aws-stepfunctions-tasks';
 import { Construct } from 'constructs';
 import { RECOVERY_PERMANENT_ERRORS } from '../functions/recovery/contracts.ts';
+import { HANDLER_RETRIES, LAMBDA_SERVICE_RETRIES } from './history-budget.ts';
+import { lambdaTask } from './lambda-task.ts';
 
 // ---- bounds and timing, each with its reason ------------------------------------------------------
 
@@ -35,10 +37,6 @@ export const TEARDOWN_RETRY_SECONDS = 60;
 export const LAUNCH_CONCURRENCY = 8;
 /** Machines per job (resolve's machines allow 64). */
 export const MAX_MACHINES = 64;
-/** Lambda service errors (throttled invoke, 5xx) retried per task. */
-export const LAMBDA_SERVICE_RETRIES = 3;
-/** Handler errors not known to be permanent, retried per task (every action is idempotent). */
-export const HANDLER_RETRIES = 2;
 
 /** The metric the teardown alarm watches: one data point per teardown that could not be verified. */
 export const TEARDOWN_FAILED_METRIC = {
@@ -62,14 +60,6 @@ export const RECOVERY_ERRORS = {
   /** A migration's final cycle did not publish a checkpoint. */
   finalCycle: 'FinalCycleNotPublished',
 } as const;
-
-const LAMBDA_SERVICE_ERRORS = [
-  'Lambda.ServiceException',
-  'Lambda.AWSLambdaException',
-  'Lambda.SdkClientException',
-  'Lambda.TooManyRequestsException',
-  'Lambda.ClientExecutionTimeoutException',
-];
 
 export interface PlanCycle {
   /** The protection plan. */
@@ -121,31 +111,13 @@ export class RecoveryStateMachine extends Construct {
       resultPath: string | undefined,
       resultSelector?: Record<string, unknown>,
     ) => {
-      const task = new tasks.LambdaInvoke(this, name, {
-        lambdaFunction: props.recovery,
+      return lambdaTask(this, name, {
+        fn: props.recovery,
         ...(typeof payload === 'string' ? { inputPath: payload } : { payload }),
-        payloadResponseOnly: true,
-        retryOnServiceExceptions: false,
-        resultSelector,
         resultPath,
+        resultSelector,
+        permanentErrors: RECOVERY_PERMANENT_ERRORS,
       });
-      // Permanent errors first, so States.TaskFailed cannot match them.
-      task.addRetry({ errors: [...RECOVERY_PERMANENT_ERRORS], maxAttempts: 0 });
-      task.addRetry({
-        errors: LAMBDA_SERVICE_ERRORS,
-        interval: Duration.seconds(2),
-        maxAttempts: LAMBDA_SERVICE_RETRIES,
-        backoffRate: 2,
-        jitterStrategy: sfn.JitterType.FULL,
-      });
-      task.addRetry({
-        errors: ['States.TaskFailed'],
-        interval: Duration.seconds(5),
-        maxAttempts: HANDLER_RETRIES,
-        backoffRate: 3,
-        jitterStrategy: sfn.JitterType.FULL,
-      });
-      return task;
     };
     const refuse = (name: string, cause: string) =>
       new sfn.Fail(this, name, { error: RECOVERY_ERRORS.refused, cause });
