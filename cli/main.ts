@@ -245,10 +245,7 @@ program
     const ttlMs = o.test ? parseTtl(o.ttl ?? '1h') : 0;
     const started = Date.now();
     const reporter = createRecoveryReporter(o.json ? 'silent' : process.stderr.isTTY ? 'tty' : 'plain', err);
-    const abort = new AbortController();
-    const onSignal = () => abort.abort();
-    process.once('SIGINT', onSignal);
-    process.once('SIGTERM', onSignal);
+    const interrupt = interruptible();
     let recovered: RecoverResult;
     let failedOver: FailoverMark | undefined;
     try {
@@ -257,7 +254,7 @@ program
         stateDir: o.state,
         choice: { checkpoint: o.checkpoint, at: o.at },
         to: o.to,
-        signal: abort.signal,
+        signal: interrupt.signal,
         onEvent: (e: ReplicationEvent) => {
           if (e.type === 'recovered') reporter.log(`ferry: ${describeRecovery(e)}`);
         },
@@ -295,8 +292,7 @@ program
       }
     } finally {
       reporter.stop();
-      process.off('SIGINT', onSignal);
-      process.off('SIGTERM', onSignal);
+      interrupt.release();
     }
     if (o.test) await runDrill(recovered, o.to, ttlMs, started, { set, stateDir: o.state });
   });
@@ -336,17 +332,14 @@ program
     const { migrateSet, hashProgressPrinter } = await import('./recovery-modes.ts');
     const json = Boolean(o.json);
     const reporter = createReporter(json ? 'silent' : process.stderr.isTTY ? 'tty' : 'plain', err);
-    const abort = new AbortController();
-    const onSignal = () => abort.abort();
-    process.once('SIGINT', onSignal);
-    process.once('SIGTERM', onSignal);
+    const interrupt = interruptible();
     let result: Awaited<ReturnType<typeof migrateSet>>;
     try {
       result = await migrateSet(spec, {
         stateDir: o.state,
         to: o.to,
         insecure: Boolean(o.insecure),
-        signal: abort.signal,
+        signal: interrupt.signal,
         onEvent: (e) => reporter.onEvent(e),
         onHistory: (e) => {
           if (e.type === 'prune-failed' || !json) err(describeHistory(e));
@@ -359,8 +352,7 @@ program
       });
     } finally {
       reporter.stop();
-      process.off('SIGINT', onSignal);
-      process.off('SIGTERM', onSignal);
+      interrupt.release();
     }
     const { cycle, failover, dataLoss } = result;
     if (json) {
@@ -423,10 +415,7 @@ program
     );
     const json = Boolean(o.json);
     const reporter = createReporter(json ? 'silent' : process.stderr.isTTY ? 'tty' : 'plain', err);
-    const abort = new AbortController();
-    const onSignal = () => abort.abort();
-    process.once('SIGINT', onSignal);
-    process.once('SIGTERM', onSignal);
+    const interrupt = interruptible();
     let result: Awaited<ReturnType<typeof failbackSet>>;
     try {
       result = await failbackSet({
@@ -435,7 +424,7 @@ program
         ...(o.from !== undefined ? { from: o.from } : {}),
         ...(o.reverseSet !== undefined ? { reverseSet: o.reverseSet } : {}),
         resync: o.resync !== false,
-        signal: abort.signal,
+        signal: interrupt.signal,
         onEvent: (e) => reporter.onEvent(e),
         ...(json ? {} : { onHash: hashProgressPrinter(err) }),
         onPlanned: (disks) => {
@@ -461,8 +450,7 @@ program
       });
     } finally {
       reporter.stop();
-      process.off('SIGINT', onSignal);
-      process.off('SIGTERM', onSignal);
+      interrupt.release();
     }
     if (json) {
       out(
@@ -1105,6 +1093,24 @@ function paramsFromFlags(o: Record<string, unknown>): Record<string, unknown> {
   return p;
 }
 
+/**
+ * A signal that Ctrl-C (SIGINT) or SIGTERM aborts, so a long command stops cleanly (removing what it
+ * had not finished); `release` removes the handlers again.
+ */
+function interruptible(): { signal: AbortSignal; release: () => void } {
+  const abort = new AbortController();
+  const onSignal = () => abort.abort();
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  return {
+    signal: abort.signal,
+    release: () => {
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
+    },
+  };
+}
+
 async function runWithProgress(
   spec: JobSpec,
   stateDir: string,
@@ -1112,10 +1118,7 @@ async function runWithProgress(
   insecure: boolean,
 ): Promise<ReplicationResult> {
   const reporter = createReporter(json ? 'silent' : process.stderr.isTTY ? 'tty' : 'plain', err);
-  const abort = new AbortController();
-  const onSignal = () => abort.abort();
-  process.once('SIGINT', onSignal);
-  process.once('SIGTERM', onSignal);
+  const interrupt = interruptible();
   try {
     return await runLocalJob(spec, {
       stateDir,
@@ -1124,13 +1127,12 @@ async function runWithProgress(
         const line = describeHistory(e);
         if (e.type === 'prune-failed' || !json) err(line);
       },
-      signal: abort.signal,
+      signal: interrupt.signal,
       insecure,
     });
   } finally {
     reporter.stop();
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
+    interrupt.release();
   }
 }
 
