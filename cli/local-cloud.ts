@@ -29,6 +29,8 @@ export interface LocalCloudDemoOptions {
   readonly waits: WaitMode;
   /** The workload: its disks and how much each cycle changes (local-cloud/workload.ts). */
   readonly size: WorkloadSize;
+  /** Writer invocations at once; the local cloud's default for the wait mode when absent. */
+  readonly writerConcurrency?: number | undefined;
   readonly json: boolean;
   readonly log: (line: string) => void;
 }
@@ -82,6 +84,7 @@ export async function runLocalCloud(opts: LocalCloudDemoOptions): Promise<boolea
       endpoints: emulators.endpoints,
       snapshots: emulators.snapshots,
       waits: opts.waits,
+      ...(opts.writerConcurrency === undefined ? {} : { writerConcurrency: opts.writerConcurrency }),
     });
     settings = cloud.settings;
     try {
@@ -197,13 +200,19 @@ function costLine(s: CycleSummary, settings: LocalCloudSettings): string {
 /** What the run's timing makes of its counts: said before any cycle, so nobody misreads them. */
 export function describeSettings(s: LocalCloudSettings): string[] {
   const loops = s.waitLoops.map((l) => `${l.wait} ${l.seconds ?? '?'} s`).join(', ');
+  const writers =
+    s.writerConcurrency > 1
+      ? `  ${s.writerConcurrency} writer invocations at once: they share this process's CPU, so each one's measured duration (Lambda GB-s) also holds the others' work; one at a time measures each alone (--writer-concurrency 1)`
+      : "  writer invocations one at a time: each one's measured duration (Lambda GB-s) is its own work and the emulators' answers, as on Lambda, where each has its own CPU";
   return s.waits === 'fast'
     ? [
         `waits fast: every Wait state and retry pause cut to ${s.waitMs} ms (synthesized: ${loops}), lease ${s.leaseSeconds} s`,
         '  Step Functions transitions are counted on compressed waits: a cycle goes round its tick loop far more often than on AWS, so that figure is not comparable to AWS (--waits real is)',
+        writers,
       ]
     : [
         `waits real: Wait states and retry pauses as synthesized (${loops}); lease ${s.leaseSeconds} s, stuck after ${s.stuckTicks} ticks, visibility ${s.visibilityTimeoutSeconds} s, long poll ${s.pollWaitSeconds} s, as deployed`,
+        writers,
       ];
 }
 

@@ -629,6 +629,12 @@ program
   )
   .addOption(
     new Option(
+      '--writer-concurrency <n>',
+      "chunk-writer invocations at once (default 4 with fast waits, 1 with real: invocations in this one process share its CPU, so with several each one's measured duration holds the others' work)",
+    ).argParser(Number),
+  )
+  .addOption(
+    new Option(
       '--recover <mode>',
       'instead of cycles, run the Recovery state machine with the real recovery handler on moto_server (EC2, Scheduler) and dynalite, from a checkpoint of moto snapshots: a drill torn down and verified by tag, or a failover/migration then cleaned up; prints its report',
     ).choices(['drill', 'failover', 'migration']),
@@ -636,9 +642,14 @@ program
   .option('--json', 'print the results as JSON')
   .action(async (o, command: Command) => {
     if (o.recover !== undefined) {
-      const cycleOnly = ['incrementals', 'faults', 'size', 'fullScale', 'incrementalScale'].filter(
-        (k) => command.getOptionValueSource(k) === 'cli',
-      );
+      const cycleOnly = [
+        'incrementals',
+        'faults',
+        'size',
+        'fullScale',
+        'incrementalScale',
+        'writerConcurrency',
+      ].filter((k) => command.getOptionValueSource(k) === 'cli');
       if (cycleOnly.length > 0)
         throw new ConfigError(
           `--recover runs no cycles: ${cycleOnly.map((k) => `--${k.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`).join(', ')} does not apply to it`,
@@ -666,6 +677,12 @@ program
       if (value !== undefined && !(Number.isFinite(value) && value > 0 && value <= 24))
         throw new ConfigError(`--${flag} must be a number above 0, at most 24`, { setting: flag });
     }
+    const writers = o.writerConcurrency as number | undefined;
+    // At most the deployment's event source maximum (20 by default): the local cloud clamps to it.
+    if (writers !== undefined && !(Number.isSafeInteger(writers) && writers >= 1 && writers <= 20))
+      throw new ConfigError('--writer-concurrency must be a whole number from 1 to 20', {
+        setting: 'writer-concurrency',
+      });
     const { runLocalCloud } = await import('./local-cloud.ts');
     const { WORKLOAD_SIZES } = await import('../local-cloud/workload.ts');
     const preset = WORKLOAD_SIZES[o.size as keyof typeof WORKLOAD_SIZES];
@@ -680,6 +697,7 @@ program
         fullScale: o.fullScale ?? preset.fullScale,
         incrementalScale: o.incrementalScale ?? preset.incrementalScale,
       },
+      writerConcurrency: writers,
       json: Boolean(o.json),
       log: out,
     });

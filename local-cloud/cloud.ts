@@ -89,13 +89,21 @@ export const LOCAL_DEFAULTS = Object.freeze({
   // The local grant queue's visibility timeout. As deployed (30 minutes against a 5-minute lease) it
   // is longer than the lease, so a dead writer's grants are reclaimed by the planner, not redelivered.
   visibilityTimeoutSeconds: 20,
-  // Writer invocations at once (the deployment allows `writerConcurrency`, 20 by default): enough to
-  // run several batches in parallel on a laptop without drowning it. The same with real waits: the
-  // writers share this machine's CPUs, more of them would not write faster.
+  // Writer invocations at once with fast waits (the deployment allows `writerConcurrency`, 20 by
+  // default): enough to run several batches in parallel on a laptop without drowning it. Real waits
+  // run one at a time (REAL_WAITS_WRITER_CONCURRENCY).
   writerConcurrency: 4,
   // The event source's long-poll wait per ReceiveMessage: short, so a stop is noticed quickly.
   pollWaitSeconds: 1,
 });
+
+/**
+ * Writer invocations at once with real waits, the measuring mode: one. Invocations here share one
+ * Node process and its CPU, so with four at once each one's measured duration (the Lambda GB-s the
+ * cost is computed from) also holds the other three's work: 3.5x longer per invocation, for the same
+ * cycle time (a small cycle measured both ways). On Lambda each invocation has its own CPU.
+ */
+export const REAL_WAITS_WRITER_CONCURRENCY = 1;
 
 /** Lambda's SQS event source mapping long-polls for 20 s (the most SQS allows). */
 const ESM_POLL_WAIT_SECONDS = 20;
@@ -124,6 +132,7 @@ export interface LocalCloudOptions {
   readonly leaseSeconds?: number;
   readonly stuckTicks?: number;
   readonly visibilityTimeoutSeconds?: number;
+  /** Writer invocations at once (the event source's maximum): 4 with fast waits, 1 with real. */
   readonly writerConcurrency?: number;
   readonly pollWaitSeconds?: number;
   /** POWERTOOLS_LOG_LEVEL of the functions; SILENT by default (the run reports through events). */
@@ -138,6 +147,7 @@ export interface LocalCloudSettings {
   readonly leaseSeconds: number;
   readonly stuckTicks: number;
   readonly visibilityTimeoutSeconds: number;
+  /** Writer invocations at once: above one, each one's measured duration holds the others' work. */
   readonly writerConcurrency: number;
   readonly pollWaitSeconds: number;
   /** The definition's Wait loops, with their synthesized durations (honoured with real waits only). */
@@ -178,7 +188,7 @@ export function localSettings(
       opts.visibilityTimeoutSeconds ??
       (real ? deployment.queue.visibilityTimeoutSeconds : LOCAL_DEFAULTS.visibilityTimeoutSeconds),
     writerConcurrency: Math.min(
-      opts.writerConcurrency ?? LOCAL_DEFAULTS.writerConcurrency,
+      opts.writerConcurrency ?? (real ? REAL_WAITS_WRITER_CONCURRENCY : LOCAL_DEFAULTS.writerConcurrency),
       deployment.eventSource.maximumConcurrency ?? Number.POSITIVE_INFINITY,
     ),
     pollWaitSeconds: opts.pollWaitSeconds ?? (real ? ESM_POLL_WAIT_SECONDS : LOCAL_DEFAULTS.pollWaitSeconds),

@@ -4,6 +4,7 @@
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { expect, it } from 'vitest';
+import { ferry } from '../support/ferry-cli.ts';
 
 const BIN = join(import.meta.dirname, '../../bin/ferry.mjs');
 
@@ -31,3 +32,12 @@ it('runs a full cycle of the deployed definition locally and verifies it bit-exa
   expect(result.cycles).toHaveLength(1);
   expect(result.cycles[0]).toMatchObject({ status: 'SUCCEEDED', verified: true });
 }, 180_000);
+
+it('refuses a writer concurrency it cannot run, before starting anything', async () => {
+  const bad = await ferry(['local-cloud', '--writer-concurrency', '0']);
+  expect(bad.code).toBe(2);
+  expect(bad.stderr).toMatch(/--writer-concurrency must be a whole number from 1 to 20/);
+  const notForRecovery = await ferry(['local-cloud', '--recover', 'drill', '--writer-concurrency', '2']);
+  expect(notForRecovery.code).toBe(2);
+  expect(notForRecovery.stderr).toMatch(/--writer-concurrency does not apply to it/);
+}, 60_000);

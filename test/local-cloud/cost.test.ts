@@ -198,6 +198,10 @@ describe('Step Functions transitions split by Wait loop (pure)', () => {
       /as synthesized \(Wait for writers 10 s, Wait for snapshots \? s\)/,
     );
     expect(transitionsLine(t, real)).not.toMatch(/not comparable/);
+    expect(describeSettings(fast).join('\n')).toMatch(
+      /4 writer invocations at once: .* holds the others' work/,
+    );
+    expect(describeSettings({ ...real, writerConcurrency: 1 }).join('\n')).toMatch(/one at a time/);
   });
 });
 
@@ -220,6 +224,10 @@ describe('the local cloud settings', () => {
       pollWaitSeconds: 20,
     });
     expect(real.waitMs).toBeUndefined();
+    // Real waits measure: one writer invocation at a time, so none's duration holds another's work.
+    expect(fast.writerConcurrency).toBe(4);
+    expect(real.writerConcurrency).toBe(1);
+    expect(localSettings({ waits: 'real', writerConcurrency: 4 }, deployment).writerConcurrency).toBe(4);
     // Both record the synthesized Wait loops: the tick loop waits 10 s.
     expect(real.waitLoops.find((l) => l.wait === 'Wait for writers')?.seconds).toBe(10);
   }, 30_000);
