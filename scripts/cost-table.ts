@@ -210,7 +210,10 @@ function describeSettings(m: Measurement): string {
   const disks = s.workload.disks.map((d) => `${d.disk} ${(d.sizeBytes / 2 ** 20).toFixed(0)} MiB`).join(', ');
   const workload = `workload \`${s.workload.name}\` (disks ${disks}; full cycle ×${s.workload.fullScale}, incrementals ×${s.workload.incrementalScale} the small workload's changes, as fragmented)`;
   const loops = s.waitLoops.map((l) => `${l.wait} ${l.seconds ?? '?'} s`).join(', ');
-  const writers = `${s.writerConcurrency} writer invocations at once`;
+  const writers =
+    s.writerConcurrency === 1
+      ? 'writer invocations one at a time (each measured duration its own: in one process invocations share the CPU)'
+      : `${s.writerConcurrency} writer invocations at once (each measured duration also holds the others' work: they share one process's CPU)`;
   return s.waits === 'real'
     ? `Settings: **real waits** (Wait states and retry pauses as synthesized: ${loops}; lease ${s.leaseSeconds} s, visibility timeout ${s.visibilityTimeoutSeconds} s, long poll ${s.pollWaitSeconds} s, as deployed), ${writers}, ${workload}.`
     : `Settings: **fast waits** (every Wait state and retry pause cut to ${s.waitMs} ms; synthesized: ${loops}), ${writers}, ${workload}. **The Step Functions transitions were counted on compressed waits: not comparable to what AWS would bill.**`;
