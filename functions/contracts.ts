@@ -75,6 +75,21 @@ export const cycleDiskInputSchema = z.strictObject({
   volumeSizeGiB,
 });
 
+/** The shared checkpoint a set's first cycle starts from (shared/engine/cycle/types.ts CycleBase). */
+const cycleBaseSchema = z.strictObject({
+  checkpointId: z.string().min(1).max(512),
+  disks: z
+    .array(
+      z.strictObject({
+        disk: name('disk id'),
+        previousSourceSnapshotId: snapshotIdSchema,
+        parentTargetSnapshotId: snapshotIdSchema,
+      }),
+    )
+    .min(1, { error: 'a base names at least one disk' })
+    .max(64),
+});
+
 const cycleFields = {
   plan: name('protection plan'),
   set: name('replication set'),
@@ -88,6 +103,8 @@ const cycleFields = {
   startedAt: z.iso
     .datetime({ offset: true, error: 'expected an ISO 8601 date-time such as 2026-11-05T10:00:00Z' })
     .optional(),
+  /** Only for a set without checkpoints: its first cycle is incremental from this shared checkpoint. */
+  base: cycleBaseSchema.optional(),
 };
 
 /** The cycle prepare opens: one protection plan's disks, each with its new source snapshot. */
@@ -103,6 +120,19 @@ export const cycleInputSchema = z
         ctx.addIssue({ code: 'custom', path: ['disks', i, 'disk'], message: `disk ${d.disk} appears twice` });
       }
       seen.add(d.disk);
+    });
+    const based = new Set<string>();
+    c.base?.disks.forEach((b, i) => {
+      if (!seen.has(b.disk) || based.has(b.disk)) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['base', 'disks', i, 'disk'],
+          message: based.has(b.disk)
+            ? `disk ${b.disk} appears twice in the base`
+            : `the base names disk ${b.disk}, which is not a disk of this cycle (${[...seen].join(', ')})`,
+        });
+      }
+      based.add(b.disk);
     });
   });
 export type CycleInput = z.infer<typeof cycleInputSchema>;

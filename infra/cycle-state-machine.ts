@@ -9,6 +9,7 @@ import type * as logs from 'aws-cdk-lib/aws-logs';
 import * as sfn from 'aws-cdk-lib/aws-stepfunctions';
 import * as tasks from 'aws-cdk-lib/aws-stepfunctions-tasks';
 import { Construct } from 'constructs';
+import { RECOVERY_TAGS } from '../shared/engine/recovery/names.ts';
 import {
   DIFF_CONCURRENCY,
   EC2_RETRIES,
@@ -603,7 +604,7 @@ export class CycleStateMachine extends Construct {
     snapshotSources.next(waitForSources);
 
     /** The cycle's state: its request, prepare's input (disks follow) and every counter at its start. */
-    const startCycle = (name: string, withParams: boolean) =>
+    const startCycle = (name: string, withParams: boolean, withBase = false) =>
       new sfn.Pass(this, name, {
         parameters: {
           'plan.$': '$.plan',
@@ -619,6 +620,8 @@ export class CycleStateMachine extends Construct {
             // Before the source snapshots were taken: the checkpoint's age (RPO metric) counts from it.
             'startedAt.$': '$$.Execution.StartTime',
             ...(withParams ? { 'params.$': '$.params' } : {}),
+            // A set's first cycle from a checkpoint it shares with another set (failback).
+            ...(withBase ? { 'base.$': '$.base' } : {}),
           },
           rounds: { count: 0 },
           // The first check follows the first wait: a snapshot just created is never completed at
@@ -638,6 +641,11 @@ export class CycleStateMachine extends Construct {
       .when(hasString('$.child', CHILD_KINDS.replicate), tick)
       .when(hasString('$.child', CHILD_KINDS.diff), diffDisks)
       .when(hasString('$.child', CHILD_KINDS.awaitSnapshots), waitForSources)
+      .when(
+        sfn.Condition.and(sfn.Condition.isPresent('$.base'), sfn.Condition.isPresent('$.params')),
+        startCycle('Start cycle from a base with params', true, true),
+      )
+      .when(sfn.Condition.isPresent('$.base'), startCycle('Start cycle from a base', false, true))
       .when(sfn.Condition.isPresent('$.params'), startCycle('Start cycle with params', true))
       .otherwise(startCycle('Start cycle', false));
 
@@ -672,6 +680,19 @@ export class CycleStateMachine extends Construct {
         }),
       );
     }
+    // A failback's reverse plan snapshots the volumes a failover or migration created (it replicates
+    // the recovered machines' disks back): those carry the recovery job's mode tag; a drill's never
+    // qualify.
+    this.stateMachine.addToRolePolicy(
+      new iam.PolicyStatement({
+        sid: 'SnapshotRecoveredVolumes',
+        actions: ['ec2:CreateSnapshot'],
+        resources: [stack.formatArn({ service: 'ec2', resource: 'volume', resourceName: '*' })],
+        conditions: {
+          StringEquals: { [`aws:ResourceTag/${RECOVERY_TAGS.mode}`]: ['failover', 'migration'] },
+        },
+      }),
+    );
     this.stateMachine.addToRolePolicy(
       new iam.PolicyStatement({
         sid: 'CreateTaggedSourceSnapshots',

@@ -903,6 +903,17 @@ export class FerryStack extends Stack {
         {
           id: 'AwsSolutions-IAM5',
           reason:
+            "A failback's reverse plan snapshots the volumes a failover or migration created at run time: CreateSnapshot on any volume only when it carries ferry:recovery-mode failover or migration.",
+          appliesTo: [
+            {
+              regex:
+                '/^Resource::arn:<AWS::Partition>:ec2:(<AWS::Region>|[a-z0-9-]+):(<AWS::AccountId>|\\d{12}):volume\\/\\*$/',
+            },
+          ],
+        },
+        {
+          id: 'AwsSolutions-IAM5',
+          reason:
             'Waiting for a child execution (.sync) needs Describe/StopExecution on executions of this state machine, whose names are generated at run time.',
           appliesTo: [
             {

@@ -100,6 +100,29 @@ export class LocalEc2 {
     return id;
   }
 
+  /**
+   * A volume created from snapshot `snapshotId` holding `content` (the caller read or knows it): like
+   * EC2's, its first snapshot is incremental over that snapshot, in its lineage, so ListChangedBlocks
+   * between the two lists what was written to the volume since. How a recovered machine's disk looks.
+   */
+  createVolumeFromSnapshot(snapshotId: string, content: Buffer): string {
+    const snap = this.store.describeSnapshot(snapshotId);
+    if (snap === undefined)
+      throw new Ec2Error('InvalidSnapshot.NotFound', `The snapshot '${snapshotId}' does not exist.`);
+    if (snap.status !== 'completed')
+      throw new Ec2Error('IncorrectState', `The snapshot '${snapshotId}' is ${snap.status}, not completed.`);
+    if (content.length > snap.volumeSize * GiB || content.length % SNAPSHOT_BLOCK !== 0) {
+      throw new Error(
+        `a volume from ${snapshotId} (${snap.volumeSize} GiB) is a whole number of 512 KiB blocks within it, not ${content.length} bytes`,
+      );
+    }
+    const id = this.createVolume(content.length);
+    const vol = this.volumes.get(id)!;
+    content.copy(vol.data);
+    vol.last = { snapshotId, content: Buffer.from(content) };
+    return id;
+  }
+
   /** The volume's bytes, to write to in place (what a running instance does to its disk). */
   volume(id: string): Buffer {
     const v = this.volumes.get(id);

@@ -59,6 +59,36 @@ describe('planner events', () => {
     expect(plannerEventSchema.parse({ action: 'prepare', cycle }).action).toBe('prepare');
   });
 
+  it("accepts a base for a set's first cycle only with disks of the cycle, naming the stray one", () => {
+    const base = {
+      checkpointId: 'web/c7',
+      disks: [
+        {
+          disk: 'vol-1',
+          previousSourceSnapshotId: 'snap-0aaaaaaaaaaaaaaaa',
+          parentTargetSnapshotId: 'snap-0cccccccccccccccc',
+        },
+      ],
+    };
+    const ok = plannerEventSchema.parse({ action: 'prepare', cycle: { ...cycle, base } });
+    expect(ok.action === 'prepare' && ok.cycle.base).toEqual(base);
+
+    const stray = plannerEventSchema.safeParse({
+      action: 'prepare',
+      cycle: { ...cycle, base: { ...base, disks: [{ ...base.disks[0], disk: 'vol-9' }] } },
+    });
+    expect(stray.success).toBe(false);
+    expect(stray.error?.issues[0]).toMatchObject({
+      path: ['cycle', 'base', 'disks', 0, 'disk'],
+      message: 'the base names disk vol-9, which is not a disk of this cycle (vol-1)',
+    });
+    const notASnapshot = plannerEventSchema.safeParse({
+      action: 'prepare',
+      cycle: { ...cycle, base: { ...base, disks: [{ ...base.disks[0], parentTargetSnapshotId: 'vol-1' }] } },
+    });
+    expect(notASnapshot.success).toBe(false);
+  });
+
   // EC2 CreateSnapshot's answer as the state machine passes it on: it does not name the disk.
   const created = {
     volumeId: 'vol-0123456789abcdef0',

@@ -402,18 +402,28 @@ describe('least-privilege IAM', () => {
     }
   });
 
-  it('lets the state machine snapshot only the configured volumes', () => {
+  it('lets the state machine snapshot only the configured volumes, and volumes a failover or migration created', () => {
     const sm = Object.values(resources).find((r) => r.Type === 'AWS::StepFunctions::StateMachine')!;
     const roleId = (sm.Properties.RoleArn as { 'Fn::GetAtt': string[] })['Fn::GetAtt'][0]!;
     const create = statementsOf(roleId).filter((s) => actionsOf(s).includes('ec2:CreateSnapshot'));
-    const volumes = create
+    const onVolumes = create.filter((s) =>
+      resourcesOf(s).some((r) => JSON.stringify(r).includes(':volume/')),
+    );
+    const byId = onVolumes
+      .filter((s) => s.Condition === undefined)
       .flatMap(resourcesOf)
-      .map((r) => JSON.stringify(r))
-      .filter((r) => r.includes(':volume/'));
-    expect(volumes).toHaveLength(3);
+      .map((r) => JSON.stringify(r));
+    expect(byId).toHaveLength(3);
     for (const id of ['vol-0123456789abcdef0', 'vol-0fedcba9876543210', 'vol-0aaaaaaaaaaaaaaaa']) {
-      expect(volumes.some((v) => v.includes(`:volume/${id}`))).toBe(true);
+      expect(byId.some((v) => v.includes(`:volume/${id}`))).toBe(true);
     }
+    // Any volume only with the recovery mode tag of a failover or migration (a failback's source).
+    const recovered = onVolumes.filter((s) => s.Condition !== undefined);
+    expect(recovered).toHaveLength(1);
+    expect(JSON.stringify(resourcesOf(recovered[0]!))).toContain(':volume/*');
+    expect(recovered[0]!.Condition).toEqual({
+      StringEquals: { 'aws:ResourceTag/ferry:recovery-mode': ['failover', 'migration'] },
+    });
     const tags = statementsOf(roleId).find((s) => actionsOf(s).includes('ec2:CreateTags'))!;
     expect(tags.Condition?.StringEquals).toMatchObject({ 'ec2:CreateAction': 'CreateSnapshot' });
     // It may delete only source snapshots of this deployment (the ones a skipped start took).
@@ -467,8 +477,9 @@ describe('configuration variants', () => {
       Environment: { Variables: Match.objectLike({ KMS_KEY_ARN: keyArn }) },
     });
     expect(JSON.stringify(t.toJSON())).not.toContain('ReadEncryptedSources');
-    // Without configured volumes the cycle state machine may not call CreateSnapshot on any volume
-    // (the recovery role creates volumes from snapshots: recovery-stack.test.ts checks its conditions).
+    // Without configured volumes the cycle state machine may call CreateSnapshot only on volumes a
+    // failover or migration created (the recovery role creates volumes from snapshots:
+    // recovery-stack.test.ts checks its conditions).
     const res = t.toJSON().Resources as Record<string, Resource>;
     const cycle = Object.values(res).find(
       (r) =>
@@ -481,7 +492,12 @@ describe('configuration variants', () => {
         (r.Properties.Roles as { Ref: string }[]).some((ref) => ref.Ref === cycleRole),
     );
     expect(cyclePolicies.length).toBeGreaterThan(0);
-    expect(JSON.stringify(cyclePolicies)).not.toContain(':volume/');
+    const onVolumes = cyclePolicies
+      .flatMap((p) => (p.Properties.PolicyDocument as { Statement: Statement[] }).Statement)
+      .filter((st) => JSON.stringify(st.Resource).includes(':volume/'));
+    expect(onVolumes.map((st) => st.Condition)).toEqual([
+      { StringEquals: { 'aws:ResourceTag/ferry:recovery-mode': ['failover', 'migration'] } },
+    ]);
   });
 
   it('refuses an invalid configuration before building anything', () => {

@@ -113,6 +113,21 @@ export async function prepare(deps: PrepareDeps, input: CycleInput): Promise<Cyc
   }
 
   const latest = await deps.catalog.latestCheckpoint(set);
+  if (input.base !== undefined && latest !== undefined) {
+    throw new CycleStateError(
+      `set ${set} has checkpoint ${latest.id} already: a base (checkpoint ${input.base.checkpointId}) is only for a set's first cycle`,
+      ctx,
+    );
+  }
+  /** The disk's last checkpoint, or the base its first cycle was given, or none (a full copy). */
+  const previousOf = (disk: string): { source: string; target: string } | undefined => {
+    const published = latest?.disks.find((p) => p.disk === disk);
+    if (published !== undefined) return published;
+    const b = input.base?.disks.find((p) => p.disk === disk);
+    return b === undefined
+      ? undefined
+      : { source: b.previousSourceSnapshotId, target: b.parentTargetSnapshotId };
+  };
   const initialLevel = params.adaptive ? params.windowLevels.indexOf(params.window) : 0;
   const levels = params.adaptive ? [...params.windowLevels] : [params.window];
   const fresh: CycleRecord = {
@@ -146,7 +161,7 @@ export async function prepare(deps: PrepareDeps, input: CycleInput): Promise<Cyc
   const perPage = descriptorsPerPage(cycle.chunkSize, deps.maxDescriptorsPerPage ?? MAX_DESCRIPTORS_PER_PAGE);
 
   for (const d of input.disks) {
-    const previous = latest?.disks.find((p) => p.disk === d.disk);
+    const previous = previousOf(d.disk);
     const { snapshotId, encrypted } = await deps.writer.startSnapshot({
       disk: d.disk,
       volumeSizeGiB: d.volumeSizeGiB,
@@ -211,6 +226,7 @@ export async function prepare(deps: PrepareDeps, input: CycleInput): Promise<Cyc
     deps.log.info('disk prepared', {
       disk: d.disk,
       kind: record.kind,
+      ...(input.base === undefined ? {} : { base: input.base.checkpointId }),
       sourceSnapshotId: d.sourceSnapshotId,
       previousSourceSnapshotId: previous?.source,
       targetSnapshotId: snapshotId,

@@ -17,6 +17,26 @@ export interface CycleDiskInput {
   readonly volumeSizeGiB: number;
 }
 
+/**
+ * One disk's base for a set's first cycle when that set has no checkpoint yet but its disks share
+ * one with another set's checkpoint (failback: the recovered volume was created from that
+ * checkpoint's target snapshot, the original side kept that cycle's source snapshot).
+ */
+export interface CycleBaseDisk {
+  readonly disk: string;
+  /** What the new source snapshot is diffed against: the snapshot its volume was created from. */
+  readonly previousSourceSnapshotId: string;
+  /** The new target snapshot's parent: a snapshot holding the same data as the previous source. */
+  readonly parentTargetSnapshotId: string;
+}
+
+/** The shared checkpoint a set's first cycle starts from (its disks not listed are copied in full). */
+export interface CycleBase {
+  /** The other set's checkpoint both sides share (recorded with the cycle, for the record). */
+  readonly checkpointId: string;
+  readonly disks: readonly CycleBaseDisk[];
+}
+
 /** What a cycle is started with: one protection plan's disks. */
 export interface CycleInput {
   readonly plan: string;
@@ -24,6 +44,8 @@ export interface CycleInput {
   readonly cycleId: string;
   readonly disks: readonly CycleDiskInput[];
   readonly params?: CycleParamsInput | undefined;
+  /** Only for a set without checkpoints: its first cycle is incremental from this base. */
+  readonly base?: CycleBase | undefined;
   /** ISO 8601: when the execution started, before its source snapshots were taken. */
   readonly startedAt?: string | undefined;
 }

@@ -9,6 +9,7 @@ import { finalize } from '../../../shared/engine/cycle/finalize.ts';
 import { MAX_GRANT_ATTEMPTS } from '../../../shared/engine/cycle/grant-plan.ts';
 import { prepare } from '../../../shared/engine/cycle/prepare.ts';
 import { tick } from '../../../shared/engine/cycle/tick.ts';
+import type { CycleInput } from '../../../shared/engine/cycle/types.ts';
 import { ChangeMapError } from '../../../shared/engine/errors.ts';
 import { sameImage } from '../../support/cycle-fakes.ts';
 import {
@@ -75,6 +76,86 @@ describe('prepare', () => {
 
     await expect(prepare(world.prepareDeps(), cycle)).rejects.toThrow(
       /cycle c1 of set set-a already ran \(job published\)/,
+    );
+  });
+});
+
+describe("a set's first cycle from a shared checkpoint (failback)", () => {
+  // The forward set's checkpoint, then a reverse set whose disk starts from it. On EBS the base is
+  // the checkpoint's target snapshot (the recovered volume was created from it) and the parent is its
+  // source snapshot (the original side); the fake keeps sources and targets apart, so here the base
+  // is the source and the parent the target: both hold the checkpoint's data, which is what counts.
+  async function forward() {
+    const world = new World();
+    const blocks = run(8);
+    const done = await driveCycle(world, input(world, 'c1', { a: blocks }));
+    const checkpoint = (await world.catalog.latestCheckpoint('set-a'))!;
+    expect(done.finalized?.status).toBe('published');
+    const disk = checkpoint.disks[0]!;
+    return { world, blocks, checkpoint, base: { source: disk.source, target: disk.target } };
+  }
+
+  it('is incremental: only the blocks that differ from the base are written, and the image is exact', async () => {
+    // Prepare: the recovered side changed blocks 2 and 5 and wrote block 9.
+    const { world, blocks, checkpoint, base } = await forward();
+    const recovered = new Map(blocks);
+    recovered.set(2, blockOf(102));
+    recovered.set(5, blockOf(105));
+    recovered.set(9, blockOf(109));
+    const reverse: CycleInput = {
+      ...input(world, 'r1', { a: recovered }, undefined, { plan: 'plan-a-failback', set: 'set-a-failback' }),
+      base: {
+        checkpointId: checkpoint.id,
+        disks: [{ disk: 'a', previousSourceSnapshotId: base.source, parentTargetSnapshotId: base.target }],
+      },
+    };
+    const putsBefore = world.ebs.puts;
+
+    // Act
+    const done = await driveCycle(world, reverse);
+
+    // Assess
+    expect(done.finalized?.status).toBe('published');
+    const published = (await world.catalog.latestCheckpoint('set-a-failback'))!;
+    expect(published.disks[0]).toMatchObject({ disk: 'a', kind: 'incremental', bytes: 3 * BLOCK });
+    expect(published.parent).toBeUndefined();
+    const target = world.ebs.target(published.disks[0]!.target);
+    expect(target.parent).toBe(base.target);
+    expect([...target.written.keys()].sort((x, y) => x - y)).toEqual([2, 5, 9]);
+    expect(world.ebs.puts - putsBefore).toBeLessThanOrEqual(3);
+    expect(sameImage(world.ebs.image(target.id), recovered)).toBeUndefined();
+  });
+
+  it('copies a disk the base does not name in full, and refuses a base once the set has a checkpoint', async () => {
+    // Prepare
+    const { world, checkpoint, base } = await forward();
+    const names = { plan: 'plan-a-failback', set: 'set-a-failback' };
+    const baseOfA = {
+      checkpointId: checkpoint.id,
+      disks: [{ disk: 'a', previousSourceSnapshotId: base.source, parentTargetSnapshotId: base.target }],
+    };
+    const first: CycleInput = {
+      ...input(world, 'r1', { a: run(8), b: run(3) }, undefined, names),
+      base: baseOfA,
+    };
+
+    // Act
+    await driveCycle(world, first);
+    const again = prepare(world.prepareDeps(), {
+      ...input(world, 'r2', { a: run(8) }, undefined, names),
+      base: baseOfA,
+    });
+
+    // Assess
+    const published = (await world.catalog.latestCheckpoint('set-a-failback'))!;
+    expect(published.disks.map((d) => [d.disk, d.kind])).toEqual([
+      ['a', 'incremental'],
+      ['b', 'full'],
+    ]);
+    await expect(again).rejects.toThrow(
+      new RegExp(
+        `set set-a-failback has checkpoint ${published.id} already: a base \\(checkpoint ${checkpoint.id}\\) is only for a set's first cycle`,
+      ),
     );
   });
 });
