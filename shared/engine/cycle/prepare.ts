@@ -75,6 +75,16 @@ export async function prepare(deps: PrepareDeps, input: CycleInput): Promise<Cyc
     { ...input.params, nodeBudget: deps.nodeBudget },
     { targetBlockSize: EBS_BLOCK_SIZE },
   );
+  if (input.base !== undefined) {
+    // Refused before the lock is taken and the job recorded: nothing is left behind.
+    const published = await deps.catalog.latestCheckpoint(set);
+    if (published !== undefined) {
+      throw new CycleStateError(
+        `set ${set} has checkpoint ${published.id} already: a base (checkpoint ${input.base.checkpointId}) is only for a set's first cycle`,
+        ctx,
+      );
+    }
+  }
   const lockOwner = lockOwnerOf(cycleId);
   const now = deps.clock.now();
   const lock = await deps.locks.acquire(plan, lockOwner, deps.lockMs, now);
@@ -113,12 +123,6 @@ export async function prepare(deps: PrepareDeps, input: CycleInput): Promise<Cyc
   }
 
   const latest = await deps.catalog.latestCheckpoint(set);
-  if (input.base !== undefined && latest !== undefined) {
-    throw new CycleStateError(
-      `set ${set} has checkpoint ${latest.id} already: a base (checkpoint ${input.base.checkpointId}) is only for a set's first cycle`,
-      ctx,
-    );
-  }
   /** The disk's last checkpoint, or the base its first cycle was given, or none (a full copy). */
   const previousOf = (disk: string): { source: string; target: string } | undefined => {
     const published = latest?.disks.find((p) => p.disk === disk);
