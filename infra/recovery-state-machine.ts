@@ -59,6 +59,8 @@ export const RECOVERY_ERRORS = {
   recordFailed: 'RecordFailed',
   /** A migration's final cycle did not publish a checkpoint. */
   finalCycle: 'FinalCycleNotPublished',
+  /** A failback's reverse cycle did not publish a checkpoint. */
+  reverseCycle: 'ReverseCycleNotPublished',
 } as const;
 
 export interface PlanCycle {
@@ -83,12 +85,13 @@ export interface RecoveryStateMachineProps {
 //   $.resolved  {job: resolve's answer, report: its part of the report}
 //   $.r.<part>  the other parts of the report, each an object (`{}` until its step ran)
 //   $.healthLoop, $.teardownLoop  the loops' counters
+//   $.failback  prepare-failback's answer   $.reverse   the reverse cycle's checkpoint, for the report and the cutover
 // `record` gets the parts merged into one object (recoveryReportInputSchema): the machine does no
 // arithmetic and builds no report itself.
-const LATER_PARTS = ['launch', 'health', 'pause', 'teardown', 'verify', 'failure'] as const;
+const LATER_PARTS = ['failback', 'launch', 'health', 'pause', 'teardown', 'verify', 'failure'] as const;
 const REPORT_PART_PATHS = ['$.r.base', '$.resolved.report', ...LATER_PARTS.map((p) => `$.r.${p}`)];
 
-/** `States.JsonMerge` of every report part, in order (AWS allows intrinsics ten deep: this is seven). */
+/** `States.JsonMerge` of every report part, in order (AWS allows intrinsics ten deep: this is eight). */
 const mergedReport = REPORT_PART_PATHS.slice(1).reduce(
   (acc, path) => `States.JsonMerge(${acc}, ${path}, false)`,
   REPORT_PART_PATHS[0]!,
@@ -520,6 +523,116 @@ export class RecoveryStateMachine extends Construct {
         ),
       );
 
+    // ---- failback: the recovered volumes back to the original side, then (cutover) its machines -----
+
+    // prepare-failback finds the plan's failover, each disk's recovered volume and the checkpoint both
+    // sides share, and builds the reverse cycle's input (with that checkpoint as its base the first
+    // time) and, for a cutover, the resolve event that relaunches the plan's machines from the
+    // reverse checkpoint. Nothing is created before it answers.
+    const prepareFailback = action('Prepare failback', '$.event.value', '$.failback');
+    prepareFailback.addCatch(refused, catchStep);
+    const failbackEvent = event(
+      'Prepare failback: event',
+      'States.JsonMerge($.request, $.failbackArgs, false)',
+    );
+    failbackEvent.next(prepareFailback);
+    /** The reverse cycle, a .sync child of the cycle machine (linked to this execution in the console). */
+    const reverseCycleTask = (name: string, withBase: boolean) => {
+      const task = new tasks.StepFunctionsStartExecution(this, name, {
+        stateMachine: props.cycle,
+        integrationPattern: sfn.IntegrationPattern.RUN_JOB,
+        input: sfn.TaskInput.fromObject({
+          'plan.$': '$.failback.cycleInput.plan',
+          'set.$': '$.failback.cycleInput.set',
+          'disks.$': '$.failback.cycleInput.disks',
+          ...(withBase ? { 'base.$': '$.failback.cycleInput.base' } : {}),
+        }),
+        associateWithParent: true,
+        resultSelector: { 'output.$': '$.Output' },
+        resultPath: '$.reverseCycle',
+      });
+      task.addRetry({
+        errors: [
+          'StepFunctions.ExecutionLimitExceededException',
+          'StepFunctions.AWSStepFunctionsException',
+          'StepFunctions.SdkClientException',
+        ],
+        interval: Duration.seconds(5),
+        maxAttempts: FINAL_CYCLE_RETRIES,
+        backoffRate: 2,
+        jitterStrategy: sfn.JitterType.FULL,
+      });
+      task.addCatch(stepFailed, catchStep);
+      return task;
+    };
+    // The reverse set's first cycle starts from the shared checkpoint; later ones from the set's own.
+    const reverseFromBase = reverseCycleTask('Reverse cycle from the shared checkpoint', true);
+    const reverseNext = reverseCycleTask('Reverse cycle', false);
+    prepareFailback.next(
+      new sfn.Pass(this, 'Failback: report part', {
+        parameters: { 'failback.$': '$.failback.part' },
+        resultPath: '$.r.failback',
+      }).next(
+        new sfn.Choice(this, 'Reverse cycle: base?')
+          .when(sfn.Condition.isPresent('$.failback.cycleInput.base'), reverseFromBase)
+          .otherwise(reverseNext),
+      ),
+    );
+    const resolveCutover = action('Resolve cutover', '$.event.value', '$.resolved', resolveSelector);
+    resolveCutover.addCatch(stepFailed, catchStep);
+    resolveCutover.next(launch);
+    const cutoverEvent = event(
+      'Resolve cutover: event',
+      'States.JsonMerge($.failback.cutoverResolve, $.reverse.forResolve, false)',
+    );
+    cutoverEvent.next(resolveCutover);
+    const reversePublished = new sfn.Choice(this, 'Reverse cycle published?')
+      .when(
+        sfn.Condition.and(
+          sfn.Condition.isPresent('$.reverseCycle.output.status'),
+          sfn.Condition.stringEquals('$.reverseCycle.output.status', 'published'),
+          sfn.Condition.isPresent('$.reverseCycle.output.checkpointId'),
+        ),
+        new sfn.Pass(this, 'Reverse checkpoint', {
+          parameters: {
+            forReport: { 'reverseCheckpointId.$': '$.reverseCycle.output.checkpointId' },
+            forResolve: { finalCycle: { 'checkpointId.$': '$.reverseCycle.output.checkpointId' } },
+          },
+          resultPath: '$.reverse',
+        })
+          .next(
+            new sfn.Pass(this, 'Failback: reverse checkpoint in the report', {
+              parameters: {
+                'failback.$': 'States.JsonMerge($.failback.part, $.reverse.forReport, false)',
+              },
+              resultPath: '$.r.failback',
+            }),
+          )
+          .next(
+            new sfn.Choice(this, 'Cutover?')
+              .when(
+                sfn.Condition.and(
+                  sfn.Condition.isPresent('$.failback.cutoverResolve'),
+                  sfn.Condition.booleanEquals('$.failback.part.cutover', true),
+                ),
+                cutoverEvent,
+              )
+              .otherwise(record),
+          ),
+      )
+      .otherwise(
+        new sfn.Pass(this, 'Reverse cycle not published', {
+          parameters: {
+            Error: RECOVERY_ERRORS.reverseCycle,
+            Cause:
+              'the reverse cycle ended without publishing a checkpoint (another cycle of the reverse set held its lock?): nothing was launched',
+          },
+          resultPath: '$.caught',
+        }).next(stepFailed),
+      );
+    reverseFromBase.next(reversePublished);
+    reverseNext.next(reversePublished);
+
     // ---- entry -------------------------------------------------------------------------------------
 
     const start = (name: string, jobIdPath: string) =>
@@ -528,6 +641,7 @@ export class RecoveryStateMachine extends Construct {
           'request.$': '$',
           'jobId.$': jobIdPath,
           resolveArgs: { action: 'resolve', 'jobId.$': jobIdPath },
+          failbackArgs: { action: 'prepare-failback', 'jobId.$': jobIdPath },
           resolved: { report: {} },
           r: {
             base: {
@@ -544,6 +658,7 @@ export class RecoveryStateMachine extends Construct {
         new sfn.Choice(this, `Mode? (${name})`)
           .when(sfn.Condition.stringEquals('$.request.mode', 'cleanup'), teardown)
           .when(sfn.Condition.stringEquals('$.request.mode', 'migration'), migration)
+          .when(sfn.Condition.stringEquals('$.request.mode', 'failback'), failbackEvent)
           .otherwise(resolveEvent),
       );
 
@@ -614,6 +729,8 @@ export function recoveryHistoryWorst(): number {
   const start = EXECUTION + 3 * SIMPLE; // check, job, mode
   const migration =
     4 * SIMPLE + lambda + 2 * SIMPLE + SYNC_TASK + RETRY * FINAL_CYCLE_RETRIES + 3 * SIMPLE + lambda;
+  const failback =
+    SIMPLE + lambda + 2 * SIMPLE + SYNC_TASK + RETRY * FINAL_CYCLE_RETRIES + 4 * SIMPLE + SIMPLE + lambda;
   const resolve = SIMPLE + lambda;
   const launch = MAP + MAX_MACHINES * (MAP_ITEM + lambda);
   const health = MAX_HEALTH_POLLS * (lambda + 3 * SIMPLE);
@@ -621,5 +738,5 @@ export function recoveryHistoryWorst(): number {
   const teardown = TEARDOWN_ATTEMPTS * (2 * lambda + 4 * SIMPLE) + TASK + RETRY * 3;
   const failure = 2 * SIMPLE;
   const end = lambda + 2 * SIMPLE;
-  return start + migration + resolve + launch + health + after + teardown + failure + end;
+  return start + migration + failback + resolve + launch + health + after + teardown + failure + end;
 }

@@ -1,5 +1,5 @@
 // The recovery Lambda's contract: one function, `functions/recovery/handler.ts`, dispatching on
-// `action` (resolve, launch, health, pause, teardown, verify-teardown, record). Every input and output
+// `action` (resolve, prepare-failback, launch, health, pause, teardown, verify-teardown, record). Every input and output
 // the Recovery state machine carries, and the function's environment, as zod schemas parsed at the
 // boundary. The state machine, the CDK stack and `ferry recover --cloud` build against these.
 import { z } from 'zod';
@@ -177,6 +177,8 @@ export const resolveEventSchema = z.strictObject({
   ttlMinutes: z.number().int().min(5).max(10_080).optional(),
   /** Migration: the checkpoint the final incremental cycle published (recovered exactly). */
   finalCycle: z.strictObject({ checkpointId: z.string().min(1).max(256) }).optional(),
+  /** A failback's cutover (the state machine gives it): the reverse set finalCycle's checkpoint is in. */
+  set: name('reverse set').optional(),
 });
 export type ResolveEvent = z.infer<typeof resolveEventSchema>;
 
@@ -221,6 +223,80 @@ export const resolveResultSchema = z.strictObject({
   startedAt: z.string(),
 });
 export type ResolveResult = z.infer<typeof resolveResultSchema>;
+
+// ---- prepare-failback ------------------------------------------------------------------------------
+
+export const failbackDiskSchema = z.strictObject({
+  disk: z.string(),
+  machine: z.string(),
+  volumeId: volumeIdSchema,
+  previousSourceSnapshotId: snapshotIdSchema,
+  parentTargetSnapshotId: snapshotIdSchema,
+});
+
+/** What prepare-failback decided; the report's `failback` part (with the reverse checkpoint once published). */
+export const failbackPartSchema = z.strictObject({
+  failoverJobId: z.string(),
+  sharedCheckpointId: z.string(),
+  reverseSet: z.string(),
+  fromBase: z.boolean(),
+  disks: z.array(failbackDiskSchema),
+  cutover: z.boolean(),
+  /** Cutover: the operator stopped the recovered machines before it (the data-loss window is zero). */
+  sourceQuiesced: z.boolean().optional(),
+  reverseCheckpointId: z.string().optional(),
+});
+
+/** The operator's failback input, with the action and the job id (the state machine adds them). */
+export const prepareFailbackEventSchema = z.strictObject({
+  action: z.literal('prepare-failback'),
+  jobId: jobIdSchema,
+  mode: z.literal('failback').optional(),
+  plan: name('protection plan'),
+  /** Relaunch the plan's machines from the reverse cycle's checkpoint (the migration back). */
+  cutover: z.boolean({ error: 'cutover must be true or false' }).default(false),
+  /** The set the recovered volumes replicate into (default `<set>-failback-<failover job>`). */
+  reverseSet: name('reverse set').optional(),
+  /** Cutover: the recovered machines were stopped before the reverse cycle (no write is lost). */
+  sourceQuiesced: z.boolean({ error: 'sourceQuiesced must be true or false' }).optional(),
+  /** Cutover: settings over the plan's recovery defaults, as for a failover. */
+  machines: z.array(machineSettingsSchema).max(64).optional(),
+});
+export type PrepareFailbackEvent = z.infer<typeof prepareFailbackEventSchema>;
+
+export const prepareFailbackResultSchema = z.strictObject({
+  part: failbackPartSchema,
+  /** The reverse cycle's input, as the cycle state machine takes it (cycleInputSchema's request). */
+  cycleInput: z.strictObject({
+    plan: z.string(),
+    set: z.string(),
+    disks: z.array(z.strictObject({ disk: z.string(), volumeId: volumeIdSchema })),
+    base: z
+      .strictObject({
+        checkpointId: z.string(),
+        disks: z.array(
+          z.strictObject({
+            disk: z.string(),
+            previousSourceSnapshotId: snapshotIdSchema,
+            parentTargetSnapshotId: snapshotIdSchema,
+          }),
+        ),
+      })
+      .optional(),
+  }),
+  /** Cutover only: resolve's event but for the reverse checkpoint (the state machine adds finalCycle). */
+  cutoverResolve: z
+    .strictObject({
+      action: z.literal('resolve'),
+      jobId: jobIdSchema,
+      mode: z.literal('failback'),
+      plan: z.string(),
+      set: z.string(),
+      machines: z.array(machineSettingsSchema).optional(),
+    })
+    .optional(),
+});
+export type PrepareFailbackResult = z.infer<typeof prepareFailbackResultSchema>;
 
 // ---- launch --------------------------------------------------------------------------------------
 
@@ -370,6 +446,7 @@ export const recoveryReportInputSchema = z.strictObject({
   verify: verifyTeardownResultSchema.optional(),
   /** Migration: the operator quiesced the source before the final cycle (no write is lost). */
   sourceQuiesced: z.boolean().optional(),
+  failback: failbackPartSchema.optional(),
   /** A Catch's error output, when the job failed. */
   error: z.object({ Error: z.string().optional(), Cause: z.string().optional() }).optional(),
 });
@@ -395,6 +472,7 @@ export const recoveryReportSchema = z.strictObject({
       healthy: z.boolean().optional(),
       state: z.string().optional(),
       reason: z.string().optional(),
+      disks: z.array(z.strictObject({ disk: z.string(), deviceName: z.string() })).optional(),
     }),
   ),
   schedulePaused: z.boolean().optional(),
@@ -410,6 +488,7 @@ export const recoveryReportSchema = z.strictObject({
     .optional(),
   /** Migration: writes possibly lost (0 when quiesced); else at least checkpoint publication to start. */
   dataLossWindowSeconds: z.number().int().nonnegative().optional(),
+  failback: failbackPartSchema.optional(),
   error: z.string().optional(),
 });
 export type RecoveryReport = z.infer<typeof recoveryReportSchema>;
@@ -430,6 +509,7 @@ export const recoveryEventSchema = z.discriminatedUnion(
   'action',
   [
     resolveEventSchema,
+    prepareFailbackEventSchema,
     launchEventSchema,
     healthEventSchema,
     pauseEventSchema,
@@ -438,7 +518,8 @@ export const recoveryEventSchema = z.discriminatedUnion(
     recordEventSchema,
   ],
   {
-    error: 'expected action resolve, launch, health, pause, teardown, verify-teardown or record',
+    error:
+      'expected action resolve, prepare-failback, launch, health, pause, teardown, verify-teardown or record',
   },
 );
 export type RecoveryEvent = z.infer<typeof recoveryEventSchema>;

@@ -1,9 +1,10 @@
-// Recovery Lambda: every action of the Recovery state machine (resolve, launch, health, pause,
+// Recovery Lambda: every action of the Recovery state machine (resolve, prepare-failback, launch, health, pause,
 // teardown, verify-teardown, record), dispatched on `action`. A composition root only: parse the
 // event, build adapters once per container, call the recovery core (shared/engine/recovery).
 import { EC2Client } from '@aws-sdk/client-ec2';
 import { SchedulerClient } from '@aws-sdk/client-scheduler';
 import type { Context } from 'aws-lambda';
+import { prepareFailback } from '../../shared/engine/recovery/failback.ts';
 import { checkHealth } from '../../shared/engine/recovery/health.ts';
 import { launchMachine } from '../../shared/engine/recovery/launch.ts';
 import { recordRecovery } from '../../shared/engine/recovery/report.ts';
@@ -13,6 +14,7 @@ import type {
   HealthResult,
   LaunchResult,
   PauseResult,
+  PrepareFailbackResult,
   RecoveryReport,
   ResolveResult,
   TeardownResult,
@@ -29,6 +31,7 @@ export interface RecoveryRuntime {
 
 export type RecoveryOutput =
   | ResolveResult
+  | PrepareFailbackResult
   | LaunchResult
   | HealthResult
   | PauseResult
@@ -48,6 +51,19 @@ export function createRecoveryHandler(runtime: () => RecoveryRuntime) {
           const { action: _, ...request } = e;
           return resolveRecovery(deps, request, deps.defaultsOf(e.plan));
         }
+        case 'prepare-failback':
+          return prepareFailback(
+            deps,
+            {
+              jobId: e.jobId,
+              plan: e.plan,
+              cutover: e.cutover,
+              reverseSet: e.reverseSet,
+              sourceQuiesced: e.sourceQuiesced,
+              machines: e.machines,
+            },
+            deps.defaultsOf(e.plan),
+          );
         case 'launch':
           return launchMachine(
             deps,

@@ -11,7 +11,12 @@ import { Ec2RecoveryCompute } from '../../shared/aws/ec2/compute.ts';
 import { SchedulerPlanSchedules } from '../../shared/aws/scheduler/plan-schedules.ts';
 import type { Log } from '../../shared/engine/cycle/ports.ts';
 import type { Clock } from '../../shared/engine/ports.ts';
-import type { PlanSchedules, RecoveryCompute, RecoveryRecords } from '../../shared/engine/recovery/ports.ts';
+import type {
+  FailoverRecords,
+  PlanSchedules,
+  RecoveryCompute,
+  RecoveryRecords,
+} from '../../shared/engine/recovery/ports.ts';
 import type { PlanRecoveryDefaults } from '../../shared/engine/recovery/types.ts';
 import { systemClock } from '../../shared/runtime/clock.ts';
 import type { RecoveryEnv } from './contracts.ts';
@@ -28,7 +33,7 @@ export interface RecoveryDeps {
   readonly catalog: Pick<DynamoStateStore, 'listCheckpoints'>;
   readonly compute: RecoveryCompute;
   readonly schedules: PlanSchedules;
-  readonly records: RecoveryRecords;
+  readonly records: RecoveryRecords & FailoverRecords;
   readonly clock: Pick<Clock, 'now'>;
   readonly log: Log;
   /** The plan's recovery defaults (RECOVERY_DEFAULTS), if it has any. */

@@ -64,7 +64,17 @@ interface FakeOptions {
   /** Actions that throw, with the error name. */
   readonly fail?: Partial<Record<string, string>>;
   readonly ttlSeconds?: number;
+  /** prepare-failback: whether the reverse set has no checkpoint yet (its cycle starts from the base). */
+  readonly fromBase?: boolean;
 }
+
+const FAILBACK_DISK = {
+  disk: 'root',
+  machine: 'web-1',
+  volumeId: 'vol-0aaaaaaaaaaaaaaaa',
+  previousSourceSnapshotId: 'snap-0bbbbbbbbbbbbbbbb',
+  parentTargetSnapshotId: 'snap-0cccccccccccccccc',
+};
 
 /** A fake recovery Lambda: answers in the contract's shapes and records every event. */
 function fakeRecovery(opts: FakeOptions = {}) {
@@ -98,6 +108,50 @@ function fakeRecovery(opts: FakeOptions = {}) {
           ttlSeconds: opts.ttlSeconds ?? 3600,
           startedAt: '2026-12-05T10:01:00Z',
         };
+      case 'prepare-failback': {
+        const fromBase = opts.fromBase ?? true;
+        const reverseSet = 'web-set-failback-fo-1';
+        return {
+          part: {
+            failoverJobId: 'fo-1',
+            sharedCheckpointId: 'web-set/c1',
+            reverseSet,
+            fromBase,
+            disks: [FAILBACK_DISK],
+            cutover: event.cutover === true,
+          },
+          cycleInput: {
+            plan: reverseSet,
+            set: reverseSet,
+            disks: [{ disk: 'root', volumeId: FAILBACK_DISK.volumeId }],
+            ...(fromBase
+              ? {
+                  base: {
+                    checkpointId: 'web-set/c1',
+                    disks: [
+                      {
+                        disk: 'root',
+                        previousSourceSnapshotId: FAILBACK_DISK.previousSourceSnapshotId,
+                        parentTargetSnapshotId: FAILBACK_DISK.parentTargetSnapshotId,
+                      },
+                    ],
+                  },
+                }
+              : {}),
+          },
+          ...(event.cutover === true
+            ? {
+                cutoverResolve: {
+                  action: 'resolve',
+                  jobId: event.jobId,
+                  mode: 'failback',
+                  plan: event.plan,
+                  set: reverseSet,
+                },
+              }
+            : {}),
+        };
+      }
       case 'launch':
         return {
           name: (event.machine as Json).name,
@@ -296,6 +350,106 @@ describe('Recovery state machine', () => {
     expect(r.error).toBe(RECOVERY_ERRORS.refused);
     expect(r.cause).toContain('plan nope is not a protection plan');
     expect(r.cycles).toEqual([]);
+  });
+
+  it('failback: prepare, the reverse cycle from the shared checkpoint, record; nothing is launched', async () => {
+    const fake = fakeRecovery();
+    const r = await run({ mode: 'failback', plan: 'web' }, fake, async () => ({
+      status: 'published',
+      checkpointId: 'web-set-failback-fo-1/c1',
+      disks: [],
+    }));
+    expect(r.status).toBe('SUCCEEDED');
+    expect(fake.actions()).toEqual(['prepare-failback', 'record']);
+    // The operator's input is prepare-failback's event, with the action and the job.
+    expect(fake.events[0]).toEqual({
+      action: 'prepare-failback',
+      jobId: 'job-1',
+      mode: 'failback',
+      plan: 'web',
+    });
+    // The cycle is started with exactly what prepare-failback built, base included, linked to this job.
+    expect(r.cycles).toEqual([
+      {
+        AWS_STEP_FUNCTIONS_STARTED_BY_EXECUTION_ID: expect.stringContaining(':execution:T-recovery:job-1'),
+        plan: 'web-set-failback-fo-1',
+        set: 'web-set-failback-fo-1',
+        disks: [{ disk: 'root', volumeId: FAILBACK_DISK.volumeId }],
+        base: {
+          checkpointId: 'web-set/c1',
+          disks: [
+            {
+              disk: 'root',
+              previousSourceSnapshotId: FAILBACK_DISK.previousSourceSnapshotId,
+              parentTargetSnapshotId: FAILBACK_DISK.parentTargetSnapshotId,
+            },
+          ],
+        },
+      },
+    ]);
+    expect(recorded(fake)).toMatchObject({
+      mode: 'failback',
+      failback: { reverseCheckpointId: 'web-set-failback-fo-1/c1', fromBase: true, cutover: false },
+    });
+    expect(r.steps.map((s) => s.state)).not.toContain('Pause schedule');
+  });
+
+  it('failback: a reverse set with a checkpoint cycles without a base', async () => {
+    const fake = fakeRecovery({ fromBase: false });
+    const r = await run({ mode: 'failback', plan: 'web' }, fake, async () => ({
+      status: 'published',
+      checkpointId: 'web-set-failback-fo-1/c2',
+      disks: [],
+    }));
+    expect(r.status).toBe('SUCCEEDED');
+    expect(r.cycles).toHaveLength(1);
+    expect(r.cycles[0]).not.toHaveProperty('base');
+    expect(r.cycles[0]).toMatchObject({ set: 'web-set-failback-fo-1' });
+  });
+
+  it("failback cutover: after the reverse cycle, resolve its checkpoint on the plan's machines, launch, health, record", async () => {
+    const fake = fakeRecovery();
+    const r = await run(
+      { mode: 'failback', plan: 'web', cutover: true, sourceQuiesced: true },
+      fake,
+      async () => ({ status: 'published', checkpointId: 'web-set-failback-fo-1/c2', disks: [] }),
+    );
+    expect(r.status).toBe('SUCCEEDED');
+    expect(fake.actions()).toEqual(['prepare-failback', 'resolve', 'launch', 'launch', 'health', 'record']);
+    expect(fake.events[0]).toMatchObject({ cutover: true, sourceQuiesced: true });
+    expect(fake.events[1]).toEqual({
+      action: 'resolve',
+      jobId: 'job-1',
+      mode: 'failback',
+      plan: 'web',
+      set: 'web-set-failback-fo-1',
+      finalCycle: { checkpointId: 'web-set-failback-fo-1/c2' },
+    });
+    expect(recorded(fake)).toMatchObject({
+      failback: { reverseCheckpointId: 'web-set-failback-fo-1/c2', cutover: true },
+      checkpoint: { id: 'web-set-failback-fo-1/c2' },
+    });
+    // The plan's schedule stays as the failover left it: paused.
+    expect(fake.actions()).not.toContain('pause');
+  });
+
+  it('failback: a reverse cycle that publishes nothing relaunches nothing and is reported; a refusal ends at once', async () => {
+    const fake = fakeRecovery();
+    const r = await run({ mode: 'failback', plan: 'web', cutover: true }, fake, async () => ({ plan: 'x' }));
+    expect(r.status).toBe('FAILED');
+    expect(r.error).toBe(RECOVERY_ERRORS.failed);
+    expect(fake.actions()).toEqual(['prepare-failback', 'record']);
+    expect(recorded(fake)).toMatchObject({
+      error: { Error: RECOVERY_ERRORS.reverseCycle },
+      failback: { cutover: true },
+    });
+    expect(recorded(fake)?.failback).not.toHaveProperty('reverseCheckpointId');
+
+    const refusing = fakeRecovery({ fail: { 'prepare-failback': 'RecoveryRefusedError' } });
+    const refused = await run({ mode: 'failback', plan: 'web' }, refusing, async () => ({}));
+    expect(refused.error).toBe('RecoveryRefusedError');
+    expect(refusing.actions()).toEqual(['prepare-failback']);
+    expect(refused.cycles).toEqual([]);
   });
 
   it('cleanup: teardown and verify by the job id, then record; without a job id it is refused', async () => {

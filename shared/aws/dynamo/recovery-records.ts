@@ -73,6 +73,14 @@ export class DynamoRecoveryRecords implements RecoveryRecords {
     await this.items.put(recoveryKeys.failover(report.plan), withoutUndefined(record));
   }
 
+  async clearFailedOver(plan: string, failoverJobId: string): Promise<void> {
+    // A mark that is absent or a later failover's stays as it is (the delete's condition fails).
+    await this.items.delete(recoveryKeys.failover(plan), {
+      ConditionExpression: 'jobId = :job',
+      ExpressionAttributeValues: { ':job': failoverJobId },
+    });
+  }
+
   async get(jobId: string): Promise<RecoveryReport | undefined> {
     const key = recoveryKeys.report(jobId);
     const item = await this.items.getRaw(key);

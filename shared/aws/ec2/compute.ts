@@ -337,6 +337,11 @@ export class Ec2RecoveryCompute implements RecoveryCompute {
       systemStatus: statuses.get(i.InstanceId!)?.system ?? 'unknown',
       instanceStatus: statuses.get(i.InstanceId!)?.instance ?? 'unknown',
       stateReason: i.StateReason?.Message,
+      volumes: (i.BlockDeviceMappings ?? []).flatMap((b) =>
+        b.DeviceName !== undefined && b.Ebs?.VolumeId !== undefined
+          ? [{ deviceName: b.DeviceName, volumeId: b.Ebs.VolumeId }]
+          : [],
+      ),
     }));
   }
 

@@ -1,7 +1,7 @@
 // The recovery's ports: the compute cloud it launches into (EC2), the plan schedules it pauses
 // (EventBridge Scheduler) and where its reports go (the catalog table). Adapters translate their
 // SDK's errors into CloudRequestError (retryable or not).
-import type { Architecture, BootMode, PauseResult, RecoveryReport } from './types.ts';
+import type { Architecture, BootMode, PauseResult, RecoveryMode, RecoveryReport } from './types.ts';
 
 export type Tags = Readonly<Record<string, string>>;
 
@@ -120,6 +120,8 @@ export interface InstanceObservation {
   readonly instanceStatus: string;
   /** EC2's reason for a state change (`Server.InternalError: ...`), for the report. */
   readonly stateReason?: string | undefined;
+  /** The EBS volumes attached, by device name as the launch named them (`/dev/xvda`, `/dev/sdf`). */
+  readonly volumes?: readonly { readonly deviceName: string; readonly volumeId: string }[] | undefined;
 }
 
 export interface VolumeObservation {
@@ -163,4 +165,24 @@ export interface RecoveryRecords {
   put(report: RecoveryReport): Promise<void>;
   /** Marks the plan as failed over to the report's checkpoint (failover, migration). */
   markFailedOver(report: RecoveryReport): Promise<void>;
+  /**
+   * Removes the plan's failover mark if it is still job `failoverJobId`'s (a failback's cutover):
+   * a mark a later failover wrote stays.
+   */
+  clearFailedOver(plan: string, failoverJobId: string): Promise<void>;
+}
+
+/** A plan's failover mark: which job failed it over, to which checkpoint. */
+export interface FailoverMark {
+  readonly plan: string;
+  readonly jobId: string;
+  readonly mode: RecoveryMode | string;
+  readonly checkpointId?: string | undefined;
+  readonly at: string;
+}
+
+/** What a failback reads of earlier jobs. */
+export interface FailoverRecords {
+  failedOver(plan: string): Promise<FailoverMark | undefined>;
+  get(jobId: string): Promise<RecoveryReport | undefined>;
 }

@@ -15,6 +15,10 @@ function outcomeOf(input: RecoveryReportInput): RecoveryOutcome {
   // A drill that leaves resources behind costs money: that is what the operator must see first.
   if (input.mode === 'drill' && cleanupFailed) return 'cleanup-failed';
   if (input.error !== undefined) return 'failed';
+  // A failback without its cutover launches nothing: it succeeded when its reverse cycle published.
+  if (input.mode === 'failback' && input.failback?.cutover === false) {
+    return input.failback.reverseCheckpointId === undefined ? 'failed' : 'succeeded';
+  }
   if (input.health === undefined) return 'failed';
   if (!input.health.healthy) return 'unhealthy';
   if (input.mode === 'drill' && input.verify === undefined) return 'cleanup-failed';
@@ -41,6 +45,7 @@ function machinesOf(input: RecoveryReportInput): ReportedMachine[] {
       healthy: health?.healthy,
       state: health?.state ?? (launched === undefined ? 'not launched' : undefined),
       reason: health?.reason,
+      disks: resolved?.disks.map((d) => ({ disk: d.disk, deviceName: d.deviceName })),
     };
   });
 }
@@ -57,7 +62,15 @@ export function buildReport(jobId: string, input: RecoveryReportInput, finishedA
       : [input.error.Error, input.error.Cause].filter(Boolean).join(': ').slice(0, MAX_ERROR_CHARS) ||
         'unknown error';
   let dataLossWindowSeconds: number | undefined;
-  if (input.mode === 'migration') {
+  // A failback's cutover is a migration in the other direction (the reverse set's last cycle, then
+  // the plan's machines from it): zero when the recovered machines were quiesced, else not known.
+  if (
+    input.mode === 'failback' &&
+    input.failback?.cutover === true &&
+    input.failback.sourceQuiesced === true
+  ) {
+    dataLossWindowSeconds = 0;
+  } else if (input.mode === 'migration') {
     if (input.sourceQuiesced === true) dataLossWindowSeconds = 0;
     else if (input.checkpoint !== undefined) {
       const gap = Date.parse(input.startedAt) - Date.parse(input.checkpoint.publishedAt);
@@ -89,6 +102,7 @@ export function buildReport(jobId: string, input: RecoveryReportInput, finishedA
     schedulePaused: input.pause === undefined ? undefined : input.pause.found,
     cleanup,
     dataLossWindowSeconds,
+    failback: input.failback,
     error,
   };
 }
@@ -100,7 +114,9 @@ export interface RecordDeps {
 
 /**
  * Writes the job's report (a retry rewrites the same item). A failover or migration that launched
- * machines marks its plan as failed over, healthy or not: its source is no longer the primary.
+ * machines marks its plan as failed over, healthy or not: its source is no longer the primary. A
+ * failback's cutover that launched the plan's machines again clears that mark (if it is still the
+ * failed-back job's): the original side is the primary again.
  */
 export async function recordRecovery(
   deps: RecordDeps,
@@ -112,6 +128,9 @@ export async function recordRecovery(
   const launched = (input.launched ?? []).length > 0;
   if ((input.mode === 'failover' || input.mode === 'migration') && launched) {
     await deps.records.markFailedOver(report);
+  }
+  if (input.mode === 'failback' && input.failback?.cutover === true && launched) {
+    await deps.records.clearFailedOver(input.plan, input.failback.failoverJobId);
   }
   return report;
 }

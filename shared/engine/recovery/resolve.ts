@@ -245,7 +245,7 @@ export function chooseCheckpoint(
 ): RecoveryCheckpoint {
   let choice: CheckpointChoice;
   let field = 'checkpoint';
-  if (request.mode === 'migration') {
+  if (request.mode === 'migration' || (request.mode === 'failback' && request.finalCycle !== undefined)) {
     field = 'finalCycle.checkpointId';
     if (request.finalCycle === undefined) {
       refuse(request.plan, [
@@ -297,7 +297,16 @@ export async function resolveRecovery(
   defaults: PlanRecoveryDefaults | undefined,
 ): Promise<ResolveResult> {
   const startedAt = new Date(deps.clock.now()).toISOString();
-  const set = defaults?.set ?? request.plan;
+  if (request.set !== undefined && !(request.mode === 'failback' && request.finalCycle !== undefined)) {
+    refuse(request.plan, [
+      {
+        message: `"set" is for a failback's cutover (the reverse set its final cycle published in), not a ${request.mode}`,
+        field: 'set',
+      },
+    ]);
+  }
+  // A failback's cutover recovers the reverse set's checkpoint onto the plan's own machines.
+  const set = request.set ?? defaults?.set ?? request.plan;
   if (request.ttlMinutes !== undefined && request.mode !== 'drill') {
     refuse(request.plan, [
       { message: `only drills are torn down at a TTL, not a ${request.mode}`, field: 'ttlMinutes' },

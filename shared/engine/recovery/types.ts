@@ -43,6 +43,11 @@ export interface ResolveRequest {
   readonly machines?: readonly MachineSettings[] | undefined;
   readonly ttlMinutes?: number | undefined;
   readonly finalCycle?: { readonly checkpointId: string } | undefined;
+  /**
+   * A failback's cutover only (given by the state machine, never the operator): the reverse set whose
+   * checkpoint `finalCycle` names, recovered onto the plan's own machines.
+   */
+  readonly set?: string | undefined;
 }
 
 export interface ResolvedDisk {
@@ -148,6 +153,8 @@ export interface RecoveryReportInput {
   readonly teardown?: TeardownResult | undefined;
   readonly verify?: VerifyTeardownResult | undefined;
   readonly sourceQuiesced?: boolean | undefined;
+  /** Failback: what prepare-failback decided (and, once it ran, the reverse cycle's checkpoint). */
+  readonly failback?: FailbackPart | undefined;
   readonly error?: { readonly Error?: string | undefined; readonly Cause?: string | undefined } | undefined;
 }
 
@@ -156,6 +163,11 @@ export interface ReportedMachine {
   readonly kind?: MachineKind | undefined;
   readonly instanceId?: string | undefined;
   readonly volumeIds: readonly string[];
+  /**
+   * Which disk of the checkpoint became which device (instances) or volume (volumes-only machines):
+   * what a failback reads to find each disk's recovered volume. Absent in reports written before it.
+   */
+  readonly disks?: readonly { readonly disk: string; readonly deviceName: string }[] | undefined;
   readonly healthy?: boolean | undefined;
   readonly state?: string | undefined;
   readonly reason?: string | undefined;
@@ -184,5 +196,83 @@ export interface RecoveryReport {
       }
     | undefined;
   readonly dataLossWindowSeconds?: number | undefined;
+  readonly failback?: FailbackPart | undefined;
   readonly error?: string | undefined;
+}
+
+// ---- failback ------------------------------------------------------------------------------------
+
+/** A recovered disk a failback replicates back: the volume a failover's machine runs on. */
+export interface FailbackDisk {
+  readonly disk: string;
+  readonly machine: string;
+  readonly volumeId: string;
+  /** The shared checkpoint's target snapshot: the volume was created from it (what it is diffed against). */
+  readonly previousSourceSnapshotId: string;
+  /** The shared checkpoint's source snapshot: the original side, parent of the reverse target snapshot. */
+  readonly parentTargetSnapshotId: string;
+}
+
+/** The reverse cycle, as the cycle state machine takes it (functions/contracts.ts cycleInputSchema). */
+export interface FailbackCycleInput {
+  readonly plan: string;
+  readonly set: string;
+  readonly disks: readonly { readonly disk: string; readonly volumeId: string }[];
+  /** The set's first cycle only: the checkpoint both sides share, so the cycle is incremental. */
+  readonly base?:
+    | {
+        readonly checkpointId: string;
+        readonly disks: readonly {
+          readonly disk: string;
+          readonly previousSourceSnapshotId: string;
+          readonly parentTargetSnapshotId: string;
+        }[];
+      }
+    | undefined;
+}
+
+/** What prepare-failback decided; the report's `failback` part. */
+export interface FailbackPart {
+  /** The failover (or migration) job whose machines are failed back. */
+  readonly failoverJobId: string;
+  /** The checkpoint the failover recovered: what both sides share. */
+  readonly sharedCheckpointId: string;
+  /** The reverse set (and plan) the recovered volumes replicate into. */
+  readonly reverseSet: string;
+  /** True when the reverse set had no checkpoint yet: this cycle starts from the shared one. */
+  readonly fromBase: boolean;
+  readonly disks: readonly FailbackDisk[];
+  /** The operator asked for the cutover: the plan's machines relaunched from the reverse checkpoint. */
+  readonly cutover: boolean;
+  /** Cutover: the operator stopped the recovered machines before it (the data-loss window is zero). */
+  readonly sourceQuiesced?: boolean | undefined;
+  /** Set once the reverse cycle published. */
+  readonly reverseCheckpointId?: string | undefined;
+}
+
+export interface PrepareFailbackRequest {
+  readonly jobId: string;
+  readonly plan: string;
+  readonly cutover: boolean;
+  /** Default `<set>-failback-<failover job>`. */
+  readonly reverseSet?: string | undefined;
+  readonly sourceQuiesced?: boolean | undefined;
+  /** Cutover: machine settings over the plan's defaults. */
+  readonly machines?: readonly MachineSettings[] | undefined;
+}
+
+/** A cutover's resolve event, short of the reverse checkpoint (the state machine adds `finalCycle`). */
+export interface CutoverResolve {
+  readonly action: 'resolve';
+  readonly jobId: string;
+  readonly mode: 'failback';
+  readonly plan: string;
+  readonly set: string;
+  readonly machines?: readonly MachineSettings[] | undefined;
+}
+
+export interface PrepareFailbackResult {
+  readonly part: FailbackPart;
+  readonly cycleInput: FailbackCycleInput;
+  readonly cutoverResolve?: CutoverResolve | undefined;
 }

@@ -105,6 +105,12 @@ export function computeContract(name: string, setup: () => Promise<ComputeFixtur
         startedAt: '2026-12-05T11:59:00.000Z',
       });
       expect(health).toMatchObject({ done: true, healthy: true, secondsToRunning: 60 });
+      // Which volume holds which disk: by the device names the launch gave them (what a failback reads).
+      const [observed] = await f.compute.describeInstances([launched[0]!.instanceId!]);
+      const devices = (observed?.volumes ?? []).map((v) => v.deviceName).sort();
+      expect(devices).toEqual(['/dev/sdf', '/dev/xvda']);
+      const tagged = new Set(found.volumes.map((v) => v.volumeId));
+      for (const v of observed!.volumes!) expect(tagged.has(v.volumeId), v.deviceName).toBe(true);
     });
 
     it('a retried launch creates nothing more; registering the same image again answers the same image', async () => {

@@ -156,7 +156,18 @@ export class FakeCompute implements RecoveryCompute {
     return ids.flatMap((id) => {
       const i = this.instances.get(id);
       return i
-        ? [{ instanceId: id, state: i.state, systemStatus: i.systemStatus, instanceStatus: i.instanceStatus }]
+        ? [
+            {
+              instanceId: id,
+              state: i.state,
+              systemStatus: i.systemStatus,
+              instanceStatus: i.instanceStatus,
+              volumes: i.spec.devices.map((d, n) => ({
+                deviceName: d.deviceName,
+                volumeId: i.volumeIds[n]!,
+              })),
+            },
+          ]
         : [];
     });
   }

@@ -397,6 +397,9 @@ describe('report', () => {
     const records: RecoveryRecords = {
       put: async (r) => void put.push(r),
       markFailedOver: async (r) => void marked.push(r),
+      clearFailedOver: async () => {
+        throw new Error('only a failback cutover clears a mark');
+      },
     };
     const deps = { records, clock: fixedClock('2026-12-05T12:10:00.000Z') };
     const r = await recordRecovery(deps, 'fo', { ...base, mode: 'failover', launched, health });
