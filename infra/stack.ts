@@ -85,8 +85,14 @@ const RECOVERY_TIMEOUT = Duration.minutes(5);
 const LAMBDA_ENVIRONMENT_BYTES = 4096;
 // What the recovery function does on the state table (the catalog and shared/aws/dynamo/
 // recovery-records.ts): checkpoints and records (GetItem, Query), the job's report and the plan's
-// failed-over mark (PutItem). It updates and deletes nothing.
-const RECOVERY_TABLE_ACTIONS = ['dynamodb:GetItem', 'dynamodb:Query', 'dynamodb:PutItem'];
+// failed-over mark (PutItem), and a failback's cutover removes that mark (DeleteItem, conditional on
+// the failed-back job). It updates nothing.
+const RECOVERY_TABLE_ACTIONS = [
+  'dynamodb:GetItem',
+  'dynamodb:Query',
+  'dynamodb:PutItem',
+  'dynamodb:DeleteItem',
+];
 
 /** What a plan's schedule starts the cycle state machine with (a migration's final cycle too). */
 export function planCycleInput(config: FerryConfig, plan: ProtectionPlan): Record<string, unknown> {

@@ -212,7 +212,12 @@ describe('FerryStack recovery', () => {
     expect(list(pause.Action).sort()).toEqual(['scheduler:GetSchedule', 'scheduler:UpdateSchedule']);
     expect(JSON.stringify(pause.Resource)).toContain(':schedule/FerryTest-plans/*');
     const table = statements.find((s) => s.Sid === 'StateTable')!;
-    expect(list(table.Action).sort()).toEqual(['dynamodb:GetItem', 'dynamodb:PutItem', 'dynamodb:Query']);
+    expect(list(table.Action).sort()).toEqual([
+      'dynamodb:DeleteItem',
+      'dynamodb:GetItem',
+      'dynamodb:PutItem',
+      'dynamodb:Query',
+    ]);
   });
 
   it("the Recovery machine's role: invoke the recovery function, run the cycle machine, one metric namespace", () => {

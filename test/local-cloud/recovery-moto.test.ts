@@ -434,8 +434,123 @@ describe('the Recovery state machine on moto_server with the real recovery handl
     }
   });
 
+  it("failback: the reverse cycle from the failover's recovered volumes and the shared checkpoint, then the cutover", async () => {
+    // Prepare: a failover of the latest checkpoint, whose machine runs in production.
+    const failover = await recovery.run({ mode: 'failover', plan: 'web' }, 'failover-web-fb');
+    expect(failover.status, `${failover.error}: ${failover.cause}`).toBe('SUCCEEDED');
+    const shared = (await store.listCheckpoints('web')).at(-1)!;
+    expect(failover.output).toMatchObject({ checkpoint: { id: shared.id } });
+    const [instance] = (
+      await ec2.send(
+        new DescribeInstancesCommand({ Filters: [{ Name: `tag:${JOB_TAG}`, Values: ['failover-web-fb'] }] }),
+      )
+    ).Reservations!.flatMap((x) => x.Instances ?? []);
+    const volumeAt = (device: string) =>
+      instance!.BlockDeviceMappings!.find((b) => b.DeviceName === device)!.Ebs!.VolumeId!;
+    const recovered = { root: volumeAt('/dev/xvda'), data: volumeAt('/dev/sdf') };
+    // The reverse cycle, as the cycle machine would run it: each recovered volume snapshotted (only
+    // a failover's or migration's volumes may be: the IAM condition), a checkpoint of the reverse set.
+    const reverseCycles: Json[] = [];
+    const reverseCycle = async (input: Json) => {
+      reverseCycles.push(input);
+      const set = String(input.set);
+      const disks = [];
+      for (const d of input.disks as { disk: string; volumeId: string }[]) {
+        const [volume] = (await ec2.send(new DescribeVolumesCommand({ VolumeIds: [d.volumeId] }))).Volumes!;
+        expect(volume!.Tags).toEqual(
+          expect.arrayContaining([{ Key: 'ferry:recovery-mode', Value: 'failover' }]),
+        );
+        const snapshotId = (await ec2.send(new CreateSnapshotCommand({ VolumeId: d.volumeId }))).SnapshotId!;
+        disks.push({
+          disk: d.disk,
+          source: snapshotId,
+          target: snapshotId,
+          sizeBytes: 8 * 1024 ** 3,
+          kind: 'incremental' as const,
+          chunks: 1,
+          bytes: 1024 ** 2,
+          aggregate: { algorithm: 'ebs-linear-sha256' as const, value: 'cd'.repeat(32) },
+        });
+      }
+      const before = await store.listCheckpoints(set);
+      const n = before.length + 1;
+      const cp: RecoveryCheckpoint = {
+        id: `${set}/cycle-${n}`,
+        set,
+        sequence: n,
+        createdAt: new Date().toISOString(),
+        parent: before.at(-1)?.id,
+        disks,
+      };
+      await store.publishCheckpoint(cp);
+      return { status: 'published', checkpointId: cp.id, sequence: n, disks: [] };
+    };
+    const local = new LocalRecovery({ ...definitionOf, bindings: { ...bindings, runCycle: reverseCycle } });
+    const reverseSet = 'web-failback-failover-web-fb';
+
+    // Act 1: replicate back (the recovered machine keeps running).
+    const back = await local.run({ mode: 'failback', plan: 'web' }, 'failback-web-1');
+    expect(back.status, `${back.error}: ${back.cause}`).toBe('SUCCEEDED');
+    expect(back.actions).toEqual(['prepare-failback', 'record']);
+    const snap = (disk: string) => shared.disks.find((d) => d.disk === disk)!;
+    expect(reverseCycles[0]).toMatchObject({
+      plan: reverseSet,
+      set: reverseSet,
+      disks: [
+        { disk: 'root', volumeId: recovered.root },
+        { disk: 'data', volumeId: recovered.data },
+      ],
+      // Diffed against what the volumes were created from; written over the original side.
+      base: {
+        checkpointId: shared.id,
+        disks: ['root', 'data'].map((disk) => ({
+          disk,
+          previousSourceSnapshotId: snap(disk).target,
+          parentTargetSnapshotId: snap(disk).source,
+        })),
+      },
+    });
+    expect(back.output).toMatchObject({
+      mode: 'failback',
+      outcome: 'succeeded',
+      failback: {
+        failoverJobId: 'failover-web-fb',
+        sharedCheckpointId: shared.id,
+        reverseSet,
+        fromBase: true,
+        reverseCheckpointId: `${reverseSet}/cycle-1`,
+      },
+    });
+    expect((await leftOf('failback-web-1')).running).toBe(0);
+
+    // Act 2: the cutover: one more reverse cycle (no base now), the plan's machine from its checkpoint.
+    const cutover = await local.run(
+      { mode: 'failback', plan: 'web', cutover: true, sourceQuiesced: true },
+      'failback-web-2',
+    );
+    expect(cutover.status, `${cutover.error}: ${cutover.cause}`).toBe('SUCCEEDED');
+    expect(reverseCycles[1]).not.toHaveProperty('base');
+    expect(cutover.output).toMatchObject({
+      outcome: 'succeeded',
+      checkpoint: { id: `${reverseSet}/cycle-2` },
+      dataLossWindowSeconds: 0,
+      failback: { cutover: true, fromBase: false, reverseCheckpointId: `${reverseSet}/cycle-2` },
+    });
+    const relaunched = (
+      await ec2.send(
+        new DescribeInstancesCommand({ Filters: [{ Name: `tag:${JOB_TAG}`, Values: ['failback-web-2'] }] }),
+      )
+    ).Reservations!.flatMap((x) => x.Instances ?? []);
+    expect(relaunched.map((i) => i.SubnetId)).toEqual([subnets.prod]);
+    // The plan is no longer failed over: a further failback has nothing to do and creates nothing.
+    const again = await local.run({ mode: 'failback', plan: 'web' }, 'failback-web-3');
+    expect(again.status).toBe('FAILED');
+    expect(again.cause).toContain('it is not failed over');
+    expect(reverseCycles).toHaveLength(2);
+  });
+
   it("made only the DynamoDB requests the stack's recovery role allows", () => {
-    const allowed = new Set(['GetItemCommand', 'QueryCommand', 'PutItemCommand']);
+    const allowed = new Set(['GetItemCommand', 'QueryCommand', 'PutItemCommand', 'DeleteItemCommand']);
     expect([...tableRequests]).toEqual(expect.arrayContaining(['QueryCommand', 'PutItemCommand']));
     expect([...tableRequests].filter((c) => !allowed.has(c))).toEqual([]);
   });
