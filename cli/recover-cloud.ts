@@ -29,8 +29,8 @@ export const recoveryStateMachineName = (stack: string): string => `${stack}-rec
 /** The tag every resource of a stack carries (infra/stack.ts); the catalog table is found by it. */
 export const DEPLOYMENT_TAG_KEY = 'ferry:deployment';
 
-/** The modes an operator starts (failback is started from the console: see infra/README.md). */
-export const CLOUD_MODES = ['drill', 'failover', 'migration', 'cleanup'] as const;
+/** The modes an operator starts. */
+export const CLOUD_MODES = ['drill', 'failover', 'migration', 'failback', 'cleanup'] as const;
 export type CloudMode = (typeof CLOUD_MODES)[number];
 
 // Seconds between DescribeExecution/GetExecutionHistory polls: a recovery step takes seconds to
@@ -64,6 +64,12 @@ export interface CloudRecoverFlags {
   readonly job?: string | undefined;
   /** A JSON file with the machines' launch settings (MachineSettings[]), overriding the plan's. */
   readonly machines?: unknown;
+  /** Failback: relaunch the plan's machines from the reverse cycle's checkpoint. */
+  readonly cutover?: boolean | undefined;
+  /** Migration, failback cutover: the source (or the recovered machines) was stopped first. */
+  readonly sourceQuiesced?: boolean | undefined;
+  /** Failback: the reverse set (default `<set>-failback-<failover job>`). */
+  readonly reverseSet?: string | undefined;
 }
 
 const checkpointChoice = z.union([
@@ -80,6 +86,12 @@ export const recoveryRequestSchema = z.strictObject({
   checkpoint: checkpointChoice.optional(),
   ttlMinutes: z.number().int().min(MIN_TTL_MINUTES).max(MAX_TTL_MINUTES).optional(),
   machines: z.array(z.record(z.string(), z.unknown())).min(1).optional(),
+  sourceQuiesced: z.boolean().optional(),
+  cutover: z.boolean().optional(),
+  reverseSet: z
+    .string()
+    .regex(/^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$/)
+    .optional(),
 });
 export type RecoveryRequest = z.infer<typeof recoveryRequestSchema>;
 
@@ -113,6 +125,9 @@ export function recoveryRequest(
       ['--at', flags.at],
       ['--ttl', flags.ttl],
       ['--machines', flags.machines],
+      ['--cutover', flags.cutover],
+      ['--source-quiesced', flags.sourceQuiesced],
+      ['--reverse-set', flags.reverseSet],
     ] as const) {
       if (v !== undefined) refuse(flag, 'is not for a cleanup (it tears down what the job created)');
     }
@@ -125,6 +140,22 @@ export function recoveryRequest(
     };
   }
   const plan = checkPlan(flags.plan);
+  if (mode !== 'failback') {
+    if (flags.cutover) refuse('--cutover', 'is for a failback (--mode failback)');
+    if (flags.reverseSet !== undefined) refuse('--reverse-set', 'is for a failback (--mode failback)');
+  }
+  if (flags.sourceQuiesced && mode !== 'migration' && !(mode === 'failback' && flags.cutover))
+    refuse('--source-quiesced', 'is for a migration or a failback --cutover');
+  if (mode === 'failback') {
+    for (const [flag, v] of [
+      ['--checkpoint', flags.checkpoint],
+      ['--at', flags.at],
+    ] as const) {
+      if (v !== undefined) refuse(flag, 'a failback starts from the checkpoint its failover recovered');
+    }
+    if (flags.machines !== undefined && !flags.cutover)
+      refuse('--machines', 'a failback launches machines only with --cutover');
+  }
   if (flags.checkpoint !== undefined && flags.at !== undefined)
     refuse('--at', 'give either --checkpoint or --at, not both');
   let checkpoint: RecoveryRequest['checkpoint'];
@@ -155,10 +186,17 @@ export function recoveryRequest(
     ...(checkpoint === undefined ? {} : { checkpoint }),
     ...(ttlMinutes === undefined ? {} : { ttlMinutes }),
     ...(flags.machines === undefined ? {} : { machines: flags.machines }),
+    ...(flags.sourceQuiesced ? { sourceQuiesced: true } : {}),
+    ...(flags.cutover ? { cutover: true } : {}),
+    ...(flags.reverseSet === undefined ? {} : { reverseSet: flags.reverseSet }),
   });
   if (!parsed.success) {
     const issue = parsed.error.issues[0]!;
-    refuse(issue.path[0] === 'machines' ? '--machines' : String(issue.path[0] ?? 'input'), issue.message);
+    const field = String(issue.path[0] ?? 'input');
+    refuse(
+      field === 'machines' ? '--machines' : field === 'reverseSet' ? '--reverse-set' : field,
+      issue.message,
+    );
   }
   return { request: parsed.data!, executionName: jobId };
 }
@@ -439,6 +477,24 @@ export function describeReport(output: unknown): string[] {
     ].filter((x) => x !== undefined);
     lines.push(parts.join('  '));
   }
+  const fb = r.failback as Json | undefined;
+  if (fb !== undefined) {
+    const disks = ((fb.disks as Json[] | undefined) ?? []).map(
+      (d) => `${String(d.disk)} <- ${String(d.volumeId)}`,
+    );
+    lines.push(
+      `failback of job ${String(fb.failoverJobId)} from shared checkpoint ${String(fb.sharedCheckpointId)} into set ${String(fb.reverseSet)}` +
+        `${fb.fromBase ? ' (its first cycle: incremental from the shared checkpoint)' : ''}`,
+    );
+    if (disks.length > 0) lines.push(`recovered volumes: ${disks.join(', ')}`);
+    lines.push(
+      fb.reverseCheckpointId === undefined
+        ? 'reverse cycle: no checkpoint published'
+        : `reverse checkpoint: ${String(fb.reverseCheckpointId)}${fb.cutover ? "; the plan's machines were relaunched from it" : ''}`,
+    );
+  }
+  if (typeof r.dataLossWindowSeconds === 'number')
+    lines.push(`data-loss window: ${r.dataLossWindowSeconds} s`);
   const cleanup = (r.cleanup ?? r.teardown) as Json | undefined;
   if (cleanup !== undefined) lines.push(`clean-up: ${compact(cleanup)}`);
   if (r.schedule !== undefined) lines.push(`schedule: ${compact(r.schedule)}`);
@@ -649,7 +705,7 @@ export async function runCloudCommand(argv: readonly string[], io: CloudIo): Pro
       .option('--json', 'print JSON');
   common(program.command('recover'))
     .description(
-      'start the Recovery state machine of a deployed stack and follow it to its end (drill, failover, migration, cleanup)',
+      'start the Recovery state machine of a deployed stack and follow it to its end (drill, failover, migration, failback, cleanup)',
     )
     .option('--plan <name>', 'protection plan to recover')
     .addOption(new Option('--mode <mode>', 'what to do').choices([...CLOUD_MODES]).default('drill'))
@@ -661,6 +717,18 @@ export async function runCloudCommand(argv: readonly string[], io: CloudIo): Pro
     )
     .option('--job <id>', 'the job id (execution name); for --mode cleanup the job to tear down')
     .option('--machines <file>', "JSON file with the machines' launch settings (default: the plan's)")
+    .option(
+      '--cutover',
+      "failback: after the reverse cycle, relaunch the plan's machines from its checkpoint and clear the failover",
+    )
+    .option(
+      '--source-quiesced',
+      'migration, failback --cutover: the source (or the recovered machines) was stopped first: nothing is lost',
+    )
+    .option(
+      '--reverse-set <name>',
+      'failback: the set the recovered volumes replicate into (default SET-failback-JOB)',
+    )
     .option('--state-machine-arn <arn>', 'skip the lookup by name (or FERRY_RECOVERY_STATE_MACHINE_ARN)')
     .option('--detach', 'print the execution ARN and return at once instead of following it')
     .option(

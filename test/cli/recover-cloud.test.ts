@@ -18,6 +18,7 @@ import { mockClient } from 'aws-sdk-client-mock';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import {
   checkpointsCloud,
+  describeReport,
   followExecution,
   recoverCloud,
   recoveryRequest,
@@ -119,6 +120,14 @@ describe('recoveryRequest', () => {
     const cleanup = recoveryRequest({ plan: 'web', mode: 'cleanup', job: 'drill-web-1' });
     expect(cleanup.request).toEqual({ mode: 'cleanup', plan: 'web', jobId: 'drill-web-1' });
     expect(cleanup.executionName).toMatch(/^cleanup-drill-web-1-[0-9a-f]{6}$/);
+    // A failback names no checkpoint (its failover's is the shared one); its cutover may say quiesced.
+    expect(
+      recoveryRequest({ plan: 'web', mode: 'failback', cutover: true, sourceQuiesced: true, job: 'fb-1' })
+        .request,
+    ).toEqual({ mode: 'failback', plan: 'web', jobId: 'fb-1', cutover: true, sourceQuiesced: true });
+    expect(
+      recoveryRequest({ plan: 'web', mode: 'migration', sourceQuiesced: true, job: 'm-1' }).request,
+    ).toEqual({ mode: 'migration', plan: 'web', jobId: 'm-1', sourceQuiesced: true });
   });
 
   it('refuses what cannot work before anything is started, naming the flag', () => {
@@ -148,6 +157,43 @@ describe('recoveryRequest', () => {
     );
     expect(refused({ plan: 'web', job: 'has space' })).toMatch(/^--job: /);
     expect(refused({ plan: 'web', machines: { name: 'x' } })).toMatch(/^--machines: /);
+    expect(refused({ plan: 'web', cutover: true })).toMatch(/^--cutover: is for a failback/);
+    expect(refused({ plan: 'web', mode: 'failover', sourceQuiesced: true })).toMatch(/^--source-quiesced: /);
+    expect(refused({ plan: 'web', mode: 'failback', checkpoint: '2' })).toMatch(
+      /^--checkpoint: a failback starts from the checkpoint its failover recovered/,
+    );
+    expect(refused({ plan: 'web', mode: 'failback', machines: [{ name: 'x' }] })).toMatch(
+      /^--machines: a failback launches machines only with --cutover/,
+    );
+    expect(refused({ plan: 'web', mode: 'failback', reverseSet: 'no spaces' })).toMatch(/^--reverse-set: /);
+  });
+});
+
+describe('describeReport', () => {
+  it('says what a failback replicated back, from which checkpoint, into which set', () => {
+    const lines = describeReport({
+      jobId: 'fb-1',
+      mode: 'failback',
+      plan: 'web',
+      outcome: 'succeeded',
+      machines: [],
+      failback: {
+        failoverJobId: 'fo-1',
+        sharedCheckpointId: 'web/c7',
+        reverseSet: 'web-failback-fo-1',
+        fromBase: true,
+        cutover: false,
+        disks: [{ disk: 'root', volumeId: 'vol-0aaaaaaaaaaaaaaaa' }],
+        reverseCheckpointId: 'web-failback-fo-1/c1',
+      },
+    });
+    expect(lines).toEqual([
+      'failback of plan web (job fb-1)',
+      'failback of job fo-1 from shared checkpoint web/c7 into set web-failback-fo-1 (its first cycle: incremental from the shared checkpoint)',
+      'recovered volumes: root <- vol-0aaaaaaaaaaaaaaaa',
+      'reverse checkpoint: web-failback-fo-1/c1',
+      'outcome: succeeded',
+    ]);
   });
 });
 
