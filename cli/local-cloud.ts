@@ -257,7 +257,7 @@ function report(e: LocalCloudEvent, verbose: boolean, log: (line: string) => voi
 
 // ---- `ferry local-cloud --recover MODE`: the Recovery state machine, on emulators ------------------
 
-export const LOCAL_RECOVERY_MODES = ['drill', 'failover', 'migration'] as const;
+export const LOCAL_RECOVERY_MODES = ['drill', 'failover', 'migration', 'failback'] as const;
 export type LocalRecoveryMode = (typeof LOCAL_RECOVERY_MODES)[number];
 
 export interface LocalRecoveryDemoOptions {
@@ -360,11 +360,27 @@ export async function runLocalRecovery(opts: LocalRecoveryDemoOptions): Promise<
       stateMachineName: account.stateMachineName,
       bindings: {
         recovery: local.asLambdaTask((event) => handler(event)),
-        // A migration's final cycle, stood in for as the checkpoint above was made.
-        runCycle: async () => {
-          const cp = await account.publishCheckpoint();
+        // A migration's final cycle, or a failback's reverse cycle, stood in for as the checkpoint
+        // above was made.
+        runCycle: async (input) => {
+          const set = String(input.set);
+          const disks = (input.disks ?? []) as { disk: string; volumeId: string }[];
+          const cp =
+            set === account.plan
+              ? await account.publishCheckpoint()
+              : await account.publishSnapshots(set, disks);
           cycles.push(cp.id);
-          log(`  final cycle (stand-in): ${cp.id} published from moto snapshots of the volumes`);
+          if (set === account.plan) {
+            log(`  final cycle (stand-in): ${cp.id} published from moto snapshots of the volumes`);
+          } else {
+            const base = (input.base as { checkpointId?: string } | undefined)?.checkpointId;
+            log(
+              `  reverse cycle (stand-in): ${cp.id} published from moto snapshots of the recovered volumes ${disks.map((d) => `${d.disk} ${d.volumeId}`).join(', ')}` +
+                (base === undefined
+                  ? ''
+                  : `; its base is ${base} (a real cycle moves only the blocks written since: test/functions/failback-base.test.ts)`),
+            );
+          }
           return { status: 'published', checkpointId: cp.id, sequence: cp.sequence, disks: [] };
         },
       },
@@ -422,33 +438,68 @@ export async function runLocalRecovery(opts: LocalRecoveryDemoOptions): Promise<
     const succeeded = (e: LocalExecution, outcome = 'succeeded') =>
       e.status === 'SUCCEEDED' && (e.report as { outcome?: string } | undefined)?.outcome === outcome;
 
-    const { request, executionName } = cloudCli.recoveryRequest({ mode: opts.mode, plan: account.plan });
-    const input = {
-      ...request,
-      // What the operator states when the source was stopped first: the window is then zero.
-      ...(opts.mode === 'migration' ? { sourceQuiesced: true } : {}),
+    /** Ends a job's machines on command, as an operator would: the same teardown, verified by tag. */
+    const cleanupOf = async (jobId: string): Promise<LocalExecution> => {
+      const end = cloudCli.recoveryRequest({ mode: 'cleanup', plan: account.plan, job: jobId });
+      log(`cleanup of job ${jobId} (as ferry recover --cloud --mode cleanup --job ${jobId})`);
+      const done = await execute(end.request, end.executionName);
+      if (done.report !== undefined) for (const line of cloudCli.describeReport(done.report)) log(line);
+      log(leftLine(jobId, done.leftByTag));
+      return done;
     };
-    log(`${opts.mode} of plan ${account.plan}: job ${executionName}`);
-    const job = await execute(input, executionName);
-    if (job.report !== undefined) for (const line of cloudCli.describeReport(job.report)) log(line);
-    log(leftLine(executionName, job.leftByTag));
-    let ok = succeeded(job);
+    /** Runs one job of the given mode and prints its report and what is left with its tag. */
+    const jobOf = async (mode: string, extra: Record<string, unknown> = {}) => {
+      const { request, executionName } = cloudCli.recoveryRequest({ mode, plan: account.plan });
+      const input = { ...request, ...extra };
+      log(`${mode}${extra.cutover ? ' --cutover' : ''} of plan ${account.plan}: job ${executionName}`);
+      const job = await execute(input, executionName);
+      if (job.report !== undefined) for (const line of cloudCli.describeReport(job.report)) log(line);
+      log(leftLine(executionName, job.leftByTag));
+      return { job, executionName };
+    };
+
+    let ok: boolean;
+    let job: LocalExecution;
     let schedule: string | undefined;
-    let cleanup: LocalExecution | undefined;
+    const cleanups: LocalExecution[] = [];
+    const failback: LocalExecution[] = [];
     if (opts.mode === 'drill') {
+      ({ job } = await jobOf('drill'));
       const clean = (job.report as { cleanup?: { clean?: boolean } } | undefined)?.cleanup?.clean === true;
-      ok &&= clean && isZero(job.leftByTag);
+      ok = succeeded(job) && clean && isZero(job.leftByTag);
     } else {
+      // What the operator states when the source was stopped first: the window is then zero.
+      const first = await jobOf(
+        opts.mode === 'failback' ? 'failover' : opts.mode,
+        opts.mode === 'migration' ? { sourceQuiesced: true } : {},
+      );
+      job = first.job;
       schedule = await account.scheduleState();
       log(`schedule ${account.plan}: ${schedule}`);
-      ok &&= schedule === 'DISABLED' && job.leftByTag.instances > 0;
-      // The operator ends a failover's machines on command: the same teardown, verified by tag.
-      const end = cloudCli.recoveryRequest({ mode: 'cleanup', plan: account.plan, job: executionName });
-      log(`cleanup of job ${executionName} (as ferry recover --cloud --mode cleanup --job ${executionName})`);
-      cleanup = await execute(end.request, end.executionName);
-      if (cleanup.report !== undefined) for (const line of cloudCli.describeReport(cleanup.report)) log(line);
-      log(leftLine(executionName, cleanup.leftByTag));
-      ok &&= succeeded(cleanup, 'cleaned-up') && isZero(cleanup.leftByTag);
+      ok = succeeded(job) && schedule === 'DISABLED' && job.leftByTag.instances > 0;
+      const ended = [first.executionName];
+      if (opts.mode === 'failback') {
+        // Replicate the recovered machines' volumes back while they run, then cut over to the plan's
+        // own machines from the reverse checkpoint (the recovered machines stopped first).
+        const back = await jobOf('failback');
+        const cutover = await jobOf('failback', { cutover: true, sourceQuiesced: true });
+        failback.push(back.job, cutover.job);
+        const part = (e: LocalExecution) =>
+          (e.report as { failback?: { fromBase?: boolean; reverseCheckpointId?: string } } | undefined)
+            ?.failback;
+        ok &&=
+          succeeded(back.job) &&
+          part(back.job)?.fromBase === true &&
+          part(back.job)?.reverseCheckpointId !== undefined &&
+          succeeded(cutover.job) &&
+          cutover.job.leftByTag.instances > 0;
+        ended.push(cutover.executionName);
+      }
+      for (const jobId of ended) {
+        const done = await cleanupOf(jobId);
+        cleanups.push(done);
+        ok &&= succeeded(done, 'cleaned-up') && isZero(done.leftByTag);
+      }
     }
     log(ok ? `local ${opts.mode} succeeded; nothing the job created is left` : `local ${opts.mode} FAILED`);
     if (opts.json) {
@@ -469,7 +520,8 @@ export async function runLocalRecovery(opts: LocalRecoveryDemoOptions): Promise<
             job,
             ...(cycles.length === 0 ? {} : { finalCycles: cycles }),
             ...(schedule === undefined ? {} : { schedule }),
-            ...(cleanup === undefined ? {} : { cleanup }),
+            ...(failback.length === 0 ? {} : { failback }),
+            ...(cleanups.length === 0 ? {} : { cleanup: cleanups[0], cleanups }),
           },
           null,
           2,

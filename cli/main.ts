@@ -636,8 +636,8 @@ program
   .addOption(
     new Option(
       '--recover <mode>',
-      'instead of cycles, run the Recovery state machine with the real recovery handler on moto_server (EC2, Scheduler) and dynalite, from a checkpoint of moto snapshots: a drill torn down and verified by tag, or a failover/migration then cleaned up; prints its report',
-    ).choices(['drill', 'failover', 'migration']),
+      'instead of cycles, run the Recovery state machine with the real recovery handler on moto_server (EC2, Scheduler) and dynalite, from a checkpoint of moto snapshots: a drill torn down and verified by tag, a failover/migration then cleaned up, or a failover failed back (reverse cycle, then cutover); prints its reports',
+    ).choices(['drill', 'failover', 'migration', 'failback']),
   )
   .option('--json', 'print the results as JSON')
   .action(async (o, command: Command) => {

@@ -537,12 +537,21 @@ export interface RecoveryAccount {
   readonly volumes: readonly { readonly disk: string; readonly volumeId: string }[];
   readonly subnets: { readonly production: string; readonly drill: string };
   /**
-   * Snapshots every volume of the plan in moto (CreateSnapshot, tagged ferry:deployment as the cycle
-   * tags its target snapshots) and publishes them to the catalog as the set's next checkpoint. It
+   * Snapshots every volume of the plan in moto (CreateSnapshot twice: a source and a target snapshot,
+   * tagged ferry:deployment and ferry:role as a cycle leaves them) and publishes them to the catalog as
+   * the set's next checkpoint. It
    * stands in for a cycle: the snapshots hold whatever moto's volumes hold, and the checkpoint's
    * chunk counts and checksums describe no replicated data.
    */
   publishCheckpoint(): Promise<RecoveryCheckpoint>;
+  /**
+   * The same for any set and volumes (a failback's reverse cycle, stood in for): each volume
+   * snapshotted in moto, published as the set's next checkpoint.
+   */
+  publishSnapshots(
+    set: string,
+    disks: readonly { readonly disk: string; readonly volumeId: string }[],
+  ): Promise<RecoveryCheckpoint>;
   /** What still exists with the job's tag: instances not terminated, volumes, images, snapshots. */
   leftByTag(jobId: string): Promise<LeftByTag>;
   /** The plan's schedule's state (ENABLED or DISABLED). */
@@ -655,23 +664,38 @@ export async function prepareRecoveryAccount(
     }),
   );
 
-  let sequence = 0;
-  const publishCheckpoint = async (): Promise<RecoveryCheckpoint> => {
-    sequence++;
+  const publishSnapshots = async (
+    set: string,
+    of: readonly { readonly disk: string; readonly volumeId: string }[],
+  ): Promise<RecoveryCheckpoint> => {
+    const before = await store.listCheckpoints(set);
+    const sequence = before.length + 1;
     const disks = [];
-    for (const { disk, volumeId } of volumes) {
-      const snapshot = await ec2.send(
-        new CreateSnapshotCommand({
-          VolumeId: volumeId,
-          TagSpecifications: [
-            { ResourceType: 'snapshot', Tags: [{ Key: 'ferry:deployment', Value: stack }] },
-          ],
-        }),
+    // As a cycle leaves them: a source snapshot of the volume, and the replica's target snapshot.
+    const snapshot = async (volumeId: string, role: 'source' | 'target') =>
+      String(
+        (
+          await ec2.send(
+            new CreateSnapshotCommand({
+              VolumeId: volumeId,
+              TagSpecifications: [
+                {
+                  ResourceType: 'snapshot',
+                  Tags: [
+                    { Key: 'ferry:deployment', Value: stack },
+                    { Key: 'ferry:role', Value: role },
+                  ],
+                },
+              ],
+            }),
+          )
+        ).SnapshotId,
       );
+    for (const { disk, volumeId } of of) {
       disks.push({
         disk,
-        source: volumeId,
-        target: String(snapshot.SnapshotId),
+        source: await snapshot(volumeId, 'source'),
+        target: await snapshot(volumeId, 'target'),
         sizeBytes: VOLUME_GIB * 1024 ** 3,
         kind: sequence === 1 ? ('full' as const) : ('incremental' as const),
         chunks: 0,
@@ -681,16 +705,17 @@ export async function prepareRecoveryAccount(
       });
     }
     const checkpoint: RecoveryCheckpoint = {
-      id: `${plan}/cycle-${sequence}`,
-      set: plan,
+      id: `${set}/cycle-${sequence}`,
+      set,
       sequence,
       createdAt: new Date().toISOString(),
-      parent: sequence === 1 ? undefined : `${plan}/cycle-${sequence - 1}`,
+      parent: before.at(-1)?.id,
       disks,
     };
     await store.publishCheckpoint(checkpoint);
     return checkpoint;
   };
+  const publishCheckpoint = () => publishSnapshots(plan, volumes);
 
   const leftByTag = async (jobId: string): Promise<LeftByTag> => {
     const Filters = [{ Name: `tag:${RECOVERY_TAGS.job}`, Values: [jobId] }];
@@ -723,6 +748,7 @@ export async function prepareRecoveryAccount(
     volumes,
     subnets,
     publishCheckpoint,
+    publishSnapshots,
     leftByTag,
     scheduleState,
   };
