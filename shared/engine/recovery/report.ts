@@ -51,32 +51,32 @@ function machinesOf(input: RecoveryReportInput): ReportedMachine[] {
 }
 
 /**
- * The report of a job (pure). A migration's data-loss window is zero when the operator quiesced the
- * source before the final cycle; otherwise it is at least the time from the checkpoint's publication
- * to the failover's start (writes after the final cycle's snapshot were not replicated).
+ * Writes a cutover may have lost: zero when the operator quiesced the source (or, for a failback's
+ * cutover, the recovered machines) before the last cycle; otherwise at least the time from that
+ * cycle's checkpoint being published to the first machine launched from it, since the source went on
+ * taking writes the checkpoint does not hold (its data is older still: as of the cycle's snapshot).
+ * Undefined when nothing was launched (the source is still the primary) or the mode is not a cutover.
  */
+function dataLossWindow(input: RecoveryReportInput): number | undefined {
+  const cutover =
+    input.mode === 'migration' || (input.mode === 'failback' && input.failback?.cutover === true);
+  if (!cutover) return undefined;
+  const quiesced = input.mode === 'migration' ? input.sourceQuiesced : input.failback?.sourceQuiesced;
+  if (quiesced === true) return 0;
+  const launches = (input.launched ?? []).map((l) => Date.parse(l.launchedAt)).filter(Number.isFinite);
+  if (input.checkpoint === undefined || launches.length === 0) return undefined;
+  const gap = Math.min(...launches) - Date.parse(input.checkpoint.publishedAt);
+  return Number.isFinite(gap) ? Math.max(0, Math.floor(gap / 1000)) : undefined;
+}
+
+/** The report of a job (pure). */
 export function buildReport(jobId: string, input: RecoveryReportInput, finishedAt: string): RecoveryReport {
   const error =
     input.error === undefined
       ? undefined
       : [input.error.Error, input.error.Cause].filter(Boolean).join(': ').slice(0, MAX_ERROR_CHARS) ||
         'unknown error';
-  let dataLossWindowSeconds: number | undefined;
-  // A failback's cutover is a migration in the other direction (the reverse set's last cycle, then
-  // the plan's machines from it): zero when the recovered machines were quiesced, else not known.
-  if (
-    input.mode === 'failback' &&
-    input.failback?.cutover === true &&
-    input.failback.sourceQuiesced === true
-  ) {
-    dataLossWindowSeconds = 0;
-  } else if (input.mode === 'migration') {
-    if (input.sourceQuiesced === true) dataLossWindowSeconds = 0;
-    else if (input.checkpoint !== undefined) {
-      const gap = Date.parse(input.startedAt) - Date.parse(input.checkpoint.publishedAt);
-      dataLossWindowSeconds = Math.max(0, Math.floor(gap / 1000));
-    }
-  }
+  const dataLossWindowSeconds = dataLossWindow(input);
   const cleanup =
     input.teardown === undefined && input.verify === undefined
       ? undefined

@@ -380,12 +380,32 @@ describe('report', () => {
     expect(buildReport('c', { ...base, mode: 'cleanup', verify: dirty }, 'E').outcome).toBe('cleanup-failed');
   });
 
-  it('a migration reports its data-loss window: zero when quiesced, else from publication to the start', () => {
+  it('a migration reports its data-loss window: zero when quiesced, else from publication to the first launch', () => {
     expect(
       buildReport('m', { ...base, mode: 'migration', health, sourceQuiesced: true }, 'E')
         .dataLossWindowSeconds,
     ).toBe(0);
-    expect(buildReport('m', { ...base, mode: 'migration', health }, 'E').dataLossWindowSeconds).toBe(600);
+    // The final checkpoint is published after the job started: the window runs to the cutover.
+    const published = { ...checkpoint, publishedAt: '2026-12-05T12:05:00.000Z' };
+    const cutAt = (launchedAt: string) => [{ ...launched[0]!, launchedAt }];
+    expect(
+      buildReport(
+        'm',
+        {
+          ...base,
+          mode: 'migration',
+          checkpoint: published,
+          launched: [...cutAt('2026-12-05T12:06:30.000Z'), ...cutAt('2026-12-05T12:06:10.000Z')],
+          health,
+        },
+        'E',
+      ).dataLossWindowSeconds,
+    ).toBe(70);
+    // Nothing launched: the source is still the primary, nothing was lost.
+    expect(
+      buildReport('m', { ...base, mode: 'migration', checkpoint: published, health }, 'E')
+        .dataLossWindowSeconds,
+    ).toBeUndefined();
     expect(
       buildReport('f', { ...base, mode: 'failover', health }, 'E').dataLossWindowSeconds,
     ).toBeUndefined();
