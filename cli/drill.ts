@@ -5,6 +5,7 @@
 // directory while it runs, so `ferry recover --cleanup` can end it from elsewhere (or clean up after
 // a drill whose process died), and leaves a report there when it ends.
 
+import { spawn } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { chmod, mkdir, rm, rmdir, stat } from 'node:fs/promises';
 import { hostname } from 'node:os';
@@ -12,6 +13,7 @@ import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ConfigError, errorMessage, FerryError } from '../shared/engine/errors.ts';
 import {
+  type DrillCheck,
   type DrillRecord,
   type DrillReport,
   drillReportPath,
@@ -43,6 +45,8 @@ const MAX_TTL_MS = 7 * 86_400_000;
 // `ferry recover --cleanup` asks a live drill's process to end it (SIGTERM) and gives it this long:
 // its own teardown waits up to STOP_GRACE_MS per server, all at once, plus removing files.
 const OWNER_GRACE_MS = STOP_GRACE_MS + 20_000;
+// A health check's output still arriving after its shell exited is waited for this long.
+const OUTPUT_GRACE_MS = 1000;
 // How often the clean-up looks whether a process it signalled has exited.
 const EXIT_POLL_MS = 100;
 
@@ -60,8 +64,9 @@ export interface Drill {
   /**
    * Stops every server and removes every file of the drill; resolves with what it checked. With a
    * state directory, the report is saved there (also when the teardown fails) and the record removed.
+   * `check` is the health check's result, for the report.
    */
-  stop(reason: string): Promise<DrillTeardown>;
+  stop(reason: string, check?: DrillCheck): Promise<DrillTeardown>;
   /** Resolves when a server exits on its own (the drill is then over), with its disk. */
   readonly lost: Promise<string>;
 }
@@ -117,7 +122,7 @@ export async function startDrill(
     ...recovered.disks.map((d) => pidFile(d.disk)),
   ];
   let record: DrillRecord | undefined;
-  const teardown = async (reason: string): Promise<DrillTeardown> => {
+  const teardown = async (reason: string, check?: DrillCheck): Promise<DrillTeardown> => {
     await Promise.all(servers.map((s) => s.stop()));
     for (const path of files) await rm(path, { recursive: true, force: true });
     if (recovered.createdDir) await rmdir(dir).catch(() => {});
@@ -140,6 +145,7 @@ export async function startDrill(
       removed,
       left,
       clean: left.length === 0,
+      ...(check === undefined ? {} : { check }),
     };
     let reportPath: string | undefined;
     if (ctx.stateDir !== '' && record !== undefined) {
@@ -190,11 +196,70 @@ export async function startDrill(
     exports: servers.map((s) => ({ disk: s.disk, uri: s.uri, pid: s.pid })),
     readyMs: record?.readyMs ?? Date.now() - ctx.startedMs,
     lost,
-    stop(reason) {
+    stop(reason, check) {
       stopping = true;
-      return teardown(reason);
+      return teardown(reason, check);
     },
   };
+}
+
+/** The environment variable a check finds disk `disk`'s export in: FERRY_DRILL_URI_<DISK>. */
+export const drillUriVariable = (disk: string): string =>
+  `FERRY_DRILL_URI_${disk.toUpperCase().replace(/[^A-Z0-9]/g, '_')}`;
+
+/**
+ * A drill's health check: `command` run by /bin/sh once every export is up, with each export's URI
+ * in FERRY_DRILL_URI_<DISK> (and all of them, `disk=uri` separated by spaces, in FERRY_DRILL_URIS),
+ * its output passed through to `output`. Healthy when it exits 0 within `timeoutMs` (the drill's
+ * TTL); killed (its whole process group) when the time is up or `signal` aborts. What it checks is
+ * the operator's: boot the disks in a VM and wait for a login prompt, fsck a filesystem, read a
+ * database file. Writes it makes land in the drill's overlay, never in the replica.
+ */
+export async function runDrillCheck(
+  drill: Pick<Drill, 'id' | 'exports'>,
+  command: string,
+  timeoutMs: number,
+  output: (chunk: Buffer) => void,
+  signal?: AbortSignal,
+): Promise<DrillCheck> {
+  const env: NodeJS.ProcessEnv = {
+    ...process.env,
+    FERRY_DRILL_ID: drill.id,
+    FERRY_DRILL_URIS: drill.exports.map((e) => `${e.disk}=${e.uri}`).join(' '),
+  };
+  for (const e of drill.exports) env[drillUriVariable(e.disk)] = e.uri;
+  const started = Date.now();
+  const child = spawn('/bin/sh', ['-c', command], { env, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+  child.stdout.on('data', output);
+  child.stderr.on('data', output);
+  let killedBy: string | undefined;
+  const kill = (why: string) => {
+    killedBy ??= why;
+    try {
+      // The group: a shell's children (a VM, a copy) go with it.
+      if (child.pid !== undefined) process.kill(-child.pid, 'SIGKILL');
+    } catch {
+      // Already gone.
+    }
+  };
+  const timer = setTimeout(() => kill("killed at the drill's TTL"), timeoutMs);
+  const onAbort = () => kill('killed: the drill was interrupted');
+  signal?.addEventListener('abort', onAbort, { once: true });
+  const { code, error } = await new Promise<{ code: number | null; error?: Error }>((resolve) => {
+    child.once('error', (err) => resolve({ code: null, error: err }));
+    child.once('close', (c) => resolve({ code: c }));
+    // A process that left the group (setsid) may hold the output pipes open: the verdict is the
+    // shell's exit, with a moment for its last output.
+    child.once('exit', (c) => setTimeout(() => resolve({ code: c }), OUTPUT_GRACE_MS).unref());
+  });
+  clearTimeout(timer);
+  signal?.removeEventListener('abort', onAbort);
+  const durationMs = Date.now() - started;
+  const healthy = error === undefined && killedBy === undefined && code === 0;
+  const reason = healthy
+    ? undefined
+    : (killedBy ?? (error ? `could not run: ${error.message}` : `exit status ${code}`));
+  return { command, healthy, exitCode: code, durationMs, ...(reason === undefined ? {} : { reason }) };
 }
 
 /** What is still there of a drill: servers alive (and still nbdkit), files present. */
@@ -310,6 +375,13 @@ export function describeDrillReport(r: DrillReport, stateDir?: string): string[]
   return [
     `drill ${r.id} of checkpoint ${r.checkpoint} (set ${r.set}): exports ready ${(r.readyAfterMs / 1000).toFixed(1)} s after the command started; ended ${r.endedAt} (${r.reason})`,
     ...r.exports.map((e) => `  disk ${e.disk}: ${e.uri} (nbdkit pid ${e.pid})`),
+    ...(r.check === undefined
+      ? []
+      : [
+          r.check.healthy
+            ? `  health check passed in ${(r.check.durationMs / 1000).toFixed(1)} s: ${r.check.command}`
+            : `  health check FAILED (${r.check.reason}) after ${(r.check.durationMs / 1000).toFixed(1)} s: ${r.check.command}`,
+        ]),
     r.clean
       ? `  cleaned up: ${r.serversStopped} NBD server(s) stopped, ${r.removed.length} file(s) and folder(s) removed; checked: no server alive, no file left`
       : `  NOT CLEAN: ${r.left.join('; ')}`,

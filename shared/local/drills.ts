@@ -55,6 +55,19 @@ export interface DrillReport {
   /** What the final check found still there (servers alive, files present): empty when clean. */
   readonly left: readonly string[];
   readonly clean: boolean;
+  /** The health check (`--check`), when the drill ran one: whether the recovered set works. */
+  readonly check?: DrillCheck | undefined;
+}
+
+/** A drill's health check: the operator's command run against the exports, and how it ended. */
+export interface DrillCheck {
+  readonly command: string;
+  readonly healthy: boolean;
+  /** The command's exit status; null when it was killed (a signal, or the TTL). */
+  readonly exitCode: number | null;
+  readonly durationMs: number;
+  /** Why it is not healthy, in a phrase (`exit status 3`, `killed at the drill's TTL`). */
+  readonly reason?: string | undefined;
 }
 
 const drillsDir = (stateDir: string): string => join(stateDir, 'drills');
