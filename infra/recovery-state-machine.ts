@@ -122,6 +122,19 @@ export class RecoveryStateMachine extends Construct {
         permanentErrors: RECOVERY_PERMANENT_ERRORS,
       });
     };
+    /** A cycle started as a .sync child: only the StartExecution call is retried, not the cycle. */
+    const retryStart = (task: tasks.StepFunctionsStartExecution) =>
+      task.addRetry({
+        errors: [
+          'StepFunctions.ExecutionLimitExceededException',
+          'StepFunctions.AWSStepFunctionsException',
+          'StepFunctions.SdkClientException',
+        ],
+        interval: Duration.seconds(5),
+        maxAttempts: FINAL_CYCLE_RETRIES,
+        backoffRate: 2,
+        jitterStrategy: sfn.JitterType.FULL,
+      });
     const refuse = (name: string, cause: string) =>
       new sfn.Fail(this, name, { error: RECOVERY_ERRORS.refused, cause });
     const payload = (fields: Record<string, unknown>) => sfn.TaskInput.fromObject(fields);
@@ -420,17 +433,7 @@ export class RecoveryStateMachine extends Construct {
         resultSelector: { 'output.$': '$.Output' },
         resultPath: '$.finalCycle',
       });
-      finalCycle.addRetry({
-        errors: [
-          'StepFunctions.ExecutionLimitExceededException',
-          'StepFunctions.AWSStepFunctionsException',
-          'StepFunctions.SdkClientException',
-        ],
-        interval: Duration.seconds(5),
-        maxAttempts: 3,
-        backoffRate: 2,
-        jitterStrategy: sfn.JitterType.FULL,
-      });
+      retryStart(finalCycle);
       finalCycle.addCatch(stepFailed, catchStep);
       finalCycle.next(
         new sfn.Choice(this, 'Final cycle published?')
@@ -551,17 +554,7 @@ export class RecoveryStateMachine extends Construct {
         resultSelector: { 'output.$': '$.Output' },
         resultPath: '$.reverseCycle',
       });
-      task.addRetry({
-        errors: [
-          'StepFunctions.ExecutionLimitExceededException',
-          'StepFunctions.AWSStepFunctionsException',
-          'StepFunctions.SdkClientException',
-        ],
-        interval: Duration.seconds(5),
-        maxAttempts: FINAL_CYCLE_RETRIES,
-        backoffRate: 2,
-        jitterStrategy: sfn.JitterType.FULL,
-      });
+      retryStart(task);
       task.addCatch(stepFailed, catchStep);
       return task;
     };

@@ -1,6 +1,7 @@
 // The recovery's data as the engine sees it: machine settings, what resolve decides, what launch,
 // health and teardown report. functions/recovery/contracts.ts validates the same shapes with zod
 // (a type-level test keeps the two assignable).
+import type { CycleBase } from '../cycle/types.ts';
 
 export type Architecture = 'x86_64' | 'arm64';
 export type BootMode = 'uefi' | 'legacy-bios' | 'uefi-preferred';
@@ -219,16 +220,7 @@ export interface FailbackCycleInput {
   readonly set: string;
   readonly disks: readonly { readonly disk: string; readonly volumeId: string }[];
   /** The set's first cycle only: the checkpoint both sides share, so the cycle is incremental. */
-  readonly base?:
-    | {
-        readonly checkpointId: string;
-        readonly disks: readonly {
-          readonly disk: string;
-          readonly previousSourceSnapshotId: string;
-          readonly parentTargetSnapshotId: string;
-        }[];
-      }
-    | undefined;
+  readonly base?: CycleBase | undefined;
 }
 
 /** What prepare-failback decided; the report's `failback` part. */
