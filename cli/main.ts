@@ -11,13 +11,13 @@ import { parseRetainCount } from '../shared/engine/retention.ts';
 import { formatBytes, parseSize } from '../shared/engine/units.ts';
 import { verifyFileImage } from '../shared/local/file-target.ts';
 import { ImageDirectory } from '../shared/local/image-dir.ts';
-import type { DiskRecoveryPlan, MaterialiseProgress } from '../shared/local/materialise.ts';
+import type { MaterialiseProgress } from '../shared/local/materialise.ts';
 import { type DamagedEntry, type FailoverMark, LocalStateStore } from '../shared/local/state-dir.ts';
 import { DEFAULT_LIMITS, type NodeLimits } from '../shared/net/limits.ts';
 import type { NodeTls } from '../shared/net/peer.ts';
 import { runDemo } from './demo.ts';
 import { createRecoveryReporter, createReporter, describeRecovery } from './progress.ts';
-import { type RecoverResult, recoverability, recoverSet } from './recover.ts';
+import { type RecoverResult, type RecoveryPlan, recoverability, recoverSet } from './recover.ts';
 import {
   type HistoryEvent,
   type JobSpec,
@@ -106,14 +106,23 @@ program
   .option('--state <dir>', 'state directory', DEFAULT_STATE_DIR)
   .option('--json', 'print as JSON')
   .option('--cloud', "a deployed stack's catalog instead (ferry checkpoints --cloud --help)")
+  .option(
+    '--join <file>',
+    "the node's join file, to ask ferry:// replicas' nodes what they can recover (default $FERRY_JOIN)",
+  )
+  .option('--insecure', 'ferry:// over plain TCP: only to a node on this host started with --insecure')
   .action(async (o) => {
     const set = o.set === undefined ? undefined : checkName('set', o.set, '--set');
+    if (o.join !== undefined && o.insecure) {
+      throw new ConfigError('checkpoints: give --join FILE or --insecure, not both', { setting: 'join' });
+    }
     const catalog = await new LocalStateStore(o.state).readCatalog(set);
     const { checkpoints: list, damaged } = catalog;
     // A damaged entry is reported, never fatal: the intact ones are still the operator's to use.
     for (const d of damaged) err(damagedEntryWarning(d));
-    // Whether `ferry recover` could still write each one (its history is there and matches).
-    const recovery = await recoverability(catalog);
+    // Whether `ferry recover` could still write each one (its history is there and matches; for a
+    // replica on a node, as its node says).
+    const recovery = await recoverability(catalog, remoteAccess(o));
     // Failovers, migrations and failbacks: each shown with the checkpoint it is about.
     const store = new LocalStateStore(o.state);
     const events = await store.readEvents(set);
@@ -199,7 +208,15 @@ program
     '--cleanup',
     'end the drills recorded in --state (of --set, if given): stop their NBD servers, remove their files, check nothing is left, and report',
   )
+  .option(
+    '--join <file>',
+    "the node's join file, to recover ferry:// replicas from their node (default $FERRY_JOIN)",
+  )
+  .option('--insecure', 'ferry:// over plain TCP: only to a node on this host started with --insecure')
   .action(async (o, command: Command) => {
+    if (o.join !== undefined && o.insecure) {
+      throw new ConfigError('recover: give --join FILE or --insecure, not both', { setting: 'join' });
+    }
     const modes = ['test', 'failover', 'clearFailover', 'cleanup'].filter((k) => o[k]);
     if (modes.length > 1) {
       throw new ConfigError('recover: give one of --test, --failover, --clear-failover and --cleanup', {
@@ -258,8 +275,9 @@ program
         onEvent: (e: ReplicationEvent) => {
           if (e.type === 'recovered') reporter.log(`ferry: ${describeRecovery(e)}`);
         },
-        onPlanned: (plans: readonly DiskRecoveryPlan[]) => reporter.planned(plans),
+        onPlanned: (plans: readonly RecoveryPlan[]) => reporter.planned(plans),
         onProgress: (p: MaterialiseProgress) => reporter.progress(p),
+        access: remoteAccess(o),
       };
       if (o.failover) {
         const { failoverSet } = await import('./recovery-modes.ts');

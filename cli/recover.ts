@@ -1,20 +1,27 @@
 // `ferry recover` for local sets: every disk of a set as of a chosen checkpoint, materialised into a
-// directory from the file targets' history, verified, under the set's lock.
-import { lstat, mkdir, rm, rmdir } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
-import { ConfigError, errorMessage } from '../shared/engine/errors.ts';
+// directory from the file targets' history, or streamed from the node that holds a ferry://
+// replica and its history, verified, under the set's lock.
+import { lstat, mkdir, open, rm, rmdir } from 'node:fs/promises';
+import { dirname, join, resolve } from 'node:path';
+import { ConfigError, errorMessage, TransferError } from '../shared/engine/errors.ts';
 import { type CheckpointChoice, selectCheckpoint } from '../shared/engine/point-in-time.ts';
-import type { RecoveryCheckpoint } from '../shared/engine/ports.ts';
+import type { CheckpointDisk, RecoveryCheckpoint } from '../shared/engine/ports.ts';
 import type { ReplicationEvent } from '../shared/engine/replicate.ts';
+import { syncDir } from '../shared/local/durable.ts';
+import { MANIFEST_REGION, manifestDigest, writeAll } from '../shared/local/file-target.ts';
 import {
   type DiskRecoveryPlan,
+  laterCheckpoints,
   type MaterialiseProgress,
   materialiseDisk,
   planDiskRecovery,
   RecoveryError,
+  refusal,
+  verifyRecovered,
 } from '../shared/local/materialise.ts';
 import type { CatalogView, LocalStateStore } from '../shared/local/state-dir.ts';
 import { recoverLocked, withSetLocked } from './run.ts';
+import { openNodeClient, type RemoteAccess } from './targets.ts';
 
 export interface RecoverOptions {
   readonly set: string;
@@ -25,8 +32,10 @@ export interface RecoverOptions {
   readonly onProgress?: (p: MaterialiseProgress) => void;
   /** Told what recovering an interrupted commit did, before anything is read. */
   readonly onEvent?: (e: ReplicationEvent) => void;
-  /** Told each disk's plan once every disk is planned, before any data is written. */
-  readonly onPlanned?: (plans: readonly DiskRecoveryPlan[]) => void;
+  /** Told each disk's plan (its bytes of work) once every disk is planned, before any data is written. */
+  readonly onPlanned?: (plans: readonly RecoveryPlan[]) => void;
+  /** How ferry:// replicas' nodes are reached (--join, $FERRY_JOIN, --insecure). */
+  readonly access?: RemoteAccess | undefined;
   readonly signal?: AbortSignal;
   /**
    * Run under the set's lock once the checkpoint is chosen and every disk planned, before any data
@@ -66,10 +75,10 @@ export const recoveredPath = (dir: string, disk: string): string => join(dir, `$
 export async function recoverSet(opts: RecoverOptions): Promise<RecoverResult> {
   return withSetLocked(opts.set, opts.stateDir, async (state) => {
     // The images hold the latest checkpoint only once a commit a crash interrupted is finished or undone.
-    await recoverLocked(state, opts.set, opts.onEvent);
+    await recoverLocked(state, opts.set, opts.onEvent, opts.access);
     const catalog = await state.readCatalog(opts.set);
     const checkpoint = selectCheckpoint(opts.set, catalog.checkpoints, opts.choice);
-    const plans = await planCheckpoint(catalog, checkpoint);
+    const plans = await planRecovery(catalog, checkpoint, opts.access);
     const outputs = plans.map((p) => recoveredPath(opts.to, p.disk));
     for (const out of outputs) {
       if (await lstat(out).catch(() => undefined)) {
@@ -88,7 +97,7 @@ export async function recoverSet(opts: RecoverOptions): Promise<RecoverResult> {
       for (const [i, plan] of plans.entries()) {
         const path = outputs[i]!;
         written.push(path);
-        const { regions } = await materialiseDisk(plan, path, {
+        const { regions } = await plan.write(path, {
           ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
           ...(opts.signal ? { signal: opts.signal } : {}),
         });
@@ -103,6 +112,166 @@ export async function recoverSet(opts: RecoverOptions): Promise<RecoverResult> {
       throw err;
     }
   });
+}
+
+/** One disk of a recovery, planned: its size, its bytes of work, and how it is written. */
+export interface RecoveryPlan {
+  readonly disk: string;
+  readonly size: number;
+  readonly bytes: number;
+  /** Writes the disk into `out` (a new file), verified against the checkpoint; removes it on failure. */
+  write(out: string, opts: WriteOptions): Promise<{ regions: number }>;
+}
+
+type WriteOptions = { onProgress?: (p: MaterialiseProgress) => void; signal?: AbortSignal };
+
+/**
+ * Every disk's plan (from its file history, or asked of its node), or the first disk's reason why
+ * the checkpoint cannot be recovered. Nothing is written.
+ */
+async function planRecovery(
+  catalog: CatalogView,
+  checkpoint: RecoveryCheckpoint,
+  access: RemoteAccess | undefined,
+): Promise<RecoveryPlan[]> {
+  const damaged = catalog.damaged.map((d) => d.sequence);
+  const plans: RecoveryPlan[] = [];
+  for (const d of checkpoint.disks) {
+    if (d.target.startsWith('ferry://')) {
+      plans.push(await planNodeDisk(catalog, damaged, checkpoint, d, access));
+      continue;
+    }
+    const plan = await planDiskRecovery(catalog.checkpoints, damaged, checkpoint, d);
+    plans.push({ ...plan, write: (out, o) => materialiseDisk(plan, out, o) });
+  }
+  return plans;
+}
+
+/** The node holding a ferry:// replica, or why it cannot be asked (a refusal for this disk). */
+async function nodeOf(
+  checkpoint: RecoveryCheckpoint,
+  d: CheckpointDisk,
+  access: RemoteAccess | undefined,
+): Promise<import('../shared/net/node-client.ts').NodeClient> {
+  if (access === undefined || (access.join === undefined && !access.insecure)) {
+    throw refusal(
+      checkpoint,
+      d,
+    )(
+      `its replica ${d.target} is on a ferry node: give --join FILE (or FERRY_JOIN, or --insecure for a node on this host) to recover it from there`,
+    );
+  }
+  return openNodeClient(d.target, access);
+}
+
+/** A node's answer in recovery's terms: a refusal keeps its reasons; a node not reached says so. */
+function fromNode(checkpoint: RecoveryCheckpoint, d: CheckpointDisk, err: unknown): unknown {
+  const refuse = refusal(checkpoint, d);
+  if (err instanceof RecoveryError) return err;
+  const reason = (err as { reason?: unknown }).reason;
+  if (err instanceof Error && err.name === 'NodeRecoveryRefused' && typeof reason === 'string') {
+    return new RecoveryError(err.message, { disk: d.disk, checkpoint: checkpoint.id, reason, cause: err });
+  }
+  if (err instanceof TransferError) return refuse(`the node could not be asked: ${errorMessage(err)}`);
+  return err;
+}
+
+/**
+ * Asks the node holding disk `d`'s replica whether it can give the checkpoint (its history of every
+ * later checkpoint that wrote the disk is there and theirs), and for the checkpoint's manifest,
+ * trusted only if its digest is the catalog's reference. Writing then streams the image the node
+ * materialises into a sparse file, which is hashed against that manifest before it is kept.
+ */
+async function planNodeDisk(
+  catalog: CatalogView,
+  damaged: readonly number[],
+  checkpoint: RecoveryCheckpoint,
+  d: CheckpointDisk,
+  access: RemoteAccess | undefined,
+): Promise<RecoveryPlan> {
+  const refuse = refusal(checkpoint, d);
+  const cp = nodeCheckpoint(catalog, damaged, checkpoint, d);
+  const node = await nodeOf(checkpoint, d, access);
+  const regions = Math.ceil(d.sizeBytes / MANIFEST_REGION);
+  const planned = await node.plan(cp, 'plan', regions * 32).catch((err: unknown) => {
+    throw fromNode(checkpoint, d, err);
+  });
+  const manifest = planned.manifest ?? Buffer.alloc(0);
+  const ref = manifestDigest(manifest);
+  if (ref !== cp.targetRef) {
+    throw refuse(
+      `the manifest the node sent does not match the catalog (${ref}, recorded ${cp.targetRef}): not trusted`,
+    );
+  }
+  const size = d.sizeBytes;
+  return {
+    disk: d.disk,
+    size,
+    // Received, then hashed.
+    bytes: 2 * size,
+    write: async (out, opts) => {
+      let done = 0;
+      const progress = (phase: MaterialiseProgress['phase'], to: number) => {
+        opts.signal?.throwIfAborted();
+        done = to;
+        opts.onProgress?.({ disk: d.disk, phase, bytesDone: done, bytesTotal: 2 * size });
+      };
+      const fh = await open(out, 'wx');
+      let kept = false;
+      try {
+        try {
+          await node.stream(
+            cp,
+            (sizeBytes) => fh.truncate(sizeBytes),
+            async (offset, data) => {
+              await writeAll(fh, data, offset);
+              progress('copy', offset + data.length);
+            },
+          );
+          await fh.sync();
+        } finally {
+          await fh.close();
+        }
+        progress('copy', size);
+        const verified = await verifyRecovered(
+          out,
+          { disk: d.disk, checkpoint: checkpoint.id, size, manifest },
+          (n) => progress('verify', done + n),
+          'the image the node sent differs from the checkpoint',
+        );
+        await syncDir(dirname(out));
+        kept = true;
+        return verified;
+      } catch (err) {
+        const e = fromNode(checkpoint, d, err);
+        if (e instanceof RecoveryError || opts.signal?.aborted) throw e;
+        throw new RecoveryError(`checkpoint ${checkpoint.id}, disk ${d.disk}: ${errorMessage(err)}`, {
+          disk: d.disk,
+          checkpoint: checkpoint.id,
+          cause: err,
+        });
+      } finally {
+        if (!kept) await rm(out, { force: true });
+      }
+    },
+  };
+}
+
+/** What a node is told of disk `d`'s checkpoint: it and the later checkpoints that wrote the disk. */
+function nodeCheckpoint(
+  catalog: CatalogView,
+  damaged: readonly number[],
+  checkpoint: RecoveryCheckpoint,
+  d: CheckpointDisk,
+): import('../shared/net/node-client.ts').NodeCheckpoint {
+  const { later, targetRef } = laterCheckpoints(catalog.checkpoints, damaged, checkpoint, d);
+  return {
+    id: checkpoint.id,
+    sequence: checkpoint.sequence,
+    sizeBytes: d.sizeBytes,
+    targetRef,
+    later: later.map((c) => ({ id: c.id, sequence: c.sequence })),
+  };
 }
 
 /** Every disk's plan, or the first disk's reason why the checkpoint cannot be recovered. */
@@ -123,19 +292,41 @@ export async function planCheckpoint(
  * Whether each checkpoint can still be recovered from here, with the reason when not (for
  * `ferry checkpoints`): its history is there, belongs to the catalog's cycles, and recorded the
  * checkpoint's manifest reference. Reads history metadata only: a manifest altered since is found
- * when the checkpoint is recovered.
+ * when the checkpoint is recovered. A ferry:// replica's node is asked (with `access`; metadata
+ * only); a node that cannot be reached is said so for each checkpoint, asked once per listing.
  */
 export async function recoverability(
   catalog: CatalogView,
+  access?: RemoteAccess,
 ): Promise<Map<string, { recoverable: boolean; reason?: string }>> {
   const result = new Map<string, { recoverable: boolean; reason?: string }>();
+  const unreachable = new Map<string, string>();
   for (const cp of catalog.checkpoints) {
     const bySet = {
       checkpoints: catalog.checkpoints.filter((c) => c.set === cp.set),
       damaged: catalog.damaged.filter((d) => d.set === cp.set),
     };
+    const damaged = bySet.damaged.map((d) => d.sequence);
     try {
-      await planCheckpoint(bySet, cp, { readManifest: false });
+      for (const d of cp.disks) {
+        if (!d.target.startsWith('ferry://')) {
+          await planDiskRecovery(bySet.checkpoints, damaged, cp, d, { readManifest: false });
+          continue;
+        }
+        const where = new URL(d.target).host;
+        const down = unreachable.get(where);
+        if (down !== undefined) throw refusal(cp, d)(down);
+        const asked = nodeCheckpoint(bySet, damaged, cp, d);
+        const node = await nodeOf(cp, d, access);
+        await node.plan(asked, 'check').catch((err: unknown) => {
+          if (err instanceof TransferError) {
+            const why = `its node ${where} could not be reached (${errorMessage(err)})`;
+            unreachable.set(where, why);
+            throw refusal(cp, d)(why);
+          }
+          throw fromNode(cp, d, err);
+        });
+      }
       result.set(cp.id, { recoverable: true });
     } catch (err) {
       result.set(cp.id, {

@@ -22,7 +22,7 @@ import { type PruneStep, pruneHistory } from '../shared/local/history.ts';
 import { failedOverRefusal, LocalStateStore } from '../shared/local/state-dir.ts';
 import { systemClock, systemRandom } from '../shared/runtime/clock.ts';
 import { readChangeFile } from './change-map.ts';
-import { filePath, openSource, openTarget } from './targets.ts';
+import { filePath, openNodeClient, openSource, openTarget, type RemoteAccess } from './targets.ts';
 
 const nameSchema = z.string().refine(isValidName, { message: `not a valid name (${NAME_RULE})` });
 
@@ -135,7 +135,10 @@ export async function runLocalJob(spec: JobSpec, opts: LocalRunOptions): Promise
         random: systemRandom,
         state,
         journal: state,
-        reopenTarget: reopenForRecovery,
+        reopenTarget: reopenTargetFor((target) => ({
+          join: spec.disks.find((d) => d.target === target)?.join,
+          insecure: opts.insecure,
+        })),
         ...(opts.step ? { step: opts.step } : crashHook()),
         ...(opts.onEvent ? { onEvent: opts.onEvent } : {}),
         ...(opts.signal ? { signal: opts.signal } : {}),
@@ -151,22 +154,30 @@ export async function runLocalJob(spec: JobSpec, opts: LocalRunOptions): Promise
 
 /**
  * After a publication, under the set's lock: each file target's history keeps what the set's
- * retention setting keeps, and no more. A prune that fails leaves more history than the setting,
- * never less, so it is reported and the run (whose checkpoint is published) still succeeds; the
- * next publication prunes again.
+ * retention setting keeps, and no more; a ferry:// target's node is told the checkpoint and prunes
+ * its replica's history by the same rule (for disks the credential may write: the node refuses
+ * others). A prune that fails leaves more history than the setting, never less, so it is reported
+ * and the run (whose checkpoint is published) still succeeds; the next publication prunes again.
  */
 async function pruneSetHistory(spec: JobSpec, state: LocalStateStore, opts: LocalRunOptions): Promise<void> {
-  const keepFrom = oldestKept(
-    await state.listCheckpoints(spec.set),
-    resolveRetention(spec.retain),
-    systemClock.now(),
+  const checkpoints = await state.listCheckpoints(spec.set);
+  const keepFrom = oldestKept(checkpoints, resolveRetention(spec.retain), systemClock.now());
+  const latest = checkpoints.reduce<(typeof checkpoints)[number] | undefined>(
+    (a, c) => (a === undefined || c.sequence > a.sequence ? c : a),
+    undefined,
   );
-  if (keepFrom === undefined) return;
+  if (keepFrom === undefined || latest === undefined) return;
   const step = opts.pruneStep ?? pruneCrashHook();
   for (const d of spec.disks) {
-    if (!isFileUri(d.target)) continue;
     try {
-      const sequences = await pruneHistory(filePath(d.target, 'target'), keepFrom, step);
+      let sequences: readonly number[];
+      if (isFileUri(d.target)) sequences = await pruneHistory(filePath(d.target, 'target'), keepFrom, step);
+      else if (d.target.startsWith('ferry://')) {
+        const node = await openNodeClient(d.target, { join: d.join, insecure: opts.insecure });
+        const answer = await node.published(latest, keepFrom);
+        if (!answer.ok) throw new FerryError(`the node did not prune: ${answer.reason}`, { disk: d.id });
+        sequences = answer.sequences;
+      } else continue;
       if (sequences.length > 0) opts.onHistory?.({ type: 'pruned', disk: d.id, sequences });
     } catch (err) {
       opts.onHistory?.({ type: 'prune-failed', disk: d.id, error: errorMessage(err) });
@@ -199,16 +210,20 @@ export async function recoverLocalSet(
   await withSetLocked(set, stateDir, (state) => recoverLocked(state, set, onEvent));
 }
 
-/** recoverLocalSet for a caller that holds the set's lock already (see withSetLocked). */
+/**
+ * recoverLocalSet for a caller that holds the set's lock already (see withSetLocked). With `access`,
+ * a ferry:// target's node is told which checkpoint a finished commit became (its history kept).
+ */
 export async function recoverLocked(
   state: LocalStateStore,
   set: string,
   onEvent?: (event: ReplicationEvent) => void,
+  access?: RemoteAccess,
 ): Promise<void> {
   await recoverCommit(set, {
     state,
     journal: state,
-    reopenTarget: reopenForRecovery,
+    reopenTarget: reopenTargetFor(() => access),
     ...(onEvent ? { onEvent } : {}),
   });
 }
@@ -241,23 +256,42 @@ export async function withSetLocked<T>(
 /**
  * A target named in a commit intent, for recovery. File images are reopened from their path. The
  * other kinds commit without touching the previous checkpoint's data in this process (a ferry node
- * commits on its side, an EBS commit is a new snapshot), so there is nothing to undo here.
+ * commits on its side, an EBS commit is a new snapshot), so there is nothing to undo here. A ferry
+ * node reachable with `access(name)` is told, when the commit was published, which checkpoint it
+ * became, so it keeps the cycle's history; unreachable, it settles the commit at the next cycle's
+ * contact without that history (recovering the checkpoints before it from the node is then refused).
  */
-function reopenForRecovery(_disk: string, name: string): DiskTarget | undefined {
-  // With its history kept, as the run that committed it would have: finishing a published commit
-  // keeps its undo data as the checkpoint's history.
-  if (name.startsWith('file:')) return new FileTarget(filePath(name, 'target'), { keepHistory: true });
-  const refuse = async (): Promise<never> => {
-    throw new FerryError(`${name}: opened for commit recovery only`);
-  };
-  return {
-    name,
-    blockSize: 1,
-    open: refuse,
-    writeChunk: refuse,
-    read: refuse,
-    commit: refuse,
-    close: async () => {},
+function reopenTargetFor(
+  access: (target: string) => RemoteAccess | undefined,
+): (disk: string, name: string) => DiskTarget | undefined {
+  return (_disk, name) => {
+    // With its history kept, as the run that committed it would have: finishing a published commit
+    // keeps its undo data as the checkpoint's history.
+    if (name.startsWith('file:')) return new FileTarget(filePath(name, 'target'), { keepHistory: true });
+    const refuse = async (): Promise<never> => {
+      throw new FerryError(`${name}: opened for commit recovery only`);
+    };
+    const reach = name.startsWith('ferry://') ? access(name) : undefined;
+    const reachable = reach !== undefined && (reach.join !== undefined || reach.insecure === true);
+    return {
+      name,
+      blockSize: 1,
+      open: refuse,
+      writeChunk: refuse,
+      read: refuse,
+      commit: refuse,
+      close: async () => {},
+      ...(reachable
+        ? {
+            afterPublish: async (published) => {
+              if (published === undefined) return;
+              await (await openNodeClient(name, reach)).published(published, 0).catch(() => {
+                // Unreachable now: the node settles it at the next contact, without history.
+              });
+            },
+          }
+        : {}),
+    };
   };
 }
 

@@ -5,8 +5,8 @@ import { ConfigError } from '../shared/engine/errors.ts';
 import type { DiskSource, DiskTarget } from '../shared/engine/ports.ts';
 import { FileSource } from '../shared/local/file-source.ts';
 import { FILE_TARGET_BLOCK_SIZE, FileTarget } from '../shared/local/file-target.ts';
-import { checkSourceSecurity, readJoinFile } from '../shared/net/join.ts';
-import { parseFerryUri } from '../shared/net/uri.ts';
+import { checkSourceSecurity, readJoinFile, type SourceSecurity } from '../shared/net/join.ts';
+import { type FerryUri, parseFerryUri } from '../shared/net/uri.ts';
 
 export async function openSource(uri: string): Promise<DiskSource> {
   if (uri.startsWith('nbd://') || uri.startsWith('nbd+unix://')) {
@@ -56,17 +56,7 @@ export function openTarget(uri: string, access: TargetOptions = {}): DiskTarget 
 function remoteTarget(uri: string, access: RemoteAccess): DiskTarget {
   // Checked now (host, port, disk name, join file), so a bad URI or a missing, foreign or expired
   // credential is refused as configuration before any disk is read.
-  const parsed = parseFerryUri(uri);
-  if (access.join !== undefined && access.insecure) {
-    throw new ConfigError(`target ${parsed.name}: give a join file or --insecure, not both`, {
-      setting: 'join',
-    });
-  }
-  const security = {
-    join: access.join === undefined ? undefined : readJoinFile(access.join),
-    insecure: access.insecure,
-  };
-  checkSourceSecurity(parsed, security);
+  const { parsed, security } = reachNode(uri, access);
   let loaded: Promise<DiskTarget> | undefined;
   const load = () => {
     loaded ??= import('../shared/net/remote-target.ts').then(
@@ -90,6 +80,36 @@ function remoteTarget(uri: string, access: RemoteAccess): DiskTarget {
       if (loaded) await (await loaded).close();
     },
   };
+}
+
+/**
+ * A client for the questions a `ferry://` target's node answers about the disk's history (prune,
+ * point-in-time recovery), reached as replication reaches it. Checked like a target (URI, join
+ * file, --insecure only on loopback) before the network code loads.
+ */
+export async function openNodeClient(
+  uri: string,
+  access: RemoteAccess,
+): Promise<import('../shared/net/node-client.ts').NodeClient> {
+  const { parsed, security } = reachNode(uri, access);
+  const { NodeClient } = await import('../shared/net/node-client.ts');
+  return new NodeClient(parsed, security);
+}
+
+/** A ferry:// URI and how its node is reached, checked: one join file or --insecure (loopback only). */
+function reachNode(uri: string, access: RemoteAccess): { parsed: FerryUri; security: SourceSecurity } {
+  const parsed = parseFerryUri(uri);
+  if (access.join !== undefined && access.insecure) {
+    throw new ConfigError(`target ${parsed.name}: give a join file or --insecure, not both`, {
+      setting: 'join',
+    });
+  }
+  const security = {
+    join: access.join === undefined ? undefined : readJoinFile(access.join),
+    insecure: access.insecure,
+  };
+  checkSourceSecurity(parsed, security);
+  return { parsed, security };
 }
 
 /** `file:/abs`, `file:rel`, `file:///abs`, or a bare path. */

@@ -18,10 +18,10 @@
 // recoverable while the entries of every later cycle are there, so a crash while pruning removes
 // history of pruned checkpoints only, never a hole under a kept one.
 import { link, mkdir, readdir, readFile, rename, rm } from 'node:fs/promises';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { z } from 'zod';
 import { errorMessage } from '../engine/errors.ts';
-import { syncDir, writeFileSynced } from './durable.ts';
+import { syncDir, writeAtomic, writeFileSynced } from './durable.ts';
 
 export const HISTORY_SUFFIX = '.ferry-history';
 
@@ -92,6 +92,31 @@ export async function recordHistory(
   await rm(entry, { recursive: true, force: true });
   await rename(tmp, entry);
   await syncDir(dir);
+}
+
+/**
+ * Names entry `sequence` after the cycle it belongs to, `to`, when it was recorded under `from` (a
+ * replication node opens its images with an id of its own, and learns the checkpoint's id only when
+ * told of the publication). Idempotent: an entry already named `to` is left as it is; one named
+ * otherwise is refused (its recovery is refused in turn, never done wrong); a missing one is none.
+ */
+export async function relabelHistory(
+  imagePath: string,
+  sequence: number,
+  from: string,
+  to: string,
+): Promise<void> {
+  const meta = join(historyDir(imagePath), entryName(sequence), 'meta.json');
+  const text = await readFile(meta, 'utf8').catch(notFound);
+  if (text === undefined) return; // nothing was kept (a first copy overwrote nothing)
+  const entry = metaSchema.parse(JSON.parse(text));
+  if (entry.cycleId === to) return;
+  if (entry.cycleId !== from) {
+    throw new Error(`${meta} records cycle ${entry.cycleId}, neither ${from} nor ${to}`);
+  }
+  // meta.json is renamed into place whole: a crash leaves the old name or the new one.
+  await writeAtomic(meta, JSON.stringify({ ...entry, cycleId: to }));
+  await syncDir(dirname(meta));
 }
 
 /** What an image's history holds: its complete entries by sequence, and those it cannot read. */

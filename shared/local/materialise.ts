@@ -4,7 +4,7 @@
 import { type FileHandle, open, rm, stat, truncate } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { errorMessage, FerryError } from '../engine/errors.ts';
-import type { CheckpointDisk, RecoveryCheckpoint } from '../engine/ports.ts';
+import type { CheckpointDisk } from '../engine/ports.ts';
 import { KiB, MiB } from '../engine/units.ts';
 import { syncDir } from './durable.ts';
 import {
@@ -40,10 +40,23 @@ export class RecoveryError extends FerryError {
   }
 }
 
+/**
+ * What planning needs of a checkpoint: its id, its sequence and where its disks were written (a
+ * catalog entry, or what a node is told of one in a recover question).
+ */
+export interface PlannedCheckpoint {
+  readonly id: string;
+  readonly sequence: number;
+  readonly disks: readonly Pick<CheckpointDisk, 'target'>[];
+}
+
+/** What planning needs of the recovered disk: its name, replica, size and manifest reference. */
+export type PlannedDisk = Pick<CheckpointDisk, 'disk' | 'target' | 'sizeBytes' | 'targetRef'>;
+
 /** How one disk of a checkpoint is rebuilt: what is copied, what is applied, what it is checked against. */
 export interface DiskRecoveryPlan {
   readonly disk: string;
-  readonly checkpoint: RecoveryCheckpoint;
+  readonly checkpoint: PlannedCheckpoint;
   /** The replica's image. */
   readonly image: string;
   /** The disk's size at the checkpoint. */
@@ -72,32 +85,18 @@ export interface DiskRecoveryPlan {
  * never the disk's data.
  */
 export async function planDiskRecovery(
-  catalog: readonly RecoveryCheckpoint[],
+  catalog: readonly PlannedCheckpoint[],
   damaged: readonly number[],
-  checkpoint: RecoveryCheckpoint,
-  disk: CheckpointDisk,
+  checkpoint: PlannedCheckpoint,
+  disk: PlannedDisk,
   opts: { readonly readManifest?: boolean } = { readManifest: true },
 ): Promise<DiskRecoveryPlan> {
-  const refuse = (why: string, reason = `disk ${disk.disk}: ${why}`) =>
-    new RecoveryError(`checkpoint ${checkpoint.id}, disk ${disk.disk}: ${why}`, {
-      disk: disk.disk,
-      checkpoint: checkpoint.id,
-      reason,
-    });
+  const refuse = refusal(checkpoint, disk);
   if (!disk.target.startsWith('file:')) {
     throw refuse(`its target ${disk.target} is not a local file image (recovery reads file: targets only)`);
   }
-  if (disk.targetRef === undefined) throw refuse('the catalog records no manifest to verify it against');
+  const { later } = laterCheckpoints(catalog, damaged, checkpoint, disk);
   const image = disk.target.slice('file:'.length);
-  const later = catalog
-    .filter((c) => c.sequence > checkpoint.sequence && c.disks.some((d) => d.target === disk.target))
-    .sort((a, b) => a.sequence - b.sequence);
-  const unreadable = damaged.find((s) => s > checkpoint.sequence);
-  if (unreadable !== undefined) {
-    throw refuse(
-      `the catalog entry of checkpoint #${unreadable} is damaged, so whether it changed this disk is unknown`,
-    );
-  }
   const history = await readHistory(image);
   const chain: HistoryEntry[] = [];
   for (const next of later) {
@@ -146,6 +145,45 @@ export async function planDiskRecovery(
   return { disk: disk.disk, checkpoint, image, size, manifest, base, baseSize, undo, bytes };
 }
 
+/** A RecoveryError for `disk` of `checkpoint`: `why` in full, and `reason` for a listing. */
+export function refusal(
+  checkpoint: Pick<PlannedCheckpoint, 'id'>,
+  disk: Pick<PlannedDisk, 'disk'>,
+): (why: string, reason?: string) => RecoveryError {
+  return (why, reason = `disk ${disk.disk}: ${why}`) =>
+    new RecoveryError(`checkpoint ${checkpoint.id}, disk ${disk.disk}: ${why}`, {
+      disk: disk.disk,
+      checkpoint: checkpoint.id,
+      reason,
+    });
+}
+
+/**
+ * What the catalog says of a disk's recovery, wherever its replica is: the checkpoint must record
+ * the manifest to verify against, and no later catalog entry may be damaged (whether it changed the
+ * disk would be unknown). Returns the later checkpoints that wrote the disk's replica, oldest first
+ * (their history must all be there), and the manifest reference.
+ */
+export function laterCheckpoints<C extends PlannedCheckpoint>(
+  catalog: readonly C[],
+  damaged: readonly number[],
+  checkpoint: PlannedCheckpoint,
+  disk: PlannedDisk,
+): { later: C[]; targetRef: string } {
+  const refuse = refusal(checkpoint, disk);
+  if (disk.targetRef === undefined) throw refuse('the catalog records no manifest to verify it against');
+  const later = catalog
+    .filter((c) => c.sequence > checkpoint.sequence && c.disks.some((d) => d.target === disk.target))
+    .sort((a, b) => a.sequence - b.sequence);
+  const unreadable = damaged.find((s) => s > checkpoint.sequence);
+  if (unreadable !== undefined) {
+    throw refuse(
+      `the catalog entry of checkpoint #${unreadable} is damaged, so whether it changed this disk is unknown`,
+    );
+  }
+  return { later, targetRef: disk.targetRef };
+}
+
 export interface MaterialiseProgress {
   readonly disk: string;
   readonly phase: 'copy' | 'apply' | 'verify';
@@ -187,21 +225,12 @@ export async function materialiseDisk(
       await truncate(out, entry.size);
       await applyUndoLog(entry.data, out, `history ${entry.dir}`, progress('apply'));
     }
-    const { regions, mismatches } = await compareWithManifest(
+    const { regions } = await verifyRecovered(
       out,
-      await readManifest(plan.manifest),
+      { disk, checkpoint: checkpoint.id, size: plan.size, manifest: await readManifest(plan.manifest) },
       progress('verify'),
+      'the history or the image was altered',
     );
-    const size = (await stat(out)).size;
-    if (mismatches.length > 0 || size !== plan.size) {
-      const at = mismatches[0] ?? 0;
-      throw new RecoveryError(
-        `checkpoint ${checkpoint.id}, disk ${disk}: the materialised image does not match the checkpoint's ` +
-          `manifest at offset ${at}${mismatches.length > 1 ? ` (and ${mismatches.length - 1} more regions)` : ''}: ` +
-          'the history or the image was altered; nothing was kept',
-        { disk, checkpoint: checkpoint.id, offset: at },
-      );
-    }
     await syncDir(dirname(out));
     created = false;
     return { regions };
@@ -217,6 +246,37 @@ export async function materialiseDisk(
   }
 }
 
+/**
+ * Hashes a recovered image region by region against the checkpoint's manifest (and its size against
+ * the disk's): a RecoveryError naming the first offset that differs, and `suspect` as the likely
+ * cause, when it does not match. Returns the number of regions verified.
+ */
+export async function verifyRecovered(
+  out: string,
+  expected: {
+    readonly disk: string;
+    readonly checkpoint: string;
+    readonly size: number;
+    readonly manifest: Buffer;
+  },
+  onBytes: (bytes: number) => void,
+  suspect: string,
+): Promise<{ regions: number }> {
+  const { disk, checkpoint } = expected;
+  const { regions, mismatches } = await compareWithManifest(out, expected.manifest, onBytes);
+  const size = (await stat(out)).size;
+  if (mismatches.length > 0 || size !== expected.size) {
+    const at = mismatches[0] ?? 0;
+    throw new RecoveryError(
+      `checkpoint ${checkpoint}, disk ${disk}: the materialised image does not match the checkpoint's ` +
+        `manifest at offset ${at}${mismatches.length > 1 ? ` (and ${mismatches.length - 1} more regions)` : ''}: ` +
+        `${suspect}; nothing was kept`,
+      { disk, checkpoint, offset: at },
+    );
+  }
+  return { regions };
+}
+
 /** Copies `size` bytes of `from` into `to` at the same offsets, writing only non-zero 64 KiB runs. */
 async function copySparse(
   from: string,
@@ -224,24 +284,39 @@ async function copySparse(
   size: number,
   onBytes: (bytes: number) => void,
 ): Promise<void> {
+  await to.truncate(size);
+  for await (const run of nonZeroRuns(from, size, { onBytes })) await writeAll(to, run.data, run.offset);
+}
+
+/**
+ * The non-zero data of the file `from` (which must be `size` bytes), as runs of whole 64 KiB pieces
+ * (the last one short) at their offsets, each at most `maxRun` bytes: what a sparse copy writes.
+ * Reads COPY_BUFFER at a time; `onBytes` is told each buffer read. A run's data is valid until the
+ * next one is asked for.
+ */
+export async function* nonZeroRuns(
+  from: string,
+  size: number,
+  opts: { readonly maxRun?: number; readonly onBytes?: (bytes: number) => void } = {},
+): AsyncGenerator<{ readonly offset: number; readonly data: Uint8Array }> {
+  const maxRun = opts.maxRun ?? COPY_BUFFER;
   const src = await open(from, 'r');
   try {
     const actual = (await src.stat()).size;
     if (actual !== size) throw new FerryError(`${from} is ${actual} bytes, not ${size}`);
-    await to.truncate(size);
     for (let off = 0; off < size; off += COPY_BUFFER) {
       const data = await readAt(src, off, Math.min(COPY_BUFFER, size - off), `file:${from}`);
       let run = -1; // start of the pending non-zero run within `data`
       for (let at = 0; at < data.length; at += SPARSE_RUN) {
         const zero = isZero(data.subarray(at, at + SPARSE_RUN));
         if (!zero && run < 0) run = at;
-        else if (zero && run >= 0) {
-          await writeAll(to, data.subarray(run, at), off + run);
-          run = -1;
+        else if ((zero && run >= 0) || (run >= 0 && at + SPARSE_RUN - run > maxRun)) {
+          yield { offset: off + run, data: data.subarray(run, at) };
+          run = zero ? -1 : at;
         }
       }
-      if (run >= 0) await writeAll(to, data.subarray(run), off + run);
-      onBytes(data.length);
+      if (run >= 0) yield { offset: off + run, data: data.subarray(run) };
+      opts.onBytes?.(data.length);
     }
   } finally {
     await src.close();

@@ -33,4 +33,53 @@ export interface NodeTargets {
    * reference. Without it the node answers a verify with the reason it cannot.
    */
   verify?(disk: string, expectedRef: string | undefined): Promise<ReplicaReport>;
+  /**
+   * Optional: a target keeps a published cycle's history under the id it was opened with (the
+   * node's session id, `recordedAs`); this names entry `sequence` after the checkpoint it became.
+   * Without it the node keeps no history of its own (its targets are then told no checkpoint).
+   */
+  nameHistory?(disk: string, sequence: number, recordedAs: string, checkpoint: string): Promise<void>;
+  /**
+   * Optional: deletes the history of `disk`'s replica that no checkpoint from `keepFrom` on needs
+   * (the entries of cycles up to it); returns the sequences deleted. Without it the node answers a
+   * prune with the reason it cannot, and the history (if any) stays.
+   */
+  pruneHistory?(disk: string, keepFrom: number): Promise<number[]>;
+  /**
+   * Optional: whether `disk`'s replica can give the checkpoint's image, from what it holds and its
+   * history; with `readManifest`, the checkpoint's manifest too (what the image is verified
+   * against). Rejects when it cannot, with an error whose message says why and whose `reason`, if
+   * it has one, says it in a phrase that names the disk but not the checkpoint (for a listing).
+   * Reads no data of the disk.
+   */
+  planRecovery?(
+    disk: string,
+    query: RecoveryQuery,
+    readManifest: boolean,
+  ): Promise<{ readonly sizeBytes: number; readonly manifest: Buffer | undefined }>;
+  /**
+   * Optional (with planRecovery): writes the checkpoint's image somewhere the node's images are not,
+   * verified against the checkpoint's manifest, for sending; rejects as planRecovery does.
+   */
+  materialise?(disk: string, query: RecoveryQuery, signal?: AbortSignal): Promise<MaterialisedReplica>;
+}
+
+/** A checkpoint of one disk as a recover question names it, with the later checkpoints that wrote it. */
+export interface RecoveryQuery {
+  readonly checkpoint: {
+    readonly id: string;
+    readonly sequence: number;
+    readonly sizeBytes: number;
+    readonly targetRef: string;
+  };
+  /** Ascending by sequence: a replica holds the checkpoint while it holds the history of each. */
+  readonly later: readonly { readonly id: string; readonly sequence: number }[];
+}
+
+/** A checkpoint's image made for sending; `remove` must be called once it is sent (or not). */
+export interface MaterialisedReplica {
+  readonly sizeBytes: number;
+  /** Its non-zero data in offset order, in runs of at most `maxRun` bytes (each valid until the next). */
+  runs(maxRun: number): AsyncIterable<{ readonly offset: number; readonly data: Uint8Array }>;
+  remove(): Promise<void>;
 }

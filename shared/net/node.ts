@@ -12,7 +12,7 @@ import type { Descriptor } from '../engine/descriptors.ts';
 import { ConfigError, errorMessage, FerryError, IntegrityError, TransferError } from '../engine/errors.ts';
 import type { Extent } from '../engine/extents.ts';
 import { isValidName, NAME_RULE } from '../engine/names.ts';
-import type { Clock, CopyKind, DiskTarget } from '../engine/ports.ts';
+import type { Clock, CopyKind, DiskTarget, PublishedCheckpoint } from '../engine/ports.ts';
 import { formatBytes } from '../engine/units.ts';
 import { systemClock } from '../runtime/clock.ts';
 import { allocateCredit, creditStep, INITIAL_GRANT_UNIT } from './credit.ts';
@@ -25,7 +25,7 @@ import {
   overLimit,
   resolveLimits,
 } from './limits.ts';
-import type { NodeTargets } from './node-targets.ts';
+import type { MaterialisedReplica, NodeTargets, RecoveryQuery } from './node-targets.ts';
 import { diskInScope, INSECURE_PEER, type NodeTls, type PeerIdentity } from './peer.ts';
 import {
   type ChunkMeta,
@@ -37,10 +37,14 @@ import {
   FrameReader,
   INCARNATION_BYTES,
   MAX_CHUNK_BYTES,
+  MAX_IMAGE_DATA_BYTES,
+  MAX_PRUNED_LISTED,
   NO_TOKEN,
   PROTOCOL_BLOCK_SIZE,
   PROTOCOL_VERSION,
   ProtocolError,
+  type PublishedNote,
+  type RecoveryAsk,
   type ResumeCheck,
 } from './protocol.ts';
 import {
@@ -779,7 +783,7 @@ class Node implements ReplicationNode {
         return;
       case 'after-publish':
         void this.control(conn, s, 'after publish', async () => {
-          await s.target.afterPublish?.();
+          await this.publish(s.disk, s.target, s.record, this.publishedAs(s.disk, s.record, frame));
           await this.store.markPublished(s.disk);
           conn.send({ type: 'done' });
         });
@@ -839,6 +843,16 @@ class Node implements ReplicationNode {
         await this.settleCommit(hello.disk, (r) => r.commit?.targetRef === verify);
         await this.answerVerify(conn, hello.disk, verify);
       });
+      return;
+    }
+    const published = hello.published;
+    if (published !== undefined) {
+      await this.withDiskLock(hello.disk, () => this.answerPublished(conn, hello, published));
+      return;
+    }
+    const recover = hello.recover;
+    if (recover !== undefined) {
+      await this.answerRecover(conn, hello, recover);
       return;
     }
     await this.withDiskLock(hello.disk, async () => {
@@ -989,7 +1003,10 @@ class Node implements ReplicationNode {
    * checkpoint with its staging kept, so the cycle can still resume. Called under the disk's lock,
    * never while a session of the disk is live.
    */
-  private async settleCommit(disk: string, published: (record: SessionRecord) => boolean): Promise<void> {
+  private async settleCommit(
+    disk: string,
+    published: (record: SessionRecord) => boolean | PublishedCheckpoint,
+  ): Promise<void> {
     const record = this.store.get(disk);
     const live = this.sessions.get(disk);
     if (record?.state !== 'committed' || record.published || (live !== undefined && !live.tearingDown))
@@ -997,10 +1014,20 @@ class Node implements ReplicationNode {
     if (live !== undefined) await this.retire(live);
     const target = this.opts.targets.target(disk);
     try {
-      if (published(record)) {
-        await target.afterPublish?.();
+      const as = published(record);
+      if (as !== false) {
+        // Told which checkpoint it became (a published or recover question), its undo data is kept
+        // as that checkpoint's history; a new cycle's HELLO says only that it was published, and
+        // then none is kept: recovering the checkpoints before it from here is refused (no history
+        // of that cycle), never done wrong.
+        await this.publish(disk, target, record, as === true ? undefined : as);
         await this.store.markPublished(disk);
-        this.log(`node: disk ${disk}: the commit of cycle ${record.cycle} was published; it is final`);
+        this.log(
+          `node: disk ${disk}: the commit of cycle ${record.cycle} was published` +
+            (as === true
+              ? '; it is final, without history (which checkpoint it became was not said): checkpoints before it cannot be recovered from this node'
+              : ` as checkpoint #${as.sequence}; it is final, its history kept`),
+        );
       } else {
         // A target without rollback never changed the last checkpoint's data in place (ports.ts).
         await target.rollback?.();
@@ -1096,6 +1123,244 @@ class Node implements ReplicationNode {
     conn.clean = true;
     hangUp(conn);
     this.uncount(conn);
+  }
+
+  /**
+   * The session's commit is published (as `as`, when known): its target installs it and keeps its
+   * undo data as history, recorded under the session's id (what the target was opened with) and
+   * then named after the checkpoint. A history that cannot be named is logged, not fatal: the
+   * commit is final either way, and recovering the checkpoints before it from here is refused.
+   */
+  private async publish(
+    disk: string,
+    target: DiskTarget,
+    record: SessionRecord,
+    as: PublishedCheckpoint | undefined,
+  ): Promise<void> {
+    const naming = this.opts.targets.nameHistory?.bind(this.opts.targets);
+    const keep = as !== undefined && naming !== undefined;
+    await target.afterPublish?.(keep ? { id: record.id, sequence: as.sequence } : undefined);
+    if (!keep) return;
+    await naming(disk, as.sequence, record.id, as.id).catch((err) =>
+      this.log(
+        `node: disk ${disk}: the history of checkpoint ${as.id} could not be named: ${errorMessage(err)}`,
+      ),
+    );
+  }
+
+  /**
+   * What an AFTER_PUBLISH says the session's cycle was published as, for its history; undefined
+   * (no history kept, and logged) when it names no checkpoint or another cycle than the session's.
+   */
+  private publishedAs(
+    disk: string,
+    record: SessionRecord,
+    frame: FrameOf<'after-publish'>,
+  ): PublishedCheckpoint | undefined {
+    if (frame.sequence === 0) return undefined;
+    if (record.cycle !== '' && frame.checkpoint !== record.cycle) {
+      this.log(
+        `node: disk ${disk}: AFTER_PUBLISH names checkpoint ${frame.checkpoint}, but the session is of cycle ${record.cycle}; no history kept`,
+      );
+      return undefined;
+    }
+    return { id: frame.checkpoint, sequence: frame.sequence };
+  }
+
+  /**
+   * Answers a published question (after a publication, or a crashed run's clean-up): a commit of
+   * that cycle the node never heard the fate of is settled as published, keeping its history under
+   * the checkpoint's sequence; then the disk's history is pruned up to `keepFrom`. A failed prune
+   * leaves more history, never less. Then hangs up.
+   */
+  private async answerPublished(conn: Conn, hello: FrameOf<'hello'>, note: PublishedNote): Promise<void> {
+    if (conn.closing) return;
+    const disk = hello.disk;
+    let answer: FrameOf<'pruned'> = { type: 'pruned', ok: true, count: 0, sequences: [], reason: '' };
+    try {
+      const live = this.sessions.get(disk);
+      const record = this.store.get(disk);
+      // A session whose commit is published and whose connections are still closing writes nothing
+      // more; any other live session may be recording history, which a prune must not race.
+      const finished = record?.state === 'committed' && record.published && live?.controlOps === 0;
+      if (live !== undefined && !live.tearingDown && !finished) {
+        answer = {
+          ...answer,
+          ok: false,
+          reason: 'a source is replicating it now; its history is pruned after that run',
+        };
+      } else {
+        await this.settleCommit(disk, (r) =>
+          r.cycle === hello.cycle ? { id: hello.cycle, sequence: note.sequence } : false,
+        );
+        const prune = this.opts.targets.pruneHistory?.bind(this.opts.targets);
+        if (note.keepFrom === 0) {
+          // Nothing to prune: the question only settled the commit.
+        } else if (prune === undefined) {
+          answer = {
+            ...answer,
+            ok: false,
+            reason: `this node's targets (${this.opts.targets.name}) keep no history`,
+          };
+        } else {
+          const pruned = await prune(disk, note.keepFrom);
+          answer = { ...answer, count: pruned.length, sequences: pruned.slice(0, MAX_PRUNED_LISTED) };
+        }
+      }
+    } catch (err) {
+      answer = { ...answer, ok: false, reason: `the node could not prune its history: ${errorMessage(err)}` };
+    }
+    conn.send(answer);
+    this.log(
+      `node: ${conn.where}: checkpoint #${note.sequence} of disk ${disk} published` +
+        (answer.ok
+          ? `; ${answer.count} history entr${answer.count === 1 ? 'y' : 'ies'} pruned`
+          : `; ${answer.reason}`),
+    );
+    conn.clean = true;
+    hangUp(conn);
+    this.uncount(conn);
+  }
+
+  /**
+   * Answers a recover question: plans the checkpoint's image from the replica and its history
+   * (under the disk's lock, after settling a commit the question shows was published), answers
+   * RECOVERY, then sends the manifest (plan) or the materialised image's non-zero data (stream),
+   * paced by the socket, and IMAGE_END. A refusal is a RECOVERY with the reason. Then hangs up.
+   */
+  private async answerRecover(conn: Conn, hello: FrameOf<'hello'>, ask: RecoveryAsk): Promise<void> {
+    const disk = hello.disk;
+    const query: RecoveryQuery = {
+      checkpoint: {
+        id: hello.cycle,
+        sequence: ask.sequence,
+        sizeBytes: hello.sizeBytes,
+        targetRef: ask.targetRef,
+      },
+      later: ask.later,
+    };
+    const targets = this.opts.targets;
+    let planned: { sizeBytes: number; manifest: Buffer | undefined } | undefined;
+    let replica: MaterialisedReplica | undefined;
+    let refusal: { reason: string; message: string } | undefined;
+    const refuse = (why: string) => ({
+      reason: `disk ${disk}: ${why}`,
+      message: `checkpoint ${hello.cycle}, disk ${disk}: ${why}`,
+    });
+    await this.withDiskLock(disk, async () => {
+      if (conn.closing) return;
+      const live = this.sessions.get(disk);
+      if (live !== undefined && !live.tearingDown) {
+        refusal = refuse('a source is replicating it now; recover once that run has ended');
+        return;
+      }
+      if (targets.planRecovery === undefined || targets.materialise === undefined) {
+        refusal = refuse(`this node's targets (${targets.name}) keep no history to recover from`);
+        return;
+      }
+      // The question names the checkpoint and every later one that wrote the disk: a commit of one
+      // of them the node never heard the fate of was published, as that checkpoint.
+      const named = [{ id: hello.cycle, sequence: ask.sequence }, ...ask.later];
+      await this.settleCommit(disk, (r) => named.find((c) => c.id === r.cycle) ?? false);
+      const record = this.store.get(disk);
+      if (record?.state === 'committed' && !record.published) {
+        refusal = refuse(
+          `the node holds a commit of cycle ${record.cycle}, which the catalog does not name; replicate the set again (or ferry verify it) to settle it first`,
+        );
+        return;
+      }
+      try {
+        if (ask.mode === 'stream') replica = await targets.materialise(disk, query);
+        else planned = await targets.planRecovery(disk, query, ask.mode === 'plan');
+      } catch (err) {
+        const reason = (err as { reason?: unknown }).reason;
+        refusal = {
+          reason: typeof reason === 'string' ? reason : errorMessage(err),
+          message: errorMessage(err),
+        };
+      }
+    });
+    try {
+      if (conn.closing) return;
+      const sizeBytes = replica?.sizeBytes ?? planned?.sizeBytes ?? 0;
+      conn.send({
+        type: 'recovery',
+        ok: refusal === undefined,
+        sizeBytes,
+        reason: refusal?.reason ?? '',
+        message: refusal?.message ?? '',
+      });
+      this.log(
+        `node: ${conn.where}: recover ${ask.mode} of checkpoint ${hello.cycle}, disk ${disk}: ${refusal?.message ?? 'OK'}`,
+      );
+      if (refusal === undefined && ask.mode !== 'check') {
+        const sent = replica
+          ? await this.sendData(conn, 'image', replica.runs(MAX_IMAGE_DATA_BYTES))
+          : await this.sendData(conn, 'manifest', pieces(planned?.manifest ?? Buffer.alloc(0)));
+        if (sent !== undefined) conn.send({ type: 'image-end', ...sent });
+      }
+    } catch (err) {
+      this.log(
+        `node: ${conn.where}: sending checkpoint ${hello.cycle} of disk ${disk} failed: ${errorMessage(err)}`,
+      );
+      this.refuse(
+        conn,
+        `sending checkpoint ${hello.cycle} of disk ${disk} failed: ${errorMessage(err)}`,
+        true,
+      );
+      return;
+    } finally {
+      await replica
+        ?.remove()
+        .catch((err) =>
+          this.log(`node: disk ${disk}: removing a materialised checkpoint failed: ${errorMessage(err)}`),
+        );
+    }
+    conn.clean = true;
+    hangUp(conn);
+    this.uncount(conn);
+  }
+
+  /**
+   * Sends data as IMAGE_DATA frames, each written only once the socket has drained the one before
+   * (the peer's reading paces it: the node holds one frame of it at a time). Returns what was sent,
+   * or undefined if the connection ended first.
+   */
+  private async sendData(
+    conn: Conn,
+    part: 'manifest' | 'image',
+    runs: AsyncIterable<{ readonly offset: number; readonly data: Uint8Array }>,
+  ): Promise<{ frames: number; bytes: number } | undefined> {
+    let frames = 0;
+    let bytes = 0;
+    for await (const { offset, data } of runs) {
+      if (conn.closing || conn.socket.destroyed) return undefined;
+      const sha256 = createHash('sha256').update(data).digest('hex');
+      if (!conn.socket.write(encodeFrame({ type: 'image-data', part, offset, sha256, data }))) {
+        // A peer that stops reading what it asked for is dropped after the idle timeout, so it
+        // cannot hold the connection (and the materialised image) for ever.
+        const drained = await new Promise<boolean>((resolve) => {
+          const done = (ok: boolean) => () => {
+            clearTimeout(timer);
+            conn.socket.off('drain', onDrain);
+            conn.socket.off('close', onClose);
+            resolve(ok);
+          };
+          const onDrain = done(true);
+          const onClose = done(false);
+          const timer = setTimeout(done(false), this.limits.idleTimeoutMs);
+          conn.socket.once('drain', onDrain);
+          conn.socket.once('close', onClose);
+        });
+        if (!drained) {
+          this.refuseLimit(conn, 'idleTimeoutMs', `the peer stopped reading the ${part} it asked for`, true);
+          return undefined;
+        }
+      }
+      frames++;
+      bytes += data.length;
+    }
+    return conn.closing || conn.socket.destroyed ? undefined : { frames, bytes };
   }
 
   private async openSession(conn: Conn, hello: FrameOf<'hello'>, start: SessionStart): Promise<Session> {
@@ -1536,6 +1801,13 @@ class Node implements ReplicationNode {
       windowLimited: false,
       nodePressure: s.budgetLimited,
     };
+  }
+}
+
+/** A buffer (a manifest) as IMAGE_DATA-sized pieces at their offsets. */
+async function* pieces(buf: Buffer): AsyncGenerator<{ offset: number; data: Uint8Array }> {
+  for (let offset = 0; offset < buf.length; offset += MAX_IMAGE_DATA_BYTES) {
+    yield { offset, data: buf.subarray(offset, offset + MAX_IMAGE_DATA_BYTES) };
   }
 }
 

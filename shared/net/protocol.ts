@@ -18,6 +18,18 @@
 // that restarted proves a resume before skipping chunks (DiskTarget.checkResume).
 // A HELLO with the verify flag asks the node to re-hash the disk's image against its manifest and
 // the reference a checkpoint recorded; the node answers VERIFIED and hangs up (`ferry verify`).
+// A HELLO with the published flag tells the node that cycle `cycle` was published as checkpoint
+// `sequence` (so a commit it never heard the fate of is settled, its history kept under that
+// sequence) and asks it to prune the disk's history up to `keepFrom` (0: none); the node answers
+// PRUNED and hangs up. A HELLO with the recover flag asks for the image of checkpoint `cycle`
+// (`sequence`, `sizeBytes`, `targetRef`) given the later checkpoints of the disk (sequence and id,
+// so the node checks its history belongs to them): `check` answers RECOVERY only (a listing),
+// `plan` RECOVERY then the checkpoint's manifest as IMAGE_DATA frames and IMAGE_END, `stream`
+// RECOVERY then the image's non-zero data as IMAGE_DATA frames (each with its SHA-256) and
+// IMAGE_END; then the node hangs up. The stream is paced by TCP: the node writes the next frame only
+// once the socket has drained, and the source stops reading while it writes what it has, so each
+// side holds a bounded number of frames. Every question is asked of one disk and refused, like a
+// session, for a credential without that disk.
 // More connections of the same source join the session with the same session id; a HELLO with a
 // new session id for a disk that has live connections is refused (two sources must not write one
 // image). When a connection is lost the source reconnects with the same session id and `resume`
@@ -65,7 +77,8 @@
 // reference). The node commits only what it checked itself: the aggregate over the digests it
 // verified, in seq order, must equal the COMMIT's, every seq below `chunks` must have arrived and
 // none above, and the chunks' extents must be exactly the EXTENTS. AFTER_PUBLISH (answered DONE)
-// drops the node's staging; CLOSE ends a connection.
+// (with the checkpoint's id and sequence, under which the node keeps the cycle's history) drops the
+// node's staging; CLOSE ends a connection.
 //
 // Versions. Frame headers and the ERROR frame are the same in every version, and HELLO starts with
 // magic and version in every version, so a node reads any source's HELLO far enough to answer a
@@ -78,7 +91,8 @@ import { MiB } from '../engine/units.ts';
 import { ByteQueue } from '../runtime/byte-queue.ts';
 
 export const MAGIC = 'FERRY';
-export const PROTOCOL_VERSION = 2;
+// 3: AFTER_PUBLISH names the checkpoint; the published and recover questions (node history).
+export const PROTOCOL_VERSION = 3;
 /** `[u32 length][u8 type]`. */
 export const FRAME_HEADER_BYTES = 5;
 // The engine's own chunk limit (a chunk is buffered whole at both ends): above it, one chunk fills a
@@ -104,6 +118,15 @@ export const TOKEN_BYTES = 16;
 export const NO_TOKEN = '00'.repeat(TOKEN_BYTES);
 // The engine's cycle ids are "<set>#<sequence>"; set names are at most 128 characters.
 export const MAX_CYCLE_BYTES = 255;
+// Later checkpoints a recover question may name: six weeks of hourly checkpoints, far past the
+// default retention (24), and a HELLO of at most ~270 KiB.
+export const MAX_RECOVERY_LATER = 1024;
+// Bytes of data in one IMAGE_DATA frame: four 64 KiB sparse runs, so a frame is hashed and written
+// in one go and a paced stream holds little more than one of them at either end.
+export const MAX_IMAGE_DATA_BYTES = 256 * 1024;
+// Pruned sequences listed in PRUNED (the rest only counted): a prune after each publication removes
+// one entry, a prune that catches up after failures a few.
+export const MAX_PRUNED_LISTED = 1024;
 
 export const FRAME_TYPES = {
   hello: 0x01,
@@ -125,6 +148,10 @@ export const FRAME_TYPES = {
   flushed: 0x11,
   checked: 0x12,
   verified: 0x13,
+  pruned: 0x14,
+  recovery: 0x15,
+  'image-data': 0x16,
+  'image-end': 0x17,
   error: 0x7f,
 } as const;
 
@@ -155,6 +182,10 @@ export const SENT_BY: Readonly<Record<FrameType, 'source' | 'node' | 'both'>> = 
   flushed: 'node',
   checked: 'node',
   verified: 'node',
+  pruned: 'node',
+  recovery: 'node',
+  'image-data': 'node',
+  'image-end': 'node',
   error: 'both',
 };
 
@@ -170,6 +201,27 @@ export interface ResumeCheck {
   readonly chunks: number;
   readonly aggregateSha256: string;
   readonly layoutSha256: string;
+}
+
+/** A published question: the HELLO's `cycle` was published as `sequence`; prune up to `keepFrom`. */
+export interface PublishedNote {
+  readonly sequence: number;
+  /** Oldest checkpoint the source's retention keeps: history of cycles up to it goes (0: none). */
+  readonly keepFrom: number;
+}
+
+/** What a recover question asks for: a listing's answer, the plan and manifest, or the image. */
+export type RecoveryMode = 'check' | 'plan' | 'stream';
+const RECOVERY_MODES: readonly RecoveryMode[] = ['check', 'plan', 'stream'];
+
+/** A recover question: checkpoint `cycle` of the HELLO (`sizeBytes` its disk's size), and its successors. */
+export interface RecoveryAsk {
+  readonly mode: RecoveryMode;
+  readonly sequence: number;
+  /** The catalog's reference of the disk's manifest at the checkpoint. */
+  readonly targetRef: string;
+  /** The later checkpoints that wrote this disk, ascending by sequence. */
+  readonly later: readonly { readonly sequence: number; readonly id: string }[];
 }
 
 /** A chunk's description, without its data: what the reader hands to admission before buffering. */
@@ -207,6 +259,10 @@ export type Frame =
        * this reference (a checkpoint's targetRef; '' for the manifest alone), answered by VERIFIED.
        */
       readonly verify?: string;
+      /** Present: not a session but the published question, answered by PRUNED. */
+      readonly published?: PublishedNote;
+      /** Present: not a session but the recover question, answered by RECOVERY (and data). */
+      readonly recover?: RecoveryAsk;
     }
   | {
       readonly type: 'welcome';
@@ -248,7 +304,8 @@ export type Frame =
       readonly extentCount: number;
     }
   | { readonly type: 'committed'; readonly targetRef: string }
-  | { readonly type: 'after-publish' }
+  /** `sequence` 0 and `checkpoint` '': the source was not told which checkpoint (no history kept). */
+  | { readonly type: 'after-publish'; readonly checkpoint: string; readonly sequence: number }
   | { readonly type: 'done' }
   | { readonly type: 'close' }
   | { readonly type: 'conn-closed'; readonly conn: number; readonly admitted: number }
@@ -266,6 +323,35 @@ export type Frame =
       readonly manifestRef: string;
       readonly reason: string;
     }
+  /** The answer to a published question: what the prune removed (`reason` when it could not). */
+  | {
+      readonly type: 'pruned';
+      readonly ok: boolean;
+      /** Entries pruned; the first MAX_PRUNED_LISTED of them are listed. */
+      readonly count: number;
+      readonly sequences: readonly number[];
+      readonly reason: string;
+    }
+  /** The answer to a recover question: the plan, or why the checkpoint cannot be recovered here. */
+  | {
+      readonly type: 'recovery';
+      readonly ok: boolean;
+      readonly sizeBytes: number;
+      /** Why not, naming the disk but not the checkpoint (for a listing); '' when ok. */
+      readonly reason: string;
+      /** Why not, in full (for a refused recovery); '' when ok. */
+      readonly message: string;
+    }
+  /** Part of the manifest or of the image, at `offset` of it, with the SHA-256 of `data`. */
+  | {
+      readonly type: 'image-data';
+      readonly part: 'manifest' | 'image';
+      readonly offset: number;
+      readonly sha256: string;
+      readonly data: Uint8Array;
+    }
+  /** The end of a plan's manifest or of an image: how many IMAGE_DATA frames and bytes were sent. */
+  | { readonly type: 'image-end'; readonly frames: number; readonly bytes: number }
   | { readonly type: 'error'; readonly retryable: boolean; readonly reason: string };
 
 export type FrameOf<T extends FrameType> = Extract<Frame, { type: T }>;
@@ -293,11 +379,24 @@ const HELLO_CHECK_BYTES = 8 + 32 + 32;
 const HELLO_RESUME = 0x01;
 const HELLO_CHECK = 0x02;
 const HELLO_VERIFY = 0x04;
+const HELLO_PUBLISHED = 0x08;
+const HELLO_RECOVER = 0x10;
+/** The flags that ask a question instead of opening a session: at most one of them. */
+const HELLO_QUESTIONS = [HELLO_CHECK, HELLO_VERIFY, HELLO_PUBLISHED, HELLO_RECOVER];
+/** A published question: sequence, keepFrom. */
+const HELLO_PUBLISHED_BYTES = 8 + 8;
+/** A recover question at most: mode, sequence, reference, count, and each later checkpoint. */
+const HELLO_RECOVER_MAX = 1 + 8 + 2 + MAX_TEXT_BYTES + 2 + MAX_RECOVERY_LATER * (8 + 2 + MAX_CYCLE_BYTES);
 const WELCOME_BYTES = 2 + 4 + 4 + INCARNATION_BYTES + 4 + 1 + 8 + 8 + TOKEN_BYTES;
 const CHECKED_FIXED = 1 + TOKEN_BYTES + 2;
 // A region that differs is located to within a MiB; ten of them say enough about a damaged image.
 export const MAX_VERIFY_MISMATCHES = 10;
 const VERIFIED_MAX = 1 + 8 + 1 + 8 * MAX_VERIFY_MISMATCHES + 2 + MAX_TEXT_BYTES + 2 + MAX_TEXT_BYTES;
+const PRUNED_MAX = 1 + 4 + 2 + 8 * MAX_PRUNED_LISTED + 2 + MAX_TEXT_BYTES;
+const RECOVERY_MAX = 1 + 8 + 2 + MAX_TEXT_BYTES + 2 + MAX_TEXT_BYTES;
+/** part, offset, sha256. */
+const IMAGE_DATA_FIXED = 1 + 8 + 32;
+const AFTER_PUBLISH_MAX = 8 + 2 + MAX_CYCLE_BYTES;
 /** tag, seq, offset, bytes, flags, sha256, extent count. */
 export const CHUNK_FIXED_BYTES = 4 + 8 + 8 + 4 + 1 + 32 + 4;
 const CHUNK_EXTENT_BYTES = 12;
@@ -310,7 +409,13 @@ const MAX_VARINT_BYTES = 8;
 export function maxPayload(type: FrameType, maxChunkBytes = MAX_CHUNK_BYTES): number {
   switch (type) {
     case 'hello':
-      return HELLO_FIXED + HELLO_CHECK_BYTES + 2 + MAX_TEXT_BYTES + MAX_CYCLE_BYTES + MAX_DISK_NAME_BYTES;
+      // One question at most (the decoder refuses two): the largest is the recover question.
+      return (
+        HELLO_FIXED +
+        Math.max(HELLO_CHECK_BYTES, 2 + MAX_TEXT_BYTES, HELLO_PUBLISHED_BYTES, HELLO_RECOVER_MAX) +
+        MAX_CYCLE_BYTES +
+        MAX_DISK_NAME_BYTES
+      );
     case 'welcome':
       return WELCOME_BYTES;
     case 'chunk':
@@ -331,6 +436,15 @@ export function maxPayload(type: FrameType, maxChunkBytes = MAX_CHUNK_BYTES): nu
     case 'committed':
       return 2 + MAX_TEXT_BYTES;
     case 'after-publish':
+      return AFTER_PUBLISH_MAX;
+    case 'pruned':
+      return PRUNED_MAX;
+    case 'recovery':
+      return RECOVERY_MAX;
+    case 'image-data':
+      return IMAGE_DATA_FIXED + MAX_IMAGE_DATA_BYTES;
+    case 'image-end':
+      return 16;
     case 'done':
     case 'close':
     case 'flush':
@@ -610,18 +724,30 @@ export function encodeFrame(frame: Frame): Buffer {
       if (verify !== undefined && verify.length > MAX_TEXT_BYTES) {
         fail(`verified reference of ${verify.length} bytes exceeds ${MAX_TEXT_BYTES}`);
       }
+      const published = frame.published;
+      const recover = frame.recover === undefined ? undefined : recoverBytes(frame.recover);
+      const questions = [check, verify, published, recover].filter((q) => q !== undefined).length;
+      if (questions > 1) fail('a HELLO asks one question at most (check, verify, published or recover)');
       const w = new Writer(
         'hello',
         HELLO_FIXED +
           (check ? HELLO_CHECK_BYTES : 0) +
           (verify ? 2 + verify.length : 0) +
+          (published ? HELLO_PUBLISHED_BYTES : 0) +
+          (recover?.length ?? 0) +
           cycle.length +
           name.length,
       );
       w.bytes(Buffer.from(MAGIC, 'ascii'));
       w.u16(frame.version);
       w.u8(frame.kind === 'full' ? 0 : 1);
-      w.u8((frame.resume ? HELLO_RESUME : 0) | (check ? HELLO_CHECK : 0) | (verify ? HELLO_VERIFY : 0));
+      w.u8(
+        (frame.resume ? HELLO_RESUME : 0) |
+          (check ? HELLO_CHECK : 0) |
+          (verify ? HELLO_VERIFY : 0) |
+          (published ? HELLO_PUBLISHED : 0) |
+          (recover ? HELLO_RECOVER : 0),
+      );
       w.u64(frame.sizeBytes, 'disk size');
       w.bytes(hexBytes(frame.session, SESSION_ID_BYTES, 'session'));
       w.bytes(hexBytes(frame.token, TOKEN_BYTES, 'resume token'));
@@ -634,6 +760,11 @@ export function encodeFrame(frame: Frame): Buffer {
         w.u16(verify.length);
         w.bytes(verify);
       }
+      if (published) {
+        w.u64(published.sequence, 'published sequence');
+        w.u64(published.keepFrom, 'kept from');
+      }
+      if (recover) w.bytes(recover);
       w.u16(cycle.length);
       w.bytes(cycle);
       w.u16(name.length);
@@ -730,7 +861,62 @@ export function encodeFrame(frame: Frame): Buffer {
       w.bytes(ref);
       return w.done();
     }
-    case 'after-publish':
+    case 'after-publish': {
+      const id = Buffer.from(frame.checkpoint, 'utf8');
+      if (id.length > MAX_CYCLE_BYTES) fail(`checkpoint id of ${id.length} bytes exceeds ${MAX_CYCLE_BYTES}`);
+      if ((frame.sequence === 0) !== (id.length === 0))
+        fail('AFTER_PUBLISH names a checkpoint by both its id and its sequence, or neither');
+      const w = new Writer('after-publish', 8 + 2 + id.length);
+      w.u64(frame.sequence, 'sequence');
+      w.u16(id.length);
+      w.bytes(id);
+      return w.done();
+    }
+    case 'pruned': {
+      if (frame.sequences.length > MAX_PRUNED_LISTED || frame.sequences.length > frame.count) {
+        fail(
+          `PRUNED lists ${frame.sequences.length} of ${frame.count} sequences (at most ${MAX_PRUNED_LISTED})`,
+        );
+      }
+      const reason = textBytes(frame.reason, MAX_TEXT_BYTES);
+      const w = new Writer('pruned', 1 + 4 + 2 + 8 * frame.sequences.length + 2 + reason.length);
+      w.u8(frame.ok ? 1 : 0);
+      w.u32(frame.count);
+      w.u16(frame.sequences.length);
+      for (const seq of frame.sequences) w.u64(seq, 'pruned sequence');
+      w.u16(reason.length);
+      w.bytes(reason);
+      return w.done();
+    }
+    case 'recovery': {
+      const reason = textBytes(frame.reason, MAX_TEXT_BYTES);
+      const message = textBytes(frame.message, MAX_TEXT_BYTES);
+      const w = new Writer('recovery', 1 + 8 + 2 + reason.length + 2 + message.length);
+      w.u8(frame.ok ? 1 : 0);
+      w.u64(frame.sizeBytes, 'disk size');
+      w.u16(reason.length);
+      w.bytes(reason);
+      w.u16(message.length);
+      w.bytes(message);
+      return w.done();
+    }
+    case 'image-data': {
+      if (frame.data.length === 0 || frame.data.length > MAX_IMAGE_DATA_BYTES) {
+        fail(`IMAGE_DATA of ${frame.data.length} bytes (1..${MAX_IMAGE_DATA_BYTES})`);
+      }
+      const w = new Writer('image-data', IMAGE_DATA_FIXED + frame.data.length);
+      w.u8(frame.part === 'manifest' ? 0 : 1);
+      w.u64(frame.offset, 'data offset');
+      w.bytes(hexBytes(frame.sha256, 32, 'data sha256'));
+      w.bytes(frame.data);
+      return w.done();
+    }
+    case 'image-end': {
+      const w = new Writer('image-end', 16);
+      w.u64(frame.frames, 'frames');
+      w.u64(frame.bytes, 'bytes');
+      return w.done();
+    }
     case 'done':
     case 'close':
     case 'flush':
@@ -782,6 +968,35 @@ export function encodeFrame(frame: Frame): Buffer {
   }
 }
 
+/** A recover question's bytes (after the HELLO's fixed part); refuses what a node would refuse. */
+function recoverBytes(ask: RecoveryAsk): Buffer {
+  const ref = Buffer.from(ask.targetRef, 'utf8');
+  if (ref.length > MAX_TEXT_BYTES)
+    fail(`recovered reference of ${ref.length} bytes exceeds ${MAX_TEXT_BYTES}`);
+  if (ask.later.length > MAX_RECOVERY_LATER) {
+    fail(`a recover question names ${ask.later.length} later checkpoints, more than ${MAX_RECOVERY_LATER}`);
+  }
+  const ids = ask.later.map((c) => Buffer.from(c.id, 'utf8'));
+  const size = 1 + 8 + 2 + ref.length + 2 + ids.reduce((n, id) => n + 8 + 2 + id.length, 0);
+  const w = new Writer('hello', size);
+  w.u8(RECOVERY_MODES.indexOf(ask.mode));
+  w.u64(ask.sequence, 'recovered sequence');
+  w.u16(ref.length);
+  w.bytes(ref);
+  w.u16(ask.later.length);
+  let previous = ask.sequence;
+  for (const [i, c] of ask.later.entries()) {
+    if (c.sequence <= previous) fail(`later checkpoint ${c.id}: sequences must ascend past ${previous}`);
+    previous = c.sequence;
+    const id = ids[i]!;
+    if (id.length === 0 || id.length > MAX_CYCLE_BYTES) fail(`later checkpoint id of ${id.length} bytes`);
+    w.u64(c.sequence, 'later sequence');
+    w.u16(id.length);
+    w.bytes(id);
+  }
+  return w.done().subarray(FRAME_HEADER_BYTES);
+}
+
 function varintSize(n: number): number {
   let size = 1;
   while (n >= 0x80) {
@@ -814,8 +1029,10 @@ export function decodePayload(type: Exclude<FrameType, 'chunk'>, payload: Buffer
       const kindCode = r.u8('kind');
       if (kindCode > 1) fail(`HELLO frame: unknown copy kind ${kindCode}`);
       const flags = r.u8('flags');
-      if (flags > (HELLO_RESUME | HELLO_CHECK | HELLO_VERIFY))
+      if (flags > (HELLO_RESUME | HELLO_CHECK | HELLO_VERIFY | HELLO_PUBLISHED | HELLO_RECOVER))
         fail(`HELLO frame: unknown flags 0x${flags.toString(16)}`);
+      const questions = HELLO_QUESTIONS.filter((q) => flags & q).length;
+      if (questions > 1) fail(`HELLO frame: flags 0x${flags.toString(16)} ask more than one question`);
       const sizeBytes = r.u64('disk size');
       const session = r.bytes(SESSION_ID_BYTES, 'session').toString('hex');
       const token = r.bytes(TOKEN_BYTES, 'resume token').toString('hex');
@@ -828,6 +1045,17 @@ export function decodePayload(type: Exclude<FrameType, 'chunk'>, payload: Buffer
             }
           : undefined;
       const verify = flags & HELLO_VERIFY ? r.text('verified reference', MAX_TEXT_BYTES) : undefined;
+      const published: PublishedNote | undefined =
+        flags & HELLO_PUBLISHED
+          ? { sequence: r.u64('published sequence'), keepFrom: r.u64('kept from') }
+          : undefined;
+      if (published !== undefined && published.sequence === 0)
+        fail('HELLO frame: published sequence 0 (checkpoints count from 1)');
+      if (published !== undefined && published.keepFrom > published.sequence)
+        fail(
+          `HELLO frame: kept from ${published.keepFrom}, past the published sequence ${published.sequence}`,
+        );
+      const recover = flags & HELLO_RECOVER ? readRecoverAsk(r) : undefined;
       const cycle = r.text('cycle id', MAX_CYCLE_BYTES);
       const disk = r.text('disk name', MAX_DISK_NAME_BYTES);
       frame = {
@@ -842,7 +1070,11 @@ export function decodePayload(type: Exclude<FrameType, 'chunk'>, payload: Buffer
         cycle,
         ...(check ? { check } : {}),
         ...(verify === undefined ? {} : { verify }),
+        ...(published ? { published } : {}),
+        ...(recover ? { recover } : {}),
       };
+      if ((published || recover) && cycle === '')
+        fail(`HELLO frame: a ${published ? 'published' : 'recover'} question names no checkpoint (cycle id)`);
       break;
     }
     case 'welcome': {
@@ -923,7 +1155,52 @@ export function decodePayload(type: Exclude<FrameType, 'chunk'>, payload: Buffer
     case 'committed':
       frame = { type, targetRef: r.text('target reference', MAX_TEXT_BYTES) };
       break;
-    case 'after-publish':
+    case 'after-publish': {
+      const sequence = r.u64('sequence');
+      const checkpoint = r.text('checkpoint id', MAX_CYCLE_BYTES);
+      if ((sequence === 0) !== (checkpoint === '')) {
+        fail('AFTER_PUBLISH frame: checkpoint id and sequence must be given together (or neither)');
+      }
+      frame = { type, checkpoint, sequence };
+      break;
+    }
+    case 'pruned': {
+      const ok = r.u8('ok');
+      if (ok > 1) fail(`PRUNED frame: unknown ok value ${ok}`);
+      const count = r.u32('count');
+      const listed = r.u16('listed count');
+      if (listed > MAX_PRUNED_LISTED || listed > count)
+        fail(`PRUNED frame lists ${listed} of ${count} sequences (at most ${MAX_PRUNED_LISTED})`);
+      const sequences: number[] = [];
+      for (let i = 0; i < listed; i++) sequences.push(r.u64('pruned sequence'));
+      frame = { type, ok: ok === 1, count, sequences, reason: r.text('reason', MAX_TEXT_BYTES) };
+      break;
+    }
+    case 'recovery': {
+      const ok = r.u8('ok');
+      if (ok > 1) fail(`RECOVERY frame: unknown ok value ${ok}`);
+      frame = {
+        type,
+        ok: ok === 1,
+        sizeBytes: r.u64('disk size'),
+        reason: r.text('reason', MAX_TEXT_BYTES),
+        message: r.text('message', MAX_TEXT_BYTES),
+      };
+      break;
+    }
+    case 'image-data': {
+      const part = r.u8('part');
+      if (part > 1) fail(`IMAGE_DATA frame: unknown part ${part}`);
+      const offset = r.u64('data offset');
+      const sha256 = r.bytes(32, 'data sha256').toString('hex');
+      const data = r.bytes(payload.length - r.at, 'data');
+      if (data.length === 0) fail('IMAGE_DATA frame carries no data');
+      frame = { type, part: part === 0 ? 'manifest' : 'image', offset, sha256, data };
+      break;
+    }
+    case 'image-end':
+      frame = { type, frames: r.u64('frames'), bytes: r.u64('bytes') };
+      break;
     case 'done':
     case 'close':
     case 'flush':
@@ -972,6 +1249,31 @@ export function decodePayload(type: Exclude<FrameType, 'chunk'>, payload: Buffer
   }
   r.end();
   return frame;
+}
+
+/** A recover question, after the HELLO's fixed part: mode, checkpoint, and its successors. */
+function readRecoverAsk(r: Reader): RecoveryAsk {
+  const code = r.u8('recovery mode');
+  const mode = RECOVERY_MODES[code];
+  if (mode === undefined) fail(`HELLO frame: unknown recovery mode ${code}`);
+  const sequence = r.u64('recovered sequence');
+  if (sequence === 0) fail('HELLO frame: recovered sequence 0 (checkpoints count from 1)');
+  const targetRef = r.text('recovered reference', MAX_TEXT_BYTES);
+  const count = r.u16('later count');
+  if (count > MAX_RECOVERY_LATER)
+    fail(`HELLO frame: ${count} later checkpoints exceed ${MAX_RECOVERY_LATER}`);
+  const later: { sequence: number; id: string }[] = [];
+  let previous = sequence;
+  for (let i = 0; i < count; i++) {
+    const seq = r.u64('later sequence');
+    if (seq <= previous)
+      fail(`HELLO frame: later checkpoint ${i} has sequence ${seq}, not above ${previous}`);
+    previous = seq;
+    const id = r.text('later checkpoint id', MAX_CYCLE_BYTES);
+    if (id === '') fail(`HELLO frame: later checkpoint ${i} has an empty id`);
+    later.push({ sequence: seq, id });
+  }
+  return { mode: mode!, sequence, targetRef, later };
 }
 
 /** Reads the fixed part of a CHUNK's metadata; returns the extent count that follows. */

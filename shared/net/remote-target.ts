@@ -5,8 +5,9 @@ import { performance } from 'node:perf_hooks';
 import type { Descriptor } from '../engine/descriptors.ts';
 import { AbortedError, errorMessage, FerryError, TransferError } from '../engine/errors.ts';
 import { LinearAggregator } from '../engine/integrity.ts';
-import type { CopyKind, DiskCommit, DiskTarget, ResumeClaim } from '../engine/ports.ts';
-import type { JoinCredential } from './join.ts';
+import type { CopyKind, DiskCommit, DiskTarget, PublishedCheckpoint, ResumeClaim } from '../engine/ports.ts';
+import type { JoinCredential, SourceSecurity } from './join.ts';
+import { NodeClient } from './node-client.ts';
 import {
   type ChunkMeta,
   chunkLayoutSha256,
@@ -121,6 +122,7 @@ export class RemoteTarget implements DiskTarget {
   private readonly uri: FerryUri;
   /** Opens connections: TLS with the join file, or plain TCP (insecure, loopback only). */
   private readonly connector: NodeConnector;
+  private readonly security: SourceSecurity;
   private readonly desired: number;
   private readonly connectTimeoutMs: number;
   private readonly idleReleaseMs: number;
@@ -166,6 +168,7 @@ export class RemoteTarget implements DiskTarget {
   constructor(uri: FerryUri, opts: RemoteTargetOptions = {}) {
     this.uri = uri;
     this.name = uri.name;
+    this.security = { join: opts.join, insecure: opts.insecure };
     this.connector = new NodeConnector(uri, opts);
     this.desired = opts.connections ?? uri.connections;
     this.connectTimeoutMs = opts.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
@@ -378,13 +381,26 @@ export class RemoteTarget implements DiskTarget {
     await this.control('flush', 'flushed', (link) => this.write(link, encodeFrame({ type: 'flush' })));
   }
 
-  async afterPublish(): Promise<void> {
-    // Never opened here (crash recovery of an earlier run): the node settles that commit itself at
-    // this source's next contact, which names a later cycle (see the node's settleCommit).
-    if (!this.opened) return;
-    await this.control('after publish', 'done', (link) =>
-      this.write(link, encodeFrame({ type: 'after-publish' })),
-    );
+  /**
+   * The checkpoint is published: the node drops its staging and keeps the cycle's undo data as the
+   * history of `published` (under its sequence, for point-in-time recovery from the node).
+   */
+  async afterPublish(published?: PublishedCheckpoint): Promise<void> {
+    if (!this.opened) {
+      // Never opened here: crash recovery of an earlier run's commit. The node is told which
+      // checkpoint it became, so it keeps its history; if it cannot be told now, it settles the
+      // commit at this source's next contact, without that history (see the node's settleCommit).
+      if (published !== undefined && !this.closed) {
+        await new NodeClient(this.uri, this.security).published(published, 0).catch(() => {});
+      }
+      return;
+    }
+    const frame = encodeFrame({
+      type: 'after-publish',
+      checkpoint: published?.id ?? '',
+      sequence: published?.sequence ?? 0,
+    });
+    await this.control('after publish', 'done', (link) => this.write(link, frame));
   }
 
   async close(): Promise<void> {

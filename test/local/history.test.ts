@@ -391,7 +391,7 @@ describe('damaged history', () => {
     );
   });
 
-  it('refuses a target that is not a local file', async () => {
+  it('refuses a target that is not a local file, or a node it cannot reach', async () => {
     const w = await world();
     await new LocalStateStore(w.state).publishCheckpoint({
       id: `${SET}#1`,
@@ -414,8 +414,10 @@ describe('damaged history', () => {
       ],
     });
     const err = await refusal(w, 1);
+    // A node's replica is recovered from its node (test/net/node-recovery.test.ts): without a way
+    // to reach it, the refusal says what to give.
     expect(err.message).toBe(
-      'checkpoint erp#1, disk a: its target ferry://127.0.0.1:7790/a is not a local file image (recovery reads file: targets only)',
+      'checkpoint erp#1, disk a: its replica ferry://127.0.0.1:7790/a is on a ferry node: give --join FILE (or FERRY_JOIN, or --insecure for a node on this host) to recover it from there',
     );
   });
 });

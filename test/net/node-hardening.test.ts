@@ -691,25 +691,26 @@ describe('bounded resources', () => {
     expect(apparent).toBeLessThanOrEqual(64 * MiB + 64 * 1024);
   });
 
-  it('tells a version 1 source to upgrade', async () => {
+  it('tells a version 1 or 2 source (v2: AFTER_PUBLISH without the checkpoint) to upgrade', async () => {
     const { node } = await startTestNode();
-    const client = await RawClient.connect(node.port);
-    const name = Buffer.from('old');
-    const payload = Buffer.alloc(35 + name.length);
-    payload.write('FERRY', 0, 'latin1');
-    payload.writeUInt16BE(1, 5);
-    payload.writeUInt16BE(name.length, 33);
-    name.copy(payload, 35);
-    const head = Buffer.alloc(FRAME_HEADER_BYTES);
-    head.writeUInt32BE(payload.length, 0);
-    head.writeUInt8(FRAME_TYPES.hello, 4);
-    client.send(Buffer.concat([head, payload]));
-    expect(await client.next()).toEqual({
-      type: 'error',
-      retryable: false,
-      reason:
-        'HELLO frame: the source speaks Ferry protocol version 1, this node speaks version 2: upgrade ferry on the source',
-    });
+    for (const version of [1, 2]) {
+      const client = await RawClient.connect(node.port);
+      const name = Buffer.from('old');
+      const payload = Buffer.alloc(35 + name.length);
+      payload.write('FERRY', 0, 'latin1');
+      payload.writeUInt16BE(version, 5);
+      payload.writeUInt16BE(name.length, 33);
+      name.copy(payload, 35);
+      const head = Buffer.alloc(FRAME_HEADER_BYTES);
+      head.writeUInt32BE(payload.length, 0);
+      head.writeUInt8(FRAME_TYPES.hello, 4);
+      client.send(Buffer.concat([head, payload]));
+      expect(await client.next()).toEqual({
+        type: 'error',
+        retryable: false,
+        reason: `HELLO frame: the source speaks Ferry protocol version ${version}, this node speaks version 3: upgrade ferry on the source`,
+      });
+    }
   });
 });
 

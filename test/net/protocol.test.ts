@@ -21,6 +21,7 @@ import {
   FrameReader,
   type FrameType,
   MAX_EXTENTS_PER_FRAME,
+  MAX_IMAGE_DATA_BYTES,
   MAX_TEXT_BYTES,
   maxPayload,
   NO_TOKEN,
@@ -135,7 +136,66 @@ const framesBySource: fc.Arbitrary<Frame>[] = [
     aggregateSha256: hex(32),
     extentCount: safe,
   }),
-  fc.constant({ type: 'after-publish' as const }),
+  fc.oneof(
+    fc.record({
+      type: fc.constant('after-publish' as const),
+      checkpoint: fc.string({ unit: 'grapheme', minLength: 1, maxLength: 40 }),
+      sequence: fc.integer({ min: 1, max: Number.MAX_SAFE_INTEGER }),
+    }),
+    fc.constant({ type: 'after-publish' as const, checkpoint: '', sequence: 0 }),
+  ),
+  // A published question: prune up to keepFrom, at most the published sequence.
+  fc
+    .tuple(fc.integer({ min: 1, max: Number.MAX_SAFE_INTEGER }), fc.double({ min: 0, max: 1, noNaN: true }))
+    .chain(([sequence, share]) =>
+      fc.record({
+        type: fc.constant('hello' as const),
+        version: fc.constant(PROTOCOL_VERSION),
+        disk: diskName,
+        sizeBytes: safe,
+        kind: fc.constantFrom('full' as const, 'incremental' as const),
+        resume: fc.constant(false),
+        session: hex(16),
+        token: fc.constant(NO_TOKEN),
+        cycle: fc.string({ unit: 'grapheme', minLength: 1, maxLength: 40 }),
+        published: fc.constant({ sequence, keepFrom: Math.floor(sequence * share) }),
+      }),
+    ),
+  // A recover question: the checkpoint and its successors, ascending.
+  fc.record({
+    type: fc.constant('hello' as const),
+    version: fc.constant(PROTOCOL_VERSION),
+    disk: diskName,
+    sizeBytes: safe,
+    kind: fc.constantFrom('full' as const, 'incremental' as const),
+    resume: fc.constant(false),
+    session: hex(16),
+    token: fc.constant(NO_TOKEN),
+    cycle: fc.string({ unit: 'grapheme', minLength: 1, maxLength: 40 }),
+    recover: fc
+      .tuple(
+        fc.constantFrom('check' as const, 'plan' as const, 'stream' as const),
+        fc.integer({ min: 1, max: 2 ** 40 }),
+        text,
+        fc.array(
+          fc.tuple(
+            fc.integer({ min: 1, max: 1000 }),
+            fc.string({ unit: 'grapheme', minLength: 1, maxLength: 20 }),
+          ),
+          {
+            maxLength: 20,
+          },
+        ),
+      )
+      .map(([mode, sequence, targetRef, steps]) => {
+        let at = sequence;
+        const later = steps.map(([gap, id]) => {
+          at += gap;
+          return { sequence: at, id };
+        });
+        return { mode, sequence, targetRef, later };
+      }),
+  }),
   fc.constant({ type: 'close' as const }),
   fc.constant({ type: 'flush' as const }),
   fc.record({ type: fc.constant('error' as const), retryable: fc.boolean(), reason: text }),
@@ -182,6 +242,32 @@ const framesByNode: fc.Arbitrary<Frame>[] = [
     manifestRef: text,
     reason: text,
   }),
+  fc.array(safe, { maxLength: 20 }).chain((sequences) =>
+    fc.record({
+      type: fc.constant('pruned' as const),
+      ok: fc.boolean(),
+      count: fc.integer({ min: sequences.length, max: 2 ** 32 - 1 }),
+      sequences: fc.constant(sequences),
+      reason: text,
+    }),
+  ),
+  fc.record({
+    type: fc.constant('recovery' as const),
+    ok: fc.boolean(),
+    sizeBytes: safe,
+    reason: text,
+    message: text,
+  }),
+  fc.uint8Array({ minLength: 1, maxLength: 300 }).chain((data) =>
+    fc.record({
+      type: fc.constant('image-data' as const),
+      part: fc.constantFrom('manifest' as const, 'image' as const),
+      offset: safe,
+      sha256: fc.constant(createHash('sha256').update(data).digest('hex')),
+      data: fc.constant(Buffer.from(data)),
+    }),
+  ),
+  fc.record({ type: fc.constant('image-end' as const), frames: safe, bytes: safe }),
   fc.record({ type: fc.constant('error' as const), retryable: fc.boolean(), reason: text }),
 ];
 
@@ -332,10 +418,10 @@ describe('bad frames', () => {
     const badMagic = Buffer.from(bytes);
     badMagic.write('HTTP/', FRAME_HEADER_BYTES, 'latin1');
     expect(readError('source', badMagic).message).toMatch(/bad magic "HTTP\/"/);
-    const v3 = Buffer.from(bytes);
-    v3.writeUInt16BE(3, FRAME_HEADER_BYTES + 5);
-    expect(readError('source', v3).message).toMatch(
-      /the source speaks Ferry protocol version 3, this node speaks version 2: upgrade ferry on the node/,
+    const newer = Buffer.from(bytes);
+    newer.writeUInt16BE(PROTOCOL_VERSION + 1, FRAME_HEADER_BYTES + 5);
+    expect(readError('source', newer).message).toBe(
+      `HELLO frame: the source speaks Ferry protocol version ${PROTOCOL_VERSION + 1}, this node speaks version ${PROTOCOL_VERSION}: upgrade ferry on the node`,
     );
     const welcome = encodeFrame({
       type: 'welcome',
@@ -353,9 +439,75 @@ describe('bad frames', () => {
     expect(SENT_BY.error).toBe('both');
   });
 
+  it('refuses malformed history frames, naming the field: questions, sequences, counts, lengths', () => {
+    const ask = (recover: object, more: object = {}) =>
+      encodeFrame({ ...hello(), cycle: 'set#1', recover, ...more } as Frame);
+    const base = { mode: 'stream', sequence: 5, targetRef: 'r', later: [{ sequence: 6, id: 'set#6' }] };
+    // Encoder and decoder both refuse later checkpoints that do not ascend past the checkpoint.
+    expect(() => ask({ ...base, later: [{ sequence: 5, id: 'set#5' }] })).toThrow(
+      /sequences must ascend past 5/,
+    );
+    const good = ask(base);
+    const descending = Buffer.from(good);
+    // The later entry's sequence sits after fixed part, mode, sequence, reference and count.
+    const at = FRAME_HEADER_BYTES + 5 + 2 + 1 + 1 + 8 + 16 + 16 + 1 + 8 + 2 + 1 + 2;
+    expect(descending.readUInt32BE(at + 4)).toBe(6);
+    descending.writeUInt32BE(4, at + 4);
+    expect(readError('source', descending).message).toMatch(/later checkpoint 0 has sequence 4, not above 5/);
+    const tooMany = Buffer.from(good);
+    tooMany.writeUInt16BE(2000, at - 2);
+    expect(readError('source', tooMany).message).toMatch(/2000 later checkpoints exceed 1024/);
+    const badMode = Buffer.from(good);
+    badMode.writeUInt8(7, FRAME_HEADER_BYTES + 5 + 2 + 1 + 1 + 8 + 16 + 16);
+    expect(readError('source', badMode).message).toMatch(/unknown recovery mode 7/);
+    // Two questions in one HELLO, and a question without its checkpoint.
+    const two = Buffer.from(good);
+    two.writeUInt8(0x10 | 0x04, FRAME_HEADER_BYTES + 5 + 2 + 1);
+    expect(readError('source', two).message).toMatch(/ask more than one question/);
+    expect(() => readAll('source', [ask(base, { cycle: '' })])).toThrow(
+      /recover question names no checkpoint/,
+    );
+    expect(() =>
+      encodeFrame({ ...hello(), cycle: 'x#2', published: { sequence: 2, keepFrom: 1 }, verify: '' } as Frame),
+    ).toThrow(/one question at most/);
+    const published = encodeFrame({
+      ...hello(),
+      cycle: 'x#2',
+      published: { sequence: 2, keepFrom: 1 },
+    } as Frame);
+    const pastIt = Buffer.from(published);
+    pastIt.writeUInt32BE(3, FRAME_HEADER_BYTES + 5 + 2 + 1 + 1 + 8 + 16 + 16 + 8 + 4);
+    expect(readError('source', pastIt).message).toMatch(/kept from 3, past the published sequence 2/);
+    // AFTER_PUBLISH names its checkpoint by id and sequence together.
+    const after = encodeFrame({ type: 'after-publish', checkpoint: 'x#2', sequence: 2 });
+    const noSeq = Buffer.from(after);
+    noSeq.writeUInt32BE(0, FRAME_HEADER_BYTES + 4);
+    expect(readError('source', noSeq).message).toMatch(/AFTER_PUBLISH frame: checkpoint id and sequence/);
+    // Node answers: bounded lists, known values, data that is there and not oversized.
+    const pruned = encodeFrame({ type: 'pruned', ok: true, count: 1, sequences: [3], reason: '' });
+    const overListed = Buffer.from(pruned);
+    overListed.writeUInt16BE(2, FRAME_HEADER_BYTES + 1 + 4);
+    expect(readError('node', overListed).message).toMatch(/PRUNED frame lists 2 of 1 sequences/);
+    const recovery = Buffer.from(
+      encodeFrame({ type: 'recovery', ok: true, sizeBytes: 1, reason: '', message: '' }),
+    );
+    recovery.writeUInt8(2, FRAME_HEADER_BYTES);
+    expect(readError('node', recovery).message).toMatch(/RECOVERY frame: unknown ok value 2/);
+    const sha256 = createHash('sha256').update('').digest('hex');
+    expect(readError('node', frameBytes('image-data', Buffer.alloc(41))).message).toMatch(
+      /IMAGE_DATA frame carries no data/,
+    );
+    expect(
+      readError('node', frameBytes('image-data', Buffer.alloc(0), 41 + MAX_IMAGE_DATA_BYTES + 1)).message,
+    ).toMatch(/IMAGE_DATA frame of \d+ bytes exceeds the \d+-byte maximum/);
+    expect(() =>
+      encodeFrame({ type: 'image-data', part: 'image', offset: 0, sha256, data: Buffer.alloc(0) }),
+    ).toThrow(/IMAGE_DATA of 0 bytes/);
+  });
+
   it('reads a version 1 HELLO far enough to tell that source to upgrade', () => {
     expect(readError('source', v1Hello('disk0')).message).toBe(
-      'HELLO frame: the source speaks Ferry protocol version 1, this node speaks version 2: upgrade ferry on the source',
+      'HELLO frame: the source speaks Ferry protocol version 1, this node speaks version 3: upgrade ferry on the source',
     );
   });
 
