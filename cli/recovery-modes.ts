@@ -443,6 +443,17 @@ export async function failbackSet(opts: FailbackOptions): Promise<FailbackResult
           { setting: 'set' },
         );
       }
+      // From a node, neither half is built: the shared checkpoint's manifest is read from local
+      // file replicas, and re-protecting writes to them. Refused before anything is hashed or moved.
+      const remote = shared.disks.filter((d) => d.target.startsWith('ferry://'));
+      if (remote.length > 0) {
+        throw new ConfigError(
+          `set ${set}: ferry failback does not work for a set replicated to a ferry node yet (${remote.map((d) => `${d.disk} -> ${d.target}`).join(', ')}): ` +
+            "it needs the shared checkpoint's manifest from the node (to move only the regions that differ) and a re-protecting cycle toward the node, and neither is built. " +
+            `Copy the recovered images back yourself, run "ferry recover --clear-failover --set ${set}", then replicate the set again`,
+          { setting: 'set' },
+        );
+      }
       const disks: PreparedDisk[] = [];
       for (const d of mark.disks) {
         disks.push(await prepareDisk(d, await sharedManifest(catalog, shared, d.disk), opts));
