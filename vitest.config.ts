@@ -15,6 +15,8 @@ export default defineConfig({
     maxWorkers: 2,
     // fast-check: a random seed per run unless FC_SEED is set (see the file for replaying a failure).
     setupFiles: ['test/support/fast-check.setup.ts'],
+    // One temporary directory per run (TMPDIR), removed at its end: see the file.
+    globalSetup: ['test/support/temp-root.ts'],
     reporters: process.env.CI ? ['default'] : ['default'],
   },
 });
