@@ -225,7 +225,16 @@ describe('EC2 errors', () => {
       Reservations: [
         {
           Instances: [
-            { InstanceId: 'i-0000000000000000a', State: { Name: 'running' } },
+            {
+              InstanceId: 'i-0000000000000000a',
+              State: { Name: 'running' },
+              BlockDeviceMappings: [
+                { DeviceName: '/dev/xvda', Ebs: { VolumeId: 'vol-0000000000000000a' } },
+                { DeviceName: '/dev/sdf', Ebs: { VolumeId: 'vol-0000000000000000b' } },
+                // Not yet attached: no volume to name.
+                { DeviceName: '/dev/sdg' },
+              ],
+            },
             {
               InstanceId: 'i-0000000000000000b',
               State: { Name: 'terminated' },
@@ -255,6 +264,10 @@ describe('EC2 errors', () => {
         systemStatus: 'ok',
         instanceStatus: 'impaired',
         stateReason: undefined,
+        volumes: [
+          { deviceName: '/dev/xvda', volumeId: 'vol-0000000000000000a' },
+          { deviceName: '/dev/sdf', volumeId: 'vol-0000000000000000b' },
+        ],
       },
       {
         instanceId: 'i-0000000000000000b',
@@ -262,6 +275,7 @@ describe('EC2 errors', () => {
         systemStatus: 'unknown',
         instanceStatus: 'unknown',
         stateReason: 'Server.InternalError: Internal error on launch',
+        volumes: [],
       },
     ]);
   });

@@ -395,11 +395,16 @@ describe('least-privilege IAM', () => {
         expect(resource, fn).toEqual({ 'Fn::GetAtt': [expect.stringMatching(/^State/), 'Arn'] });
       }
     }
-    // Nothing scans, deletes, works in batches or reads the table's description.
+    // Nothing scans, works in batches or reads the table's description; only the recovery function
+    // deletes (a failback cutover's removal of the plan's failover mark).
     const all = allStatements().flatMap(actionsOf);
-    for (const action of ['Scan', 'DeleteItem', 'BatchWriteItem', 'BatchGetItem', 'DescribeTable']) {
+    for (const action of ['Scan', 'BatchWriteItem', 'BatchGetItem', 'DescribeTable']) {
       expect(all).not.toContain(`dynamodb:${action}`);
     }
+    const deleting = allStatements().filter((s) => actionsOf(s).includes('dynamodb:DeleteItem'));
+    expect(deleting.map((s) => actionsOf(s).sort())).toEqual([
+      ['dynamodb:DeleteItem', 'dynamodb:GetItem', 'dynamodb:PutItem', 'dynamodb:Query'],
+    ]);
   });
 
   it('lets the state machine snapshot only the configured volumes, and volumes a failover or migration created', () => {
