@@ -4,6 +4,7 @@
 // frames, and a source that flushes, proves a resume and gives up on a node that grants nothing.
 import type { ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { mkdtemp, readdir, readFile, stat } from 'node:fs/promises';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
@@ -192,6 +193,23 @@ const errorOf = (f: Frame | undefined): string => {
 };
 
 /** Waits (bounded: 400 rounds of 25 ms) until `ready()` holds. */
+/**
+ * The most a loopback connection can buffer in the kernel (the client's receive buffer plus the
+ * node's send buffer, as autotuning may grow them: net.ipv4.tcp_rmem and tcp_wmem maxima, which
+ * differ between machines), 16 MiB where /proc does not say.
+ */
+function maxSocketBuffering(): number {
+  const max = (name: string) => {
+    try {
+      return Number(readFileSync(`/proc/sys/net/ipv4/${name}`, 'utf8').trim().split(/\s+/)[2]);
+    } catch {
+      return Number.NaN;
+    }
+  };
+  const total = max('tcp_rmem') + max('tcp_wmem');
+  return Number.isFinite(total) && total > 0 ? total : 16 * MiB;
+}
+
 async function until(ready: () => boolean | Promise<boolean>, what: string): Promise<void> {
   for (let i = 0; i < 400; i++) {
     if (await ready()) return;
@@ -457,8 +475,10 @@ describe('bounded resources', () => {
     client.socket.pause();
     const want = encodeFrame({ type: 'want', bytes: MiB, order: 1 });
 
-    // Act: 16 MiB of WANTs, ~20 MiB of replies, far more than socket buffers hold.
-    client.socket.write(Buffer.concat(Array.from({ length: 1_000_000 }, () => want)));
+    // Act: WANTs whose replies (a little larger than they are) are twice what the socket buffers
+    // between the two can hold at most: the kernel's receive and send buffer ceilings (autotuning).
+    const wants = Math.ceil((2 * maxSocketBuffering()) / want.length);
+    client.socket.write(Buffer.concat(Array.from({ length: wants }, () => want)));
     await until(() => node.stats().pausedConnections === 1, 'the node to stop reading');
 
     // Assess: it stopped answering instead of queueing; the idle timeout then closes the session.
@@ -477,8 +497,9 @@ describe('bounded resources', () => {
     client.socket.pause();
     const want = encodeFrame({ type: 'want', bytes: MiB, order: 1 });
 
-    // Act
-    client.socket.write(Buffer.concat(Array.from({ length: 1_000_000 }, () => want)));
+    // Act: more replies than the socket buffers hold, as above.
+    const wants = Math.ceil((2 * maxSocketBuffering()) / want.length);
+    client.socket.write(Buffer.concat(Array.from({ length: wants }, () => want)));
 
     // Assess
     await until(() => node.stats().refusals.maxReplyQueueBytes === 1, 'the connection to be dropped');
