@@ -210,13 +210,18 @@ function maxSocketBuffering(): number {
   return Number.isFinite(total) && total > 0 ? total : 16 * MiB;
 }
 
-async function until(ready: () => boolean | Promise<boolean>, what: string): Promise<void> {
-  for (let i = 0; i < 400; i++) {
+/** Waits for `ready`, polling every 25 ms, at most `limitMs` (10 s unless said). */
+async function until(ready: () => boolean | Promise<boolean>, what: string, limitMs = 10_000): Promise<void> {
+  for (let waited = 0; waited < limitMs; waited += 25) {
     if (await ready()) return;
     await sleep(25);
   }
   throw new Error(`timed out waiting for ${what}`);
 }
+
+// The node answers WANTs until the socket buffers are full: up to a few million frames where the
+// kernel lets them grow large, tens of seconds on a busy 2-core machine. A bound, not a timing.
+const FILL_BUFFERS_MS = 45_000;
 
 describe('the node checks what it commits', () => {
   it('refuses a forged COMMIT (one chunk of block 0, a random aggregate) over a replica', async () => {
@@ -479,7 +484,7 @@ describe('bounded resources', () => {
     // between the two can hold at most: the kernel's receive and send buffer ceilings (autotuning).
     const wants = Math.ceil((2 * maxSocketBuffering()) / want.length);
     client.socket.write(Buffer.concat(Array.from({ length: wants }, () => want)));
-    await until(() => node.stats().pausedConnections === 1, 'the node to stop reading');
+    await until(() => node.stats().pausedConnections === 1, 'the node to stop reading', FILL_BUFFERS_MS);
 
     // Assess: it stopped answering instead of queueing; the idle timeout then closes the session.
     await until(() => (node.stats().refusals.idleTimeoutMs ?? 0) === 1, 'the idle timeout');
@@ -502,7 +507,11 @@ describe('bounded resources', () => {
     client.socket.write(Buffer.concat(Array.from({ length: wants }, () => want)));
 
     // Assess
-    await until(() => node.stats().refusals.maxReplyQueueBytes === 1, 'the connection to be dropped');
+    await until(
+      () => node.stats().refusals.maxReplyQueueBytes === 1,
+      'the connection to be dropped',
+      FILL_BUFFERS_MS,
+    );
     await until(() => node.stats().connections === 0, 'the connection to be gone');
     expect(log.join('\n')).toMatch(
       /limit maxReplyQueueBytes \(32 KiB\): .* of replies unread; connection dropped/,
