@@ -243,7 +243,8 @@ export async function runDrillCheck(
     }
   };
   const timer = setTimeout(() => kill("killed at the drill's TTL"), timeoutMs);
-  const onAbort = () => kill('killed: the drill was interrupted');
+  const onAbort = () =>
+    kill(typeof signal?.reason === 'string' ? signal.reason : 'killed: the drill was interrupted');
   signal?.addEventListener('abort', onAbort, { once: true });
   const { code, error } = await new Promise<{ code: number | null; error?: Error }>((resolve) => {
     child.once('error', (err) => resolve({ code: null, error: err }));

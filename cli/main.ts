@@ -197,6 +197,10 @@ program
     'with --test: how long the drill lasts, e.g. 30m or 2h (default 1h, at most 7d)',
   )
   .option(
+    '--check <command>',
+    "with --test: a health check run by /bin/sh once the exports are up, each disk's URI in FERRY_DRILL_URI_<DISK> (e.g. boot them in a VM and wait for a login prompt, or fsck a filesystem); exit 0 is healthy; the drill then ends (at the latest at --ttl) and exits 1 if it was not",
+  )
+  .option(
     '--failover',
     'fail the set over: recover the checkpoint (latest by default) into --to, record the failover in the catalog and pause replication into the set until ferry failback (or --clear-failover)',
   )
@@ -257,6 +261,12 @@ program
     if (o.to === undefined) throw new ConfigError('recover: give --to DIR', { setting: 'to' });
     if (o.ttl !== undefined && !o.test)
       throw new ConfigError('--ttl is for drills (--test)', { setting: 'ttl' });
+    if (o.check !== undefined && !o.test)
+      throw new ConfigError('--check is for drills (--test)', { setting: 'check' });
+    if (o.check !== undefined && String(o.check).trim() === '')
+      throw new ConfigError("--check: give the command to run against the drill's exports", {
+        setting: 'check',
+      });
     if (o.test && o.json) throw new ConfigError('--json is not for drills (--test)', { setting: 'json' });
     const { parseTtl } = await import('./drill.ts');
     const ttlMs = o.test ? parseTtl(o.ttl ?? '1h') : 0;
@@ -312,7 +322,7 @@ program
       reporter.stop();
       interrupt.release();
     }
-    if (o.test) await runDrill(recovered, o.to, ttlMs, started, { set, stateDir: o.state });
+    if (o.test) await runDrill(recovered, o.to, ttlMs, started, { set, stateDir: o.state }, o.check);
   });
 
 program
@@ -1183,26 +1193,58 @@ async function runDrill(
   ttlMs: number,
   started: number,
   where: { set: string; stateDir: string },
+  check?: string,
 ): Promise<void> {
-  const { startDrill, describeDrillReport } = await import('./drill.ts');
+  const { startDrill, describeDrillReport, runDrillCheck, drillUriVariable } = await import('./drill.ts');
   const drill = await startDrill(recovered, dir, { ...where, startedMs: started, ttlMs });
   const until = new Date(Date.now() + ttlMs).toISOString();
   out(
-    `drill ${drill.id} of checkpoint ${recovered.checkpoint.id}: serving ${drill.exports.length} disk(s) ${(drill.readyMs / 1000).toFixed(1)} s after the command started, until ${until} (Ctrl-C or "ferry recover --cleanup --state ${where.stateDir}" ends it sooner); what is written to them goes to a throwaway overlay`,
+    `drill ${drill.id} of checkpoint ${recovered.checkpoint.id}: serving ${drill.exports.length} disk(s) ${(drill.readyMs / 1000).toFixed(1)} s after the command started, until ${check === undefined ? until : `its health check ends (at the latest ${until})`} (Ctrl-C or "ferry recover --cleanup --state ${where.stateDir}" ends it sooner); what is written to them goes to a throwaway overlay`,
   );
   for (const e of drill.exports) out(`disk ${e.disk}: ${e.uri} (nbdkit pid ${e.pid})`);
   let timer: NodeJS.Timeout | undefined;
   let onSignal: ((s: NodeJS.Signals) => void) | undefined;
+  const interrupted = new AbortController();
+  let health: Awaited<ReturnType<typeof runDrillCheck>> | undefined;
   const reason = await new Promise<string>((resolve) => {
     timer = setTimeout(() => resolve('its TTL passed'), ttlMs);
-    onSignal = (s) => resolve(s);
+    onSignal = (s) => {
+      interrupted.abort();
+      resolve(s);
+    };
     process.on('SIGINT', onSignal);
     process.on('SIGTERM', onSignal);
-    void drill.lost.then((disk) => resolve(`the server of disk ${disk} exited on its own`));
+    void drill.lost.then((disk) => {
+      interrupted.abort();
+      resolve(`the server of disk ${disk} exited on its own`);
+    });
+    if (check !== undefined) {
+      err(
+        `ferry: drill health check (${drill.exports.map((e) => drillUriVariable(e.disk)).join(', ')}): ${check}`,
+      );
+      // The check's output is the operator's: passed through to stderr, never into the report.
+      void runDrillCheck(
+        drill,
+        check,
+        ttlMs,
+        (chunk) => process.stderr.write(chunk),
+        interrupted.signal,
+      ).then((result) => {
+        health = result;
+        resolve(result.healthy ? 'its health check passed' : `its health check failed (${result.reason})`);
+      });
+    }
   });
   clearTimeout(timer);
+  // A check still running when the drill ends (TTL, signal) is killed and its verdict awaited.
+  if (check !== undefined && health === undefined) {
+    interrupted.abort(
+      reason === 'its TTL passed' ? "killed at the drill's TTL" : `killed: the drill ended (${reason})`,
+    );
+    while (health === undefined) await new Promise((r) => setTimeout(r, 50));
+  }
   // Signals during the teardown are ignored: it must finish, or the drill would leave things behind.
-  const teardown = await drill.stop(reason).finally(() => {
+  const teardown = await drill.stop(reason, health).finally(() => {
     if (onSignal) {
       process.off('SIGINT', onSignal);
       process.off('SIGTERM', onSignal);
@@ -1212,7 +1254,7 @@ async function runDrill(
     `drill ended (${reason}): ${teardown.servers} NBD server(s) stopped and gone, ${teardown.removed.length} file(s) and folder(s) removed; nothing of the drill remains`,
   );
   for (const line of describeDrillReport(teardown.report, where.stateDir)) out(line);
-  if (reason.includes('exited on its own')) process.exitCode = 1;
+  if (reason.includes('exited on its own') || (health !== undefined && !health.healthy)) process.exitCode = 1;
 }
 
 /** What pruning a disk's history after the publication did. */

@@ -160,3 +160,78 @@ describe('ferry recover --cleanup', () => {
     expect(r.stderr).toBe('ferry: --to is not for --cleanup\n');
   });
 });
+
+describe('ferry recover --test --check', () => {
+  it('runs the health check against the exports, ends the drill, reports it healthy and leaves nothing', async () => {
+    // Prepare
+    const { dir, state } = await replicated();
+    const to = join(dir, 'drill');
+    const replica = await readFile(join(dir, 'os.replica'));
+    // The check reads each export back over NBD and compares it with the source, then writes to one
+    // (the overlay takes it).
+    const check =
+      `nbdcopy "$FERRY_DRILL_URI_OS" - | cmp - ${join(dir, 'os.img')} && ` +
+      `nbdcopy "$FERRY_DRILL_URI_DATA" - | cmp - ${join(dir, 'data.img')} && ` +
+      `head -c 65536 /dev/urandom | nbdcopy - "$FERRY_DRILL_URI_OS" && echo checked`;
+    // Act
+    const r = await ferry([
+      'recover',
+      '--test',
+      '--ttl',
+      '10m',
+      '--check',
+      check,
+      '--set',
+      SET,
+      '--state',
+      state,
+      '--to',
+      to,
+    ]);
+    // Assess
+    expect(r.code, said(r)).toBe(0);
+    expect(r.stderr).toContain(
+      'ferry: drill health check (FERRY_DRILL_URI_OS, FERRY_DRILL_URI_DATA): nbdcopy',
+    );
+    expect(r.stderr).toContain('checked\n');
+    expect(r.stdout).toMatch(/^drill ended \(its health check passed\): 2 NBD server\(s\) stopped and gone/m);
+    expect(r.stdout).toMatch(/^ {2}health check passed in \d+\.\d s: nbdcopy/m);
+    const [report] = await reports(state);
+    expect(report).toMatchObject({ clean: true, check: { healthy: true, exitCode: 0, command: check } });
+    expect(await stat(to).catch(() => undefined)).toBeUndefined();
+    // What the check wrote went to the overlay: the replica is as it was.
+    expect((await readFile(join(dir, 'os.replica'))).equals(replica)).toBe(true);
+  });
+
+  it('a failing check fails the drill (exit 1), which is still torn down and reported', async () => {
+    const { dir, state } = await replicated();
+    const to = join(dir, 'drill');
+    const r = await ferry([
+      'recover',
+      '--test',
+      '--check',
+      'echo no login prompt >&2; exit 7',
+      '--set',
+      SET,
+      '--state',
+      state,
+      '--to',
+      to,
+    ]);
+    expect(r.code, said(r)).toBe(1);
+    expect(r.stderr).toContain('no login prompt');
+    expect(r.stdout).toMatch(/^drill ended \(its health check failed \(exit status 7\)\)/m);
+    expect(r.stdout).toMatch(
+      /^ {2}health check FAILED \(exit status 7\) after \d+\.\d s: echo no login prompt/m,
+    );
+    const [report] = await reports(state);
+    expect(report).toMatchObject({
+      clean: true,
+      check: { healthy: false, exitCode: 7, reason: 'exit status 7' },
+    });
+    expect(await stat(to).catch(() => undefined)).toBeUndefined();
+    const misuse = await ferry(['recover', '--check', 'true', '--set', SET, '--state', state, '--to', to]);
+    expect(misuse.code).toBe(2);
+    expect(misuse.stderr).toBe('ferry: --check is for drills (--test)\n');
+  });
+});
