@@ -432,12 +432,18 @@ program
   )
   .option('--reverse-set <name>', 'the set the failback publishes its checkpoint in (default SET-failback)')
   .option(
+    '--join <file>',
+    "the node's join file, for a set replicated to ferry:// (its shared checkpoint's manifests, the re-protecting cycle; default $FERRY_JOIN)",
+  )
+  .option('--insecure', 'ferry:// over plain TCP: only to a node on this host started with --insecure')
+  .option(
     '--no-resync',
     'do not re-protect the set (one cycle from the original disks to its replicas) before resuming it',
   )
   .option('--json', 'print the result as JSON (no progress display)')
   .action(async (o) => {
     const set = checkName('set', o.set, '--set');
+    const access = remoteAccess(o);
     const { failbackSet, hashProgressPrinter, describeDisk, CHANGED_ON } = await import(
       './recovery-modes.ts'
     );
@@ -451,6 +457,7 @@ program
         stateDir: o.state,
         ...(o.from !== undefined ? { from: o.from } : {}),
         ...(o.reverseSet !== undefined ? { reverseSet: o.reverseSet } : {}),
+        ...(access === undefined ? {} : { access }),
         resync: o.resync !== false,
         signal: interrupt.signal,
         onEvent: (e) => reporter.onEvent(e),
@@ -975,10 +982,10 @@ function limitsFromFlags(o: Record<string, unknown>): Partial<NodeLimits> {
  */
 const VERIFY_CHECKS: readonly AggregateAlgorithm[] = ['ferry-chunk-sha256'];
 
-/** How `ferry verify` reaches ferry:// replicas: --join, $FERRY_JOIN, or --insecure; undefined for none. */
+/** How a command reaches ferry:// replicas: --join, $FERRY_JOIN, or --insecure; undefined for none. */
 function remoteAccess(o: Record<string, unknown>): { join?: string; insecure?: boolean } | undefined {
   if (o.join !== undefined && o.insecure) {
-    throw new ConfigError('verify: give --join FILE or --insecure, not both', { setting: 'join' });
+    throw new ConfigError('give --join FILE or --insecure, not both', { setting: 'join' });
   }
   if (o.insecure) return { insecure: true };
   const join = (o.join as string | undefined) ?? (process.env.FERRY_JOIN || undefined);

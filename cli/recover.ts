@@ -172,9 +172,17 @@ function fromNode(checkpoint: RecoveryCheckpoint, d: CheckpointDisk, err: unknow
   if (err instanceof Error && err.name === 'NodeRecoveryRefused' && typeof reason === 'string') {
     return new RecoveryError(err.message, { disk: d.disk, checkpoint: checkpoint.id, reason, cause: err });
   }
-  if (err instanceof TransferError) return refuse(`the node could not be asked: ${errorMessage(err)}`);
+  if (err instanceof TransferError) {
+    const e = refuse(`the node could not be asked: ${errorMessage(err)}`);
+    e.cause = err;
+    return e;
+  }
   return err;
 }
+
+/** Whether a recovery failed because the node was not reached (not because it said no). */
+export const nodeNotReached = (err: unknown): boolean =>
+  err instanceof RecoveryError && err.cause instanceof TransferError;
 
 /**
  * Asks the node holding disk `d`'s replica whether it can give the checkpoint (its history of every
@@ -189,20 +197,7 @@ async function planNodeDisk(
   d: CheckpointDisk,
   access: RemoteAccess | undefined,
 ): Promise<RecoveryPlan> {
-  const refuse = refusal(checkpoint, d);
-  const cp = nodeCheckpoint(catalog, damaged, checkpoint, d);
-  const node = await nodeOf(checkpoint, d, access);
-  const regions = Math.ceil(d.sizeBytes / MANIFEST_REGION);
-  const planned = await node.plan(cp, 'plan', regions * 32).catch((err: unknown) => {
-    throw fromNode(checkpoint, d, err);
-  });
-  const manifest = planned.manifest ?? Buffer.alloc(0);
-  const ref = manifestDigest(manifest);
-  if (ref !== cp.targetRef) {
-    throw refuse(
-      `the manifest the node sent does not match the catalog (${ref}, recorded ${cp.targetRef}): not trusted`,
-    );
-  }
+  const { node, cp, manifest } = await askNode(catalog, damaged, checkpoint, d, access);
   const size = d.sizeBytes;
   return {
     disk: d.disk,
@@ -255,6 +250,46 @@ async function planNodeDisk(
       }
     },
   };
+}
+
+/** The node of disk `d`'s replica, what it is told of the checkpoint, and the manifest it sent (trusted). */
+async function askNode(
+  catalog: CatalogView,
+  damaged: readonly number[],
+  checkpoint: RecoveryCheckpoint,
+  d: CheckpointDisk,
+  access: RemoteAccess | undefined,
+) {
+  const refuse = refusal(checkpoint, d);
+  const cp = nodeCheckpoint(catalog, damaged, checkpoint, d);
+  const node = await nodeOf(checkpoint, d, access);
+  const regions = Math.ceil(d.sizeBytes / MANIFEST_REGION);
+  const planned = await node.plan(cp, 'plan', regions * 32).catch((err: unknown) => {
+    throw fromNode(checkpoint, d, err);
+  });
+  const manifest = planned.manifest ?? Buffer.alloc(0);
+  const ref = manifestDigest(manifest);
+  if (ref !== cp.targetRef) {
+    throw refuse(
+      `the manifest the node sent does not match the catalog (${ref}, recorded ${cp.targetRef}): not trusted`,
+    );
+  }
+  return { node, cp, manifest };
+}
+
+/**
+ * Disk `d`'s manifest as of `checkpoint` (per-MiB digests), from the node holding its replica:
+ * trusted only if its digest is the catalog's reference. Rejects with a RecoveryError when the node
+ * cannot give it (history pruned, not its replica, not reached).
+ */
+export async function nodeManifest(
+  catalog: CatalogView,
+  checkpoint: RecoveryCheckpoint,
+  d: CheckpointDisk,
+  access: RemoteAccess | undefined,
+): Promise<Buffer> {
+  const damaged = catalog.damaged.map((x) => x.sequence);
+  return (await askNode(catalog, damaged, checkpoint, d, access)).manifest;
 }
 
 /** What a node is told of disk `d`'s checkpoint: it and the later checkpoints that wrote the disk. */

@@ -29,14 +29,15 @@ import {
   type RecoveryEvent,
 } from '../shared/local/state-dir.ts';
 import {
-  planCheckpoint,
+  nodeManifest,
+  nodeNotReached,
   type RecoverOptions,
   type RecoverResult,
   recoveredPath,
   recoverSet,
 } from './recover.ts';
 import { type HistoryEvent, type JobSpec, recoverLocked, runLocalJob, withSetLocked } from './run.ts';
-import { filePath, openSource } from './targets.ts';
+import { filePath, openSource, type RemoteAccess } from './targets.ts';
 
 /** Progress of the hashing a migration or failback does (one disk, one pass over it). */
 export interface HashProgress {
@@ -203,8 +204,8 @@ export async function migrateSet(spec: JobSpec, opts: MigrateOptions): Promise<M
     const { disks, maps } = await withSetLocked(set, opts.stateDir, async (state) => {
       const held = await state.readFailover(set);
       if (held !== undefined) throw failedOverRefusal(held);
-      await recoverLocked(state, set, opts.onEvent);
-      return changeMapsFor(spec, await state.latestCheckpoint(set), work, opts);
+      await recoverLocked(state, set, opts.onEvent, accessOf(spec, opts));
+      return changeMapsFor(spec, await state.readCatalog(set), work, opts);
     });
     opts.onChangeMaps?.(maps);
     const from = new Date().toISOString();
@@ -225,6 +226,7 @@ export async function migrateSet(spec: JobSpec, opts: MigrateOptions): Promise<M
       choice: { checkpoint: String(checkpoint.sequence) },
       to: opts.to,
       mode: 'migration',
+      access: accessOf(spec, opts),
       ...(opts.signal ? { signal: opts.signal } : {}),
     });
     const dataLoss = await checkDataLoss(spec, checkpoint, opts, from);
@@ -254,10 +256,11 @@ export async function migrateSet(spec: JobSpec, opts: MigrateOptions): Promise<M
  */
 async function changeMapsFor(
   spec: JobSpec,
-  latest: RecoveryCheckpoint | undefined,
+  catalog: CatalogView,
   work: string,
   opts: MigrateOptions,
 ): Promise<{ disks: JobSpec['disks']; maps: ChangeMapSource[] }> {
+  const latest = catalog.checkpoints.at(-1);
   const disks: JobSpec['disks'][number][] = [];
   const maps: ChangeMapSource[] = [];
   for (const d of spec.disks) {
@@ -275,14 +278,26 @@ async function changeMapsFor(
       full(`no earlier checkpoint of set ${spec.set} replicated disk ${d.id} to ${d.target}`);
       continue;
     }
-    if (!d.target.startsWith('file:') || previous.targetRef === undefined) {
+    const remote = d.target.startsWith('ferry://');
+    if ((!remote && !d.target.startsWith('file:')) || previous.targetRef === undefined) {
       full(`its target ${d.target} keeps no manifest here to compare the source with`);
       continue;
     }
-    const manifestPath = `${filePath(d.target, 'target')}.ferry-manifest`;
-    const manifest = await readManifest(manifestPath).catch(() => undefined);
+    // The replica's manifest as of the latest checkpoint: its node's (checked against the catalog),
+    // or the file's own.
+    const asked = remote
+      ? await checkpointManifest(catalog, latest, d.id, { join: d.join, insecure: opts.insecure })
+      : undefined;
+    if (typeof asked === 'string') {
+      full(`its node cannot give ${latest.id}'s manifest: ${asked}`);
+      continue;
+    }
+    const manifestPath = remote ? d.target : `${filePath(d.target, 'target')}.ferry-manifest`;
+    const manifest = asked ?? (await readManifest(manifestPath).catch(() => undefined));
     if (manifest === undefined || manifestDigest(manifest) !== previous.targetRef) {
-      full(`${manifestPath} is missing or is not the manifest of ${latest.id}`);
+      full(
+        `${remote ? `the manifest of ${manifestPath}` : manifestPath} is missing or is not the manifest of ${latest.id}`,
+      );
       continue;
     }
     const source = await openSource(d.source);
@@ -314,6 +329,13 @@ async function changeMapsFor(
   return { disks, maps };
 }
 
+/** How a migration reaches a set's node: the first ferry:// disk's join file (one node per set), or --insecure. */
+function accessOf(spec: JobSpec, opts: MigrateOptions): RemoteAccess | undefined {
+  const join = spec.disks.find((d) => d.target.startsWith('ferry://'))?.join;
+  if (opts.insecure) return { insecure: true };
+  return join === undefined ? undefined : { join };
+}
+
 /** Every source re-read and compared, region by region, with the checkpoint's manifest. */
 async function checkDataLoss(
   spec: JobSpec,
@@ -322,11 +344,23 @@ async function checkDataLoss(
   from: string,
 ): Promise<DataLossReport> {
   const catalog = await new LocalStateStore(opts.stateDir).readCatalog(spec.set);
-  const plans = await planCheckpoint(catalog, checkpoint);
   const disks: DataLossDisk[] = [];
-  for (const plan of plans) {
-    const uri = spec.disks.find((d) => d.id === plan.disk)?.source ?? '';
-    const manifest = await readManifest(plan.manifest);
+  for (const cd of checkpoint.disks) {
+    const d = spec.disks.find((x) => x.id === cd.disk);
+    const uri = d?.source ?? '';
+    const plan = { disk: cd.disk, size: cd.sizeBytes };
+    const manifest = await checkpointManifest(catalog, checkpoint, cd.disk, {
+      join: d?.join,
+      insecure: opts.insecure,
+    });
+    if (typeof manifest === 'string') {
+      throw new FerryError(
+        `disk ${cd.disk}: the data-loss check cannot read ${checkpoint.id}'s manifest: ${manifest}`,
+        {
+          disk: cd.disk,
+        },
+      );
+    }
     const source = await openSource(uri);
     try {
       const digests = await hashWithProgress(
@@ -377,6 +411,8 @@ export interface FailbackOptions {
   readonly onHash?: (p: HashProgress) => void;
   /** Told each disk's plan (what moves and why) before anything is written. */
   readonly onPlanned?: (disks: readonly FailbackDisk[]) => void;
+  /** How a set replicated to a ferry node reaches it (its manifests, the re-protecting cycle). */
+  readonly access?: RemoteAccess;
 }
 
 /** What a failback does with one disk. */
@@ -443,22 +479,21 @@ export async function failbackSet(opts: FailbackOptions): Promise<FailbackResult
           { setting: 'set' },
         );
       }
-      // From a node, neither half is built: the shared checkpoint's manifest is read from local
-      // file replicas, and re-protecting writes to them. Refused before anything is hashed or moved.
+      // A replica on a ferry node: the shared checkpoint's manifest is asked of the node, and the
+      // re-protecting cycle replicates to it; both need to reach it.
       const remote = shared.disks.filter((d) => d.target.startsWith('ferry://'));
-      if (remote.length > 0) {
+      const access = opts.access;
+      if (remote.length > 0 && (access === undefined || (access.join === undefined && !access.insecure))) {
         throw new ConfigError(
-          `set ${set}: ferry failback does not work for a set replicated to a ferry node yet (${remote.map((d) => `${d.disk} -> ${d.target}`).join(', ')}): ` +
-            "it needs the shared checkpoint's manifest from the node (to move only the regions that differ) and a re-protecting cycle toward the node, and neither is built. " +
-            `Copy the recovered images back yourself, run "ferry recover --clear-failover --set ${set}", then replicate the set again`,
-          { setting: 'set' },
+          `set ${set} is replicated to a ferry node (${remote.map((d) => `${d.disk} -> ${d.target}`).join(', ')}): give --join FILE (or FERRY_JOIN, or --insecure for a node on this host) to fail it back`,
+          { setting: 'join' },
         );
       }
       const disks: PreparedDisk[] = [];
       for (const d of mark.disks) {
-        disks.push(await prepareDisk(d, await sharedManifest(catalog, shared, d.disk), opts));
+        disks.push(await prepareDisk(d, await checkpointManifest(catalog, shared, d.disk, access), opts));
       }
-      return { mark, shared, disks, latest: catalog.checkpoints.at(-1) };
+      return { mark, shared, disks, latest: catalog.checkpoints.at(-1), catalog };
     });
     const { mark, shared } = prepared;
     const disks = prepared.disks.map((p) => p.disk);
@@ -518,7 +553,7 @@ export async function failbackSet(opts: FailbackOptions): Promise<FailbackResult
     const { resync, resyncSkipped } =
       opts.resync === false
         ? { resync: undefined, resyncSkipped: 'not asked for (--no-resync)' }
-        : await resyncSet(set, prepared.latest, disks, finalDigests, work, opts);
+        : await resyncSet(set, prepared.catalog, prepared.latest, disks, finalDigests, work, opts);
 
     const event = await withSetLocked(set, opts.stateDir, async (state) => {
       await state.clearFailover(set);
@@ -566,23 +601,31 @@ interface PreparedDisk {
 
 const changeFile = (work: string, disk: string): string => join(work, `${disk}.changed.json`);
 
-/** The shared checkpoint's manifest of one disk, or why it cannot be had (then: a full copy). */
-async function sharedManifest(
+/**
+ * A checkpoint's manifest of one disk (per-MiB digests), or why it cannot be had: from the file
+ * replica's history, or asked of its node (checked against the catalog either way). A node that
+ * cannot be reached is an error, never a reason: the caller would copy in full what it could not
+ * compare.
+ */
+async function checkpointManifest(
   catalog: CatalogView,
-  shared: RecoveryCheckpoint,
+  checkpoint: RecoveryCheckpoint,
   disk: string,
+  access: RemoteAccess | undefined,
 ): Promise<Buffer | string> {
-  const cd = shared.disks.find((d) => d.disk === disk);
-  if (cd === undefined) return `${shared.id} has no disk ${disk}`;
+  const cd = checkpoint.disks.find((d) => d.disk === disk);
+  if (cd === undefined) return `${checkpoint.id} has no disk ${disk}`;
   try {
+    if (cd.target.startsWith('ferry://')) return await nodeManifest(catalog, checkpoint, cd, access);
     const plan = await planDiskRecovery(
       catalog.checkpoints,
       catalog.damaged.map((d) => d.sequence),
-      shared,
+      checkpoint,
       cd,
     );
     return await readManifest(plan.manifest);
   } catch (err) {
+    if (nodeNotReached(err)) throw err;
     return err instanceof RecoveryError ? err.reason : errorMessage(err);
   }
 }
@@ -638,6 +681,7 @@ async function prepareDisk(
  */
 async function resyncSet(
   set: string,
+  catalog: CatalogView,
   latest: RecoveryCheckpoint | undefined,
   disks: readonly FailbackDisk[],
   digests: ReadonlyMap<string, Buffer>,
@@ -650,16 +694,27 @@ async function resyncSet(
     const fb = disks.find((d) => d.disk === cd.disk);
     const d = digests.get(cd.disk);
     if (fb === undefined || d === undefined) return { resyncSkipped: `disk ${cd.disk} was not failed back` };
-    if (!cd.target.startsWith('file:') || cd.targetRef === undefined) {
+    const remote = cd.target.startsWith('ferry://');
+    if ((!remote && !cd.target.startsWith('file:')) || cd.targetRef === undefined) {
       return { resyncSkipped: `disk ${cd.disk}'s replica ${cd.target} is not a file image with a manifest` };
     }
-    const manifest = await readManifest(`${filePath(cd.target, 'target')}.ferry-manifest`).catch(
-      () => undefined,
-    );
+    // The replica's manifest as of the latest checkpoint: its node's (checked against the catalog),
+    // or the file's own.
+    const asked = remote ? await checkpointManifest(catalog, latest, cd.disk, opts.access) : undefined;
+    const manifest = remote
+      ? typeof asked === 'string'
+        ? undefined
+        : asked
+      : await readManifest(`${filePath(cd.target, 'target')}.ferry-manifest`).catch(() => undefined);
     if (manifest === undefined || manifestDigest(manifest) !== cd.targetRef) {
       return { resyncSkipped: `disk ${cd.disk}'s replica has no manifest matching ${latest.id}` };
     }
-    const entry = { id: cd.disk, source: `file:${fb.original}`, target: cd.target };
+    const entry = {
+      id: cd.disk,
+      source: `file:${fb.original}`,
+      target: cd.target,
+      ...(remote && opts.access?.join !== undefined ? { join: opts.access.join } : {}),
+    };
     if (cd.sizeBytes !== fb.sizeBytes) {
       job.push(entry); // resized while failed over: the replica is re-seeded
       continue;
@@ -675,6 +730,7 @@ async function resyncSet(
     {
       stateDir: opts.stateDir,
       ignoreFailover: true,
+      ...(opts.access?.insecure ? { insecure: true } : {}),
       ...(opts.onEvent ? { onEvent: opts.onEvent } : {}),
       ...(opts.signal ? { signal: opts.signal } : {}),
     },

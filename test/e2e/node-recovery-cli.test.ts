@@ -1,10 +1,11 @@
 // `ferry recover` (plain, --test, --failover) and `ferry checkpoints` for a set replicated to a
 // `ferry serve` node, as an operator runs them: the node over TLS, every command with --join. The
 // drill serves the recovered disks through nbdkit and leaves the node's replicas untouched;
-// `ferry failback` refuses such a set, naming what it lacks.
+// `ferry failback` moves back only the regions either side changed since the shared checkpoint (its
+// manifest asked of the node) and re-protects the set on the node.
 import { type ChildProcess, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { copyFile, mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, mkdtemp, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -49,7 +50,7 @@ const sha = async (path: string) =>
     .digest('hex');
 
 describe('ferry recover from a ferry serve node', () => {
-  it('recovers, drills and fails over with --join; checkpoints asks the node; failback refuses', async () => {
+  it('recovers, drills, fails over and fails back with --join; checkpoints asks the node', async () => {
     // Prepare: a node, and two cycles of a 4 MiB disk to it.
     const dir = await mkdtemp(join(tmpdir(), 'ferry-node-recovery-cli-'));
     cleanups.push(() => rm(dir, { recursive: true, force: true }));
@@ -187,10 +188,82 @@ describe('ferry recover from a ferry serve node', () => {
     expect(failover.code, said(failover)).toBe(0);
     expect(failover.stdout).toMatch(/set cli-node failed over to cli-node#2/);
     expect(await sha(join(failTo, 'os.img'))).toBe(await sha(src));
-    const failback = await ferry(['failback', '--set', SET, '--state', state]);
-    expect(failback.code, said(failback)).toBe(2);
-    expect(failback.stderr).toMatch(
-      /set cli-node: ferry failback does not work for a set replicated to a ferry node yet \(os -> ferry:\/\/.*\/os\): it needs the shared checkpoint's manifest from the node/,
+
+    // Act / Assess: failback needs to reach the node (the shared checkpoint's manifest is there).
+    const blindBack = await ferry(['failback', '--set', SET, '--state', state], {
+      env: { ...process.env, FERRY_JOIN: '' },
+    });
+    expect(blindBack.code, said(blindBack)).toBe(2);
+    expect(blindBack.stderr).toMatch(
+      /set cli-node is replicated to a ferry node \(os -> ferry:\/\/.*\/os\): give --join FILE/,
     );
+    // The recovered machine wrote into its first MiB; the original disk changed in its last MiB.
+    const poke = async (path: string, offset: number, seed: number) => {
+      const fh = await open(path, 'r+');
+      await fh.write(Buffer.alloc(4096, seed), 0, 4096, offset);
+      await fh.close();
+    };
+    await poke(join(failTo, 'os.img'), 8192, 0xa1);
+    await poke(src, 3 * MiB + 4096, 0xb2);
+    const back = await ferry(['failback', '--set', SET, '--state', state, '--join', joinFile, '--json']);
+    expect(back.code, said(back)).toBe(0);
+    const result = JSON.parse(back.stdout);
+    // Only the two regions that differ from checkpoint 2 moved (one per side), of four.
+    expect(result.disks).toEqual([
+      expect.objectContaining({
+        disk: 'os',
+        kind: 'incremental',
+        regions: 4,
+        moved: { regions: 2, bytes: 2 * MiB },
+        changedOn: expect.objectContaining({
+          recovered: expect.objectContaining({ regions: 1 }),
+          original: expect.objectContaining({ regions: 1 }),
+        }),
+      }),
+    ]);
+    expect(result).toMatchObject({
+      shared: 'cli-node#2',
+      reverse: 'cli-node-failback#1',
+      resync: 'cli-node#3',
+    });
+    // Bit-exact: the original is the recovered image; the node's replica caught up with it.
+    expect(await sha(src)).toBe(await sha(join(failTo, 'os.img')));
+    expect(await sha(join(images, 'os'))).toBe(await sha(src));
+    const verified = await ferry(['verify', '--set', SET, '--state', state, '--join', joinFile]);
+    expect(verified.code, said(verified)).toBe(0);
+  });
+});
+
+describe('ferry migrate to a ferry serve node', () => {
+  it("derives the final cycle's changes from the node's manifest, fails over from the node, and proves the window zero", async () => {
+    // Prepare: a node and one cycle of a 4 MiB disk to it; then the source changes in one MiB.
+    const dir = await mkdtemp(join(tmpdir(), 'ferry-node-migrate-'));
+    cleanups.push(() => rm(dir, { recursive: true, force: true }));
+    const images = join(dir, 'images');
+    const nodeState = join(dir, 'node');
+    await mkdir(images);
+    const address = await serve(images, nodeState);
+    const joinFile = join(nodeState, 'join.json');
+    const state = join(dir, 'state');
+    const src = join(dir, 'os.img');
+    await createDiskImage(src, { size: 4 * MiB, seed: 91 });
+    const disk = ['--set', SET, '--state', state, '--disk', 'os', '--source', `file:${src}`];
+    const target = ['--target', `ferry://${address}/os`, '--join', joinFile];
+    const first = await ferry(['replicate', ...disk, ...target]);
+    expect(first.code, said(first)).toBe(0);
+    const fh = await open(src, 'r+');
+    await fh.write(Buffer.alloc(4096, 0xc3), 0, 4096, 2 * MiB + 512 * 1024);
+    await fh.close();
+    // Act
+    const to = join(dir, 'migrated');
+    const r = await ferry(['migrate', ...disk, ...target, '--to', to, '--json']);
+    // Assess: one region derived as changed against the node's manifest; the image is the source.
+    expect(r.code, said(r)).toBe(0);
+    const result = JSON.parse(r.stdout);
+    expect(result.changeMaps).toEqual([expect.objectContaining({ disk: 'os', how: 'derived', regions: 1 })]);
+    expect(result.checkpoint).toBe(`${SET}#2`);
+    expect(result.dataLoss).toMatchObject({ zero: true });
+    expect(await sha(join(to, 'os.img'))).toBe(await sha(src));
+    expect(await sha(join(images, 'os'))).toBe(await sha(src));
   });
 });
