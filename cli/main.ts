@@ -546,9 +546,16 @@ program
     // Held throughout: no run of the set may commit while its images are being checked.
     const { cp, reports } = await withSetLocked(set, o.state, async (store) => {
       // The images are the latest checkpoint's only once a commit a crash interrupted is undone.
-      await recoverLocked(store, set, (e) => {
-        if (e.type === 'recovered') err(`ferry: ${describeRecovery(e)}`);
-      });
+      // With access to a ferry:// target's node, the node is told which checkpoint a finished commit
+      // became, so it keeps that cycle's history (without, older checkpoints become unrecoverable).
+      await recoverLocked(
+        store,
+        set,
+        (e) => {
+          if (e.type === 'recovered') err(`ferry: ${describeRecovery(e)}`);
+        },
+        access,
+      );
       for (const d of (await store.readCatalog(set)).damaged) err(damagedEntryWarning(d));
       const cp = await store.latestCheckpoint(set);
       if (!cp) throw new ConfigError(`no checkpoint for set "${set}" in ${o.state}`, { setting: 'set' });

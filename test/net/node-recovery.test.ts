@@ -438,6 +438,41 @@ describe('point-in-time recovery from a ferry node', () => {
     for (const d of ['a', 'b'] as const) {
       expect((await readFile(recoveredPath(out4, d))).equals(await readFile(w.src(d)))).toBe(true);
     }
+
+    // Prepare: checkpoint 6 killed the same way, its commit finished by a `ferry verify --join`:
+    // verify tells the node which checkpoint the commit became, so its history is kept.
+    for (const d of ['a', 'b'] as const) await copyFile(w.src(d), w.asOf(d, 5));
+    const maps6 = await change(w, 600);
+    const killed6 = await ferry(
+      [
+        'replicate',
+        '--job',
+        await jobFile(w, maps6),
+        '--state',
+        w.state,
+        '--join',
+        w.join,
+        '--window',
+        '8MiB',
+        '--no-adaptive',
+      ],
+      { env: { ...process.env, FERRY_TEST_CRASH_AT: 'after-publish' } },
+    );
+    expect(killed6.signal).toBe('SIGKILL');
+    const verify6 = await ferry(['verify', '--set', SET, '--state', w.state, '--join', w.join]);
+    expect(verify6.code, verify6.stderr).toBe(0);
+    // Assess: checkpoint 5 needs cycle 6's history, and has it.
+    const out5 = join(w.dir, 'out-5');
+    await recoverSet({
+      set: SET,
+      stateDir: w.state,
+      choice: { checkpoint: '5' },
+      to: out5,
+      access: { join: w.join },
+    });
+    for (const d of ['a', 'b'] as const) {
+      expect((await readFile(recoveredPath(out5, d))).equals(await readFile(w.asOf(d, 5)))).toBe(true);
+    }
     expect((await readdir(w.images)).filter((n) => n.startsWith('.ferry-recovery'))).toEqual([
       '.ferry-recovery',
     ]);
