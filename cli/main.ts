@@ -100,6 +100,22 @@ program
   });
 
 program
+  .command('cycle')
+  .description(
+    "start a deployed stack's replication cycle: ferry cycle start --cloud --stack NAME --plan PLAN (ferry cycle start --cloud --help)",
+  )
+  .argument('[action]')
+  .allowUnknownOption()
+  .allowExcessArguments()
+  .action(() => {
+    // With --cloud the command line never reaches here (cli/recover-cloud.ts runs it).
+    throw new ConfigError(
+      'ferry cycle start runs a cycle on a deployed stack: add --cloud --stack NAME --plan PLAN (here, ferry replicate runs one)',
+      { setting: 'cloud' },
+    );
+  });
+
+program
   .command('checkpoints')
   .description('list published recovery checkpoints')
   .option('--set <name>', 'only this replication set')

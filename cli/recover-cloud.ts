@@ -211,8 +211,12 @@ function checkPlan(plan: string | undefined): string {
 // ---- finding the stack's parts ------------------------------------------------------------------
 
 /** The Recovery state machine's ARN: given, or found by its name with ListStateMachines. */
-export async function findRecoveryStateMachine(sfn: SFNClient, stack: string): Promise<string> {
-  const name = recoveryStateMachineName(stack);
+export function findRecoveryStateMachine(sfn: SFNClient, stack: string): Promise<string> {
+  return findStateMachineNamed(sfn, stack, recoveryStateMachineName(stack));
+}
+
+/** A state machine of the stack, found by its name with ListStateMachines. */
+export async function findStateMachineNamed(sfn: SFNClient, stack: string, name: string): Promise<string> {
   let nextToken: string | undefined;
   do {
     const page = await sfn.send(new ListStateMachinesCommand({ maxResults: 1000, nextToken }));
@@ -301,6 +305,9 @@ export interface FollowOptions {
   readonly signal?: AbortSignal;
   /** For elapsed times in the lines; the execution's start by default. */
   readonly now?: () => number;
+  /** What the execution is, in its end lines (default `recovery`), and what a Map iteration is. */
+  readonly what?: string;
+  readonly item?: string;
 }
 
 /**
@@ -322,7 +329,7 @@ export async function followExecution(
   opts: FollowOptions = {},
 ): Promise<ExecutionEnd> {
   const pollMs = opts.pollMs ?? POLL_MS;
-  const progress = new ProgressLines(opts.onLine ?? (() => {}));
+  const progress = new ProgressLines(opts.onLine ?? (() => {}), opts.what, opts.item);
   let lastSeen = 0;
   for (;;) {
     if (opts.signal?.aborted) throw new CloudRecoveryError(`stopped following ${executionArn}; it goes on`);
@@ -388,7 +395,15 @@ export class ProgressLines {
   private last: { state: string; count: number } | undefined;
   private readonly names = new Map<number, string>();
 
-  constructor(private readonly emit: (line: string) => void) {}
+  /**
+   * `what` names the execution in its end lines, `item` a Map iteration (a recovery's Map launches
+   * one machine per iteration).
+   */
+  constructor(
+    private readonly emit: (line: string) => void,
+    private readonly what = 'recovery',
+    private readonly item = 'machine',
+  ) {}
 
   add(ev: HistoryEvent): void {
     const t = ev.timestamp instanceof Date ? ev.timestamp.getTime() : Date.parse(String(ev.timestamp));
@@ -410,7 +425,7 @@ export class ProgressLines {
     }
     if (type === 'WaitStateEntered') return;
     if (type === 'MapIterationStarted') {
-      this.emit(`${at}  machine ${(ev.mapIterationStartedEventDetails?.index ?? 0) + 1} started`);
+      this.emit(`${at}  ${this.item} ${(ev.mapIterationStartedEventDetails?.index ?? 0) + 1} started`);
       return;
     }
     if (type === 'TaskFailed' || type === 'LambdaFunctionFailed') {
@@ -420,12 +435,12 @@ export class ProgressLines {
     }
     if (type === 'ExecutionFailed') {
       const d = ev.executionFailedEventDetails;
-      this.emit(`${at}  recovery failed: ${d?.error ?? 'error'}: ${shortCause(d?.cause)}`);
+      this.emit(`${at}  ${this.what} failed: ${d?.error ?? 'error'}: ${shortCause(d?.cause)}`);
       return;
     }
-    if (type === 'ExecutionSucceeded') this.emit(`${at}  recovery finished`);
-    if (type === 'ExecutionAborted') this.emit(`${at}  recovery stopped (aborted)`);
-    if (type === 'ExecutionTimedOut') this.emit(`${at}  recovery timed out`);
+    if (type === 'ExecutionSucceeded') this.emit(`${at}  ${this.what} finished`);
+    if (type === 'ExecutionAborted') this.emit(`${at}  ${this.what} stopped (aborted)`);
+    if (type === 'ExecutionTimedOut') this.emit(`${at}  ${this.what} timed out`);
   }
 }
 
@@ -515,18 +530,19 @@ export interface CloudIo {
   readonly sfn?: SFNClient;
   readonly dynamo?: DynamoDBClient;
   readonly ec2?: EC2Client;
+  readonly scheduler?: import('@aws-sdk/client-scheduler').SchedulerClient;
   readonly env?: NodeJS.ProcessEnv;
   readonly pollMs?: number;
   readonly signal?: AbortSignal;
 }
 
-interface CommonFlags {
+export interface CommonFlags {
   stack?: string;
   region?: string;
   json?: boolean;
 }
 
-function checkStack(stack: string | undefined): string {
+export function checkStack(stack: string | undefined): string {
   if (stack === undefined)
     return refuse('--stack', 'name the deployed Ferry stack (cdk deploy ... its stack name)');
   if (!STACK.test(stack)) refuse('--stack', `${JSON.stringify(stack)} is not a CloudFormation stack name`);
@@ -743,6 +759,30 @@ export async function runCloudCommand(argv: readonly string[], io: CloudIo): Pro
         { ...o, machinesFile: o.machines, machines: undefined },
         { ...io, pollMs: io.pollMs ?? poll * 1000 },
       );
+    });
+  const cycle = program.command('cycle').description("a deployed stack's replication cycles");
+  common(cycle.command('start'))
+    .description(
+      'start one replication cycle of a plan on a deployed stack, with the input its schedule uses (or --input), and follow it to its checkpoint',
+    )
+    .option('--plan <name>', 'the protection plan')
+    .option(
+      '--input <file>',
+      'a cycle input as JSON (infra/README.md, "Starting a cycle by hand") instead of the schedule\'s',
+    )
+    .option('--name <name>', 'the execution name, which is the cycle id (default PLAN-manual-TIME-RANDOM)')
+    .option('--state-machine-arn <arn>', 'skip the lookup by name (or FERRY_CYCLE_STATE_MACHINE_ARN)')
+    .option('--detach', 'print the execution ARN and return at once instead of following it')
+    .option(
+      '--poll <seconds>',
+      'seconds between looks at the execution while following it',
+      String(POLL_MS / 1000),
+    )
+    .action(async (o) => {
+      const poll = Number(o.poll);
+      if (!(poll >= 0 && poll <= 300)) refuse('--poll', `expected seconds from 0 to 300, not ${o.poll}`);
+      const { startCycleCloud } = await import('./cycle-cloud.ts');
+      await startCycleCloud(o, { ...io, pollMs: io.pollMs ?? poll * 1000 });
     });
   common(program.command('checkpoints'))
     .description("list the checkpoints in a deployed stack's DynamoDB catalog")

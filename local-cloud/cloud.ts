@@ -52,6 +52,7 @@ import {
   invokeLambda,
   type KillSwitch,
 } from './lambda.ts';
+import type { LocalExecutionEnd, LocalMachine } from './recovery.ts';
 import {
   type DeployedFunction,
   type DeployedStack,
@@ -460,6 +461,42 @@ export class LocalCloud {
       ms,
       usage: diffUsage(this.meter.snapshot(), before),
       work: cycleWork(ctx),
+    };
+  }
+
+  /**
+   * The cycle machine as serveLocalStepFunctions runs it: each execution started there runs here,
+   * its top-level states reported as Step Functions' history would show them (child executions have
+   * histories of their own). One at a time, as runExecution requires.
+   */
+  asMachine(): LocalMachine {
+    let queue: Promise<unknown> = Promise.resolve();
+    return {
+      run: (input, name, onStep) => {
+        const run = queue.then(async (): Promise<LocalExecutionEnd> => {
+          const outcome = await this.runExecution(input, {
+            name,
+            onEvent: (e) => {
+              if (e.kind !== 'state' || e.depth !== 0 || e.type === 'StateExited') return;
+              onStep?.({
+                type: e.type,
+                state: e.state,
+                stateType: e.stateType,
+                ...(e.error === undefined ? {} : { error: e.error }),
+                ...(e.cause === undefined ? {} : { cause: e.cause }),
+              });
+            },
+          });
+          return {
+            status: outcome.status,
+            ...(outcome.output === undefined ? {} : { output: outcome.output }),
+            ...(outcome.error === undefined ? {} : { error: outcome.error }),
+            ...(outcome.cause === undefined ? {} : { cause: outcome.cause }),
+          };
+        });
+        queue = run.catch(() => undefined);
+        return run;
+      },
     };
   }
 

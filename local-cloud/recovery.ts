@@ -364,13 +364,26 @@ export { fakeArn };
 
 // ---- the Step Functions API over local executions (for `ferry recover --cloud` against a local run) --
 
-/** A Step Functions API endpoint (the JSON protocol's calls the CLI makes) over LocalRecovery runs. */
+/** How a local execution ended, as DescribeExecution reports it. */
+export interface LocalExecutionEnd {
+  readonly status: 'SUCCEEDED' | 'FAILED';
+  readonly output?: unknown;
+  readonly error?: string;
+  readonly cause?: string;
+}
+
+/** A state machine run locally: LocalRecovery, or the cycle machine in a LocalCloud (adapted). */
+export interface LocalMachine {
+  run(input: Json, name: string, onStep?: (step: RecoveryStep) => void): Promise<LocalExecutionEnd>;
+}
+
+/** A Step Functions API endpoint (the JSON protocol's calls the CLI makes) over local runs of a machine. */
 export interface LocalStepFunctions {
   /** http://127.0.0.1:PORT: AWS_ENDPOINT_URL_SFN for the CLI. */
   readonly endpoint: string;
   readonly stateMachineArn: string;
   /** Every execution started, by name, with its outcome once it ended. */
-  readonly executions: ReadonlyMap<string, { input: Json; outcome?: RecoveryOutcome }>;
+  readonly executions: ReadonlyMap<string, { input: Json; outcome?: LocalExecutionEnd }>;
   stop(): Promise<void>;
 }
 
@@ -384,18 +397,19 @@ interface HistoryEventJson {
 
 /**
  * Serves ListStateMachines, StartExecution, DescribeExecution and GetExecutionHistory on 127.0.0.1
- * for one Recovery state machine run by `recovery`: an execution started here runs in-process and its
- * history grows as it goes, as Step Functions shows it (state entered, task failed, end).
+ * for one state machine run by `machine` (the Recovery machine, or a LocalCloud's cycle machine): an
+ * execution started here runs in-process and its history grows as it goes, as Step Functions shows
+ * it (state entered, task failed, end).
  */
 export async function serveLocalStepFunctions(
-  recovery: LocalRecovery,
+  machine: LocalMachine,
   stateMachineName: string,
 ): Promise<LocalStepFunctions> {
   const { createServer } = await import('node:http');
   const stateMachineArn = `arn:aws:states:${FAKE.region}:${FAKE.account}:stateMachine:${stateMachineName}`;
   const executions = new Map<
     string,
-    { input: Json; start: number; history: HistoryEventJson[]; outcome?: RecoveryOutcome }
+    { input: Json; start: number; history: HistoryEventJson[]; outcome?: LocalExecutionEnd }
   >();
   const seconds = () => Date.now() / 1000;
   const push = (history: HistoryEventJson[], type: string, details: Json = {}) =>
@@ -429,11 +443,11 @@ export async function serveLocalStepFunctions(
         input: Json;
         start: number;
         history: HistoryEventJson[];
-        outcome?: RecoveryOutcome;
+        outcome?: LocalExecutionEnd;
       };
       executions.set(name, exec);
       push(history, 'ExecutionStarted', { executionStartedEventDetails: { input: JSON.stringify(input) } });
-      void recovery
+      void machine
         .run(input, name, (step) => {
           if (step.type === 'StateEntered')
             push(history, `${step.stateType}StateEntered`, {
@@ -459,6 +473,14 @@ export async function serveLocalStepFunctions(
             push(history, 'ExecutionFailed', {
               executionFailedEventDetails: { error: outcome.error, cause: outcome.cause },
             });
+        })
+        .catch((err: unknown) => {
+          // The local runner itself failed (not the execution): reported as the execution's failure.
+          const e = err as Error;
+          exec.outcome = { status: 'FAILED', error: e?.name ?? 'Error', cause: e?.message ?? String(err) };
+          push(history, 'ExecutionFailed', {
+            executionFailedEventDetails: { error: exec.outcome.error, cause: exec.outcome.cause },
+          });
         });
       return { executionArn: arnOf(name), startDate: exec.start };
     },
