@@ -719,7 +719,23 @@ export async function runCloudCommand(argv: readonly string[], io: CloudIo): Pro
       .option('--stack <name>', 'the Ferry stack (cdk deploy) to work on')
       .option('--region <region>', 'its AWS region (default: AWS_REGION or the profile)')
       .option('--json', 'print JSON');
-  common(program.command('recover'))
+  /** Options of a command that starts an execution and follows it. */
+  const followed = (c: Command, arnVariable: string) =>
+    c
+      .option('--state-machine-arn <arn>', `skip the lookup by name (or ${arnVariable})`)
+      .option('--detach', 'print the execution ARN and return at once instead of following it')
+      .option(
+        '--poll <seconds>',
+        'seconds between looks at the execution while following it',
+        String(POLL_MS / 1000),
+      );
+  /** The io a followed command polls with (--poll, unless the caller set it). */
+  const following = (o: { poll: string }): CloudIo => {
+    const poll = Number(o.poll);
+    if (!(poll >= 0 && poll <= 300)) refuse('--poll', `expected seconds from 0 to 300, not ${o.poll}`);
+    return { ...io, pollMs: io.pollMs ?? poll * 1000 };
+  };
+  const recover = common(program.command('recover'))
     .description(
       'start the Recovery state machine of a deployed stack and follow it to its end (drill, failover, migration, failback, cleanup)',
     )
@@ -744,24 +760,12 @@ export async function runCloudCommand(argv: readonly string[], io: CloudIo): Pro
     .option(
       '--reverse-set <name>',
       'failback: the set the recovered volumes replicate into (default SET-failback-JOB)',
-    )
-    .option('--state-machine-arn <arn>', 'skip the lookup by name (or FERRY_RECOVERY_STATE_MACHINE_ARN)')
-    .option('--detach', 'print the execution ARN and return at once instead of following it')
-    .option(
-      '--poll <seconds>',
-      'seconds between looks at the execution while following it',
-      String(POLL_MS / 1000),
-    )
-    .action(async (o) => {
-      const poll = Number(o.poll);
-      if (!(poll >= 0 && poll <= 300)) refuse('--poll', `expected seconds from 0 to 300, not ${o.poll}`);
-      await recoverCloud(
-        { ...o, machinesFile: o.machines, machines: undefined },
-        { ...io, pollMs: io.pollMs ?? poll * 1000 },
-      );
-    });
+    );
+  followed(recover, 'FERRY_RECOVERY_STATE_MACHINE_ARN').action(async (o) => {
+    await recoverCloud({ ...o, machinesFile: o.machines, machines: undefined }, following(o));
+  });
   const cycle = program.command('cycle').description("a deployed stack's replication cycles");
-  common(cycle.command('start'))
+  const start = common(cycle.command('start'))
     .description(
       'start one replication cycle of a plan on a deployed stack, with the input its schedule uses (or --input), and follow it to its checkpoint',
     )
@@ -770,20 +774,11 @@ export async function runCloudCommand(argv: readonly string[], io: CloudIo): Pro
       '--input <file>',
       'a cycle input as JSON (infra/README.md, "Starting a cycle by hand") instead of the schedule\'s',
     )
-    .option('--name <name>', 'the execution name, which is the cycle id (default PLAN-manual-TIME-RANDOM)')
-    .option('--state-machine-arn <arn>', 'skip the lookup by name (or FERRY_CYCLE_STATE_MACHINE_ARN)')
-    .option('--detach', 'print the execution ARN and return at once instead of following it')
-    .option(
-      '--poll <seconds>',
-      'seconds between looks at the execution while following it',
-      String(POLL_MS / 1000),
-    )
-    .action(async (o) => {
-      const poll = Number(o.poll);
-      if (!(poll >= 0 && poll <= 300)) refuse('--poll', `expected seconds from 0 to 300, not ${o.poll}`);
-      const { startCycleCloud } = await import('./cycle-cloud.ts');
-      await startCycleCloud(o, { ...io, pollMs: io.pollMs ?? poll * 1000 });
-    });
+    .option('--name <name>', 'the execution name, which is the cycle id (default PLAN-manual-TIME-RANDOM)');
+  followed(start, 'FERRY_CYCLE_STATE_MACHINE_ARN').action(async (o) => {
+    const { startCycleCloud } = await import('./cycle-cloud.ts');
+    await startCycleCloud(o, following(o));
+  });
   common(program.command('checkpoints'))
     .description("list the checkpoints in a deployed stack's DynamoDB catalog")
     .option('--set <name>', 'only this replication set')

@@ -49,19 +49,23 @@ const sha = async (path: string) =>
     .update(await readFile(path))
     .digest('hex');
 
+/** A fresh directory with a `ferry serve` node (its images, its join file) and a 4 MiB source disk. */
+async function nodeWorld(seed: number) {
+  const dir = await mkdtemp(join(tmpdir(), 'ferry-node-recovery-cli-'));
+  cleanups.push(() => rm(dir, { recursive: true, force: true }));
+  const images = join(dir, 'images');
+  const nodeState = join(dir, 'node');
+  await mkdir(images);
+  const address = await serve(images, nodeState);
+  const src = join(dir, 'os.img');
+  await createDiskImage(src, { size: 4 * MiB, seed });
+  return { dir, images, address, joinFile: join(nodeState, 'join.json'), state: join(dir, 'state'), src };
+}
+
 describe('ferry recover from a ferry serve node', () => {
   it('recovers, drills, fails over and fails back with --join; checkpoints asks the node', async () => {
     // Prepare: a node, and two cycles of a 4 MiB disk to it.
-    const dir = await mkdtemp(join(tmpdir(), 'ferry-node-recovery-cli-'));
-    cleanups.push(() => rm(dir, { recursive: true, force: true }));
-    const images = join(dir, 'images');
-    const nodeState = join(dir, 'node');
-    await mkdir(images);
-    const address = await serve(images, nodeState);
-    const joinFile = join(nodeState, 'join.json');
-    const state = join(dir, 'state');
-    const src = join(dir, 'os.img');
-    await createDiskImage(src, { size: 4 * MiB, seed: 77 });
+    const { dir, images, address, joinFile, state, src } = await nodeWorld(77);
     const replicate = (...more: string[]) =>
       ferry([
         'replicate',
@@ -237,16 +241,7 @@ describe('ferry recover from a ferry serve node', () => {
 describe('ferry migrate to a ferry serve node', () => {
   it("derives the final cycle's changes from the node's manifest, fails over from the node, and proves the window zero", async () => {
     // Prepare: a node and one cycle of a 4 MiB disk to it; then the source changes in one MiB.
-    const dir = await mkdtemp(join(tmpdir(), 'ferry-node-migrate-'));
-    cleanups.push(() => rm(dir, { recursive: true, force: true }));
-    const images = join(dir, 'images');
-    const nodeState = join(dir, 'node');
-    await mkdir(images);
-    const address = await serve(images, nodeState);
-    const joinFile = join(nodeState, 'join.json');
-    const state = join(dir, 'state');
-    const src = join(dir, 'os.img');
-    await createDiskImage(src, { size: 4 * MiB, seed: 91 });
+    const { dir, images, address, joinFile, state, src } = await nodeWorld(91);
     const disk = ['--set', SET, '--state', state, '--disk', 'os', '--source', `file:${src}`];
     const target = ['--target', `ferry://${address}/os`, '--join', joinFile];
     const first = await ferry(['replicate', ...disk, ...target]);
