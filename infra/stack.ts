@@ -713,6 +713,8 @@ export class FerryStack extends Stack {
     allow('RetagJobImages', ['ec2:CreateTags'], [images], {
       StringLike: { ...jobInRequest.StringLike, ...jobOnResource.StringLike },
     });
+    // Health: the console output of a job's own instances (a machine's bootMessage).
+    allow('ReadJobConsoles', ['ec2:GetConsoleOutput'], [instances], jobOnResource);
     // Teardown: only what carries a recovery job's tag. The replica's snapshots never do.
     allow('TerminateJobInstances', ['ec2:TerminateInstances'], [instances], jobOnResource);
     allow('DeregisterJobImages', ['ec2:DeregisterImage'], [images], jobOnResource);

@@ -129,6 +129,15 @@ export const machineSettingsSchema = z.strictObject({
   /** The guest's OS. Windows cannot be launched from a snapshot with its license (see resolve). */
   platform: z.enum(PLATFORMS, { error: 'expected linux or windows' }).optional(),
   tags: userTagsSchema.optional(),
+  /**
+   * Text the guest prints on its serial console once it has booted (a login prompt, a boot-finished
+   * line): the machine is healthy only when EC2's console output shows it, besides both status checks.
+   */
+  bootMessage: z
+    .string({ error: 'expected the text to wait for on the console' })
+    .min(1)
+    .max(200, { error: 'at most 200 characters' })
+    .optional(),
 });
 export type MachineSettings = z.infer<typeof machineSettingsSchema>;
 
@@ -317,6 +326,7 @@ export const launchResultSchema = z.strictObject({
   imageId: imageIdSchema.optional(),
   volumeIds: z.array(volumeIdSchema),
   launchedAt: z.string(),
+  bootMessage: z.string().optional(),
 });
 export type LaunchResult = z.infer<typeof launchResultSchema>;
 

@@ -13,6 +13,7 @@ import {
   DescribeInstancesCommand,
   EC2Client,
   EC2ServiceException,
+  GetConsoleOutputCommand,
   RegisterImageCommand,
   RunInstancesCommand,
   TerminateInstancesCommand,
@@ -178,6 +179,30 @@ describe('EC2 requests', () => {
       KmsKeyId: KMS,
       ClientToken: spec!.clientToken,
     });
+  });
+});
+
+describe('EC2 console output', () => {
+  it('asks for the latest output, falls back to the buffered one where EC2 has no latest, and decodes it', async () => {
+    const compute = new Ec2RecoveryCompute(new EC2Client({ maxAttempts: 1 }));
+    const text = 'web-1 login: ';
+    ec2
+      .on(GetConsoleOutputCommand, { InstanceId: 'i-0000000000000000a', Latest: true })
+      .resolves({ Output: Buffer.from(text).toString('base64') });
+    expect(await compute.consoleOutput('i-0000000000000000a')).toBe(text);
+    ec2
+      .on(GetConsoleOutputCommand, { InstanceId: 'i-0000000000000000b', Latest: true })
+      .rejects(ec2Error('UnsupportedOperation', 400))
+      .on(GetConsoleOutputCommand, { InstanceId: 'i-0000000000000000b', Latest: false })
+      .resolves({ Output: Buffer.from('buffered').toString('base64') });
+    expect(await compute.consoleOutput('i-0000000000000000b')).toBe('buffered');
+    // Nothing yet, or an instance EC2 does not know: no output.
+    ec2.on(GetConsoleOutputCommand, { InstanceId: 'i-0000000000000000c' }).resolves({});
+    expect(await compute.consoleOutput('i-0000000000000000c')).toBeUndefined();
+    ec2
+      .on(GetConsoleOutputCommand, { InstanceId: 'i-0000000000000000d' })
+      .rejects(ec2Error('InvalidInstanceID.NotFound', 400));
+    expect(await compute.consoleOutput('i-0000000000000000d')).toBeUndefined();
   });
 });
 

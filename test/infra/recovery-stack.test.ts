@@ -181,6 +181,7 @@ describe('FerryStack recovery', () => {
             'ec2:DeregisterImage',
             'ec2:DeleteVolume',
             'ec2:DeleteSnapshot',
+            'ec2:GetConsoleOutput',
           ].includes(a)
         ) {
           expect(s.Condition).toEqual({ StringLike: { [`aws:ResourceTag/${RECOVERY_TAGS.job}`]: '?*' } });

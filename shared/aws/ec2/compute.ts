@@ -13,6 +13,7 @@ import {
   DescribeInstanceTypesCommand,
   type EC2Client,
   type Filter,
+  GetConsoleOutputCommand,
   paginateDescribeImages,
   paginateDescribeInstances,
   paginateDescribeSecurityGroups,
@@ -343,6 +344,24 @@ export class Ec2RecoveryCompute implements RecoveryCompute {
           : [],
       ),
     }));
+  }
+
+  async consoleOutput(instanceId: string): Promise<string | undefined> {
+    const ask = (latest: boolean) =>
+      this.client.send(new GetConsoleOutputCommand({ InstanceId: instanceId, Latest: latest }));
+    // The latest output (what the guest printed last) exists on Nitro instances only; others answer
+    // UnsupportedOperation and have the buffered output instead.
+    const res = await ec2Call(
+      'GetConsoleOutput',
+      () =>
+        ask(true).catch((err: unknown) => {
+          if (ec2ErrorCode(err) === 'UnsupportedOperation') return ask(false);
+          throw err;
+        }),
+      { gone: ['InvalidInstanceID.NotFound'] },
+    );
+    const output = res?.Output;
+    return output === undefined || output === '' ? undefined : Buffer.from(output, 'base64').toString('utf8');
   }
 
   async describeVolumes(ids: readonly string[]): Promise<VolumeObservation[]> {

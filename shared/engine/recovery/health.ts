@@ -1,6 +1,8 @@
 // health: is every launched machine up? An instance is healthy when it runs and both EC2 status
 // checks (system: the host; instance: the guest's network answers) pass, which is as close to "it
-// booted" as the cloud can tell without logging in. Volumes are healthy when available. The state
+// booted" as the cloud can tell without logging in; and, for a machine with a bootMessage, when its
+// serial console output shows that text (the guest's own word that it finished booting). Volumes are
+// healthy when available. The state
 // machine polls this with a Wait in between; each poll is given the previous answer, so a machine's
 // first healthy time survives across polls and the achieved RTO is measured to it.
 import type { Clock } from '../ports.ts';
@@ -12,7 +14,11 @@ const GONE = new Set(['shutting-down', 'terminated', 'stopping', 'stopped']);
 
 type Verdict = { health: MachineHealth; failed: boolean };
 
-function instanceVerdict(m: LaunchResult, o: InstanceObservation | undefined): Verdict {
+function instanceVerdict(
+  m: LaunchResult,
+  o: InstanceObservation | undefined,
+  console: string | undefined,
+): Verdict {
   const base = { name: m.name, instanceId: m.instanceId };
   if (o === undefined) {
     // Just launched: EC2's reads are eventually consistent, so a missing instance is not yet a failure.
@@ -54,8 +60,13 @@ function instanceVerdict(m: LaunchResult, o: InstanceObservation | undefined): V
       .join(' and ');
     return { health: { ...health, healthy: false, reason: `${which} status check failed` }, failed: true };
   }
-  const healthy = o.state === 'running' && o.systemStatus === 'ok' && o.instanceStatus === 'ok';
-  return { health: { ...health, healthy }, failed: false };
+  const checksPass = o.state === 'running' && o.systemStatus === 'ok' && o.instanceStatus === 'ok';
+  if (checksPass && m.bootMessage !== undefined && !(console ?? '').includes(m.bootMessage)) {
+    // Not failed: a console is written as the guest boots, and EC2 shows it some time later.
+    const reason = `status checks pass, but its console ${console === undefined ? 'has no output yet' : `does not show ${JSON.stringify(m.bootMessage)} yet`}`;
+    return { health: { ...health, healthy: false, reason }, failed: false };
+  }
+  return { health: { ...health, healthy: checksPass }, failed: false };
 }
 
 function volumeVerdict(m: LaunchResult, observed: ReadonlyMap<string, VolumeObservation>): Verdict {
@@ -80,6 +91,8 @@ function volumeVerdict(m: LaunchResult, observed: ReadonlyMap<string, VolumeObse
 export interface HealthObservations {
   readonly instances: readonly InstanceObservation[];
   readonly volumes: readonly VolumeObservation[];
+  /** Console output of instances whose machine has a bootMessage (asked once their checks pass). */
+  readonly consoles?: ReadonlyMap<string, string | undefined>;
 }
 
 /** The health of the launched machines from what EC2 reports now (pure). */
@@ -104,14 +117,15 @@ export function assessHealth(
   const machines = launched.map((m): MachineHealth => {
     const v =
       m.kind === 'instance'
-        ? instanceVerdict(m, instances.get(m.instanceId ?? ''))
+        ? instanceVerdict(m, instances.get(m.instanceId ?? ''), observed.consoles?.get(m.instanceId ?? ''))
         : volumeVerdict(m, volumes);
     anyFailed ||= v.failed;
     if (v.health.healthy) {
       return { ...v.health, healthyAt: before.get(m.name)?.healthyAt ?? nowIso };
     }
     if (timedOut && !v.failed) {
-      return { ...v.health, reason: `not healthy ${opts.timeoutSeconds} s after the job started` };
+      const why = `not healthy ${opts.timeoutSeconds} s after the job started`;
+      return { ...v.health, reason: v.health.reason ? `${why}: ${v.health.reason}` : why };
     }
     return v.health;
   });
@@ -123,7 +137,7 @@ export function assessHealth(
 }
 
 export interface HealthDeps {
-  readonly compute: Pick<RecoveryCompute, 'describeInstances' | 'describeVolumes'>;
+  readonly compute: Pick<RecoveryCompute, 'describeInstances' | 'describeVolumes' | 'consoleOutput'>;
   readonly clock: Pick<Clock, 'now'>;
 }
 
@@ -139,5 +153,15 @@ export async function checkHealth(
     instanceIds.length ? deps.compute.describeInstances(instanceIds) : [],
     volumeIds.length ? deps.compute.describeVolumes(volumeIds) : [],
   ]);
-  return assessHealth(launched, { instances, volumes }, { ...opts, now: deps.clock.now() });
+  // Consoles are read only where they decide something: a bootMessage, and both checks passing.
+  const consoles = new Map<string, string | undefined>();
+  const byId = new Map(instances.map((o) => [o.instanceId, o]));
+  for (const m of launched) {
+    const o = m.instanceId === undefined ? undefined : byId.get(m.instanceId);
+    if (m.bootMessage === undefined || o === undefined) continue;
+    if (o.state === 'running' && o.systemStatus === 'ok' && o.instanceStatus === 'ok') {
+      consoles.set(o.instanceId, await deps.compute.consoleOutput(o.instanceId));
+    }
+  }
+  return assessHealth(launched, { instances, volumes, consoles }, { ...opts, now: deps.clock.now() });
 }

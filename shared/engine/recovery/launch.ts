@@ -140,5 +140,6 @@ export async function launchMachine(
     imageId,
     volumeIds: [],
     launchedAt: launchedAt(),
+    ...(machine.bootMessage === undefined ? {} : { bootMessage: machine.bootMessage }),
   };
 }

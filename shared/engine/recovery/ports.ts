@@ -149,6 +149,11 @@ export interface RecoveryCompute {
   listTagged(key: string, value: string): Promise<TaggedResources>;
   describeInstances(ids: readonly string[]): Promise<InstanceObservation[]>;
   describeVolumes(ids: readonly string[]): Promise<VolumeObservation[]>;
+  /**
+   * The instance's serial console output as text (the latest EC2 has), or undefined when it has none
+   * yet; an instance EC2 does not know answers undefined too.
+   */
+  consoleOutput(instanceId: string): Promise<string | undefined>;
   terminateInstances(ids: readonly string[]): Promise<void>;
   deregisterImage(imageId: string): Promise<void>;
   deleteVolume(volumeId: string): Promise<void>;

@@ -376,6 +376,12 @@ export async function resolveRecovery(
         );
       }
     }
+    if (m.kind === 'volumes' && s.bootMessage !== undefined) {
+      issue(
+        'a bootMessage is read from an instance console: give the machine a bootDisk, or leave it out',
+        'bootMessage',
+      );
+    }
     const facts: InstanceTypeFacts | undefined =
       m.kind === 'instance' ? typeFacts.get(s.instanceType!) : undefined;
     if (m.kind === 'instance' && facts === undefined) {

@@ -23,6 +23,8 @@ export interface MachineSettings {
   readonly ena?: boolean | undefined;
   readonly platform?: Platform | undefined;
   readonly tags?: Readonly<Record<string, string>> | undefined;
+  /** Text the guest prints on its serial console once booted: healthy only when the console shows it. */
+  readonly bootMessage?: string | undefined;
 }
 
 export interface PlanRecoveryDefaults {
@@ -91,6 +93,8 @@ export interface LaunchResult {
   readonly imageId?: string | undefined;
   readonly volumeIds: readonly string[];
   readonly launchedAt: string;
+  /** The machine's bootMessage, which its health waits for on the console. */
+  readonly bootMessage?: string | undefined;
 }
 
 export interface MachineHealth {

@@ -111,6 +111,10 @@ export function computeContract(name: string, setup: () => Promise<ComputeFixtur
       expect(devices).toEqual(['/dev/sdf', '/dev/xvda']);
       const tagged = new Set(found.volumes.map((v) => v.volumeId));
       for (const v of observed!.volumes!) expect(tagged.has(v.volumeId), v.deviceName).toBe(true);
+      // The console (what a bootMessage is looked for in): text or nothing yet; an unknown instance has none.
+      const console = await f.compute.consoleOutput(launched[0]!.instanceId!);
+      expect(console === undefined || typeof console === 'string').toBe(true);
+      expect(await f.compute.consoleOutput('i-0123456789abcdef0')).toBeUndefined();
     });
 
     it('a retried launch creates nothing more; registering the same image again answers the same image', async () => {

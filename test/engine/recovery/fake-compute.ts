@@ -171,6 +171,11 @@ export class FakeCompute implements RecoveryCompute {
         : [];
     });
   }
+  /** What each instance's serial console shows (set by a test), as consoleOutput answers it. */
+  readonly consoles = new Map<string, string>();
+  async consoleOutput(instanceId: string): Promise<string | undefined> {
+    return this.instances.has(instanceId) ? this.consoles.get(instanceId) : undefined;
+  }
   async describeVolumes(ids: readonly string[]): Promise<VolumeObservation[]> {
     return ids.flatMap((id) => {
       const v = this.volumes.get(id);

@@ -247,6 +247,52 @@ describe('health', () => {
       secondsToRunning: 0,
     });
   });
+
+  it('a machine with a bootMessage is healthy only once its console shows it, besides the status checks', async () => {
+    // Prepare
+    const compute = new FakeCompute();
+    const { app } = machines(compute);
+    const clock = fixedClock();
+    const deps = { compute, clock };
+    const launched = [
+      await launchMachine(deps, { jobId: 'j', mode: 'drill' }, { ...app, bootMessage: 'login:' }),
+    ];
+    expect(launched[0]!.bootMessage).toBe('login:');
+    const id = launched[0]!.instanceId!;
+    compute.boot();
+    // Act / Assess: checks pass, no console yet, then a console still booting: not healthy, not failed.
+    const poll = () => checkHealth(deps, launched, { startedAt, timeoutSeconds: 600 });
+    expect(await poll()).toMatchObject({
+      done: false,
+      machines: [{ healthy: false, reason: 'status checks pass, but its console has no output yet' }],
+    });
+    compute.consoles.set(id, '[    1.2] EXT4-fs (nvme0n1p1): mounted\nStarting systemd-journald\n');
+    expect(await poll()).toMatchObject({
+      done: false,
+      machines: [
+        { healthy: false, reason: 'status checks pass, but its console does not show "login:" yet' },
+      ],
+    });
+    // A guest that never gets there is reported with the reason at the timeout.
+    clock.advance(700_000);
+    const late = await poll();
+    expect(late).toMatchObject({ done: true, healthy: false });
+    expect(late.machines[0]!.reason).toBe(
+      'not healthy 600 s after the job started: status checks pass, but its console does not show "login:" yet',
+    );
+    compute.consoles.set(id, 'Ubuntu 24.04 LTS web-1 ttyS0\n\nweb-1 login: ');
+    expect(await checkHealth(deps, launched, { startedAt })).toMatchObject({ done: true, healthy: true });
+    // Without a bootMessage the console is never read.
+    const calls: string[] = [];
+    const spy = {
+      ...deps,
+      compute: Object.assign(Object.create(compute), {
+        consoleOutput: async (i: string) => void calls.push(i),
+      }),
+    };
+    await checkHealth(spy, [{ ...launched[0]!, bootMessage: undefined }], { startedAt });
+    expect(calls).toEqual([]);
+  });
 });
 
 describe('teardown', () => {

@@ -275,6 +275,17 @@ describe('resolve', () => {
       kind: 'volumes',
       availabilityZone: 'us-east-1b',
     });
+    // It has no console to wait on.
+    await expect(
+      resolveRecovery(
+        resolveDeps(w.compute, w.catalog),
+        request({
+          mode: 'failover',
+          machines: [{ name: 'files', dataDisks: ['spare'], subnetId: w.drillSubnet, bootMessage: 'login:' }],
+        }),
+        w.defaults,
+      ),
+    ).rejects.toThrow(/machine files: a bootMessage is read from an instance console/);
   });
 
   it('refuses a TTL for anything but a drill, and a checkpoint that is not on EBS', async () => {
