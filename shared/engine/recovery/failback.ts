@@ -164,6 +164,12 @@ async function recoveredVolumes(
 
   const out: FailbackDisk[] = [];
   for (const m of job.machines) {
+    if (m.kind === 'instance' && m.instanceId === undefined) {
+      problems.push(
+        `machine ${m.name}: job ${job.jobId} did not launch it: it has no volumes to replicate back`,
+      );
+      continue;
+    }
     if (m.disks === undefined) {
       problems.push(
         `machine ${m.name}: job ${job.jobId}'s report does not say which disk became which device (it was recorded by an older version): start the reverse cycle by hand (infra/README.md, Failback)`,

@@ -217,6 +217,14 @@ describe('prepare-failback', () => {
     ]);
     expect(await refusal(onPrem.deps)).toContain('was not replicated from an EBS snapshot');
 
+    const unlaunched = await failedOver();
+    const r = unlaunched.records.reports.get('fo-1')!;
+    unlaunched.records.reports.set('fo-1', {
+      ...r,
+      machines: r.machines.map((m) => (m.name === 'app' ? { ...m, instanceId: undefined } : m)),
+    });
+    expect(await refusal(unlaunched.deps)).toContain('machine app: job fo-1 did not launch it');
+
     const named = await failedOver();
     expect(await refusal(named.deps, { ...request, reverseSet: 'bad name' })).toContain('is not a set name');
   });
