@@ -339,21 +339,7 @@ describe('point-in-time recovery from a ferry node', () => {
         ...more,
       ]);
     const maps = await change(w, 400);
-    const killed = await ferry(
-      [
-        'replicate',
-        '--job',
-        await jobFile(w, maps),
-        '--state',
-        w.state,
-        '--join',
-        w.join,
-        '--window',
-        '8MiB',
-        '--no-adaptive',
-      ],
-      { env: { ...process.env, FERRY_TEST_CRASH_AT: 'after-publish' } },
-    );
+    const killed = await killedAfterPublish(w, maps);
     expect(killed.signal).toBe('SIGKILL');
     for (const d of ['a', 'b'] as const) await copyFile(w.src(d), w.asOf(d, 2));
 
@@ -386,21 +372,7 @@ describe('point-in-time recovery from a ferry node', () => {
     // `ferry verify` that cannot reach the node, so the node learns its fate only from cycle 5's
     // HELLO, which does not say which checkpoint it became.
     const maps4 = await change(w, 500);
-    const killed4 = await ferry(
-      [
-        'replicate',
-        '--job',
-        await jobFile(w, maps4),
-        '--state',
-        w.state,
-        '--join',
-        w.join,
-        '--window',
-        '8MiB',
-        '--no-adaptive',
-      ],
-      { env: { ...process.env, FERRY_TEST_CRASH_AT: 'after-publish' } },
-    );
+    const killed4 = await killedAfterPublish(w, maps4);
     expect(killed4.signal).toBe('SIGKILL');
     const verify = await ferry(['verify', '--set', SET, '--state', w.state], {
       env: { ...process.env, FERRY_JOIN: '' },
@@ -443,21 +415,7 @@ describe('point-in-time recovery from a ferry node', () => {
     // verify tells the node which checkpoint the commit became, so its history is kept.
     for (const d of ['a', 'b'] as const) await copyFile(w.src(d), w.asOf(d, 5));
     const maps6 = await change(w, 600);
-    const killed6 = await ferry(
-      [
-        'replicate',
-        '--job',
-        await jobFile(w, maps6),
-        '--state',
-        w.state,
-        '--join',
-        w.join,
-        '--window',
-        '8MiB',
-        '--no-adaptive',
-      ],
-      { env: { ...process.env, FERRY_TEST_CRASH_AT: 'after-publish' } },
-    );
+    const killed6 = await killedAfterPublish(w, maps6);
     expect(killed6.signal).toBe('SIGKILL');
     const verify6 = await ferry(['verify', '--set', SET, '--state', w.state, '--join', w.join]);
     expect(verify6.code, verify6.stderr).toBe(0);
@@ -479,6 +437,25 @@ describe('point-in-time recovery from a ferry node', () => {
     expect(await readdir(join(w.images, '.ferry-recovery'))).toEqual([]);
   });
 });
+
+/** A run of both disks with these change maps, killed between the node's commit and AFTER_PUBLISH. */
+async function killedAfterPublish(w: World, maps: Record<Disk, string>) {
+  return ferry(
+    [
+      'replicate',
+      '--job',
+      await jobFile(w, maps),
+      '--state',
+      w.state,
+      '--join',
+      w.join,
+      '--window',
+      '8MiB',
+      '--no-adaptive',
+    ],
+    { env: { ...process.env, FERRY_TEST_CRASH_AT: 'after-publish' } },
+  );
+}
 
 async function writeJson(w: World, name: string, value: unknown): Promise<string> {
   const path = join(w.dir, name);
