@@ -25,7 +25,7 @@ import {
   START_CHILD_RETRIES,
   TICK_WAIT_SECONDS,
 } from './history-budget.ts';
-import { lambdaTask } from './lambda-task.ts';
+import { lambdaTask, retryStartExecution } from './lambda-task.ts';
 
 /** The `child` values a child execution is started with; anything else starts a cycle. */
 export const CHILD_KINDS = {
@@ -135,18 +135,7 @@ export class CycleStateMachine extends Construct {
         resultSelector,
         resultPath,
       });
-      // Only the API call is retried; a child that failed already used its own retries.
-      task.addRetry({
-        errors: [
-          'StepFunctions.ExecutionLimitExceededException',
-          'StepFunctions.AWSStepFunctionsException',
-          'StepFunctions.SdkClientException',
-        ],
-        interval: Duration.seconds(5),
-        maxAttempts: START_CHILD_RETRIES,
-        backoffRate: 2,
-        jitterStrategy: sfn.JitterType.FULL,
-      });
+      retryStartExecution(task, START_CHILD_RETRIES);
       return task;
     };
 

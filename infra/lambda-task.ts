@@ -56,3 +56,21 @@ export function lambdaTask(scope: Construct, id: string, p: LambdaTaskProps): ta
   });
   return task;
 }
+
+/**
+ * A .sync child execution (a cycle started by a cycle or by a recovery): only the StartExecution call
+ * is retried on Step Functions' own errors; a child that failed already used its own retries.
+ */
+export function retryStartExecution(task: tasks.StepFunctionsStartExecution, maxAttempts: number): void {
+  task.addRetry({
+    errors: [
+      'StepFunctions.ExecutionLimitExceededException',
+      'StepFunctions.AWSStepFunctionsException',
+      'StepFunctions.SdkClientException',
+    ],
+    interval: Duration.seconds(5),
+    maxAttempts,
+    backoffRate: 2,
+    jitterStrategy: sfn.JitterType.FULL,
+  });
+}

@@ -12,7 +12,7 @@ import * as tasks from 'aws-cdk-lib/aws-stepfunctions-tasks';
 import { Construct } from 'constructs';
 import { RECOVERY_PERMANENT_ERRORS } from '../functions/recovery/contracts.ts';
 import { HANDLER_RETRIES, LAMBDA_SERVICE_RETRIES } from './history-budget.ts';
-import { lambdaTask } from './lambda-task.ts';
+import { lambdaTask, retryStartExecution } from './lambda-task.ts';
 
 // ---- bounds and timing, each with its reason ------------------------------------------------------
 
@@ -122,19 +122,8 @@ export class RecoveryStateMachine extends Construct {
         permanentErrors: RECOVERY_PERMANENT_ERRORS,
       });
     };
-    /** A cycle started as a .sync child: only the StartExecution call is retried, not the cycle. */
     const retryStart = (task: tasks.StepFunctionsStartExecution) =>
-      task.addRetry({
-        errors: [
-          'StepFunctions.ExecutionLimitExceededException',
-          'StepFunctions.AWSStepFunctionsException',
-          'StepFunctions.SdkClientException',
-        ],
-        interval: Duration.seconds(5),
-        maxAttempts: FINAL_CYCLE_RETRIES,
-        backoffRate: 2,
-        jitterStrategy: sfn.JitterType.FULL,
-      });
+      retryStartExecution(task, FINAL_CYCLE_RETRIES);
     const refuse = (name: string, cause: string) =>
       new sfn.Fail(this, name, { error: RECOVERY_ERRORS.refused, cause });
     const payload = (fields: Record<string, unknown>) => sfn.TaskInput.fromObject(fields);
