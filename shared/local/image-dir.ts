@@ -5,27 +5,10 @@ import { randomBytes } from 'node:crypto';
 import { mkdir, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ConfigError } from '../engine/errors.ts';
+import type { MaterialisedReplica, RecoveryQuery } from '../engine/replica-recovery.ts';
 import { FileTarget, readManifest, type VerifyReport, verifyFileImage } from './file-target.ts';
 import { pruneHistory, relabelHistory } from './history.ts';
 import { type DiskRecoveryPlan, materialiseDisk, nonZeroRuns, planDiskRecovery } from './materialise.ts';
-
-/** A checkpoint of one disk and the later checkpoints that wrote it, as a node is asked about them. */
-export interface ReplicaCheckpoints {
-  readonly checkpoint: {
-    readonly id: string;
-    readonly sequence: number;
-    readonly sizeBytes: number;
-    readonly targetRef: string;
-  };
-  readonly later: readonly { readonly id: string; readonly sequence: number }[];
-}
-
-/** A checkpoint's image materialised for sending: its non-zero runs, removed when sent. */
-export interface MaterialisedImage {
-  readonly sizeBytes: number;
-  runs(maxRun: number): AsyncIterable<{ readonly offset: number; readonly data: Uint8Array }>;
-  remove(): Promise<void>;
-}
 
 /**
  * Where checkpoints are materialised before they are sent: a dot name, which no disk can have
@@ -84,7 +67,7 @@ export class ImageDirectory {
   /** Plans the checkpoint's image from the replica and its history, as `ferry recover` does for files. */
   async planRecovery(
     disk: string,
-    query: ReplicaCheckpoints,
+    query: RecoveryQuery,
     readManifestToo: boolean,
   ): Promise<{ sizeBytes: number; manifest: Buffer | undefined }> {
     const plan = await this.plan(disk, query, readManifestToo);
@@ -95,11 +78,7 @@ export class ImageDirectory {
   }
 
   /** Materialises the checkpoint's image into the scratch folder (verified), for sending. */
-  async materialise(
-    disk: string,
-    query: ReplicaCheckpoints,
-    signal?: AbortSignal,
-  ): Promise<MaterialisedImage> {
+  async materialise(disk: string, query: RecoveryQuery, signal?: AbortSignal): Promise<MaterialisedReplica> {
     const plan = await this.plan(disk, query, true);
     const scratch = join(this.dir, SCRATCH);
     await mkdir(scratch, { recursive: true });
@@ -117,7 +96,7 @@ export class ImageDirectory {
   }
 
   /** The catalog as the question told it, with this directory's image as every checkpoint's replica. */
-  private plan(disk: string, query: ReplicaCheckpoints, withManifest: boolean): Promise<DiskRecoveryPlan> {
+  private plan(disk: string, query: RecoveryQuery, withManifest: boolean): Promise<DiskRecoveryPlan> {
     const target = `file:${this.image(disk)}`;
     const { checkpoint } = query;
     const catalog = [checkpoint, ...query.later].map((c) => ({

@@ -1,6 +1,9 @@
 // What a node writes into: the port `ferry serve` is given by its composition root (the CLI builds a
 // directory of file images), so the node itself knows DiskTarget and nothing of any one kind of it.
 import type { DiskTarget } from '../engine/ports.ts';
+import type { MaterialisedReplica, RecoveryQuery } from '../engine/replica-recovery.ts';
+
+export type { MaterialisedReplica, RecoveryQuery };
 
 /** A replica re-hashed against its manifest: what `ferry verify` of a replica on its node reports. */
 export interface ReplicaReport {
@@ -62,24 +65,4 @@ export interface NodeTargets {
    * verified against the checkpoint's manifest, for sending; rejects as planRecovery does.
    */
   materialise?(disk: string, query: RecoveryQuery, signal?: AbortSignal): Promise<MaterialisedReplica>;
-}
-
-/** A checkpoint of one disk as a recover question names it, with the later checkpoints that wrote it. */
-export interface RecoveryQuery {
-  readonly checkpoint: {
-    readonly id: string;
-    readonly sequence: number;
-    readonly sizeBytes: number;
-    readonly targetRef: string;
-  };
-  /** Ascending by sequence: a replica holds the checkpoint while it holds the history of each. */
-  readonly later: readonly { readonly id: string; readonly sequence: number }[];
-}
-
-/** A checkpoint's image made for sending; `remove` must be called once it is sent (or not). */
-export interface MaterialisedReplica {
-  readonly sizeBytes: number;
-  /** Its non-zero data in offset order, in runs of at most `maxRun` bytes (each valid until the next). */
-  runs(maxRun: number): AsyncIterable<{ readonly offset: number; readonly data: Uint8Array }>;
-  remove(): Promise<void>;
 }
