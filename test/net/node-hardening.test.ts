@@ -220,8 +220,10 @@ async function until(ready: () => boolean | Promise<boolean>, what: string, limi
 }
 
 // The node answers WANTs until the socket buffers are full: up to a few million frames where the
-// kernel lets them grow large, tens of seconds on a busy 2-core machine. A bound, not a timing.
-const FILL_BUFFERS_MS = 45_000;
+// kernel lets them grow large, which took over 45 s once in a full CI run on this busy 2-core
+// machine (0.3 s alone). A bound, not a timing; the two tests that wait on it get room for it.
+const FILL_BUFFERS_MS = 150_000;
+const FILL_TEST_MS = FILL_BUFFERS_MS + 30_000;
 
 describe('the node checks what it commits', () => {
   it('refuses a forged COMMIT (one chunk of block 0, a random aggregate) over a replica', async () => {
@@ -467,56 +469,67 @@ describe('bounded resources', () => {
     expect(await firstDifference(source, image)).toBeUndefined();
   });
 
-  it('stops reading from a client that never reads its replies, then drops it when idle', async () => {
-    // Prepare: small reply queues; WANTs each draw a GRANT the client never reads.
-    const { node, images } = await startTestNode({
-      replyQueueBytes: 16 * 1024,
-      maxReplyQueueBytes: 64 * MiB,
-      // Long enough for the socket buffers between the two to fill first.
-      idleTimeoutMs: 5_000,
-    });
-    const client = await RawClient.connect(node.port);
-    expect(await client.hello('deaf')).toMatchObject({ type: 'welcome' });
-    client.socket.pause();
-    const want = encodeFrame({ type: 'want', bytes: MiB, order: 1 });
+  it(
+    'stops reading from a client that never reads its replies, then drops it when idle',
+    async () => {
+      // Prepare: small reply queues; WANTs each draw a GRANT the client never reads.
+      const { node, images } = await startTestNode({
+        replyQueueBytes: 16 * 1024,
+        maxReplyQueueBytes: 64 * MiB,
+        // Long enough for the socket buffers between the two to fill first.
+        idleTimeoutMs: 5_000,
+      });
+      const client = await RawClient.connect(node.port);
+      expect(await client.hello('deaf')).toMatchObject({ type: 'welcome' });
+      client.socket.pause();
+      const want = encodeFrame({ type: 'want', bytes: MiB, order: 1 });
 
-    // Act: WANTs whose replies (a little larger than they are) are twice what the socket buffers
-    // between the two can hold at most: the kernel's receive and send buffer ceilings (autotuning).
-    const wants = Math.ceil((2 * maxSocketBuffering()) / want.length);
-    client.socket.write(Buffer.concat(Array.from({ length: wants }, () => want)));
-    await until(() => node.stats().pausedConnections === 1, 'the node to stop reading', FILL_BUFFERS_MS);
+      // Act: WANTs whose replies (a little larger than they are) are twice what the socket buffers
+      // between the two can hold at most: the kernel's receive and send buffer ceilings (autotuning).
+      const wants = Math.ceil((2 * maxSocketBuffering()) / want.length);
+      client.socket.write(Buffer.concat(Array.from({ length: wants }, () => want)));
+      await until(() => node.stats().pausedConnections === 1, 'the node to stop reading', FILL_BUFFERS_MS);
 
-    // Assess: it stopped answering instead of queueing; the idle timeout then closes the session.
-    await until(() => (node.stats().refusals.idleTimeoutMs ?? 0) === 1, 'the idle timeout');
-    await until(() => node.stats().sessions === 0, 'the session to end');
-    expect(node.stats().refusals.maxReplyQueueBytes).toBeUndefined();
-    const image = await readFile(join(images, 'deaf'));
-    expect(image.every((b) => b === 0)).toBe(true);
-  });
+      // Assess: it stopped answering instead of queueing; the idle timeout then closes the session.
+      await until(() => (node.stats().refusals.idleTimeoutMs ?? 0) === 1, 'the idle timeout');
+      await until(() => node.stats().sessions === 0, 'the session to end');
+      expect(node.stats().refusals.maxReplyQueueBytes).toBeUndefined();
+      const image = await readFile(join(images, 'deaf'));
+      expect(image.every((b) => b === 0)).toBe(true);
+    },
+    FILL_TEST_MS,
+  );
 
-  it('drops a client whose unread replies pass the hard cap', async () => {
-    // Prepare: no room between pausing and dropping, so the hard cap is what acts.
-    const { node, log } = await startTestNode({ replyQueueBytes: 32 * 1024, maxReplyQueueBytes: 32 * 1024 });
-    const client = await RawClient.connect(node.port);
-    expect(await client.hello('deaf2')).toMatchObject({ type: 'welcome' });
-    client.socket.pause();
-    const want = encodeFrame({ type: 'want', bytes: MiB, order: 1 });
+  it(
+    'drops a client whose unread replies pass the hard cap',
+    async () => {
+      // Prepare: no room between pausing and dropping, so the hard cap is what acts.
+      const { node, log } = await startTestNode({
+        replyQueueBytes: 32 * 1024,
+        maxReplyQueueBytes: 32 * 1024,
+      });
+      const client = await RawClient.connect(node.port);
+      expect(await client.hello('deaf2')).toMatchObject({ type: 'welcome' });
+      client.socket.pause();
+      const want = encodeFrame({ type: 'want', bytes: MiB, order: 1 });
 
-    // Act: more replies than the socket buffers hold, as above.
-    const wants = Math.ceil((2 * maxSocketBuffering()) / want.length);
-    client.socket.write(Buffer.concat(Array.from({ length: wants }, () => want)));
+      // Act: more replies than the socket buffers hold, as above.
+      const wants = Math.ceil((2 * maxSocketBuffering()) / want.length);
+      client.socket.write(Buffer.concat(Array.from({ length: wants }, () => want)));
 
-    // Assess
-    await until(
-      () => node.stats().refusals.maxReplyQueueBytes === 1,
-      'the connection to be dropped',
-      FILL_BUFFERS_MS,
-    );
-    await until(() => node.stats().connections === 0, 'the connection to be gone');
-    expect(log.join('\n')).toMatch(
-      /limit maxReplyQueueBytes \(32 KiB\): .* of replies unread; connection dropped/,
-    );
-  });
+      // Assess
+      await until(
+        () => node.stats().refusals.maxReplyQueueBytes === 1,
+        'the connection to be dropped',
+        FILL_BUFFERS_MS,
+      );
+      await until(() => node.stats().connections === 0, 'the connection to be gone');
+      expect(log.join('\n')).toMatch(
+        /limit maxReplyQueueBytes \(32 KiB\): .* of replies unread; connection dropped/,
+      );
+    },
+    FILL_TEST_MS,
+  );
 
   it('lets a genuine source complete while eight idle HELLOs hold one chunk each', async () => {
     // Prepare: a 16 MiB budget; eight idle sessions, four of them asking for 4 MiB chunks.
